@@ -1,0 +1,185 @@
+-- StreamFlow ingest schema. Idempotent: safe to run on every start, in Docker
+-- (docker-entrypoint-initdb.d) and by the flow itself on an empty database.
+
+-- ---------------------------------------------------------------------------
+-- Live tables: the latest published month, exactly the lab's columns.
+-- ---------------------------------------------------------------------------
+CREATE TABLE IF NOT EXISTS users (
+    user_id        TEXT PRIMARY KEY,
+    signup_date    DATE,
+    user_gender    TEXT,
+    user_is_senior BOOLEAN,
+    has_family     BOOLEAN,
+    has_dependents BOOLEAN
+);
+
+CREATE TABLE IF NOT EXISTS subscriptions (
+    user_id               TEXT PRIMARY KEY REFERENCES users (user_id),
+    months_active         INTEGER,
+    plan_stream_tv        BOOLEAN,
+    plan_stream_movies    BOOLEAN,
+    contract_type         TEXT,
+    paperless_billing     BOOLEAN,
+    monthly_fee           NUMERIC,
+    total_paid            NUMERIC,
+    net_service           TEXT,
+    -- Not in the monthly export: kept from the lab's schema, left NULL.
+    add_on_security       BOOLEAN,
+    add_on_backup         BOOLEAN,
+    add_on_device_protect BOOLEAN,
+    add_on_support        BOOLEAN
+);
+
+CREATE TABLE IF NOT EXISTS usage_agg_30d (
+    user_id             TEXT PRIMARY KEY REFERENCES users (user_id),
+    watch_hours_30d     NUMERIC,
+    avg_session_mins_7d NUMERIC,
+    unique_devices_30d  INTEGER,
+    skips_7d            INTEGER,
+    rebuffer_events_7d  INTEGER
+);
+
+CREATE TABLE IF NOT EXISTS payments_agg_90d (
+    user_id             TEXT PRIMARY KEY REFERENCES users (user_id),
+    failed_payments_90d INTEGER
+);
+
+CREATE TABLE IF NOT EXISTS support_agg_90d (
+    user_id                       TEXT PRIMARY KEY REFERENCES users (user_id),
+    support_tickets_90d           INTEGER,
+    ticket_avg_resolution_hrs_90d NUMERIC
+);
+
+CREATE TABLE IF NOT EXISTS labels (
+    user_id     TEXT PRIMARY KEY REFERENCES users (user_id),
+    churn_label BOOLEAN
+);
+
+-- ---------------------------------------------------------------------------
+-- History: what was known at the end of each month, keyed (user_id, as_of).
+-- Read by the feature store and training jobs: names and columns are a contract.
+-- ---------------------------------------------------------------------------
+CREATE TABLE IF NOT EXISTS subscriptions_profile_snapshots (
+    user_id            TEXT NOT NULL,
+    as_of              DATE NOT NULL,
+    months_active      INTEGER,
+    monthly_fee        NUMERIC,
+    paperless_billing  BOOLEAN,
+    plan_stream_tv     BOOLEAN,
+    plan_stream_movies BOOLEAN,
+    net_service        TEXT,
+    PRIMARY KEY (user_id, as_of)
+);
+
+CREATE TABLE IF NOT EXISTS usage_agg_30d_snapshots (
+    user_id             TEXT NOT NULL,
+    as_of               DATE NOT NULL,
+    watch_hours_30d     NUMERIC,
+    avg_session_mins_7d NUMERIC,
+    unique_devices_30d  INTEGER,
+    skips_7d            INTEGER,
+    rebuffer_events_7d  INTEGER,
+    PRIMARY KEY (user_id, as_of)
+);
+
+CREATE TABLE IF NOT EXISTS payments_agg_90d_snapshots (
+    user_id             TEXT NOT NULL,
+    as_of               DATE NOT NULL,
+    failed_payments_90d INTEGER,
+    PRIMARY KEY (user_id, as_of)
+);
+
+CREATE TABLE IF NOT EXISTS support_agg_90d_snapshots (
+    user_id                       TEXT NOT NULL,
+    as_of                         DATE NOT NULL,
+    support_tickets_90d           INTEGER,
+    ticket_avg_resolution_hrs_90d NUMERIC,
+    PRIMARY KEY (user_id, as_of)
+);
+
+-- Labels change every month; without their history a model trained on January
+-- features would silently be scored against February's labels.
+CREATE TABLE IF NOT EXISTS labels_snapshots (
+    user_id     TEXT NOT NULL,
+    as_of       DATE NOT NULL,
+    churn_label BOOLEAN,
+    PRIMARY KEY (user_id, as_of)
+);
+
+-- ---------------------------------------------------------------------------
+-- Ingestion ledger: every run, and the fingerprint of each published month.
+-- ---------------------------------------------------------------------------
+CREATE TABLE IF NOT EXISTS ingest_runs (
+    run_id      BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    as_of       DATE NOT NULL,
+    seed_dir    TEXT NOT NULL,
+    status      TEXT NOT NULL
+                CHECK (status IN ('running', 'succeeded', 'noop', 'failed', 'abandoned')),
+    mode        TEXT,
+    fingerprint TEXT,
+    files       JSONB,
+    table_stats JSONB,
+    validation  JSONB,
+    timings     JSONB,
+    error       TEXT,
+    started_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    finished_at TIMESTAMPTZ
+);
+
+CREATE TABLE IF NOT EXISTS ingest_months (
+    as_of        DATE PRIMARY KEY,
+    fingerprint  TEXT NOT NULL,
+    run_id       BIGINT NOT NULL REFERENCES ingest_runs (run_id),
+    published_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- ---------------------------------------------------------------------------
+-- Staging: one unlogged, constraint-free copy of each live table. A month is
+-- COPYed here and validated before anything live is touched.
+-- ---------------------------------------------------------------------------
+CREATE SCHEMA IF NOT EXISTS staging;
+
+CREATE UNLOGGED TABLE IF NOT EXISTS staging.users (LIKE public.users);
+CREATE UNLOGGED TABLE IF NOT EXISTS staging.subscriptions (LIKE public.subscriptions);
+CREATE UNLOGGED TABLE IF NOT EXISTS staging.usage_agg_30d (LIKE public.usage_agg_30d);
+CREATE UNLOGGED TABLE IF NOT EXISTS staging.payments_agg_90d (LIKE public.payments_agg_90d);
+CREATE UNLOGGED TABLE IF NOT EXISTS staging.support_agg_90d (LIKE public.support_agg_90d);
+CREATE UNLOGGED TABLE IF NOT EXISTS staging.labels (LIKE public.labels);
+-- The export has no add_on_* columns: staging holds exactly what a file holds.
+ALTER TABLE staging.subscriptions
+    DROP COLUMN IF EXISTS add_on_security,
+    DROP COLUMN IF EXISTS add_on_backup,
+    DROP COLUMN IF EXISTS add_on_device_protect,
+    DROP COLUMN IF EXISTS add_on_support;
+
+-- ---------------------------------------------------------------------------
+-- Least privilege: the flow logs in as a member of streamflow_ingest, which can
+-- read and write the pipeline's rows but owns nothing, so it cannot DROP, ALTER
+-- or TRUNCATE live data, nor create roles. Login roles are made per deployment
+-- (db/init/002_ingest_login.sh in Docker).
+-- ---------------------------------------------------------------------------
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'streamflow_ingest') THEN
+        CREATE ROLE streamflow_ingest NOLOGIN;
+    END IF;
+END
+$$;
+
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+GRANT USAGE ON SCHEMA public, staging TO streamflow_ingest;
+GRANT SELECT, INSERT, UPDATE ON
+    users, subscriptions, usage_agg_30d, payments_agg_90d, support_agg_90d, labels,
+    subscriptions_profile_snapshots, usage_agg_30d_snapshots, payments_agg_90d_snapshots,
+    support_agg_90d_snapshots, labels_snapshots,
+    ingest_runs, ingest_months
+    TO streamflow_ingest;
+-- DELETE on history only: --replace rewrites one as_of atomically.
+GRANT DELETE ON
+    subscriptions_profile_snapshots, usage_agg_30d_snapshots, payments_agg_90d_snapshots,
+    support_agg_90d_snapshots, labels_snapshots
+    TO streamflow_ingest;
+GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON
+    staging.users, staging.subscriptions, staging.usage_agg_30d,
+    staging.payments_agg_90d, staging.support_agg_90d, staging.labels
+    TO streamflow_ingest;

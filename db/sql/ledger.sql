@@ -1,0 +1,32 @@
+-- The ingestion ledger: one ingest_runs row per run, one ingest_months row per
+-- published as_of (its file fingerprint decides no-op / refuse / replace).
+
+-- name: abandon_stale_runs
+-- Called with the writer lock held: a 'running' row now belongs to a dead run.
+UPDATE ingest_runs
+SET status = 'abandoned', finished_at = now(),
+    error = coalesce(error, 'the run stopped before finishing (process killed or connection lost)')
+WHERE status = 'running';
+
+-- name: published_month
+SELECT fingerprint, run_id FROM ingest_months WHERE as_of = %(as_of)s;
+
+-- name: latest_published
+SELECT max(as_of) FROM ingest_months;
+
+-- name: start_run
+INSERT INTO ingest_runs (as_of, seed_dir, status, mode, fingerprint, files)
+VALUES (%(as_of)s, %(seed_dir)s, %(status)s, %(mode)s, %(fingerprint)s, %(files)s)
+RETURNING run_id;
+
+-- name: finish_run
+UPDATE ingest_runs
+SET status = %(status)s, table_stats = %(table_stats)s, validation = %(validation)s,
+    timings = %(timings)s, error = %(error)s, finished_at = now()
+WHERE run_id = %(run_id)s;
+
+-- name: record_month
+INSERT INTO ingest_months AS m (as_of, fingerprint, run_id)
+VALUES (%(as_of)s, %(fingerprint)s, %(run_id)s)
+ON CONFLICT (as_of) DO UPDATE
+    SET fingerprint = excluded.fingerprint, run_id = excluded.run_id, published_at = now();

@@ -1,0 +1,10 @@
+-- Staging: scratch space for one month, replaced file by file.
+-- {placeholders} are identifiers from the table registry, quoted by psycopg.sql.
+
+-- name: truncate
+TRUNCATE {staged};
+
+-- name: copy_csv
+-- HEADER is not used: the header was already read and matched by name, and the
+-- column list below puts PostgreSQL's columns in the file's order.
+COPY {staged} ({columns}) FROM STDIN WITH (FORMAT csv);

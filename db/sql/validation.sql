@@ -1,0 +1,9 @@
+-- Cross-table expectations GX has no built-in for. {batch} is the staged table:
+-- GX substitutes an aliased subquery for it, hence the extra SELECT level.
+
+-- name: orphans
+-- A child row must belong to a user of this month's users.csv or of the live users table.
+SELECT o.user_id FROM (SELECT user_id FROM {batch}) AS o
+WHERE o.user_id IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM staging.users AS s WHERE s.user_id = o.user_id)
+  AND NOT EXISTS (SELECT 1 FROM public.users AS l WHERE l.user_id = o.user_id)

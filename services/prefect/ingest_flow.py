@@ -1,0 +1,238 @@
+"""StreamFlow monthly ingestion, as a Prefect flow.
+
+    month_XXX/*.csv ──upsert_csv ×6──▶ staging.*  (COPY, typed by PostgreSQL)
+                     ──validate_with_ge──▶ GX suites over the staged month
+                     ──snapshot_month──▶ live upserts + as_of history, one transaction
+
+Run one month:   SEED_DIR=data/seeds/month_000 AS_OF=2024-01-31 python ingest_flow.py
+                 python ingest_flow.py --seed-dir data/seeds/month_000 --as-of 2024-01-31
+Serve it:        python ingest_flow.py serve   (deployment ingest_month/ingest-month)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import psycopg
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from streamflow import db, ledger, loading, publishing, validation
+from streamflow.embedded import embedded_database_url
+from streamflow.errors import IngestError, InputError
+from streamflow.ledger import Mode
+from streamflow.registry import BY_NAME, TABLES
+from streamflow.reporting import RunSummary, publish_artifacts
+from streamflow.settings import Settings, flag, load_settings
+
+DEPLOYMENT_NAME = "ingest-month"
+
+
+def _only_connection_errors(task, task_run, state) -> bool:
+    """Retry a lost connection; never retry bad data or failed expectations."""
+    try:
+        state.result()
+    except psycopg.OperationalError:
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+@task(
+    name="upsert_csv",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=_only_connection_errors,
+    cache_policy=NO_CACHE,
+)
+def upsert_csv(database_url: str, table: str, path: str) -> loading.StagedFile:
+    """COPY one CSV into its staging table; published later by snapshot_month."""
+    with db.connect(database_url) as conn:
+        staged = loading.stage_file(conn, BY_NAME[table], Path(path))
+    get_run_logger().info("%s: %d rows staged", Path(path).name, staged.rows)
+    return staged
+
+
+@task(name="validate_with_ge", cache_policy=NO_CACHE)
+def validate_with_ge(database_url: str, docs_dir: str | None) -> list[validation.SuiteOutcome]:
+    """Run the six GX suites inside PostgreSQL; raise ValidationFailed on any failure."""
+    outcomes, site = validation.run_suites(database_url, Path(docs_dir) if docs_dir else None)
+    logger = get_run_logger()
+    for suite in outcomes:
+        logger.info("suite %s: %d passed, %d failed", suite.table, suite.passed, suite.failed)
+    if site:
+        logger.info("GX Data Docs: %s", site)
+    validation.check(outcomes)
+    return outcomes
+
+
+@task(
+    name="snapshot_month",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=_only_connection_errors,
+    cache_policy=NO_CACHE,
+)
+def snapshot_month(
+    database_url: str, as_of: date, run_id: int, fingerprint: str, update_live: bool
+) -> list[publishing.TableStats]:
+    """Publish the staged month: live upserts and as_of snapshots, in one transaction."""
+    with db.connect(database_url) as conn:
+        stats = publishing.publish_month(conn, as_of, update_live=update_live)
+        ledger.record_month(conn, as_of, fingerprint, run_id)
+        conn.commit()
+    for s in stats:
+        get_run_logger().info(
+            "%s: +%d ~%d =%d; %s +%d ~%d",
+            s.table, s.inserted, s.updated, s.unchanged,
+            s.snapshot_table or "-", s.snapshot_inserted, s.snapshot_updated,
+        )
+    return stats
+
+
+@flow(name="ingest_month")
+def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
+    """Ingest one month folder as of ``as_of``: all of it, validated, or nothing."""
+    settings = load_settings()
+    as_of_date = parse_as_of(as_of)
+    files = month_files(Path(seed_dir))
+    url = database_url(settings)
+    summary = RunSummary(seed_dir=seed_dir, as_of=as_of_date.isoformat(), mode="?")
+    clock = Stopwatch(summary.timings)
+    with db.connect(url, autocommit=True) as control, db.writer_lock(
+        control, settings.lock_wait_seconds
+    ):
+        with clock("schema"):
+            db.ensure_schema(control)
+            ledger.abandon_stale_runs(control)
+        with clock("fingerprint"):
+            prints = [ledger.fingerprint_file(t, p) for t, p in files.items()]
+            fingerprint = ledger.month_fingerprint(prints)
+        mode, summary.replacing = ledger.decide_mode(control, as_of_date, fingerprint, replace=replace)
+        summary.mode = mode.value
+        summary.run_id = ledger.start_run(
+            control,
+            as_of=as_of_date,
+            seed_dir=seed_dir,
+            status="noop" if mode is Mode.NOOP else "running",
+            mode=mode.value + (" (replace)" if summary.replacing else ""),
+            fingerprint=fingerprint,
+            files=prints,
+        )
+        if mode is Mode.NOOP:
+            summary.status = "noop"
+            ledger.finish_run(control, summary.run_id, status="noop", timings=summary.timings)
+        else:
+            try:
+                with clock("upsert_csv"):
+                    for table, path in files.items():
+                        staged = upsert_csv(url, table, str(path))
+                        summary.rows_read[table] = staged.rows
+                with clock("validate_with_ge"):
+                    summary.suites = validate_with_ge(url, str(settings.gx_docs_dir))
+                    summary.data_docs = str(settings.gx_docs_dir / "index.html")
+                with clock("snapshot_month"):
+                    summary.tables = snapshot_month(
+                        url, as_of_date, summary.run_id, fingerprint, mode is Mode.PUBLISH
+                    )
+                summary.status = "succeeded"
+            except BaseException as exc:
+                summary.status = "failed"
+                summary.error = str(exc) if isinstance(exc, IngestError) else repr(exc)
+                failures = getattr(exc, "failures", None)
+                ledger.finish_run(
+                    control, summary.run_id, status="failed", validation=failures,
+                    timings=summary.timings, error=summary.error,
+                )
+                publish_artifacts(summary)
+                raise
+            ledger.finish_run(
+                control, summary.run_id, status="succeeded",
+                table_stats=[t.as_dict() for t in summary.tables],
+                validation=[{"table": s.table, "passed": s.passed, "failed": s.failed}
+                            for s in summary.suites],
+                timings=summary.timings,
+            )
+    publish_artifacts(summary)
+    get_run_logger().info(summary.one_line())
+    return {"status": summary.status, "mode": summary.mode, "run_id": summary.run_id,
+            "line": summary.one_line(), "data_docs": summary.data_docs}
+
+
+class Stopwatch:
+    """``with clock("step"):`` adds the step's wall time to a timings dict."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+
+    def __call__(self, step: str) -> Stopwatch:
+        self._step = step
+        return self
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timings[self._step] = round(time.perf_counter() - self._start, 3)
+
+
+def parse_as_of(value: str) -> date:
+    try:
+        return date.fromisoformat(value.strip())
+    except (ValueError, AttributeError):
+        raise InputError(f"AS_OF {value!r} is not a valid date; expected YYYY-MM-DD, e.g. 2024-01-31") from None
+
+
+def month_files(seed_dir: Path) -> dict[str, Path]:
+    if not seed_dir.is_dir():
+        raise InputError(f"SEED_DIR {str(seed_dir)!r} is not a directory")
+    files = ledger.expected_files(seed_dir)
+    missing = [p.name for p in files.values() if not p.is_file()]
+    if missing:
+        raise InputError(
+            f"{seed_dir}: missing file {', '.join(missing)} "
+            f"(a month folder holds {', '.join(t.file_name for t in TABLES)})"
+        )
+    return files
+
+
+def database_url(settings: Settings) -> str:
+    return settings.database_url or embedded_database_url(settings.embedded_pgdata)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", choices=["run", "serve"], default="run")
+    parser.add_argument("--seed-dir", default=os.environ.get("SEED_DIR"), help="month folder (env SEED_DIR)")
+    parser.add_argument("--as-of", default=os.environ.get("AS_OF"), help="YYYY-MM-DD (env AS_OF)")
+    parser.add_argument("--replace", action="store_true", default=flag("REPLACE"),
+                        help="replace an as_of already published from other files (env REPLACE=1)")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        ingest_month.serve(name=DEPLOYMENT_NAME)
+        return 0
+    if not args.seed_dir or not args.as_of:
+        print("ingest failed: set SEED_DIR and AS_OF (or --seed-dir and --as-of)", file=sys.stderr)
+        return 2
+    try:
+        result = ingest_month(seed_dir=args.seed_dir, as_of=args.as_of, replace=args.replace)
+    except IngestError as exc:
+        print(f"ingest failed: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # still one line for people; the traceback is in the run logs
+        print(f"ingest failed: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(result["line"])
+    if result.get("data_docs"):
+        print(f"GX Data Docs: {result['data_docs']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

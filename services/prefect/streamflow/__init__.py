@@ -1,0 +1,1 @@
+"""StreamFlow ingest: monthly CSV exports -> validated, atomic, as_of-snapshotted PostgreSQL."""

@@ -1,0 +1,93 @@
+"""Connections, schema bootstrap, the writer lock, and the named SQL queries in db/sql."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from .errors import LockTimeout
+from .settings import SQL_DIR
+
+# One key for the whole pipeline: months are published strictly one at a time.
+LOCK_KEY = 0x5F1_0E_1A  # arbitrary constant, shared by every writer
+_NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
+
+
+@cache
+def queries(file: str, sql_dir: Path = SQL_DIR) -> dict[str, str]:
+    """Named queries of ``db/sql/<file>.sql``: each block starts with ``-- name: <name>``."""
+    text = (sql_dir / "sql" / f"{file}.sql").read_text(encoding="utf-8")
+    parts = _NAME.split(text)
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+def query(file: str, name: str, **identifiers: sql.Composable) -> sql.Composed:
+    """A named query with its ``{placeholders}`` filled by already-quoted identifiers."""
+    return sql.SQL(queries(file)[name]).format(**identifiers)  # type: ignore[arg-type]
+
+
+def ident_list(names: Sequence[str], prefix: str | None = None) -> sql.Composed:
+    """``a, b`` or ``prefix.a, prefix.b``: names come from the table registry only."""
+    if prefix is None:
+        return sql.SQL(", ").join(sql.Identifier(n) for n in names)
+    return sql.SQL(", ").join(sql.Identifier(prefix, n) for n in names)
+
+
+def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
+    return psycopg.connect(url, autocommit=autocommit, application_name="streamflow-ingest")
+
+
+def schema_present(conn: psycopg.Connection) -> bool:
+    row = conn.execute(
+        "SELECT to_regclass('public.users') IS NOT NULL AND to_regclass('public.ingest_runs') IS NOT NULL"
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def apply_init_sql(conn: psycopg.Connection, sql_dir: Path = SQL_DIR) -> list[str]:
+    """Run ``db/init/*.sql`` in name order, as the postgres image's entrypoint does."""
+    applied = []
+    for path in sorted((sql_dir / "init").glob("*.sql")):
+        conn.execute(path.read_text(encoding="utf-8"))  # type: ignore[arg-type]
+        applied.append(path.name)
+    conn.commit()
+    return applied
+
+
+def ensure_schema(conn: psycopg.Connection, sql_dir: Path = SQL_DIR) -> list[str]:
+    """Apply the init SQL on an empty database; leave an initialised one alone."""
+    if schema_present(conn):
+        conn.rollback()
+        return []
+    return apply_init_sql(conn, sql_dir)
+
+
+@contextmanager
+def writer_lock(conn: psycopg.Connection, wait_seconds: float) -> Iterator[None]:
+    """Hold the pipeline's session advisory lock; wait up to ``wait_seconds`` for it."""
+    deadline = time.monotonic() + wait_seconds
+    while not conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0]:
+        if time.monotonic() >= deadline:
+            holder = conn.execute(
+                "SELECT pid, now() - backend_start FROM pg_locks JOIN pg_stat_activity USING (pid) "
+                "WHERE locktype = 'advisory' AND objid = %s AND granted",
+                (LOCK_KEY,),
+            ).fetchone()
+            who = f" (held by backend pid {holder[0]})" if holder else ""
+            raise LockTimeout(
+                f"another ingestion is running{who}; waited {wait_seconds:.0f}s for it "
+                "(set LOCK_WAIT_SECONDS to wait longer)"
+            )
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        if not conn.closed:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))

@@ -1,0 +1,25 @@
+"""The embedded default PostgreSQL, for runs outside Docker with no server configured.
+
+Uses the ``pgserver`` wheel (real PostgreSQL binaries, no system install). The data
+directory persists between runs so month_001 lands on top of month_000; the server
+keeps running after the flow exits, like a local service, and is reused next time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import IngestError
+
+
+def embedded_database_url(pgdata: Path) -> str:
+    try:
+        import pgserver
+    except ImportError as exc:
+        raise IngestError(
+            "no database configured (set DATABASE_URL or POSTGRES_HOST/...) and the embedded "
+            "PostgreSQL is not installed: pip install -r requirements/embedded.txt"
+        ) from exc
+    pgdata.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(pgdata, cleanup_mode=None)
+    return server.get_uri()

@@ -1,0 +1,29 @@
+"""Errors meant for people: each names the file, the row or column, and what was expected."""
+
+from __future__ import annotations
+
+
+class IngestError(Exception):
+    """A failure the operator can act on; ``str(err)`` is one line, printed as is."""
+
+    retryable = False
+
+
+class InputError(IngestError):
+    """The month folder, a file, or a run parameter is wrong."""
+
+
+class ValidationFailed(IngestError):
+    """The staged month broke at least one expectation; nothing was published."""
+
+    def __init__(self, message: str, failures: list[dict] | None = None) -> None:
+        super().__init__(message)
+        self.failures = failures or []
+
+
+class MonthConflict(IngestError):
+    """The as_of was already published from different files."""
+
+
+class LockTimeout(IngestError):
+    """Another ingestion held the lock for too long."""

@@ -1,0 +1,138 @@
+"""The ingestion ledger: what each run read, did and decided; the rerun rules."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import date
+from enum import Enum
+from pathlib import Path
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from .db import queries
+from .errors import MonthConflict
+from .registry import TABLES
+
+
+class Mode(str, Enum):
+    PUBLISH = "publish"  # newest month: live tables and history
+    BACKFILL = "backfill"  # older than the latest published month: history only
+    NOOP = "noop"  # same as_of, same files: nothing to do
+
+
+@dataclass(frozen=True)
+class FileFingerprint:
+    table: str
+    file: str
+    sha256: str
+    bytes: int
+
+
+def fingerprint_file(table: str, path: Path) -> FileFingerprint:
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return FileFingerprint(table, path.name, digest.hexdigest(), size)
+
+
+def month_fingerprint(files: list[FileFingerprint]) -> str:
+    """One hash for the month: order-independent of how files were listed."""
+    digest = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.table):
+        digest.update(f"{f.table}:{f.sha256}\n".encode())
+    return digest.hexdigest()
+
+
+def decide_mode(
+    conn: psycopg.Connection, as_of: date, fingerprint: str, *, replace: bool
+) -> tuple[Mode, bool]:
+    """The rerun rules. Returns (mode, replacing)."""
+    q = queries("ledger")
+    row = conn.execute(q["published_month"], {"as_of": as_of}).fetchone()
+    replacing = False
+    if row is not None:
+        if row[0] == fingerprint and not replace:
+            return Mode.NOOP, False
+        if row[0] != fingerprint and not replace:
+            raise MonthConflict(
+                f"as_of {as_of.isoformat()} was already published from different files "
+                f"(run {row[1]}); rerun with --replace (or REPLACE=1) to replace that month"
+            )
+        replacing = True
+    latest = conn.execute(q["latest_published"]).fetchone()[0]
+    if latest is not None and as_of < latest:
+        return Mode.BACKFILL, replacing
+    return Mode.PUBLISH, replacing
+
+
+def abandon_stale_runs(conn: psycopg.Connection) -> int:
+    cur = conn.execute(queries("ledger")["abandon_stale_runs"])
+    return cur.rowcount
+
+
+def start_run(
+    conn: psycopg.Connection,
+    *,
+    as_of: date,
+    seed_dir: str,
+    status: str,
+    mode: str,
+    fingerprint: str | None,
+    files: list[FileFingerprint] | None,
+) -> int:
+    files_json = (
+        Jsonb({f.table: {"file": f.file, "sha256": f.sha256, "bytes": f.bytes} for f in files})
+        if files
+        else None
+    )
+    row = conn.execute(
+        queries("ledger")["start_run"],
+        {
+            "as_of": as_of,
+            "seed_dir": seed_dir,
+            "status": status,
+            "mode": mode,
+            "fingerprint": fingerprint,
+            "files": files_json,
+        },
+    ).fetchone()
+    return int(row[0])
+
+
+def finish_run(
+    conn: psycopg.Connection,
+    run_id: int,
+    *,
+    status: str,
+    table_stats: list[dict] | None = None,
+    validation: list[dict] | None = None,
+    timings: dict[str, float] | None = None,
+    error: str | None = None,
+) -> None:
+    conn.execute(
+        queries("ledger")["finish_run"],
+        {
+            "run_id": run_id,
+            "status": status,
+            "table_stats": Jsonb(table_stats) if table_stats is not None else None,
+            "validation": Jsonb(validation) if validation is not None else None,
+            "timings": Jsonb(timings) if timings is not None else None,
+            "error": error,
+        },
+    )
+
+
+def record_month(conn: psycopg.Connection, as_of: date, fingerprint: str, run_id: int) -> None:
+    conn.execute(
+        queries("ledger")["record_month"],
+        {"as_of": as_of, "fingerprint": fingerprint, "run_id": run_id},
+    )
+
+
+def expected_files(seed_dir: Path) -> dict[str, Path]:
+    return {spec.name: seed_dir / spec.file_name for spec in TABLES}

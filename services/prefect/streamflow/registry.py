@@ -1,0 +1,143 @@
+"""The table registry: the one description of the six monthly files.
+
+Every SQL identifier the pipeline uses comes from here (never from file content):
+COPY column lists, expectation suites, live upserts and history snapshots are all
+derived from these specs, so adding a column is a one-line change plus its DDL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    pg_type: str
+    """PostgreSQL type, used only to explain conversion errors to people."""
+    non_negative: bool = False
+    value_set: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    """Live table, staging table (``staging.<name>``) and file stem (``<name>.csv``)."""
+    columns: tuple[Column, ...]
+    snapshot_table: str | None = None
+    snapshot_columns: tuple[str, ...] = field(default=())
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.name}.csv"
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+    @property
+    def value_columns(self) -> tuple[str, ...]:
+        """Every column but the key."""
+        return tuple(c.name for c in self.columns if c.name != KEY)
+
+    def column(self, name: str) -> Column:
+        for c in self.columns:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+
+KEY = "user_id"
+_key = Column(KEY, "text")
+_gender = ("Male", "Female")
+_contracts = ("Month-to-month", "One year", "Two year")
+_net_services = ("DSL", "Fiber optic", "No")
+
+
+def _nn(name: str, pg_type: str) -> Column:
+    return Column(name, pg_type, non_negative=True)
+
+
+# Parents first: publishing walks this order so foreign keys always find their user.
+TABLES: tuple[TableSpec, ...] = (
+    TableSpec(
+        "users",
+        (
+            _key,
+            Column("signup_date", "date"),
+            Column("user_gender", "text", value_set=_gender),
+            Column("user_is_senior", "boolean"),
+            Column("has_family", "boolean"),
+            Column("has_dependents", "boolean"),
+        ),
+    ),
+    TableSpec(
+        "subscriptions",
+        (
+            _key,
+            _nn("months_active", "integer"),
+            Column("plan_stream_tv", "boolean"),
+            Column("plan_stream_movies", "boolean"),
+            Column("contract_type", "text", value_set=_contracts),
+            Column("paperless_billing", "boolean"),
+            _nn("monthly_fee", "numeric"),
+            _nn("total_paid", "numeric"),
+            Column("net_service", "text", value_set=_net_services),
+        ),
+        snapshot_table="subscriptions_profile_snapshots",
+        snapshot_columns=(
+            "months_active",
+            "monthly_fee",
+            "paperless_billing",
+            "plan_stream_tv",
+            "plan_stream_movies",
+            "net_service",
+        ),
+    ),
+    TableSpec(
+        "usage_agg_30d",
+        (
+            _key,
+            _nn("watch_hours_30d", "numeric"),
+            _nn("avg_session_mins_7d", "numeric"),
+            _nn("unique_devices_30d", "integer"),
+            _nn("skips_7d", "integer"),
+            _nn("rebuffer_events_7d", "integer"),
+        ),
+        snapshot_table="usage_agg_30d_snapshots",
+        snapshot_columns=(
+            "watch_hours_30d",
+            "avg_session_mins_7d",
+            "unique_devices_30d",
+            "skips_7d",
+            "rebuffer_events_7d",
+        ),
+    ),
+    TableSpec(
+        "payments_agg_90d",
+        (_key, _nn("failed_payments_90d", "integer")),
+        snapshot_table="payments_agg_90d_snapshots",
+        snapshot_columns=("failed_payments_90d",),
+    ),
+    TableSpec(
+        "support_agg_90d",
+        (
+            _key,
+            _nn("support_tickets_90d", "integer"),
+            _nn("ticket_avg_resolution_hrs_90d", "numeric"),
+        ),
+        snapshot_table="support_agg_90d_snapshots",
+        snapshot_columns=("support_tickets_90d", "ticket_avg_resolution_hrs_90d"),
+    ),
+    TableSpec(
+        "labels",
+        (_key, Column("churn_label", "boolean")),
+        snapshot_table="labels_snapshots",
+        snapshot_columns=("churn_label",),
+    ),
+)
+
+PARENT = TABLES[0]
+BY_NAME: dict[str, TableSpec] = {t.name: t for t in TABLES}
+SNAPSHOT_TABLES: tuple[str, ...] = tuple(t.snapshot_table for t in TABLES if t.snapshot_table)
+LIVE_TABLES: tuple[str, ...] = tuple(t.name for t in TABLES)

@@ -1,0 +1,103 @@
+"""What a run tells people: the run summary, and the Prefect artifacts built from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .publishing import TableStats
+from .validation import SuiteOutcome
+
+
+@dataclass
+class RunSummary:
+    seed_dir: str
+    as_of: str
+    mode: str
+    status: str = "running"
+    run_id: int | None = None
+    replacing: bool = False
+    tables: list[TableStats] = field(default_factory=list)
+    rows_read: dict[str, int] = field(default_factory=dict)
+    suites: list[SuiteOutcome] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    data_docs: str | None = None
+    error: str | None = None
+
+    @property
+    def duration(self) -> float:
+        return round(sum(self.timings.values()), 3)
+
+    def table_rows(self) -> list[dict]:
+        suites = {s.table: s for s in self.suites}
+        stats = {t.table: t for t in self.tables}
+        rows = []
+        for table, read in self.rows_read.items() or {t.table: t.read for t in self.tables}.items():
+            t = stats.get(table)
+            s = suites.get(table)
+            rows.append(
+                {
+                    "table": table,
+                    "rows read": read,
+                    "inserted": t.inserted if t else 0,
+                    "updated": t.updated if t else 0,
+                    "unchanged": t.unchanged if t else 0,
+                    "snapshot rows written": (t.snapshot_inserted + t.snapshot_updated) if t else 0,
+                    "expectations passed": s.passed if s else "-",
+                    "expectations failed": s.failed if s else "-",
+                }
+            )
+        return rows
+
+    def one_line(self) -> str:
+        if self.status == "noop":
+            return (
+                f"{self.seed_dir} as_of {self.as_of}: already published from the same files; "
+                "nothing to do"
+            )
+        changes = ", ".join(
+            f"{t.table} +{t.inserted} ~{t.updated} ={t.unchanged}" for t in self.tables
+        )
+        what = "history only (backfill)" if self.mode == "backfill" else "live + history"
+        verb = "replaced" if self.replacing else "published"
+        return f"{self.seed_dir} as_of {self.as_of}: {verb} {what} in {self.duration:.1f}s [{changes}]"
+
+    def markdown(self) -> str:
+        verdict = {"succeeded": "✅ published", "noop": "✅ no-op (same files)", "failed": "❌ failed"}
+        lines = [
+            f"# StreamFlow ingest — {self.as_of}",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| month folder | `{self.seed_dir}` |",
+            f"| as_of | {self.as_of} |",
+            f"| mode | {self.mode}{' (replace)' if self.replacing else ''} |",
+            f"| verdict | {verdict.get(self.status, self.status)} |",
+            f"| duration | {self.duration:.2f} s |",
+            f"| ledger run_id | {self.run_id} |",
+        ]
+        if self.data_docs:
+            lines.append(f"| GX Data Docs | `{self.data_docs}` |")
+        if self.error:
+            lines += ["", "## Error", "", f"```\n{self.error}\n```"]
+        if self.timings:
+            lines += ["", "## Timings (s)", "", "| step | seconds |", "|---|---|"]
+            lines += [f"| {k} | {v:.3f} |" for k, v in self.timings.items()]
+        return "\n".join(lines)
+
+
+def publish_artifacts(summary: RunSummary) -> None:
+    """Attach the summary to the current Prefect flow run (no-op outside one)."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        return
+    key = f"ingest-{summary.as_of}"
+    create_markdown_artifact(
+        key=f"{key}-summary", markdown=summary.markdown(), description="Month, as_of, verdict"
+    )
+    rows = summary.table_rows()
+    if rows:
+        create_table_artifact(
+            key=f"{key}-tables", table=rows, description="Per table: rows and expectations"
+        )

@@ -1,0 +1,81 @@
+"""One place for configuration: environment (and ``.env`` when present) -> Settings."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _app_dir() -> Path:
+    # In the repo the package sits in services/prefect/; in the image, in /app beside db/.
+    for candidate in (PACKAGE_DIR.parents[2], PACKAGE_DIR.parent):
+        if (candidate / "db" / "init").is_dir():
+            return candidate
+    return PACKAGE_DIR.parent
+
+
+APP_DIR = _app_dir()
+SQL_DIR = APP_DIR / "db"
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None
+    """None means: start (or reuse) the embedded PostgreSQL in ``embedded_pgdata``."""
+    embedded_pgdata: Path
+    gx_docs_dir: Path
+    lock_wait_seconds: float
+    sql_dir: Path = SQL_DIR
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None
+
+
+def load_dotenv_if_present() -> None:
+    """Read ``.env`` from the working directory or the repo root; real env wins."""
+    try:
+        from dotenv import load_dotenv
+    except ImportError:  # the flow works without python-dotenv, just without .env
+        return
+    for candidate in (Path.cwd() / ".env", APP_DIR / ".env"):
+        if candidate.is_file():
+            load_dotenv(candidate, override=False)
+            return
+
+
+def database_url_from_env(env: os._Environ[str] | dict[str, str] = os.environ) -> str | None:
+    """``DATABASE_URL`` first, then the ``POSTGRES_*`` names of ``.env``; None if neither."""
+    url = env.get("DATABASE_URL")
+    if url:
+        return url
+    host = env.get("POSTGRES_HOST")
+    if not host:
+        return None
+    user = quote(env.get("POSTGRES_USER", "postgres"), safe="")
+    password = env.get("POSTGRES_PASSWORD")
+    auth = f"{user}:{quote(password, safe='')}" if password else user
+    port = env.get("POSTGRES_PORT", "5432")
+    db = quote(env.get("POSTGRES_DB", "postgres"), safe="")
+    return f"postgresql://{auth}@{host}:{port}/{db}"
+
+
+def flag(name: str, env: os._Environ[str] | dict[str, str] = os.environ) -> bool:
+    return env.get(name, "").strip().lower() in _TRUE
+
+
+def load_settings() -> Settings:
+    load_dotenv_if_present()
+    env = os.environ
+    return Settings(
+        database_url=database_url_from_env(env),
+        embedded_pgdata=Path(env.get("STREAMFLOW_PGDATA", APP_DIR / ".pgdata")).resolve(),
+        gx_docs_dir=Path(env.get("GX_DOCS_DIR", APP_DIR / "var" / "gx_docs")).resolve(),
+        lock_wait_seconds=float(env.get("LOCK_WAIT_SECONDS", "600")),
+    )

@@ -1,0 +1,242 @@
+"""Validate: GX Core expectation suites run inside PostgreSQL over the staged month.
+
+Suites are derived from the table registry. Nothing is published unless every
+expectation of every table passes; failures come back with counts and examples.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .db import queries
+from .errors import ValidationFailed
+from .registry import KEY, PARENT, TABLES, TableSpec
+
+# The cross-table check GX has no built-in for: a child row must belong to a user
+# of this month's users.csv or of the live users table.
+
+
+@dataclass
+class ExpectationOutcome:
+    table: str
+    expectation: str
+    column: str | None
+    success: bool
+    unexpected_count: int | None = None
+    examples: list[Any] = field(default_factory=list)
+    example_user_ids: list[Any] = field(default_factory=list)
+    detail: str = ""
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["examples"] = [_jsonable(v) for v in self.examples]
+        d["example_user_ids"] = [_jsonable(v) for v in self.example_user_ids]
+        return d
+
+
+@dataclass
+class SuiteOutcome:
+    table: str
+    passed: int
+    failed: int
+    expectations: list[ExpectationOutcome]
+
+    @property
+    def success(self) -> bool:
+        return self.failed == 0
+
+
+def _jsonable(value: Any) -> Any:
+    return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
+
+
+def build_suite(spec: TableSpec):  # -> gx.ExpectationSuite
+    import great_expectations as gx
+    from great_expectations import expectations as gxe
+
+    suite = gx.ExpectationSuite(name=f"{spec.name}_suite")
+    suite.add_expectation(
+        gxe.ExpectTableColumnsToMatchSet(column_set=list(spec.column_names), exact_match=True)
+    )
+    suite.add_expectation(gxe.ExpectTableRowCountToBeBetween(min_value=1))
+    suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=KEY))
+    suite.add_expectation(gxe.ExpectColumnValuesToBeUnique(column=KEY))
+    for col in spec.columns:
+        if col.non_negative:
+            suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column=col.name, min_value=0))
+        if col.value_set:
+            suite.add_expectation(
+                gxe.ExpectColumnValuesToBeInSet(column=col.name, value_set=list(col.value_set))
+            )
+    if spec is not PARENT:
+        suite.add_expectation(
+            gxe.UnexpectedRowsExpectation(
+                unexpected_rows_query=queries("validation")["orphans"],
+                description=f"every {KEY} exists in {PARENT.file_name} or in the live users table",
+            )
+        )
+    return suite
+
+
+def _sqlalchemy_url(database_url: str) -> str:
+    url = database_url.replace("$", r"\$")  # GX reads ${VAR} in config strings
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def run_suites(database_url: str, docs_dir: Path | None) -> tuple[list[SuiteOutcome], Path | None]:
+    """Run every table's suite on ``staging.*``; build Data Docs into ``docs_dir``."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    import great_expectations as gx
+
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = {"globally": False}  # type: ignore[assignment]
+    site = None
+    if docs_dir is not None:
+        docs_dir.mkdir(parents=True, exist_ok=True)
+        context.add_data_docs_site(
+            site_name="streamflow",
+            site_config={
+                "class_name": "SiteBuilder",
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(docs_dir),
+                },
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            },
+        )
+        site = docs_dir / "index.html"
+    source = context.data_sources.add_sql("staging", connection_string=_sqlalchemy_url(database_url))
+    definitions = []
+    for spec in TABLES:
+        asset = source.add_table_asset(spec.name, table_name=spec.name, schema_name="staging")
+        batch = asset.add_batch_definition_whole_table(f"{spec.name}_month")
+        suite = context.suites.add(build_suite(spec))
+        definitions.append(
+            context.validation_definitions.add(
+                gx.ValidationDefinition(name=f"{spec.name}_validation", data=batch, suite=suite)
+            )
+        )
+    actions = [gx.checkpoint.UpdateDataDocsAction(name="data_docs")] if docs_dir else []
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(
+            name="staged_month",
+            validation_definitions=definitions,
+            actions=actions,
+            result_format={
+                "result_format": "SUMMARY",
+                "partial_unexpected_count": 5,
+                "unexpected_index_column_names": [KEY],
+            },
+        )
+    )
+    result = checkpoint.run()
+    outcomes = [
+        _suite_outcome(spec, run)
+        for spec, run in zip(TABLES, result.run_results.values(), strict=True)
+    ]
+    _add_orphan_examples(database_url, outcomes)
+    return outcomes, site
+
+
+def _add_orphan_examples(database_url: str, outcomes: list[SuiteOutcome]) -> None:
+    """GX's SUMMARY format counts unexpected rows without showing any: fetch a few."""
+    import psycopg
+    from psycopg import sql
+
+    failed = [
+        e for s in outcomes for e in s.expectations
+        if e.expectation == "unexpected_rows_expectation" and not e.success
+    ]
+    if not failed:
+        return
+    with psycopg.connect(database_url) as conn:
+        for e in failed:
+            q = sql.SQL(queries("validation")["orphans"] + " LIMIT 5").format(
+                batch=sql.Identifier("staging", e.table)
+            )
+            e.example_user_ids = [row[0] for row in conn.execute(q)]
+
+
+def _suite_outcome(spec: TableSpec, run) -> SuiteOutcome:
+    items = []
+    for r in run.results:
+        cfg = r.expectation_config
+        res = r.result or {}
+        kwargs = cfg.kwargs
+        examples = list(res.get("partial_unexpected_list") or [])[:5]
+        ids = [
+            row.get(KEY) if isinstance(row, dict) else row
+            for row in (res.get("partial_unexpected_index_list") or [])[:5]
+        ]
+        count = res.get("unexpected_count")
+        if cfg.type == "unexpected_rows_expectation":
+            count = res.get("observed_value")
+            rows = res.get("details", {}).get("unexpected_rows") or []
+            ids = [row.get(KEY) if isinstance(row, dict) else row for row in rows[:5]]
+        detail = ""
+        if cfg.type == "expect_table_columns_to_match_set":
+            detail = f"observed {res.get('observed_value')}"
+        elif cfg.type == "expect_table_row_count_to_be_between":
+            count = res.get("observed_value")
+        items.append(
+            ExpectationOutcome(
+                table=spec.name,
+                expectation=cfg.type,
+                column=kwargs.get("column"),
+                success=bool(r.success),
+                unexpected_count=count,
+                examples=examples,
+                example_user_ids=ids,
+                detail=detail,
+            )
+        )
+    failed = sum(not i.success for i in items)
+    return SuiteOutcome(spec.name, len(items) - failed, failed, items)
+
+
+def describe_failure(o: ExpectationOutcome) -> str:
+    """One clause a person can act on: file, column, what was expected, examples."""
+    from .registry import BY_NAME
+
+    spec = BY_NAME[o.table]
+    where = spec.file_name + (f", column {o.column}" if o.column else "")
+    n = o.unexpected_count
+    eg_values = ", ".join(repr(v) for v in o.examples)
+    eg_ids = ", ".join(str(v) for v in o.example_user_ids if v is not None)
+    rows = f" (user_id {eg_ids})" if eg_ids else ""
+    match o.expectation:
+        case "expect_column_values_to_be_between":
+            what = f"{n} value(s) below 0, expected >= 0, e.g. {eg_values}{rows}"
+        case "expect_column_values_to_not_be_null":
+            what = f"{n} empty value(s); every row needs a {o.column}"
+        case "expect_column_values_to_be_unique":
+            what = f"{n} row(s) with a duplicated {o.column}, e.g. {eg_values}"
+        case "expect_column_values_to_be_in_set":
+            allowed = "/".join(spec.column(o.column).value_set or ())
+            what = f"{n} value(s) outside {allowed}, e.g. {eg_values}{rows}"
+        case "expect_table_row_count_to_be_between":
+            what = "no data rows; expected at least one"
+        case "unexpected_rows_expectation":
+            what = f"{n} row(s) whose user_id is not in {PARENT.file_name}, e.g. {eg_ids}"
+            where = f"{spec.file_name}, column {KEY}"
+        case _:
+            what = f"{o.expectation} failed {o.detail}".strip()
+    return f"{where}: {what}"
+
+
+def check(outcomes: list[SuiteOutcome]) -> None:
+    failures = [e for s in outcomes for e in s.expectations if not e.success]
+    if failures:
+        first = describe_failure(failures[0])
+        more = f" (+{len(failures) - 1} more failed expectation(s))" if len(failures) > 1 else ""
+        raise ValidationFailed(
+            f"validation failed: {first}{more}", [f.as_dict() for f in failures]
+        )
