@@ -1,0 +1,142 @@
+"""Test fixtures: a real, throwaway PostgreSQL for the whole run, a fresh database per test.
+
+The server is the ``pgserver`` wheel's PostgreSQL (real binaries, started in a temp
+dir) unless TEST_DATABASE_URL points at a server whose role may CREATE DATABASE.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+# Prefect and GX read their settings at import time: keep their state out of $HOME.
+_STATE = Path(tempfile.mkdtemp(prefix="streamflow-tests-"))
+os.environ.setdefault("PREFECT_HOME", str(_STATE / "prefect"))
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("GX_DOCS_DIR", str(_STATE / "gx_docs"))
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+for _name in ("DATABASE_URL", "POSTGRES_HOST", "SEED_DIR", "AS_OF", "REPLACE"):
+    os.environ.pop(_name, None)  # a developer's shell must not steer the tests
+
+import psycopg  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FLOW_DIR = REPO / "services" / "prefect"
+sys.path.insert(0, str(FLOW_DIR))
+
+from streamflow import db as sfdb  # noqa: E402
+from streamflow.registry import LIVE_TABLES, SNAPSHOT_TABLES  # noqa: E402
+
+SHARED_SEEDS = Path(os.environ.get("SHARED_SEEDS_DIR", REPO.parent / "shared" / "seeds"))
+DATA_SEEDS = REPO / "data" / "seeds"
+ALL_TABLES = LIVE_TABLES + SNAPSHOT_TABLES + ("ingest_months",)
+_counter = itertools.count()
+
+
+def with_database(url: str, dbname: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + dbname))
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Superuser URL of the run's PostgreSQL server."""
+    external = os.environ.get("TEST_DATABASE_URL")
+    if external:
+        yield external
+        return
+    import pgserver
+
+    pgdata = tmp_path_factory.mktemp("pgdata")
+    server = pgserver.get_server(pgdata, cleanup_mode="delete")
+    url = server.get_uri()
+    with psycopg.connect(url, autocommit=True) as conn:
+        # Throwaway data: durability buys nothing here, speed does.
+        conn.execute("ALTER SYSTEM SET fsync = off")
+        conn.execute("ALTER SYSTEM SET synchronous_commit = off")
+        conn.execute("ALTER SYSTEM SET full_page_writes = off")
+        conn.execute("SELECT pg_reload_conf()")
+    yield url
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_admin_url: str) -> str:
+    """A database with db/init applied, cloned for each test."""
+    name = f"sf_template_{os.getpid()}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    with psycopg.connect(with_database(pg_admin_url, name)) as conn:
+        sfdb.apply_init_sql(conn)
+    return name
+
+
+@pytest.fixture
+def empty_db_url(pg_admin_url: str) -> Iterator[str]:
+    """A brand-new database with no schema at all."""
+    name = f"sf_empty_{os.getpid()}_{next(_counter)}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield with_database(pg_admin_url, name)
+    _drop(pg_admin_url, name)
+
+
+@pytest.fixture
+def db_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
+    """A fresh database with the StreamFlow schema, as a superuser URL."""
+    name = f"sf_test_{os.getpid()}_{next(_counter)}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    yield with_database(pg_admin_url, name)
+    _drop(pg_admin_url, name)
+
+
+def _drop(admin_url: str, name: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def run_flow(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[..., tuple[int, str, str]]:
+    """Run the real flow's CLI in-process: returns (exit code, stdout, stderr)."""
+    import ingest_flow
+
+    def run(url: str, seed_dir: Path | str, as_of: str, *extra: str) -> tuple[int, str, str]:
+        monkeypatch.setenv("DATABASE_URL", url)
+        capsys.readouterr()
+        rc = ingest_flow.main(["--seed-dir", str(seed_dir), "--as-of", as_of, *extra])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return run
+
+
+def dump(url: str, tables: tuple[str, ...] = ALL_TABLES) -> dict[str, list[tuple]]:
+    """Every row of every pipeline table, sorted: equal dumps mean equal databases."""
+    with psycopg.connect(url) as conn:
+        return {
+            t: sorted(conn.execute(f'SELECT * FROM "{t}"').fetchall(), key=repr)  # noqa: S608
+            for t in tables
+        }
+
+
+@pytest.fixture
+def shared_seeds() -> Path:
+    if not (SHARED_SEEDS / "month_000" / "users.csv").is_file():
+        pytest.skip(f"real lab files not found in {SHARED_SEEDS}")
+    return SHARED_SEEDS
+
+
+def scalar(url: str, query: str, params: tuple = ()) -> object:
+    with psycopg.connect(url) as conn:
+        return conn.execute(query, params).fetchone()[0]  # type: ignore[arg-type]

@@ -1,0 +1,106 @@
+"""The real lab export files, through the real flow, on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from decimal import Decimal
+from pathlib import Path
+
+from conftest import ALL_TABLES, dump, scalar
+
+from streamflow.registry import SNAPSHOT_TABLES
+
+
+def _ingest_both(run_flow, url: str, seeds: Path) -> None:
+    rc, out, err = run_flow(url, seeds / "month_000", "2024-01-31")
+    assert rc == 0, err
+    rc, out, err = run_flow(url, seeds / "month_001", "2024-02-29")
+    assert rc == 0, err
+
+
+def test_month_000_lands_with_nulls_kept(run_flow, db_url, shared_seeds):
+    rc, out, err = run_flow(db_url, shared_seeds / "month_000", "2024-01-31")
+    assert rc == 0, err
+    assert "published live + history" in out
+    assert scalar(db_url, "SELECT count(*) FROM users") == 7043
+    assert scalar(db_url, "SELECT count(*) FROM subscriptions") == 7043
+    # Empty cells stay NULL: no implicit "True" for users without a net service.
+    assert scalar(db_url, "SELECT count(*) FROM subscriptions WHERE plan_stream_tv IS NULL") == 1526
+    assert scalar(db_url, "SELECT count(*) FROM subscriptions WHERE plan_stream_movies IS NULL") == 1526
+    assert scalar(db_url, "SELECT count(*) FROM subscriptions WHERE add_on_security IS NOT NULL") == 0
+    assert scalar(db_url, "SELECT count(*) FROM subscriptions WHERE months_active = 0") == 11
+    for table in SNAPSHOT_TABLES:
+        assert scalar(db_url, f'SELECT count(*) FROM "{table}" WHERE as_of = %s', ("2024-01-31",)) == 7043  # noqa: S608
+
+
+def test_two_months_history_and_changes(run_flow, db_url, shared_seeds):
+    _ingest_both(run_flow, db_url, shared_seeds)
+    for table in SNAPSHOT_TABLES:
+        counts = dict(
+            psycopg_rows(db_url, f'SELECT as_of::text, count(*) FROM "{table}" GROUP BY 1')  # noqa: S608
+        )
+        assert counts == {"2024-01-31": 7043, "2024-02-29": 7043}, table
+    churners = dict(
+        psycopg_rows(db_url, "SELECT as_of::text, count(*) FROM labels_snapshots WHERE churn_label GROUP BY 1")
+    )
+    assert churners == {"2024-01-31": 1869, "2024-02-29": 1701}
+    assert scalar(db_url, "SELECT count(*) FROM labels WHERE churn_label") == 1701
+
+    # A watch_hours_30d that changed in month_001 is the live value now.
+    with (shared_seeds / "month_001" / "usage_agg_30d.csv").open() as f:
+        row = next(csv.DictReader(f))
+    live = scalar(db_url, "SELECT watch_hours_30d FROM usage_agg_30d WHERE user_id = %s", (row["user_id"],))
+    assert live == Decimal(row["watch_hours_30d"])
+    jan = scalar(
+        db_url,
+        "SELECT watch_hours_30d FROM usage_agg_30d_snapshots WHERE user_id = %s AND as_of = '2024-01-31'",
+        (row["user_id"],),
+    )
+    assert jan != live
+
+    # The ledger saw exactly what changed between the months.
+    stats = scalar(db_url, "SELECT table_stats FROM ingest_runs WHERE as_of = '2024-02-29' AND status = 'succeeded'")
+    by_table = {s["table"]: s for s in stats}
+    assert by_table["usage_agg_30d"]["updated"] == 7043
+    assert by_table["payments_agg_90d"]["updated"] == 202
+    assert by_table["support_agg_90d"]["updated"] == 360
+    assert by_table["labels"]["updated"] == 2652
+    assert by_table["users"]["updated"] == 0 and by_table["subscriptions"]["updated"] == 0
+
+
+def test_rerun_same_month_changes_nothing(run_flow, db_url, shared_seeds):
+    _ingest_both(run_flow, db_url, shared_seeds)
+    before = dump(db_url, ALL_TABLES)
+    rc, out, err = run_flow(db_url, shared_seeds / "month_001", "2024-02-29")
+    assert rc == 0, err
+    assert "nothing to do" in out
+    assert dump(db_url, ALL_TABLES) == before
+    assert scalar(db_url, "SELECT status FROM ingest_runs ORDER BY run_id DESC LIMIT 1") == "noop"
+
+
+def test_negative_watch_hours_fails_and_changes_nothing(run_flow, db_url, shared_seeds, tmp_path):
+    rc, _, err = run_flow(db_url, shared_seeds / "month_000", "2024-01-31")
+    assert rc == 0, err
+    bad = tmp_path / "month_001"
+    shutil.copytree(shared_seeds / "month_001", bad)
+    path = bad / "usage_agg_30d.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    fields = lines[100].split(",")
+    fields[1] = "-3.5"
+    lines[100] = ",".join(fields)
+    path.write_text("".join(lines))
+    before = dump(db_url)
+    rc, out, err = run_flow(db_url, bad, "2024-02-29")
+    assert rc == 1
+    message = err.strip().splitlines()[-1]
+    assert "usage_agg_30d.csv" in message and "watch_hours_30d" in message and "-3.5" in message
+    assert dump(db_url) == before
+    assert scalar(db_url, "SELECT status FROM ingest_runs ORDER BY run_id DESC LIMIT 1") == "failed"
+
+
+def psycopg_rows(url: str, query: str) -> list[tuple]:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        return conn.execute(query).fetchall()  # type: ignore[arg-type]
