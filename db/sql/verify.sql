@@ -1,0 +1,31 @@
+-- Verification queries printed by `python -m streamflow.verify` (and quoted in the report).
+-- Each can be pasted into psql as is.
+
+-- name: live_tables
+SELECT 'users' AS table_name, count(*) AS row_count FROM users
+UNION ALL SELECT 'subscriptions', count(*) FROM subscriptions
+UNION ALL SELECT 'usage_agg_30d', count(*) FROM usage_agg_30d
+UNION ALL SELECT 'payments_agg_90d', count(*) FROM payments_agg_90d
+UNION ALL SELECT 'support_agg_90d', count(*) FROM support_agg_90d
+UNION ALL SELECT 'labels', count(*) FROM labels;
+
+-- name: snapshots_by_as_of
+SELECT as_of,
+       (SELECT count(*) FROM subscriptions_profile_snapshots s WHERE s.as_of = m.as_of) AS subscriptions_profile,
+       (SELECT count(*) FROM usage_agg_30d_snapshots s WHERE s.as_of = m.as_of) AS usage_agg_30d,
+       (SELECT count(*) FROM payments_agg_90d_snapshots s WHERE s.as_of = m.as_of) AS payments_agg_90d,
+       (SELECT count(*) FROM support_agg_90d_snapshots s WHERE s.as_of = m.as_of) AS support_agg_90d,
+       (SELECT count(*) FROM labels_snapshots s WHERE s.as_of = m.as_of) AS labels,
+       (SELECT count(*) FROM labels_snapshots s WHERE s.as_of = m.as_of AND s.churn_label) AS churners
+FROM ingest_months m
+ORDER BY as_of;
+
+-- name: null_plan_flags
+SELECT count(*) FILTER (WHERE plan_stream_tv IS NULL) AS plan_stream_tv_null,
+       count(*) FILTER (WHERE plan_stream_movies IS NULL) AS plan_stream_movies_null
+FROM subscriptions;
+
+-- name: ledger
+SELECT run_id, as_of, status, mode, to_char(finished_at - started_at, 'SS.MS') || ' s' AS duration
+FROM ingest_runs
+ORDER BY run_id;

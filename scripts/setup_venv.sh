@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv at the repo root (once) and install a requirement set into it.
+# usage: scripts/setup_venv.sh requirements/test.txt
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+for req in "$@"; do
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$req"
+done
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
