@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Docker-only init script (run once by the postgres image's entrypoint, on an
+# empty data directory, before 001_schema.sql): creates the login role that
+# owns the Prefect server's metadata and the separate database `prefect`.
+#
+# Inputs (environment of the postgres container, see docker-compose.yml):
+#   PREFECT_DB_USER, PREFECT_DB_PASSWORD  - the Prefect metadata role
+#   POSTGRES_USER, POSTGRES_DB            - set by the image (superuser, app DB)
+# Names and passwords reach SQL only as psql variables, quoted by
+# format('%I' / '%L'), never by string pasting in the shell.
+set -euo pipefail
+
+: "${PREFECT_DB_USER:?PREFECT_DB_USER must be set}"
+: "${PREFECT_DB_PASSWORD:?PREFECT_DB_PASSWORD must be set}"
+: "${POSTGRES_USER:?POSTGRES_USER must be set}"
+: "${POSTGRES_DB:=$POSTGRES_USER}"
+
+if [[ "$PREFECT_DB_USER" == "$POSTGRES_USER" ]]; then
+    echo "000_prefect_db.sh: PREFECT_DB_USER must differ from POSTGRES_USER (the superuser)" >&2
+    exit 1
+fi
+
+# The heredoc is quoted ('SQL'): the shell expands nothing inside it; psql
+# substitutes :'name' with a correctly quoted literal.
+psql --no-psqlrc -v ON_ERROR_STOP=1 \
+    --username "$POSTGRES_USER" --dbname "$POSTGRES_DB" \
+    --set=prefect_user="$PREFECT_DB_USER" \
+    --set=prefect_password="$PREFECT_DB_PASSWORD" <<'SQL'
+SELECT format('CREATE ROLE %I LOGIN PASSWORD %L NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION',
+              :'prefect_user', :'prefect_password')
+WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = :'prefect_user')
+\gexec
+
+SELECT format('CREATE DATABASE prefect OWNER %I', :'prefect_user')
+WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_database WHERE datname = 'prefect')
+\gexec
+
+-- Only the owner (and superusers) may connect to the Prefect metadata database.
+REVOKE ALL ON DATABASE prefect FROM PUBLIC;
+SQL
+
+echo "000_prefect_db.sh: role \"$PREFECT_DB_USER\" and database \"prefect\" ready"

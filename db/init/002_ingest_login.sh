@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Docker-only init script (run once by the postgres image's entrypoint, on an
+# empty data directory, after 001_schema.sql): creates the login role the
+# ingest runner connects with, and makes it a member of the NOLOGIN group role
+# `streamflow_ingest` (created by 001_schema.sql with exactly the pipeline's
+# privileges). Nothing else is granted: the login cannot create roles or
+# databases, and cannot DROP/ALTER objects it does not own.
+#
+# Inputs (environment of the postgres container, see docker-compose.yml):
+#   INGEST_DB_USER, INGEST_DB_PASSWORD  - the runner's login
+#   POSTGRES_USER, POSTGRES_DB          - set by the image (superuser, app DB)
+# Names and passwords reach SQL only as psql variables, quoted by
+# format('%I' / '%L'), never by string pasting in the shell.
+set -euo pipefail
+
+: "${INGEST_DB_USER:?INGEST_DB_USER must be set}"
+: "${INGEST_DB_PASSWORD:?INGEST_DB_PASSWORD must be set}"
+: "${POSTGRES_USER:?POSTGRES_USER must be set}"
+: "${POSTGRES_DB:=$POSTGRES_USER}"
+
+if [[ "$INGEST_DB_USER" == "$POSTGRES_USER" || "$INGEST_DB_USER" == "streamflow_ingest" ]]; then
+    echo "002_ingest_login.sh: INGEST_DB_USER must differ from POSTGRES_USER and from the group role streamflow_ingest" >&2
+    exit 1
+fi
+
+psql_app=(psql --no-psqlrc -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname "$POSTGRES_DB")
+
+group_exists="$("${psql_app[@]}" --tuples-only --no-align \
+    --command "SELECT count(*) FROM pg_catalog.pg_roles WHERE rolname = 'streamflow_ingest'")"
+if [[ "$group_exists" != "1" ]]; then
+    echo "002_ingest_login.sh: group role streamflow_ingest not found; 001_schema.sql must create it" >&2
+    exit 1
+fi
+
+# The heredoc is quoted ('SQL'): the shell expands nothing inside it; psql
+# substitutes :'name' with a correctly quoted literal.
+"${psql_app[@]}" \
+    --set=ingest_user="$INGEST_DB_USER" \
+    --set=ingest_password="$INGEST_DB_PASSWORD" <<'SQL'
+SELECT format('CREATE ROLE %I LOGIN PASSWORD %L NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT',
+              :'ingest_user', :'ingest_password')
+WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = :'ingest_user')
+\gexec
+
+SELECT format('GRANT streamflow_ingest TO %I', :'ingest_user')
+\gexec
+SQL
+
+echo "002_ingest_login.sh: login role \"$INGEST_DB_USER\" is a member of streamflow_ingest"
