@@ -12,7 +12,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 def _app_dir() -> Path:
     # In the repo the package sits in services/prefect/; in the image, in /app beside db/.
-    for candidate in (PACKAGE_DIR.parents[2], PACKAGE_DIR.parent):
+    for candidate in (*PACKAGE_DIR.parents[2:3], PACKAGE_DIR.parent):
         if (candidate / "db" / "init").is_dir():
             return candidate
     return PACKAGE_DIR.parent
