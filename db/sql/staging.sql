@@ -6,5 +6,7 @@ TRUNCATE {staged};
 
 -- name: copy_csv
 -- HEADER is not used: the header was already read and matched by name, and the
--- column list below puts PostgreSQL's columns in the file's order.
-COPY {staged} ({columns}) FROM STDIN WITH (FORMAT csv);
+-- column list below puts PostgreSQL's columns in the file's order. FORCE_NULL makes
+-- a quoted empty field ("") NULL like an unquoted one, as writers that quote every
+-- field (csv.QUOTE_ALL, pandas, spreadsheets) spell a missing value that way.
+COPY {staged} ({columns}) FROM STDIN WITH (FORMAT csv, FORCE_NULL ({columns}));

@@ -7,3 +7,10 @@ SELECT o.user_id FROM (SELECT user_id FROM {batch}) AS o
 WHERE o.user_id IS NOT NULL
   AND NOT EXISTS (SELECT 1 FROM staging.users AS s WHERE s.user_id = o.user_id)
   AND NOT EXISTS (SELECT 1 FROM public.users AS l WHERE l.user_id = o.user_id)
+
+-- name: not_numbers
+-- PostgreSQL's numeric input accepts NaN and +-Infinity, and NaN sorts above every
+-- number (so it passes ">= 0"); no monthly figure is one of them. {column} is a
+-- numeric column of the registry.
+SELECT b.user_id, b.{column} FROM (SELECT user_id, {column} FROM {batch}) AS b
+WHERE b.{column} IN ('NaN', 'Infinity', '-Infinity')

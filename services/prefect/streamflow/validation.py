@@ -68,6 +68,16 @@ def build_suite(spec: TableSpec):  # -> gx.ExpectationSuite
     for col in spec.columns:
         if col.non_negative:
             suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column=col.name, min_value=0))
+        if col.pg_type == "numeric":
+            # COPY takes NaN and Infinity as numerics, and NaN passes ">= 0". GX's own
+            # value expectations cannot report a NaN (it sorts the examples), hence SQL.
+            suite.add_expectation(
+                gxe.UnexpectedRowsExpectation(
+                    unexpected_rows_query=rows_query("not_numbers", col.name),
+                    description=f"{col.name} holds numbers, never NaN or Infinity",
+                    meta={"check": "not_numbers", "column": col.name},
+                )
+            )
         if col.value_set:
             suite.add_expectation(
                 gxe.ExpectColumnValuesToBeInSet(column=col.name, value_set=list(col.value_set))
@@ -80,6 +90,20 @@ def build_suite(spec: TableSpec):  # -> gx.ExpectationSuite
             )
         )
     return suite
+
+
+def rows_query(name: str, column: str | None = None) -> str:
+    """A query of db/sql/validation.sql for GX, ``{column}`` filled from the registry.
+
+    ``{batch}`` is left in place: GX substitutes the validated table for it.
+    """
+    text = queries("validation")[name]
+    if column is None:
+        return text
+    from psycopg import sql
+
+    query = sql.SQL(text).format(batch=sql.SQL("{batch}"), column=sql.Identifier(column))
+    return query.as_string()
 
 
 def _sqlalchemy_url(database_url: str) -> str:
@@ -145,27 +169,33 @@ def run_suites(database_url: str, docs_dir: Path | None) -> tuple[list[SuiteOutc
         _suite_outcome(spec, run)
         for spec, run in zip(TABLES, result.run_results.values(), strict=True)
     ]
-    _add_orphan_examples(database_url, outcomes)
+    _add_row_examples(database_url, outcomes)
     return outcomes, site
 
 
-def _add_orphan_examples(database_url: str, outcomes: list[SuiteOutcome]) -> None:
+_ROW_CHECKS = {"unexpected_rows_expectation": "orphans", "not_numbers": "not_numbers"}
+
+
+def _add_row_examples(database_url: str, outcomes: list[SuiteOutcome]) -> None:
     """GX's SUMMARY format counts unexpected rows without showing any: fetch a few."""
     import psycopg
     from psycopg import sql
 
     failed = [
         e for s in outcomes for e in s.expectations
-        if e.expectation == "unexpected_rows_expectation" and not e.success
+        if e.expectation in _ROW_CHECKS and not e.success
     ]
     if not failed:
         return
     with psycopg.connect(database_url) as conn:
         for e in failed:
-            q = sql.SQL(queries("validation")["orphans"] + " LIMIT 5").format(
-                batch=sql.Identifier("staging", e.table)
-            )
-            e.example_user_ids = [row[0] for row in conn.execute(q)]
+            ids: dict[str, sql.Composable] = {"batch": sql.Identifier("staging", e.table)}
+            if e.column and e.expectation != "unexpected_rows_expectation":
+                ids["column"] = sql.Identifier(e.column)
+            q = sql.SQL(queries("validation")[_ROW_CHECKS[e.expectation]] + " LIMIT 5")
+            rows = conn.execute(q.format(**ids)).fetchall()
+            e.example_user_ids = [row[0] for row in rows]
+            e.examples = [row[1] for row in rows if len(row) > 1]
 
 
 def _suite_outcome(spec: TableSpec, run) -> SuiteOutcome:
@@ -174,6 +204,7 @@ def _suite_outcome(spec: TableSpec, run) -> SuiteOutcome:
         cfg = r.expectation_config
         res = r.result or {}
         kwargs = cfg.kwargs
+        meta = cfg.meta or {}
         examples = list(res.get("partial_unexpected_list") or [])[:5]
         ids = [
             row.get(KEY) if isinstance(row, dict) else row
@@ -192,8 +223,8 @@ def _suite_outcome(spec: TableSpec, run) -> SuiteOutcome:
         items.append(
             ExpectationOutcome(
                 table=spec.name,
-                expectation=cfg.type,
-                column=kwargs.get("column"),
+                expectation=meta.get("check", cfg.type),
+                column=kwargs.get("column") or meta.get("column"),
                 success=bool(r.success),
                 unexpected_count=count,
                 examples=examples,
@@ -212,7 +243,9 @@ def describe_failure(o: ExpectationOutcome) -> str:
     spec = BY_NAME[o.table]
     where = spec.file_name + (f", column {o.column}" if o.column else "")
     n = o.unexpected_count
-    eg_values = ", ".join(repr(v) for v in o.examples)
+    # Values as in the file: 'Lifetime' quoted, -2.5 or NaN bare; each example once.
+    shown = (repr(v) if isinstance(v, str) else str(v) for v in o.examples)
+    eg_values = ", ".join(dict.fromkeys(shown))
     eg_ids = ", ".join(str(v) for v in o.example_user_ids if v is not None)
     rows = f" (user_id {eg_ids})" if eg_ids else ""
     match o.expectation:
@@ -222,6 +255,8 @@ def describe_failure(o: ExpectationOutcome) -> str:
             what = f"{n} empty value(s); every row needs a {o.column}"
         case "expect_column_values_to_be_unique":
             what = f"{n} row(s) with a duplicated {o.column}, e.g. {eg_values}"
+        case "not_numbers":
+            what = f"{n} value(s) that are not a number, e.g. {eg_values}{rows}"
         case "expect_column_values_to_be_in_set":
             allowed = "/".join(spec.column(o.column).value_set or ())
             what = f"{n} value(s) outside {allowed}, e.g. {eg_values}{rows}"
