@@ -1,0 +1,69 @@
+"""Where PostgreSQL's time goes, from its log (the pgserver build has no pg_stat_statements).
+
+    python bench/run_bench.py --users 1000000 --skip a,b,c,d,o \\
+        --pg-conf log_min_duration_statement=0 --ref HEAD
+    python bench/pg_profile.py bench/out/logs/users_1000000/postgres.log [--top 25]
+
+Groups the ``duration: … ms  statement|execute …`` lines by statement shape
+(whitespace collapsed, literals replaced by ?) and prints count and total seconds,
+largest first. The bench copies its server's log there when it stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+_ENTRY = re.compile(r"\b(?:LOG|LOG:)\s+duration: ([\d.]+) ms\s+(?:statement|execute [^:]*): (.*)")
+_LITERAL = re.compile(r"'(?:[^']|'')*'|\b\d+(?:\.\d+)?\b")
+
+
+def shape(statement: str, width: int) -> str:
+    text = " ".join(statement.split())
+    text = _LITERAL.sub("?", text)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def entries(lines: list[str]) -> list[tuple[float, str]]:
+    out: list[tuple[float, str]] = []
+    current: list[str] | None = None
+    ms = 0.0
+    for line in lines:
+        if line.startswith(("\t", " ")) and current is not None:
+            current.append(line.strip())
+            continue
+        if current is not None:
+            out.append((ms, " ".join(current)))
+            current = None
+        m = _ENTRY.search(line)
+        if m:
+            ms, current = float(m.group(1)), [m.group(2)]
+    if current is not None:
+        out.append((ms, " ".join(current)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("log", type=Path)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--width", type=int, default=110)
+    args = parser.parse_args(argv)
+    found = entries(args.log.read_text(errors="replace").splitlines())
+    groups: dict[str, list[float]] = defaultdict(list)
+    for ms, statement in found:
+        groups[shape(statement, args.width)].append(ms)
+    total = sum(ms for ms, _ in found) / 1000
+    print(f"{len(found)} logged statements, {total:.2f} s in total")
+    print(f"{'total s':>9} {'count':>6} {'max s':>7}  statement")
+    ranked = sorted(groups.items(), key=lambda kv: -sum(kv[1]))
+    for text, times in ranked[: args.top]:
+        print(f"{sum(times) / 1000:9.3f} {len(times):6d} {max(times) / 1000:7.3f}  {text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
