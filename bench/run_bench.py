@@ -402,6 +402,10 @@ class Bench:
             PREFECT_HOME=str(OUT / "prefect_home"),
             DO_NOT_TRACK="1",
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            # Prefect waits 20 s by default for its ephemeral server; on this shared
+            # 2-core machine a first start (SQLite migrations) took longer and the flow
+            # failed. A bench measures time, so it waits instead (docs/performance.md).
+            PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
             GX_ANALYTICS_ENABLED="False",
             GX_DOCS_DIR=str(OUT / "gx_docs"),
             RUNTIME__DLTHUB_TELEMETRY="false",
@@ -1086,6 +1090,12 @@ each step in its own process:
   "strategy": "upsert", "skip_unchanged_rows": True}`, `primary_key="user_id"`.
   dlt creates no foreign keys and keeps no history; numerics load as double
   precision.
+
+Environment of every step: its own `PREFECT_HOME` under `bench/out/`, analytics
+off, and `PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120` (Prefect's default
+is 20 s; on the loaded machine a first ephemeral start took longer and the flow
+failed with "Timed out while attempting to connect to ephemeral Prefect API
+server"). PostgreSQL runs with its defaults unless the run says otherwise.
 
 Steps: month 1 (`month_000`, as_of 2024-01-31) into an empty database, month 2
 (`month_001`, as_of 2024-02-29) on top, month 2 again, unchanged. Months come from
