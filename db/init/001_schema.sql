@@ -179,6 +179,10 @@ GRANT DELETE ON
     subscriptions_profile_snapshots, usage_agg_30d_snapshots, payments_agg_90d_snapshots,
     support_agg_90d_snapshots, labels_snapshots
     TO streamflow_ingest;
+-- Publishing checks the month's foreign keys in one set-based query instead of one
+-- trigger call per row (db/sql/publish.sql): it needs to switch the RI triggers off
+-- for its own transaction. PostgreSQL 15+.
+GRANT SET ON PARAMETER session_replication_role TO streamflow_ingest;
 GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON
     staging.users, staging.subscriptions, staging.usage_agg_30d,
     staging.payments_agg_90d, staging.support_agg_90d, staging.labels

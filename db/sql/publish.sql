@@ -1,12 +1,29 @@
 -- Publishing a validated month: live upserts and as_of snapshots, run together in
 -- one transaction by streamflow.publishing. {placeholders} are registry identifiers.
 
+-- name: session
+-- Sorting a month by user_id and the set-based key checks are hash/sort work over
+-- the whole month: give them memory. Foreign keys are checked set-based below
+-- (check_keys) instead of by one trigger call per row; session_replication_role is
+-- granted to streamflow_ingest for this alone (db/init/001_schema.sql).
+SET LOCAL work_mem = '256MB';
+SET LOCAL session_replication_role = replica;
+
+-- name: is_empty
+SELECT NOT EXISTS (SELECT 1 FROM {live});
+
+-- name: insert_live
+-- First load into an empty table: no conflict is possible. Rows go in key order so
+-- that the primary key index is appended to rather than split at random pages.
+INSERT INTO {live} ({columns})
+SELECT {columns} FROM {staged} ORDER BY user_id;
+
 -- name: upsert_live
 -- Only rows whose values changed are rewritten (IS DISTINCT FROM treats NULLs as
 -- values); xmax = 0 on a returned row means it was inserted, not updated.
 WITH written AS (
     INSERT INTO {live} AS live ({columns})
-    SELECT {columns} FROM {staged}
+    SELECT {columns} FROM {staged} ORDER BY user_id
     ON CONFLICT (user_id) DO UPDATE
         SET ({value_columns}) = ROW({excluded_values})
         WHERE ({live_values}) IS DISTINCT FROM ({excluded_values})
@@ -16,16 +33,29 @@ SELECT count(*) FILTER (WHERE inserted)     AS inserted,
        count(*) FILTER (WHERE NOT inserted) AS updated
 FROM written;
 
+-- name: check_keys
+-- The foreign key, checked once for the whole month: a staged user_id that is not
+-- in users now (after this transaction's users upsert) would be an orphan.
+SELECT s.user_id FROM {staged} AS s
+WHERE NOT EXISTS (SELECT 1 FROM users AS u WHERE u.user_id = s.user_id)
+LIMIT 5;
+
 -- name: drop_vanished_snapshots
 -- Only matters with --replace: users absent from the new files leave that month.
 DELETE FROM {history} AS h
 WHERE h.as_of = %(as_of)s
   AND NOT EXISTS (SELECT 1 FROM {staged} AS s WHERE s.user_id = h.user_id);
 
--- name: snapshot
+-- name: insert_snapshot
+-- A month seen for the first time: nothing to compare with.
+INSERT INTO {history} (user_id, as_of, {columns})
+SELECT user_id, %(as_of)s, {columns} FROM {staged} ORDER BY user_id;
+
+-- name: upsert_snapshot
+-- --replace of a published month: rewrite only the rows that differ.
 WITH written AS (
     INSERT INTO {history} AS h (user_id, as_of, {columns})
-    SELECT user_id, %(as_of)s, {columns} FROM {staged}
+    SELECT user_id, %(as_of)s, {columns} FROM {staged} ORDER BY user_id
     ON CONFLICT (user_id, as_of) DO UPDATE
         SET ({columns}) = ROW({excluded_values})
         WHERE ({history_values}) IS DISTINCT FROM ({excluded_values})

@@ -21,10 +21,11 @@ from pathlib import Path
 import psycopg
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from streamflow import db, ledger, loading, publishing, validation
 from streamflow.embedded import embedded_database_url
-from streamflow.errors import IngestError, InputError
+from streamflow.errors import IngestError, InputError, MonthConflict
 from streamflow.ledger import Mode
 from streamflow.registry import BY_NAME, TABLES
 from streamflow.reporting import RunSummary, publish_artifacts
@@ -80,11 +81,18 @@ def validate_with_ge(database_url: str, docs_dir: str | None) -> list[validation
     cache_policy=NO_CACHE,
 )
 def snapshot_month(
-    database_url: str, as_of: date, run_id: int, fingerprint: str, update_live: bool
+    database_url: str,
+    as_of: date,
+    run_id: int,
+    fingerprint: str,
+    update_live: bool,
+    first_time: bool,
 ) -> list[publishing.TableStats]:
     """Publish the staged month: live upserts and as_of snapshots, in one transaction."""
     with db.connect(database_url) as conn:
-        stats = publishing.publish_month(conn, as_of, update_live=update_live)
+        stats = publishing.publish_month(
+            conn, as_of, update_live=update_live, first_time=first_time
+        )
         ledger.record_month(conn, as_of, fingerprint, run_id)
         conn.commit()
     for s in stats:
@@ -96,7 +104,7 @@ def snapshot_month(
     return stats
 
 
-@flow(name="ingest_month")
+@flow(name="ingest_month", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
     """Ingest one month folder as of ``as_of``: all of it, validated, or nothing."""
     settings = load_settings()
@@ -114,7 +122,16 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
         with clock("fingerprint"):
             prints = [ledger.fingerprint_file(t, p) for t, p in files.items()]
             fingerprint = ledger.month_fingerprint(prints)
-        mode, summary.replacing = ledger.decide_mode(control, as_of_date, fingerprint, replace=replace)
+        try:
+            mode, summary.replacing = ledger.decide_mode(
+                control, as_of_date, fingerprint, replace=replace
+            )
+        except MonthConflict as exc:  # a refusal is a decision: the ledger keeps it too
+            ledger.record_refusal(
+                control, as_of=as_of_date, seed_dir=seed_dir, fingerprint=fingerprint,
+                files=prints, timings=summary.timings, error=str(exc),
+            )
+            raise
         summary.mode = mode.value
         summary.run_id = ledger.start_run(
             control,
@@ -131,20 +148,25 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
         else:
             try:
                 with clock("upsert_csv"):
-                    for table, path in files.items():
-                        staged = upsert_csv(url, table, str(path))
-                        summary.rows_read[table] = staged.rows
+                    # Two COPY streams at once: one per core of a small machine.
+                    futures = [upsert_csv.submit(url, t, str(p)) for t, p in files.items()]
+                    for future in futures:
+                        staged = future.result()
+                        summary.rows_read[staged.table] = staged.rows
                 with clock("validate_with_ge"):
                     summary.suites = validate_with_ge(url, str(settings.gx_docs_dir))
                     summary.data_docs = str(settings.gx_docs_dir / "index.html")
                 with clock("snapshot_month"):
                     summary.tables = snapshot_month(
-                        url, as_of_date, summary.run_id, fingerprint, mode is Mode.PUBLISH
+                        url, as_of_date, summary.run_id, fingerprint,
+                        update_live=mode is Mode.PUBLISH, first_time=not summary.replacing,
                     )
                 summary.status = "succeeded"
             except BaseException as exc:
                 summary.status = "failed"
                 summary.error = str(exc) if isinstance(exc, IngestError) else repr(exc)
+                # The same one line the CLI prints, for runs started from the UI.
+                get_run_logger().error("ingest failed: %s", summary.error)
                 failures = getattr(exc, "failures", None)
                 ledger.finish_run(
                     control, summary.run_id, status="failed", validation=failures,

@@ -127,6 +127,25 @@ def finish_run(
     )
 
 
+def record_refusal(
+    conn: psycopg.Connection,
+    *,
+    as_of: date,
+    seed_dir: str,
+    fingerprint: str,
+    files: list[FileFingerprint],
+    timings: dict[str, float],
+    error: str,
+) -> int:
+    """A run the rerun rules refused (other files for a published as_of, no --replace)."""
+    run_id = start_run(
+        conn, as_of=as_of, seed_dir=seed_dir, status="running", mode="refused",
+        fingerprint=fingerprint, files=files,
+    )
+    finish_run(conn, run_id, status="failed", timings=timings, error=error)
+    return run_id
+
+
 def record_month(conn: psycopg.Connection, as_of: date, fingerprint: str, run_id: int) -> None:
     conn.execute(
         queries("ledger")["record_month"],

@@ -13,8 +13,9 @@ from datetime import date
 import psycopg
 from psycopg import sql
 
-from .db import ident_list, query
-from .registry import TABLES, TableSpec
+from .db import ident_list, queries, query
+from .errors import IngestError
+from .registry import PARENT, TABLES, TableSpec
 
 
 @dataclass
@@ -33,15 +34,26 @@ class TableStats:
         return asdict(self)
 
 
+def _staged(spec: TableSpec) -> sql.Identifier:
+    return sql.Identifier("staging", spec.name)
+
+
 def upsert_live(cur: psycopg.Cursor, spec: TableSpec) -> tuple[int, int]:
+    """Returns (inserted, updated); unchanged rows are not touched."""
+    live = sql.Identifier(spec.name)
+    columns = ident_list(spec.column_names)
+    cur.execute(query("publish", "is_empty", live=live))
+    if cur.fetchone()[0]:
+        cur.execute(query("publish", "insert_live", live=live, staged=_staged(spec), columns=columns))
+        return cur.rowcount, 0
     values = spec.value_columns
     cur.execute(
         query(
             "publish",
             "upsert_live",
-            live=sql.Identifier(spec.name),
-            staged=sql.Identifier("staging", spec.name),
-            columns=ident_list(spec.column_names),
+            live=live,
+            staged=_staged(spec),
+            columns=columns,
             value_columns=ident_list(values),
             excluded_values=ident_list(values, "excluded"),
             live_values=ident_list(values, "live"),
@@ -51,19 +63,31 @@ def upsert_live(cur: psycopg.Cursor, spec: TableSpec) -> tuple[int, int]:
     return inserted, updated
 
 
-def snapshot(cur: psycopg.Cursor, spec: TableSpec, as_of: date) -> tuple[int, int, int]:
+def check_keys(cur: psycopg.Cursor, spec: TableSpec) -> None:
+    """The foreign key to users, for the whole staged month at once."""
+    cur.execute(query("publish", "check_keys", staged=_staged(spec)))
+    orphans = [row[0] for row in cur.fetchall()]
+    if orphans:
+        raise IngestError(
+            f"{spec.file_name}, column user_id: user_id not in {PARENT.file_name} "
+            f"nor in the users table, e.g. {', '.join(orphans)}"
+        )
+
+
+def snapshot(cur: psycopg.Cursor, spec: TableSpec, as_of: date, *, first_time: bool) -> tuple[int, int, int]:
+    """Freeze the staged month under ``as_of``: (inserted, updated, removed)."""
     assert spec.snapshot_table is not None
-    ids = {
-        "history": sql.Identifier(spec.snapshot_table),
-        "staged": sql.Identifier("staging", spec.name),
-    }
+    ids = {"history": sql.Identifier(spec.snapshot_table), "staged": _staged(spec)}
+    cols = spec.snapshot_columns
+    if first_time:
+        cur.execute(query("publish", "insert_snapshot", **ids, columns=ident_list(cols)), {"as_of": as_of})
+        return cur.rowcount, 0, 0
     cur.execute(query("publish", "drop_vanished_snapshots", **ids), {"as_of": as_of})
     removed = cur.rowcount
-    cols = spec.snapshot_columns
     cur.execute(
         query(
             "publish",
-            "snapshot",
+            "upsert_snapshot",
             **ids,
             columns=ident_list(cols),
             excluded_values=ident_list(cols, "excluded"),
@@ -75,19 +99,29 @@ def snapshot(cur: psycopg.Cursor, spec: TableSpec, as_of: date) -> tuple[int, in
     return inserted, updated, removed
 
 
-def publish_month(conn: psycopg.Connection, as_of: date, *, update_live: bool) -> list[TableStats]:
-    """Upsert live tables (parents first) and write the as_of snapshots; no commit."""
+def publish_month(
+    conn: psycopg.Connection, as_of: date, *, update_live: bool, first_time: bool
+) -> list[TableStats]:
+    """Upsert live tables (parents first) and write the as_of snapshots; no commit.
+
+    ``first_time``: no snapshot exists yet for ``as_of`` (not a --replace).
+    """
     stats = []
     with conn.cursor() as cur:
+        cur.execute(queries("publish")["session"])  # type: ignore[arg-type]
         for spec in TABLES:
-            cur.execute(query("publish", "staged_rows", staged=sql.Identifier("staging", spec.name)))
+            cur.execute(query("publish", "staged_rows", staged=_staged(spec)))
             s = TableStats(spec.name, read=cur.fetchone()[0], snapshot_table=spec.snapshot_table)
             if update_live:
+                if spec is not PARENT:
+                    check_keys(cur, spec)
                 s.inserted, s.updated = upsert_live(cur, spec)
                 s.unchanged = s.read - s.inserted - s.updated
             else:
                 s.unchanged = s.read  # backfill: live tables keep the newer month
             if spec.snapshot_table:
-                s.snapshot_inserted, s.snapshot_updated, s.snapshot_removed = snapshot(cur, spec, as_of)
+                s.snapshot_inserted, s.snapshot_updated, s.snapshot_removed = snapshot(
+                    cur, spec, as_of, first_time=first_time
+                )
             stats.append(s)
     return stats
