@@ -21,6 +21,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("GX_DOCS_DIR", str(_STATE / "gx_docs"))
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# The temporary Prefect server gets 20 s to start by default: too short on a busy box.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 for _name in ("DATABASE_URL", "POSTGRES_HOST", "SEED_DIR", "AS_OF", "REPLACE"):
     os.environ.pop(_name, None)  # a developer's shell must not steer the tests
 

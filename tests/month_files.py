@@ -1,0 +1,121 @@
+"""Helpers for tests that build month folders and run the flow outside ``run_flow``.
+
+Small months: the first N users of the real lab months (the six files list the same
+user_ids in the same order, so truncating each file keeps them consistent), or the
+seed generator's output when the lab files are absent.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+import pytest
+from conftest import FLOW_DIR, SHARED_SEEDS, with_database
+from psycopg import sql
+from streamflow.registry import LIVE_TABLES, SNAPSHOT_TABLES, TABLES
+
+MONTHS = ("month_000", "month_001")
+AS_OF = {"month_000": "2024-01-31", "month_001": "2024-02-29"}
+HISTORY_TABLES = LIVE_TABLES + SNAPSHOT_TABLES + ("ingest_months",)
+
+
+def small_months(root: Path, users: int = 200) -> Path:
+    """``root/month_000`` and ``root/month_001`` with ``users`` users each; returns ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    if (SHARED_SEEDS / "month_001" / "users.csv").is_file():
+        for month in MONTHS:
+            (root / month).mkdir(exist_ok=True)
+            for spec in TABLES:
+                with (SHARED_SEEDS / month / spec.file_name).open("rb") as f:
+                    head = b"".join(f.readline() for _ in range(users + 1))
+                (root / month / spec.file_name).write_bytes(head)
+        return root
+    try:
+        from streamflow import seeds
+    except ImportError:
+        pytest.skip(f"neither the lab files in {SHARED_SEEDS} nor streamflow.seeds is available")
+    seeds.generate(root, users=users, months=2, seed=42)
+    return root
+
+
+def read_rows(path: Path) -> list[list[str]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
+def write_rows(path: Path, rows: list[list[str]], lineterminator: str = "\n", **fmt) -> None:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator=lineterminator, **fmt).writerows(rows)
+    path.write_text(buf.getvalue(), encoding="utf-8", newline="")
+
+
+def flow_env(url: str, **extra: str) -> dict[str, str]:
+    """Environment for a flow subprocess: this interpreter's env, the DB, nothing else steering."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SEED_DIR", "AS_OF", "REPLACE")}
+    env.update(DATABASE_URL=url, PYTHONPATH=str(FLOW_DIR), PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def flow_command(seed_dir: Path | str, as_of: str, *extra: str) -> list[str]:
+    return [
+        sys.executable, str(FLOW_DIR / "ingest_flow.py"),
+        "--seed-dir", str(seed_dir), "--as-of", as_of, *extra,
+    ]
+
+
+def ingest(url: str, seed_dir: Path | str, as_of: str, *extra: str) -> int:
+    """The real CLI in-process, for module-scoped setup where ``run_flow`` is unavailable."""
+    import ingest_flow
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DATABASE_URL", url)
+        return ingest_flow.main(["--seed-dir", str(seed_dir), "--as-of", as_of, *extra])
+
+
+def disconnect_all(admin_url: str, dbname: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (dbname,),
+        )
+
+
+@contextmanager
+def database_copy(admin_url: str, template: str, name: str) -> Iterator[str]:
+    """A new database cloned from ``template`` (whose sessions are ended first)."""
+    disconnect_all(admin_url, template)
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    try:
+        yield with_database(admin_url, name)
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def table_digests(url: str, tables: tuple[str, ...] = HISTORY_TABLES) -> dict[str, tuple[int, str]]:
+    """(row count, md5 of all rows in a canonical order) per table, computed in PostgreSQL.
+
+    ``ingest_months`` is compared on (as_of, fingerprint): its run_id and published_at
+    name the run, not the data.
+    """
+    out = {}
+    with psycopg.connect(url) as conn:
+        for t in tables:
+            cols = sql.SQL("as_of, fingerprint" if t == "ingest_months" else "*")
+            q = sql.SQL(
+                "SELECT count(*), coalesce(md5(string_agg(x.r, '|' ORDER BY x.r)), '') "
+                "FROM (SELECT ROW(t.*)::text AS r FROM (SELECT {} FROM {}) t) x"
+            ).format(cols, sql.Identifier(t))
+            row = conn.execute(q).fetchone()
+            assert row is not None
+            out[t] = (int(row[0]), str(row[1]))
+    return out

@@ -1,0 +1,305 @@
+"""A corpus of bad months: each is refused with one line naming the file and the column,
+and the database is left exactly as it was. Plus inputs that look different but mean
+the same month (CRLF + BOM, reordered columns, every field quoted): same database.
+
+Every case copies a small clean month_001 (the first 200 users of the lab export),
+breaks one thing and runs the real CLI on a clone of a database where the clean
+month_000 is already published.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from conftest import dump, scalar
+from month_files import (
+    AS_OF,
+    database_copy,
+    ingest,
+    read_rows,
+    small_months,
+    write_rows,
+)
+from streamflow.registry import BY_NAME, LIVE_TABLES, SNAPSHOT_TABLES, TABLES
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def months(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return small_months(tmp_path_factory.mktemp("small"))
+
+
+@pytest.fixture(scope="module")
+def jan_template(pg_admin_url: str, template_db: str, months: Path) -> str:
+    """Name of a database holding the schema and the clean month_000 (as_of 2024-01-31)."""
+    name = f"sf_bad_jan_{os.getpid()}"
+    with database_copy(pg_admin_url, template_db, name) as url:
+        assert ingest(url, months / "month_000", AS_OF["month_000"]) == 0
+        yield name
+
+
+@pytest.fixture
+def jan_db(pg_admin_url: str, jan_template: str) -> str:
+    name = f"sf_bad_case_{os.getpid()}_{next(_names)}"
+    with database_copy(pg_admin_url, jan_template, name) as url:
+        yield url
+
+
+# --------------------------------------------------------------------------- edits
+
+
+def edit(table: str, change: Callable[[list[list[str]]], None]) -> Callable[[Path], None]:
+    """A mutation of one file: ``change`` edits its rows (row 0 is the header) in place."""
+
+    def apply(month: Path) -> None:
+        path = month / BY_NAME[table].file_name
+        rows = read_rows(path)
+        change(rows)
+        write_rows(path, rows)
+
+    return apply
+
+
+def set_cell(table: str, row: int, column: str, value: str) -> Callable[[Path], None]:
+    """``row`` counts data rows from 1, so the file line is ``row + 1``."""
+
+    def change(rows: list[list[str]]) -> None:
+        rows[row][rows[0].index(column)] = value
+
+    return edit(table, change)
+
+
+def drop_column(table: str, column: str) -> Callable[[Path], None]:
+    def change(rows: list[list[str]]) -> None:
+        i = rows[0].index(column)
+        for r in rows:
+            del r[i]
+
+    return edit(table, change)
+
+
+def add_column(table: str, column: str, value: str) -> Callable[[Path], None]:
+    def change(rows: list[list[str]]) -> None:
+        rows[0].append(column)
+        for r in rows[1:]:
+            r.append(value)
+
+    return edit(table, change)
+
+
+def rename_column(table: str, old: str, new: str) -> Callable[[Path], None]:
+    def change(rows: list[list[str]]) -> None:
+        rows[0][rows[0].index(old)] = new
+
+    return edit(table, change)
+
+
+def write_bytes(table: str, content: Callable[[bytes], bytes]) -> Callable[[Path], None]:
+    def apply(month: Path) -> None:
+        path = month / BY_NAME[table].file_name
+        path.write_bytes(content(path.read_bytes()))
+
+    return apply
+
+
+def replace_line(table: str, line: int, new: bytes) -> Callable[[Path], None]:
+    """Replace file line ``line`` (1 = header) with raw bytes."""
+
+    def content(data: bytes) -> bytes:
+        lines = data.split(b"\n")
+        lines[line - 1] = new
+        return b"\n".join(lines)
+
+    return write_bytes(table, content)
+
+
+def line_of(month: Path, table: str, line: int) -> str:
+    return (month / BY_NAME[table].file_name).read_text().split("\n")[line - 1]
+
+
+def remove(table: str) -> Callable[[Path], None]:
+    return lambda month: (month / BY_NAME[table].file_name).unlink()
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+@dataclass
+class Bad:
+    id: str
+    mutate: Callable[[Path], None] | None
+    expect: list[str]
+    """Substrings of the last stderr line; ``{uid:N}`` is the user_id of data row N."""
+    as_of: str = AS_OF["month_001"]
+    seed_dir: str | None = None
+    expect_user_ids_of: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+
+def _dup_users(rows: list[list[str]]) -> None:
+    rows.append(list(rows[10]))
+
+
+def _orphan(rows: list[list[str]]) -> None:
+    rows[5][0] = "0000-NOTAUSER"
+
+
+def _short_row(rows: list[list[str]]) -> None:
+    rows[15] = rows[15][:-1]
+
+
+def _long_row(rows: list[list[str]]) -> None:
+    rows[16] = [*rows[16], "7"]
+
+
+SQL_HEADER = 'user_id"); DROP TABLE users; --'
+
+CORPUS = [
+    Bad("negative_aggregate",
+        set_cell("support_agg_90d", 7, "ticket_avg_resolution_hrs_90d", "-2.5"),
+        ["support_agg_90d.csv", "column ticket_avg_resolution_hrs_90d", "-2.5", ">= 0"]),
+    Bad("missing_column", drop_column("subscriptions", "monthly_fee"),
+        ["subscriptions.csv", "missing column", "monthly_fee"]),
+    Bad("extra_unknown_column", add_column("usage_agg_30d", "coupon_code", "X1"),
+        ["usage_agg_30d.csv", "unexpected column", "coupon_code"]),
+    Bad("renamed_column", rename_column("labels", "churn_label", "churned"),
+        ["labels.csv", "churned", "churn_label"]),
+    Bad("duplicate_user_id", edit("users", _dup_users),
+        ["users.csv", "column user_id", "duplicated", "{uid:10}"],
+        expect_user_ids_of={"uid:10": ("users", 10)}),
+    Bad("user_id_not_in_users", edit("labels", _orphan),
+        ["labels.csv", "column user_id", "users.csv", "0000-NOTAUSER"]),
+    Bad("empty_user_id", set_cell("payments_agg_90d", 12, "user_id", ""),
+        ["payments_agg_90d.csv", "line 13", "user_id", "empty"]),
+    Bad("non_numeric_number", set_cell("usage_agg_30d", 20, "watch_hours_30d", "abc"),
+        ["usage_agg_30d.csv", "line 21", "column watch_hours_30d", '"abc"', "numeric"]),
+    Bad("fractional_integer", set_cell("usage_agg_30d", 22, "skips_7d", "3.5"),
+        ["usage_agg_30d.csv", "line 23", "column skips_7d", '"3.5"', "integer"]),
+    Bad("nan_number", set_cell("usage_agg_30d", 24, "watch_hours_30d", "NaN"),
+        ["usage_agg_30d.csv", "watch_hours_30d", "NaN"]),
+    Bad("infinite_number", set_cell("subscriptions", 25, "monthly_fee", "Infinity"),
+        ["subscriptions.csv", "monthly_fee", "Infinity"]),
+    Bad("bad_boolean", set_cell("users", 3, "user_is_senior", "maybe"),
+        ["users.csv", "line 4", "column user_is_senior", '"maybe"', "boolean"]),
+    Bad("bad_date", set_cell("users", 30, "signup_date", "2023-02-30"),
+        ["users.csv", "line 31", "column signup_date", '"2023-02-30"', "date"]),
+    Bad("integer_overflow", set_cell("subscriptions", 40, "months_active", "99999999999"),
+        ["subscriptions.csv", "line 41", "column months_active", "99999999999", "integer"]),
+    Bad("value_outside_set", set_cell("subscriptions", 8, "contract_type", "Lifetime"),
+        ["subscriptions.csv", "column contract_type", "Lifetime", "Month-to-month"]),
+    Bad("row_missing_a_field", edit("usage_agg_30d", _short_row),
+        ["usage_agg_30d.csv", "line 16", "rebuffer_events_7d"]),
+    Bad("row_with_extra_field", edit("usage_agg_30d", _long_row),
+        ["usage_agg_30d.csv", "line 17", "extra data"]),
+    Bad("not_utf8", replace_line("users", 50, b"\xff\xfe-BAD,2022-01-01,Male,False,False,False"),
+        ["users.csv", "line 50", "UTF8"]),
+    Bad("empty_file", write_bytes("labels", lambda _: b""),
+        ["labels.csv", "empty", "user_id,churn_label"]),
+    Bad("header_only", write_bytes("support_agg_90d", lambda d: d.split(b"\n")[0] + b"\n"),
+        ["support_agg_90d.csv", "no data rows"]),
+    Bad("duplicated_header_column", rename_column("subscriptions", "net_service", "total_paid"),
+        ["subscriptions.csv", "total_paid", "twice"]),
+    Bad("missing_file", remove("payments_agg_90d"),
+        ["payments_agg_90d.csv", "missing file"]),
+    Bad("seed_dir_does_not_exist", None, ["SEED_DIR", "no_such_month"], seed_dir="no_such_month"),
+    Bad("invalid_as_of", None, ["AS_OF", "2024-02-30", "YYYY-MM-DD"], as_of="2024-02-30"),
+    Bad("header_crafted_as_sql", rename_column("users", "user_id", SQL_HEADER),
+        ["users.csv", "unexpected column", SQL_HEADER, "missing column 'user_id'"]),
+]
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=[c.id for c in CORPUS])
+def test_bad_month_is_refused_and_changes_nothing(case: Bad, months, jan_db, run_flow, tmp_path):
+    month = tmp_path / "month_001"
+    shutil.copytree(months / "month_001", month)
+    expect = list(case.expect)
+    for key, (table, row) in case.expect_user_ids_of.items():
+        uid = read_rows(month / BY_NAME[table].file_name)[row][0]
+        expect = [e.replace("{" + key + "}", uid) for e in expect]
+    if case.mutate:
+        case.mutate(month)
+    seed_dir = tmp_path / case.seed_dir if case.seed_dir else month
+    before = dump(jan_db)
+
+    rc, out, err = run_flow(jan_db, seed_dir, case.as_of)
+
+    assert rc != 0, out
+    lines = err.strip().splitlines()
+    assert lines, "nothing on stderr"
+    message = lines[-1]
+    assert message.startswith("ingest failed: "), err[-3000:]
+    missing = [e for e in expect if e not in message]
+    assert not missing, f"{missing} not in: {message}"
+    assert "Traceback" not in message and len(message) < 600, message
+    assert dump(jan_db) == before
+    assert scalar(jan_db, "SELECT to_regclass('public.users') IS NOT NULL") is True
+    assert scalar(jan_db, "SELECT count(*) FROM users") == 200
+
+
+# ---------------------------------------------------------------- same month, other shape
+
+
+def _all_files(month: Path, change: Callable[[Path, list[list[str]]], None]) -> None:
+    for spec in TABLES:
+        path = month / spec.file_name
+        change(path, read_rows(path))
+
+
+def crlf_with_bom(month: Path) -> None:
+    def change(path: Path, rows: list[list[str]]) -> None:
+        write_rows(path, rows, lineterminator="\r\n")
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+
+    _all_files(month, change)
+
+
+def columns_reordered(month: Path) -> None:
+    def change(path: Path, rows: list[list[str]]) -> None:
+        # user_id last, the rest reversed.
+        write_rows(path, [r[1:][::-1] + r[:1] for r in rows])
+
+    _all_files(month, change)
+
+
+def all_fields_quoted(month: Path) -> None:
+    import csv
+
+    def change(path: Path, rows: list[list[str]]) -> None:
+        write_rows(path, rows, quoting=csv.QUOTE_ALL)
+
+    _all_files(month, change)
+
+
+SAME = {"crlf_with_bom": crlf_with_bom, "columns_reordered": columns_reordered,
+        "all_fields_quoted": all_fields_quoted}
+DATA_TABLES = LIVE_TABLES + SNAPSHOT_TABLES
+
+
+@pytest.fixture(scope="module")
+def clean_feb(pg_admin_url: str, jan_template: str, months: Path) -> dict[str, list[tuple]]:
+    with database_copy(pg_admin_url, jan_template, f"sf_bad_clean_{os.getpid()}") as url:
+        assert ingest(url, months / "month_001", AS_OF["month_001"]) == 0
+        return dump(url, DATA_TABLES)
+
+
+@pytest.mark.parametrize("variant", list(SAME))
+def test_same_month_in_another_shape_gives_the_same_database(
+    variant, months, jan_db, run_flow, tmp_path, clean_feb
+):
+    month = tmp_path / "month_001"
+    shutil.copytree(months / "month_001", month)
+    SAME[variant](month)
+    assert (month / "users.csv").read_bytes() != (months / "month_001" / "users.csv").read_bytes()
+
+    rc, out, err = run_flow(jan_db, month, AS_OF["month_001"])
+
+    assert rc == 0, err
+    assert dump(jan_db, DATA_TABLES) == clean_feb
+    # The clean month has empty cells; they must still be NULL, not '' or an error.
+    assert scalar(jan_db, "SELECT count(*) FROM subscriptions WHERE plan_stream_tv IS NULL") > 0

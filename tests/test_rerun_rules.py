@@ -1,0 +1,272 @@
+"""The rerun rules and the ledger: every run recorded; same files -> no-op; other files
+-> refused unless --replace (then replaced in one transaction); an older as_of ->
+history only (backfill), live tables keep the newer month.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from conftest import ALL_TABLES, dump, scalar
+from month_files import AS_OF, database_copy, read_rows, small_months, write_rows
+from streamflow.registry import LIVE_TABLES, SNAPSHOT_TABLES, TABLES
+
+JAN, FEB = AS_OF["month_000"], AS_OF["month_001"]
+DATA_TABLES = LIVE_TABLES + SNAPSHOT_TABLES
+_names = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def months(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return small_months(tmp_path_factory.mktemp("small"))
+
+
+@pytest.fixture
+def new_db(pg_admin_url: str, template_db: str) -> Iterator[Callable[[], str]]:
+    """A factory of extra fresh databases (schema applied), dropped after the test."""
+    with ExitStackOfDatabases(pg_admin_url, template_db) as factory:
+        yield factory
+
+
+class ExitStackOfDatabases:
+    def __init__(self, admin_url: str, template: str) -> None:
+        import contextlib
+
+        self._stack = contextlib.ExitStack()
+        self._admin, self._template = admin_url, template
+
+    def __enter__(self) -> Callable[[], str]:
+        self._stack.__enter__()
+        return self
+
+    def __call__(self) -> str:
+        name = f"sf_rerun_{os.getpid()}_{next(_names)}"
+        return self._stack.enter_context(database_copy(self._admin, self._template, name))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.__exit__(*exc)
+
+
+def runs(url: str) -> list[dict]:
+    with psycopg.connect(url) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        return cur.execute("SELECT * FROM ingest_runs ORDER BY run_id").fetchall()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def ok(result: tuple[int, str, str]) -> str:
+    rc, out, err = result
+    assert rc == 0, err[-3000:]
+    return out
+
+
+def changed_copy(src: Path, dest: Path, *, drop_user_row: int | None = None) -> Path:
+    """``src`` with every label flipped (and optionally one user left out of every file)."""
+    shutil.copytree(src, dest)
+    for spec in TABLES:
+        path = dest / spec.file_name
+        rows = read_rows(path)
+        if spec.name == "labels":
+            for r in rows[1:]:
+                r[1] = {"True": "False", "False": "True"}[r[1]]
+        if drop_user_row is not None:
+            del rows[drop_user_row]
+        write_rows(path, rows)
+    return dest
+
+
+# --------------------------------------------------------------------------- the ledger
+
+
+def test_ledger_records_every_run(run_flow, db_url, months, tmp_path):
+    jan, feb = months / "month_000", months / "month_001"
+    ok(run_flow(db_url, jan, JAN))
+    ok(run_flow(db_url, feb, FEB))
+    ok(run_flow(db_url, feb, FEB))  # no-op
+    bad = tmp_path / "bad"
+    shutil.copytree(feb, bad)
+    (bad / "labels.csv").write_text("user_id,churn_label\nX-1,perhaps\n")
+    assert run_flow(db_url, bad, FEB, "--replace")[0] == 1  # fails in COPY
+    other = changed_copy(feb, tmp_path / "other")
+    assert run_flow(db_url, other, FEB)[0] == 1  # refused: other files, no --replace
+
+    ledger = runs(db_url)
+    assert [(r["as_of"].isoformat(), r["status"]) for r in ledger] == [
+        (JAN, "succeeded"), (FEB, "succeeded"), (FEB, "noop"), (FEB, "failed"), (FEB, "failed"),
+    ]
+    for r in ledger:
+        assert r["started_at"] is not None and r["finished_at"] is not None
+        assert r["finished_at"] >= r["started_at"]
+        assert r["fingerprint"] and r["timings"]
+    # Files: per table, name, sha256 and size, exactly as on disk.
+    for r, folder in zip(ledger, (jan, feb, feb, bad, other), strict=True):
+        assert r["seed_dir"] == str(folder)
+        assert set(r["files"]) == {t.name for t in TABLES}
+        for spec in TABLES:
+            path = folder / spec.file_name
+            assert r["files"][spec.name] == {
+                "file": spec.file_name, "sha256": sha256(path), "bytes": path.stat().st_size,
+            }
+    # Per-table outcome of the publishing runs.
+    jan_run, feb_run, noop, failed, refused = ledger
+    stats = {s["table"]: s for s in feb_run["table_stats"]}
+    assert set(stats) == {t.name for t in TABLES}
+    for s in jan_run["table_stats"]:
+        assert (s["inserted"], s["updated"], s["unchanged"]) == (200, 0, 0), s
+    users = stats["users"]
+    assert (users["inserted"], users["updated"], users["unchanged"]) == (0, 0, 200)
+    assert stats["usage_agg_30d"]["updated"] == 200
+    assert 0 < stats["labels"]["updated"] < 200
+    assert stats["labels"]["updated"] + stats["labels"]["unchanged"] == 200
+    steps = {"fingerprint", "upsert_csv", "validate_with_ge", "snapshot_month"}
+    assert set(feb_run["timings"]) >= steps
+    assert feb_run["error"] is None and feb_run["mode"] == "publish"
+    assert noop["mode"] == "noop" and noop["table_stats"] is None
+    assert "labels.csv" in failed["error"] and "churn_label" in failed["error"]
+    assert "upsert_csv" in failed["timings"] and "snapshot_month" not in failed["timings"]
+    assert "--replace" in refused["error"]
+    assert scalar(db_url, "SELECT count(*) FROM ingest_months") == 2
+    published_by = scalar(db_url, "SELECT run_id FROM ingest_months WHERE as_of = %s", (FEB,))
+    assert published_by == feb_run["run_id"]
+
+
+# --------------------------------------------------------------------------- same files
+
+
+def test_same_as_of_same_files_is_a_fast_noop(run_flow, db_url, shared_seeds, record_property):
+    jan = shared_seeds / "month_000"
+    ok(run_flow(db_url, jan, JAN))
+    before = dump(db_url, ALL_TABLES)
+
+    start = time.perf_counter()
+    out = ok(run_flow(db_url, jan, JAN))
+    seconds = time.perf_counter() - start
+
+    record_property("noop_rerun_seconds", round(seconds, 3))
+    print(f"noop rerun of the 7,043-user lab month: {seconds:.2f} s wall")
+    assert "nothing to do" in out
+    assert dump(db_url, ALL_TABLES) == before
+    last = runs(db_url)[-1]
+    assert last["status"] == "noop"
+    # Nothing was staged, validated or published: only the fingerprint was computed.
+    assert set(last["timings"]) <= {"schema", "fingerprint"}
+    assert sum(last["timings"].values()) < 1.0, last["timings"]
+    assert seconds < 10, seconds
+
+
+# --------------------------------------------------------------------------- other files
+
+
+def test_same_as_of_other_files_is_refused_without_replace(run_flow, db_url, months, tmp_path):
+    ok(run_flow(db_url, months / "month_000", JAN))
+    ok(run_flow(db_url, months / "month_001", FEB))
+    before = dump(db_url, ALL_TABLES)
+    other = changed_copy(months / "month_001", tmp_path / "other")
+
+    rc, out, err = run_flow(db_url, other, FEB)
+
+    assert rc == 1
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("ingest failed: ")
+    assert FEB in message and "--replace" in message and "REPLACE=1" in message
+    assert dump(db_url, ALL_TABLES) == before
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_replace_rewrites_that_month_only(
+    how, run_flow, db_url, new_db, months, tmp_path, monkeypatch
+):
+    jan, feb = months / "month_000", months / "month_001"
+    ok(run_flow(db_url, jan, JAN))
+    ok(run_flow(db_url, feb, FEB))
+    jan_history = _history(db_url, JAN)
+    # The new February: every label flipped and the 6th user gone from all six files.
+    gone = read_rows(feb / "users.csv")[6][0]
+    other = changed_copy(feb, tmp_path / "other", drop_user_row=6)
+
+    extra = ("--replace",) if how == "flag" else ()
+    if how == "env":
+        monkeypatch.setenv("REPLACE", "1")
+    out = ok(run_flow(db_url, other, FEB, *extra))
+    assert "replac" in out.lower()
+
+    # February's history is exactly what a clean ingest of the new files writes.
+    reference = new_db()
+    ok(run_flow(reference, jan, JAN))
+    monkeypatch.delenv("REPLACE", raising=False)
+    ok(run_flow(reference, other, FEB))
+    assert _history(db_url, FEB) == _history(reference, FEB)
+    assert scalar(db_url, "SELECT count(*) FROM labels_snapshots WHERE as_of = %s AND user_id = %s",
+                  (FEB, gone)) == 0
+    # January is untouched, and the live tables hold the new files' values (the user
+    # left out keeps the live rows it had: live rows are never deleted).
+    assert _history(db_url, JAN) == jan_history
+    assert _without(dump(db_url, LIVE_TABLES), gone) == _without(dump(reference, LIVE_TABLES), gone)
+    fingerprint = runs(db_url)[-1]["fingerprint"]
+    published = scalar(db_url, "SELECT fingerprint FROM ingest_months WHERE as_of = %s", (FEB,))
+    assert published == fingerprint
+    assert runs(db_url)[-1]["mode"] == "publish (replace)"
+
+
+def test_failed_replace_changes_nothing(run_flow, db_url, months, tmp_path):
+    ok(run_flow(db_url, months / "month_000", JAN))
+    ok(run_flow(db_url, months / "month_001", FEB))
+    before = dump(db_url, ALL_TABLES)
+    other = changed_copy(months / "month_001", tmp_path / "other")
+    rows = read_rows(other / "payments_agg_90d.csv")
+    rows[150][1] = "-1"  # caught by validation, after every file was staged
+    write_rows(other / "payments_agg_90d.csv", rows)
+
+    rc, _, err = run_flow(db_url, other, FEB, "--replace")
+
+    assert rc == 1 and "failed_payments_90d" in err.strip().splitlines()[-1]
+    assert dump(db_url, ALL_TABLES) == before
+
+
+# --------------------------------------------------------------------------- backfill
+
+
+def test_backfill_writes_history_and_keeps_live_tables(run_flow, db_url, new_db, months):
+    jan, feb = months / "month_000", months / "month_001"
+    ok(run_flow(db_url, feb, FEB))
+    live_feb = dump(db_url, LIVE_TABLES)
+
+    out = ok(run_flow(db_url, jan, JAN))
+
+    assert "backfill" in out.lower() or "history only" in out.lower(), out
+    assert dump(db_url, LIVE_TABLES) == live_feb
+    last = runs(db_url)[-1]
+    assert last["mode"] == "backfill"
+    assert all(s["inserted"] == 0 and s["updated"] == 0 for s in last["table_stats"])
+    # The same database as ingesting the months in calendar order.
+    forward = new_db()
+    ok(run_flow(forward, jan, JAN))
+    ok(run_flow(forward, feb, FEB))
+    assert dump(db_url, DATA_TABLES) == dump(forward, DATA_TABLES)
+    assert _history(db_url, JAN) == _history(forward, JAN)
+    for table in SNAPSHOT_TABLES:
+        assert scalar(db_url, f'SELECT count(*) FROM "{table}" WHERE as_of = %s', (JAN,)) == 200  # noqa: S608
+
+
+def _without(tables: dict[str, list[tuple]], user_id: str) -> dict[str, list[tuple]]:
+    return {t: [r for r in rows if r[0] != user_id] for t, rows in tables.items()}
+
+
+def _history(url: str, as_of: str) -> dict[str, list[tuple]]:
+    with psycopg.connect(url) as conn:
+        return {
+            t: conn.execute(
+                f'SELECT * FROM "{t}" WHERE as_of = %s ORDER BY user_id', (as_of,)  # noqa: S608
+            ).fetchall()
+            for t in SNAPSHOT_TABLES
+        }
