@@ -8,7 +8,6 @@ from decimal import Decimal
 from pathlib import Path
 
 from conftest import ALL_TABLES, dump, scalar
-
 from streamflow.registry import SNAPSHOT_TABLES
 
 
@@ -27,11 +26,19 @@ def test_month_000_lands_with_nulls_kept(run_flow, db_url, shared_seeds):
     assert scalar(db_url, "SELECT count(*) FROM subscriptions") == 7043
     # Empty cells stay NULL: no implicit "True" for users without a net service.
     assert scalar(db_url, "SELECT count(*) FROM subscriptions WHERE plan_stream_tv IS NULL") == 1526
-    assert scalar(db_url, "SELECT count(*) FROM subscriptions WHERE plan_stream_movies IS NULL") == 1526
-    assert scalar(db_url, "SELECT count(*) FROM subscriptions WHERE add_on_security IS NOT NULL") == 0
+    assert (
+        scalar(db_url, "SELECT count(*) FROM subscriptions WHERE plan_stream_movies IS NULL")
+        == 1526
+    )
+    assert (
+        scalar(db_url, "SELECT count(*) FROM subscriptions WHERE add_on_security IS NOT NULL") == 0
+    )
     assert scalar(db_url, "SELECT count(*) FROM subscriptions WHERE months_active = 0") == 11
     for table in SNAPSHOT_TABLES:
-        assert scalar(db_url, f'SELECT count(*) FROM "{table}" WHERE as_of = %s', ("2024-01-31",)) == 7043  # noqa: S608
+        assert (
+            scalar(db_url, f'SELECT count(*) FROM "{table}" WHERE as_of = %s', ("2024-01-31",))  # noqa: S608
+            == 7043
+        )
 
 
 def test_two_months_history_and_changes(run_flow, db_url, shared_seeds):
@@ -42,7 +49,10 @@ def test_two_months_history_and_changes(run_flow, db_url, shared_seeds):
         )
         assert counts == {"2024-01-31": 7043, "2024-02-29": 7043}, table
     churners = dict(
-        psycopg_rows(db_url, "SELECT as_of::text, count(*) FROM labels_snapshots WHERE churn_label GROUP BY 1")
+        psycopg_rows(
+            db_url,
+            "SELECT as_of::text, count(*) FROM labels_snapshots WHERE churn_label GROUP BY 1",
+        )
     )
     assert churners == {"2024-01-31": 1869, "2024-02-29": 1701}
     assert scalar(db_url, "SELECT count(*) FROM labels WHERE churn_label") == 1701
@@ -50,17 +60,23 @@ def test_two_months_history_and_changes(run_flow, db_url, shared_seeds):
     # A watch_hours_30d that changed in month_001 is the live value now.
     with (shared_seeds / "month_001" / "usage_agg_30d.csv").open() as f:
         row = next(csv.DictReader(f))
-    live = scalar(db_url, "SELECT watch_hours_30d FROM usage_agg_30d WHERE user_id = %s", (row["user_id"],))
+    live = scalar(
+        db_url, "SELECT watch_hours_30d FROM usage_agg_30d WHERE user_id = %s", (row["user_id"],)
+    )
     assert live == Decimal(row["watch_hours_30d"])
     jan = scalar(
         db_url,
-        "SELECT watch_hours_30d FROM usage_agg_30d_snapshots WHERE user_id = %s AND as_of = '2024-01-31'",
+        "SELECT watch_hours_30d FROM usage_agg_30d_snapshots"
+        " WHERE user_id = %s AND as_of = '2024-01-31'",
         (row["user_id"],),
     )
     assert jan != live
 
     # The ledger saw exactly what changed between the months.
-    stats = scalar(db_url, "SELECT table_stats FROM ingest_runs WHERE as_of = '2024-02-29' AND status = 'succeeded'")
+    stats = scalar(
+        db_url,
+        "SELECT table_stats FROM ingest_runs WHERE as_of = '2024-02-29' AND status = 'succeeded'",
+    )
     by_table = {s["table"]: s for s in stats}
     assert by_table["usage_agg_30d"]["updated"] == 7043
     assert by_table["payments_agg_90d"]["updated"] == 202

@@ -58,6 +58,9 @@ CREATE TABLE IF NOT EXISTS labels (
 -- ---------------------------------------------------------------------------
 -- History: what was known at the end of each month, keyed (user_id, as_of).
 -- Read by the feature store and training jobs: names and columns are a contract.
+-- Each table is partitioned by as_of, one partition a month: a month is written
+-- into its own table, indexed once it is full, then attached (see the functions
+-- below), and a reader asking for one as_of only touches that month.
 -- ---------------------------------------------------------------------------
 CREATE TABLE IF NOT EXISTS subscriptions_profile_snapshots (
     user_id            TEXT NOT NULL,
@@ -69,7 +72,7 @@ CREATE TABLE IF NOT EXISTS subscriptions_profile_snapshots (
     plan_stream_movies BOOLEAN,
     net_service        TEXT,
     PRIMARY KEY (user_id, as_of)
-);
+) PARTITION BY LIST (as_of);
 
 CREATE TABLE IF NOT EXISTS usage_agg_30d_snapshots (
     user_id             TEXT NOT NULL,
@@ -80,14 +83,14 @@ CREATE TABLE IF NOT EXISTS usage_agg_30d_snapshots (
     skips_7d            INTEGER,
     rebuffer_events_7d  INTEGER,
     PRIMARY KEY (user_id, as_of)
-);
+) PARTITION BY LIST (as_of);
 
 CREATE TABLE IF NOT EXISTS payments_agg_90d_snapshots (
     user_id             TEXT NOT NULL,
     as_of               DATE NOT NULL,
     failed_payments_90d INTEGER,
     PRIMARY KEY (user_id, as_of)
-);
+) PARTITION BY LIST (as_of);
 
 CREATE TABLE IF NOT EXISTS support_agg_90d_snapshots (
     user_id                       TEXT NOT NULL,
@@ -95,7 +98,7 @@ CREATE TABLE IF NOT EXISTS support_agg_90d_snapshots (
     support_tickets_90d           INTEGER,
     ticket_avg_resolution_hrs_90d NUMERIC,
     PRIMARY KEY (user_id, as_of)
-);
+) PARTITION BY LIST (as_of);
 
 -- Labels change every month; without their history a model trained on January
 -- features would silently be scored against February's labels.
@@ -104,7 +107,7 @@ CREATE TABLE IF NOT EXISTS labels_snapshots (
     as_of       DATE NOT NULL,
     churn_label BOOLEAN,
     PRIMARY KEY (user_id, as_of)
-);
+) PARTITION BY LIST (as_of);
 
 -- ---------------------------------------------------------------------------
 -- Ingestion ledger: every run, and the fingerprint of each published month.
@@ -153,6 +156,59 @@ ALTER TABLE staging.subscriptions
     DROP COLUMN IF EXISTS add_on_support;
 
 -- ---------------------------------------------------------------------------
+-- Month partitions of the history tables. The pipeline's role may not create or
+-- alter tables; these two functions do exactly that one job for it, for the five
+-- history tables only, and run with their owner's rights (SECURITY DEFINER).
+-- Both run inside the publishing transaction: a failure rolls the month back.
+-- ---------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION streamflow_new_month_partition(history text, month date)
+RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp
+AS $$
+DECLARE
+    part text := history || '_' || to_char(month, 'YYYYMMDD');
+BEGIN
+    IF history NOT IN ('subscriptions_profile_snapshots', 'usage_agg_30d_snapshots',
+                       'payments_agg_90d_snapshots', 'support_agg_90d_snapshots',
+                       'labels_snapshots') THEN
+        RAISE EXCEPTION 'not a history table: %', history;
+    END IF;
+    IF to_regclass(part) IS NOT NULL THEN
+        RETURN NULL;  -- the month exists: the caller rewrites it through the parent
+    END IF;
+    -- No index yet: a month is appended in one go, then indexed by one sort.
+    EXECUTE format('CREATE TABLE %I (LIKE %I)', part, history);
+    EXECUTE format('GRANT INSERT ON %I TO streamflow_ingest', part);
+    RETURN part;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION streamflow_attach_month_partition(history text, month date)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp
+AS $$
+DECLARE
+    part text := history || '_' || to_char(month, 'YYYYMMDD');
+BEGIN
+    IF to_regclass(part) IS NULL OR history NOT IN (
+            'subscriptions_profile_snapshots', 'usage_agg_30d_snapshots',
+            'payments_agg_90d_snapshots', 'support_agg_90d_snapshots', 'labels_snapshots') THEN
+        RAISE EXCEPTION 'no month partition % to attach', part;
+    END IF;
+    EXECUTE format('REVOKE INSERT ON %I FROM streamflow_ingest', part);
+    EXECUTE format('ALTER TABLE %I ADD PRIMARY KEY (user_id, as_of)', part);
+    -- A matching CHECK lets ATTACH skip its own validation scan.
+    EXECUTE format('ALTER TABLE %I ADD CONSTRAINT %I CHECK (as_of = %L)',
+                   part, part || '_as_of', month);
+    EXECUTE format('ALTER TABLE %I ATTACH PARTITION %I FOR VALUES IN (%L)',
+                   history, part, month);
+END
+$$;
+
+REVOKE ALL ON FUNCTION streamflow_new_month_partition(text, date) FROM PUBLIC;
+REVOKE ALL ON FUNCTION streamflow_attach_month_partition(text, date) FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------
 -- Least privilege: the flow logs in as a member of streamflow_ingest, which can
 -- read and write the pipeline's rows but owns nothing, so it cannot DROP, ALTER
 -- or TRUNCATE live data, nor create roles. Login roles are made per deployment
@@ -183,6 +239,9 @@ GRANT DELETE ON
 -- trigger call per row (db/sql/publish.sql): it needs to switch the RI triggers off
 -- for its own transaction. PostgreSQL 15+.
 GRANT SET ON PARAMETER session_replication_role TO streamflow_ingest;
+GRANT EXECUTE ON FUNCTION streamflow_new_month_partition(text, date),
+                          streamflow_attach_month_partition(text, date)
+    TO streamflow_ingest;
 GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON
     staging.users, staging.subscriptions, staging.usage_agg_30d,
     staging.payments_agg_90d, staging.support_agg_90d, staging.labels

@@ -46,24 +46,33 @@ DELETE FROM {history} AS h
 WHERE h.as_of = %(as_of)s
   AND NOT EXISTS (SELECT 1 FROM {staged} AS s WHERE s.user_id = h.user_id);
 
+-- name: new_month_partition
+-- A month seen for the first time gets its own partition (NULL: it exists already).
+SELECT streamflow_new_month_partition(%(history)s, %(as_of)s);
+
 -- name: insert_snapshot
--- A month seen for the first time: nothing to compare with.
-INSERT INTO {history} (user_id, as_of, {columns})
+-- Into the new, index-free partition: nothing to compare with, key order so the
+-- index built at attach time reads a sorted table.
+INSERT INTO {partition} (user_id, as_of, {columns})
 SELECT user_id, %(as_of)s, {columns} FROM {staged} ORDER BY user_id;
 
--- name: upsert_snapshot
--- --replace of a published month: rewrite only the rows that differ.
-WITH written AS (
-    INSERT INTO {history} AS h (user_id, as_of, {columns})
-    SELECT user_id, %(as_of)s, {columns} FROM {staged} ORDER BY user_id
-    ON CONFLICT (user_id, as_of) DO UPDATE
-        SET ({columns}) = ROW({excluded_values})
-        WHERE ({history_values}) IS DISTINCT FROM ({excluded_values})
-    RETURNING (xmax = 0) AS inserted
-)
-SELECT count(*) FILTER (WHERE inserted)     AS inserted,
-       count(*) FILTER (WHERE NOT inserted) AS updated
-FROM written;
+-- name: attach_month_partition
+SELECT streamflow_attach_month_partition(%(history)s, %(as_of)s);
+
+-- name: update_snapshot
+-- --replace of a published month: rewrite only the rows that differ. (Two statements
+-- rather than ON CONFLICT: a partitioned table cannot return xmax to tell them apart.)
+UPDATE {history} AS h
+SET ({columns}) = ROW({staged_values})
+FROM {staged} AS s
+WHERE h.as_of = %(as_of)s AND h.user_id = s.user_id
+  AND ({history_values}) IS DISTINCT FROM ({staged_values});
+
+-- name: add_to_snapshot
+INSERT INTO {history} (user_id, as_of, {columns})
+SELECT s.user_id, %(as_of)s, {staged_values} FROM {staged} AS s
+WHERE NOT EXISTS (SELECT 1 FROM {history} AS h WHERE h.as_of = %(as_of)s AND h.user_id = s.user_id)
+ORDER BY s.user_id;
 
 -- name: staged_rows
 SELECT count(*) FROM {staged};

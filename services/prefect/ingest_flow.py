@@ -22,7 +22,6 @@ import psycopg
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
-
 from streamflow import db, ledger, loading, publishing, validation
 from streamflow.embedded import embedded_database_url
 from streamflow.errors import IngestError, InputError, MonthConflict
@@ -86,20 +85,22 @@ def snapshot_month(
     run_id: int,
     fingerprint: str,
     update_live: bool,
-    first_time: bool,
 ) -> list[publishing.TableStats]:
     """Publish the staged month: live upserts and as_of snapshots, in one transaction."""
     with db.connect(database_url) as conn:
-        stats = publishing.publish_month(
-            conn, as_of, update_live=update_live, first_time=first_time
-        )
+        stats = publishing.publish_month(conn, as_of, update_live=update_live)
         ledger.record_month(conn, as_of, fingerprint, run_id)
         conn.commit()
     for s in stats:
         get_run_logger().info(
             "%s: +%d ~%d =%d; %s +%d ~%d",
-            s.table, s.inserted, s.updated, s.unchanged,
-            s.snapshot_table or "-", s.snapshot_inserted, s.snapshot_updated,
+            s.table,
+            s.inserted,
+            s.updated,
+            s.unchanged,
+            s.snapshot_table or "-",
+            s.snapshot_inserted,
+            s.snapshot_updated,
         )
     return stats
 
@@ -113,8 +114,9 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
     url = database_url(settings)
     summary = RunSummary(seed_dir=seed_dir, as_of=as_of_date.isoformat(), mode="?")
     clock = Stopwatch(summary.timings)
-    with db.connect(url, autocommit=True) as control, db.writer_lock(
-        control, settings.lock_wait_seconds
+    with (
+        db.connect(url, autocommit=True) as control,
+        db.writer_lock(control, settings.lock_wait_seconds),
     ):
         with clock("schema"):
             db.ensure_schema(control)
@@ -128,8 +130,13 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
             )
         except MonthConflict as exc:  # a refusal is a decision: the ledger keeps it too
             ledger.record_refusal(
-                control, as_of=as_of_date, seed_dir=seed_dir, fingerprint=fingerprint,
-                files=prints, timings=summary.timings, error=str(exc),
+                control,
+                as_of=as_of_date,
+                seed_dir=seed_dir,
+                fingerprint=fingerprint,
+                files=prints,
+                timings=summary.timings,
+                error=str(exc),
             )
             raise
         summary.mode = mode.value
@@ -158,8 +165,11 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
                     summary.data_docs = str(settings.gx_docs_dir / "index.html")
                 with clock("snapshot_month"):
                     summary.tables = snapshot_month(
-                        url, as_of_date, summary.run_id, fingerprint,
-                        update_live=mode is Mode.PUBLISH, first_time=not summary.replacing,
+                        url,
+                        as_of_date,
+                        summary.run_id,
+                        fingerprint,
+                        update_live=mode is Mode.PUBLISH,
                     )
                 summary.status = "succeeded"
             except BaseException as exc:
@@ -169,22 +179,35 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
                 get_run_logger().error("ingest failed: %s", summary.error)
                 failures = getattr(exc, "failures", None)
                 ledger.finish_run(
-                    control, summary.run_id, status="failed", validation=failures,
-                    timings=summary.timings, error=summary.error,
+                    control,
+                    summary.run_id,
+                    status="failed",
+                    validation=failures,
+                    timings=summary.timings,
+                    error=summary.error,
                 )
                 publish_artifacts(summary)
                 raise
             ledger.finish_run(
-                control, summary.run_id, status="succeeded",
+                control,
+                summary.run_id,
+                status="succeeded",
                 table_stats=[t.as_dict() for t in summary.tables],
-                validation=[{"table": s.table, "passed": s.passed, "failed": s.failed}
-                            for s in summary.suites],
+                validation=[
+                    {"table": s.table, "passed": s.passed, "failed": s.failed}
+                    for s in summary.suites
+                ],
                 timings=summary.timings,
             )
     publish_artifacts(summary)
     get_run_logger().info(summary.one_line())
-    return {"status": summary.status, "mode": summary.mode, "run_id": summary.run_id,
-            "line": summary.one_line(), "data_docs": summary.data_docs}
+    return {
+        "status": summary.status,
+        "mode": summary.mode,
+        "run_id": summary.run_id,
+        "line": summary.one_line(),
+        "data_docs": summary.data_docs,
+    }
 
 
 class Stopwatch:
@@ -208,7 +231,9 @@ def parse_as_of(value: str) -> date:
     try:
         return date.fromisoformat(value.strip())
     except (ValueError, AttributeError):
-        raise InputError(f"AS_OF {value!r} is not a valid date; expected YYYY-MM-DD, e.g. 2024-01-31") from None
+        raise InputError(
+            f"AS_OF {value!r} is not a valid date; expected YYYY-MM-DD, e.g. 2024-01-31"
+        ) from None
 
 
 def month_files(seed_dir: Path) -> dict[str, Path]:
@@ -229,12 +254,20 @@ def database_url(settings: Settings) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", nargs="?", choices=["run", "serve"], default="run")
-    parser.add_argument("--seed-dir", default=os.environ.get("SEED_DIR"), help="month folder (env SEED_DIR)")
+    parser.add_argument(
+        "--seed-dir", default=os.environ.get("SEED_DIR"), help="month folder (env SEED_DIR)"
+    )
     parser.add_argument("--as-of", default=os.environ.get("AS_OF"), help="YYYY-MM-DD (env AS_OF)")
-    parser.add_argument("--replace", action="store_true", default=flag("REPLACE"),
-                        help="replace an as_of already published from other files (env REPLACE=1)")
+    parser.add_argument(
+        "--replace",
+        action="store_true",
+        default=flag("REPLACE"),
+        help="replace an as_of already published from other files (env REPLACE=1)",
+    )
     args = parser.parse_args(argv)
     if args.command == "serve":
         ingest_month.serve(name=DEPLOYMENT_NAME)

@@ -46,7 +46,8 @@ def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
 
 def schema_present(conn: psycopg.Connection) -> bool:
     row = conn.execute(
-        "SELECT to_regclass('public.users') IS NOT NULL AND to_regclass('public.ingest_runs') IS NOT NULL"
+        "SELECT to_regclass('public.users') IS NOT NULL"
+        " AND to_regclass('public.ingest_runs') IS NOT NULL"
     ).fetchone()
     return bool(row and row[0])
 

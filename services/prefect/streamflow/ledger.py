@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import date
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import psycopg
@@ -16,7 +16,7 @@ from .errors import MonthConflict
 from .registry import TABLES
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     PUBLISH = "publish"  # newest month: live tables and history
     BACKFILL = "backfill"  # older than the latest published month: history only
     NOOP = "noop"  # same as_of, same files: nothing to do
@@ -139,8 +139,13 @@ def record_refusal(
 ) -> int:
     """A run the rerun rules refused (other files for a published as_of, no --replace)."""
     run_id = start_run(
-        conn, as_of=as_of, seed_dir=seed_dir, status="running", mode="refused",
-        fingerprint=fingerprint, files=files,
+        conn,
+        as_of=as_of,
+        seed_dir=seed_dir,
+        status="running",
+        mode="refused",
+        fingerprint=fingerprint,
+        files=files,
     )
     finish_run(conn, run_id, status="failed", timings=timings, error=error)
     return run_id

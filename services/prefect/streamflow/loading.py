@@ -41,7 +41,7 @@ def read_header(spec: TableSpec, path: Path) -> tuple[list[str], int]:
             f"{path.name}: file is empty; expected a header line: {','.join(spec.column_names)}"
         )
     offset = len(first)
-    line = first[len(_BOM):] if first.startswith(_BOM) else first
+    line = first[len(_BOM) :] if first.startswith(_BOM) else first
     try:
         text = line.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as exc:

@@ -44,7 +44,9 @@ def upsert_live(cur: psycopg.Cursor, spec: TableSpec) -> tuple[int, int]:
     columns = ident_list(spec.column_names)
     cur.execute(query("publish", "is_empty", live=live))
     if cur.fetchone()[0]:
-        cur.execute(query("publish", "insert_live", live=live, staged=_staged(spec), columns=columns))
+        cur.execute(
+            query("publish", "insert_live", live=live, staged=_staged(spec), columns=columns)
+        )
         return cur.rowcount, 0
     values = spec.value_columns
     cur.execute(
@@ -74,38 +76,46 @@ def check_keys(cur: psycopg.Cursor, spec: TableSpec) -> None:
         )
 
 
-def snapshot(cur: psycopg.Cursor, spec: TableSpec, as_of: date, *, first_time: bool) -> tuple[int, int, int]:
+def snapshot(cur: psycopg.Cursor, spec: TableSpec, as_of: date) -> tuple[int, int, int]:
     """Freeze the staged month under ``as_of``: (inserted, updated, removed)."""
     assert spec.snapshot_table is not None
-    ids = {"history": sql.Identifier(spec.snapshot_table), "staged": _staged(spec)}
+    history = spec.snapshot_table
     cols = spec.snapshot_columns
-    if first_time:
-        cur.execute(query("publish", "insert_snapshot", **ids, columns=ident_list(cols)), {"as_of": as_of})
-        return cur.rowcount, 0, 0
+    q = queries("publish")
+    params = {"history": history, "as_of": as_of}
+    partition = cur.execute(q["new_month_partition"], params).fetchone()[0]  # type: ignore[arg-type]
+    if partition is not None:
+        # The name is built by the SQL function from the registry's table name and
+        # the date; it is quoted here like every identifier.
+        cur.execute(
+            query(
+                "publish",
+                "insert_snapshot",
+                partition=sql.Identifier(partition),
+                staged=_staged(spec),
+                columns=ident_list(cols),
+            ),
+            params,
+        )
+        inserted = cur.rowcount
+        cur.execute(q["attach_month_partition"], params)  # type: ignore[arg-type]
+        return inserted, 0, 0
+    ids = {"history": sql.Identifier(history), "staged": _staged(spec)}
     cur.execute(query("publish", "drop_vanished_snapshots", **ids), {"as_of": as_of})
     removed = cur.rowcount
-    cur.execute(
-        query(
-            "publish",
-            "upsert_snapshot",
-            **ids,
-            columns=ident_list(cols),
-            excluded_values=ident_list(cols, "excluded"),
-            history_values=ident_list(cols, "h"),
-        ),
-        {"as_of": as_of},
-    )
-    inserted, updated = cur.fetchone()
-    return inserted, updated, removed
+    names = {
+        "columns": ident_list(cols),
+        "staged_values": ident_list(cols, "s"),
+        "history_values": ident_list(cols, "h"),
+    }
+    cur.execute(query("publish", "update_snapshot", **ids, **names), {"as_of": as_of})
+    updated = cur.rowcount
+    cur.execute(query("publish", "add_to_snapshot", **ids, **names), {"as_of": as_of})
+    return cur.rowcount, updated, removed
 
 
-def publish_month(
-    conn: psycopg.Connection, as_of: date, *, update_live: bool, first_time: bool
-) -> list[TableStats]:
-    """Upsert live tables (parents first) and write the as_of snapshots; no commit.
-
-    ``first_time``: no snapshot exists yet for ``as_of`` (not a --replace).
-    """
+def publish_month(conn: psycopg.Connection, as_of: date, *, update_live: bool) -> list[TableStats]:
+    """Upsert live tables (parents first) and write the as_of snapshots; no commit."""
     stats = []
     with conn.cursor() as cur:
         cur.execute(queries("publish")["session"])  # type: ignore[arg-type]
@@ -121,7 +131,7 @@ def publish_month(
                 s.unchanged = s.read  # backfill: live tables keep the newer month
             if spec.snapshot_table:
                 s.snapshot_inserted, s.snapshot_updated, s.snapshot_removed = snapshot(
-                    cur, spec, as_of, first_time=first_time
+                    cur, spec, as_of
                 )
             stats.append(s)
     return stats

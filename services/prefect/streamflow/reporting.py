@@ -59,10 +59,16 @@ class RunSummary:
         )
         what = "history only (backfill)" if self.mode == "backfill" else "live + history"
         verb = "replaced" if self.replacing else "published"
-        return f"{self.seed_dir} as_of {self.as_of}: {verb} {what} in {self.duration:.1f}s [{changes}]"
+        return (
+            f"{self.seed_dir} as_of {self.as_of}: {verb} {what} in {self.duration:.1f}s [{changes}]"
+        )
 
     def markdown(self) -> str:
-        verdict = {"succeeded": "✅ published", "noop": "✅ no-op (same files)", "failed": "❌ failed"}
+        verdict = {
+            "succeeded": "✅ published",
+            "noop": "✅ no-op (same files)",
+            "failed": "❌ failed",
+        }
         lines = [
             f"# StreamFlow ingest — {self.as_of}",
             "",

@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import asdict, dataclass, field
-from urllib.parse import quote
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .db import queries
 from .errors import ValidationFailed
@@ -144,7 +144,9 @@ def run_suites(database_url: str, docs_dir: Path | None) -> tuple[list[SuiteOutc
             },
         )
         site = docs_dir / "index.html"
-    source = context.data_sources.add_sql("staging", connection_string=_sqlalchemy_url(database_url))
+    source = context.data_sources.add_sql(
+        "staging", connection_string=_sqlalchemy_url(database_url)
+    )
     definitions = []
     for spec in TABLES:
         asset = source.add_table_asset(spec.name, table_name=spec.name, schema_name="staging")
