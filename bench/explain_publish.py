@@ -12,6 +12,7 @@ the foreign-key triggers, which EXPLAIN lists separately).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         argparse.Namespace(users=args.users, skip="", keep_dbs=False, repeats=1, pg_conf=[])
     )
     months, _ = bench.months()
-    server = run_bench.Server.start(run_bench.OUT / "pg_explain", {})
+    server = run_bench.Server.start(run_bench.OUT / f"pg-explain-{os.getpid()}", {})
     try:
         url = server.fresh_database("bench_explain")
         env = dict(bench.env, DATABASE_URL=url)

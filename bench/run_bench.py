@@ -9,6 +9,7 @@ Variants (each in its own fresh database, each step in its own process):
       (services/prefect/ingest_flow.py), Prefect's ephemeral server
   c0  the same flow body with Prefect bypassed (bench/workers.py core)
   d   the peer: dlt 1.31 (pyarrow reader, parquet via ADBC, merge upsert)
+  d+  the same with a UNIQUE constraint on user_id (dlt creates no key index itself)
   o   Prefect's own overhead on a tiny month: no Prefect vs ephemeral server vs a
       running `prefect server start`
 
@@ -64,8 +65,9 @@ VARIANTS = {
     "c": "(c) pipeline, flow CLI (Prefect ephemeral)",
     "c0": "(c0) pipeline, Prefect bypassed",
     "d": "(d) dlt 1.31 parquet/ADBC upsert",
+    "d+": "(d+) the same + UNIQUE (user_id)",
 }
-ALL_KEYS = ("a", "b", "c", "c0", "d", "o")
+ALL_KEYS = ("a", "b", "c", "c0", "d", "d+", "o")
 MB = 1024 * 1024
 
 
@@ -545,18 +547,20 @@ class Bench:
                 break
         self._finish(key, url, dbname, list(LIVE_TABLES + SNAPSHOT_TABLES))
 
-    def variant_d(self, months: list[Path]) -> None:
+    def variant_d(self, months: list[Path], *, unique: bool) -> None:
         from streamflow.registry import LIVE_TABLES
 
-        url = self.server.fresh_database("bench_d")
-        state = OUT / "dlt_pipelines" / f"users_{self.users}"
+        key, worker = ("d+", "dlt-unique") if unique else ("d", "dlt")
+        dbname = "bench_du" if unique else "bench_d"
+        url = self.server.fresh_database(dbname)
+        state = OUT / "dlt_pipelines" / f"users_{self.users}_{worker}"
         shutil.rmtree(state, ignore_errors=True)
         state.mkdir(parents=True)
         for step, month, as_of in self._plan(months):
-            cmd = self.worker_cmd("dlt", url, month, as_of, str(state))
-            if not self.step("d", step, cmd, self.env).ok:
+            cmd = self.worker_cmd(worker, url, month, as_of, str(state))
+            if not self.step(key, step, cmd, self.env).ok:
                 break
-        self._finish("d", url, "bench_d", list(LIVE_TABLES), schema="streamflow")
+        self._finish(key, url, dbname, list(LIVE_TABLES), schema="streamflow")
 
     def _plan(self, months: list[Path]) -> list[tuple[str, Path, str]]:
         return [
@@ -634,7 +638,8 @@ class Bench:
             self.server = Server(given, None, None)
         else:
             settings = dict(kv.split("=", 1) for kv in self.args.pg_conf)
-            self.server = Server.start(OUT / "pg", settings)
+            # One directory per run: never reuse (and wipe) another run's server.
+            self.server = Server.start(OUT / f"pg-{os.getpid()}", settings)
         load_before = os.getloadavg()
         try:
             pg = self.server.describe()
@@ -646,7 +651,8 @@ class Bench:
                 ("b", lambda: self.variant_b(months)),
                 ("c", lambda: self.variant_c(months, core=False)),
                 ("c0", lambda: self.variant_c(months, core=True)),
-                ("d", lambda: self.variant_d(months)),
+                ("d", lambda: self.variant_d(months, unique=False)),
+                ("d+", lambda: self.variant_d(months, unique=True)),
                 ("a", lambda: self.variant_a(months)),
             ):
                 if key not in self.skip:
@@ -827,7 +833,9 @@ def _describe_source(src: dict) -> str:
 def render_header(result: dict) -> list[str]:
     m, pg = result["machine"], result["postgres"]
     load = result["load_average"]
-    skipped = f" (skipped: {', '.join(result['skipped'])})" if result["skipped"] else ""
+    carried = result.get("carried", {})
+    left = [k for k in result["skipped"] if k not in carried]
+    skipped = f" (skipped: {', '.join(left)})" if left else ""
     sizes = ", ".join(f"{k} {v / MB:.1f} MB" for k, v in result["data"]["csv_bytes"].items())
     return [
         f"Run {result['started']} → {result['finished']} UTC: `{result['command']}`{skipped}",
@@ -844,6 +852,9 @@ def render_header(result: dict) -> list[str]:
             "/".join(f"{x:.2f}" for x in load["after"]),
         ),
         f"- Input (CSV): {sizes}",
+    ] + [
+        f"- Variant {k} not rerun: its figures are from the run started {when}"
+        for k, when in sorted(carried.items())
     ]
 
 
@@ -902,6 +913,7 @@ def render_ratios(runs: dict) -> list[str]:
         ("a / c0 (lab way / pipeline w/o Prefect)", "a", "c0", "", STEPS),
         ("c / d (pipeline CLI / dlt)", "c", "d", "≤ 1.0× every step", STEPS),
         ("c0 / d (pipeline w/o Prefect / dlt)", "c0", "d", "", STEPS),
+        ("c / d+ (pipeline CLI / dlt + UNIQUE)", "c", "d+", "", STEPS),
     ]
     for label, num, den, target, steps in spec:
         cells = [
@@ -1088,8 +1100,11 @@ each step in its own process:
   streaming CSV reader, `loader_file_format="parquet"` (loaded through ADBC,
   `adbc-driver-postgresql`), `write_disposition={"disposition": "merge",
   "strategy": "upsert", "skip_unchanged_rows": True}`, `primary_key="user_id"`.
-  dlt creates no foreign keys and keeps no history; numerics load as double
-  precision.
+  dlt creates no primary key, index or foreign key on postgres (`primary_key` only
+  drives the MERGE) and keeps no history; numerics load as double precision.
+- **(d+)** the same with the column hint `{"user_id": {"unique": True}}`, which dlt
+  turns into a UNIQUE constraint: the destination then maintains an index on the
+  key, as the pipeline's primary keys do.
 
 Environment of every step: its own `PREFECT_HOME` under `bench/out/`, analytics
 off, and `PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120` (Prefect's default
@@ -1145,9 +1160,28 @@ def render(results: list[dict]) -> str:
     return INTRO + "\n" + scaling + "\n" + "\n".join(body)
 
 
+def carry_over(result: dict, path: Path) -> None:
+    """Keep the previous run's figures for the variants this run skipped."""
+    if not path.is_file() or not result["skipped"]:
+        return
+    old = json.loads(path.read_text())
+    carried: dict[str, str] = {}
+    for key in result["skipped"]:
+        when = old.get("carried", {}).get(key, old["started"])
+        if key == "o" and old.get("overhead"):
+            result["overhead"] = old["overhead"]
+            carried[key] = when
+        runs = [r for r in old["runs"] if r["variant"] == key]
+        if runs:
+            result["runs"].extend(runs)
+            carried[key] = when
+    result["carried"] = carried
+
+
 def write_outputs(result: dict, out: Path) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"users_{result['users']}.json"
+    carry_over(result, path)
     path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("users_*.json"))]
     out.parent.mkdir(parents=True, exist_ok=True)

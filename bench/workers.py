@@ -10,6 +10,7 @@ VARIANT is one of
                 the same streamflow code, no task/flow engine, no API
   dlt       (d) dlt 1.31: pyarrow CSV reader -> parquet -> ADBC COPY -> MERGE upsert
                 with skip_unchanged_rows
+  dlt-unique (d+) the same with a UNIQUE constraint on user_id
 
 The last stdout line is ``BENCH_RESULT {json}``: ``work`` is the seconds spent after
 imports (the driver measures the process's wall time and peak RSS itself).
@@ -144,13 +145,17 @@ def core(url: str, month: Path, as_of: str) -> dict:
 # ---------------------------------------------------------------------------
 # (d) the peer: dlt
 # ---------------------------------------------------------------------------
-def dlt_peer(url: str, month: Path, as_of: str, work_dir: Path) -> dict:
+def dlt_peer(url: str, month: Path, as_of: str, work_dir: Path, unique: bool = False) -> dict:
     """dlt's fastest documented PostgreSQL path for files like these.
 
     pyarrow's streaming CSV reader yields record batches (typed explicitly, empty
     cell = NULL, as the pipeline does); dlt writes them as parquet and the postgres
     destination COPYs parquet through ADBC (adbc-driver-postgresql), then MERGEs
     the staging dataset with the ``upsert`` strategy, skipping unchanged rows.
+
+    dlt creates no index for ``primary_key`` on postgres; ``unique=True`` adds the
+    ``unique`` column hint, which it turns into a UNIQUE constraint (an index like
+    the pipeline's primary keys).
     """
     os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
     os.environ.setdefault("RUNTIME__LOG_LEVEL", "WARNING")
@@ -188,6 +193,7 @@ def dlt_peer(url: str, month: Path, as_of: str, work_dir: Path) -> dict:
                 "skip_unchanged_rows": True,
             },
             file_format="parquet",
+            columns={"user_id": {"unique": True}} if unique else None,
         )
 
     imported = time.perf_counter()
@@ -213,9 +219,9 @@ def main(argv: list[str]) -> int:
         result = floor(url, month_dir, as_of)
     elif variant == "core":
         result = core(url, month_dir, as_of)
-    elif variant == "dlt":
+    elif variant in ("dlt", "dlt-unique"):
         assert work_dir is not None, "dlt needs a work dir for its pipeline state"
-        result = dlt_peer(url, month_dir, as_of, work_dir)
+        result = dlt_peer(url, month_dir, as_of, work_dir, unique=variant == "dlt-unique")
     else:
         print(f"unknown variant {variant!r}", file=sys.stderr)
         return 2
