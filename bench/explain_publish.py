@@ -3,8 +3,9 @@
     python bench/explain_publish.py --users 1000000 [--ref HEAD]
 
 Starts the bench's PostgreSQL, publishes month 1 with the flow body (Prefect
-bypassed), stages month 2, then runs every publish query of month 2 under EXPLAIN
-ANALYZE in one transaction, in publish order, and rolls it back. Writes the plans to
+bypassed), stages month 2, records the statements publishing.publish_month runs for
+it, and replays them under EXPLAIN ANALYZE in one transaction, in the same order,
+then rolls back. Writes the plans to
 bench/out/explain_users_<N>.txt and prints a per-query summary (the time includes
 the foreign-key triggers, which EXPLAIN lists separately).
 """
@@ -26,10 +27,22 @@ import run_bench  # noqa: E402
 
 
 def explain(url: str, month2: Path, as_of: date) -> list[tuple[str, float, str]]:
+    """Record the statements publish_month runs, then replay them under EXPLAIN ANALYZE.
+
+    Recording keeps this independent of how publishing builds its queries; both the
+    recorded run and the replay are rolled back.
+    """
     import psycopg
-    from psycopg import sql
-    from streamflow import db, loading, publishing
+    from streamflow import loading, publishing
     from streamflow.registry import TABLES
+
+    recorded: list[tuple[str, object]] = []
+    original = psycopg.Cursor.execute
+
+    def recording(self, query, params=None, **kwargs):
+        text = query if isinstance(query, str) else query.as_string(self)
+        recorded.append((text, params))
+        return original(self, query, params, **kwargs)
 
     out: list[tuple[str, float, str]] = []
     with psycopg.connect(url) as conn:
@@ -37,56 +50,25 @@ def explain(url: str, month2: Path, as_of: date) -> list[tuple[str, float, str]]
             loading.stage_file(conn, spec, month2 / spec.file_name)
         conn.execute("ANALYZE")
         conn.commit()
+        psycopg.Cursor.execute = recording  # type: ignore[method-assign]
+        try:
+            publishing.publish_month(conn, as_of, update_live=True)
+        finally:
+            psycopg.Cursor.execute = original  # type: ignore[method-assign]
+        conn.rollback()
         with conn.cursor() as cur:
-            for spec in TABLES:
-                staged = sql.Identifier("staging", spec.name)
-                values = spec.value_columns
-                queries = [
-                    (
-                        f"upsert_live {spec.name}",
-                        db.query(
-                            "publish",
-                            "upsert_live",
-                            live=sql.Identifier(spec.name),
-                            staged=staged,
-                            columns=db.ident_list(spec.column_names),
-                            value_columns=db.ident_list(values),
-                            excluded_values=db.ident_list(values, "excluded"),
-                            live_values=db.ident_list(values, "live"),
-                        ),
-                    )
-                ]
-                if spec.snapshot_table:
-                    ids = {"history": sql.Identifier(spec.snapshot_table), "staged": staged}
-                    cols = spec.snapshot_columns
-                    queries.append(
-                        (
-                            f"drop_vanished_snapshots {spec.snapshot_table}",
-                            db.query("publish", "drop_vanished_snapshots", **ids),
-                        )
-                    )
-                    queries.append(
-                        (
-                            f"snapshot {spec.snapshot_table}",
-                            db.query(
-                                "publish",
-                                "snapshot",
-                                **ids,
-                                columns=db.ident_list(cols),
-                                excluded_values=db.ident_list(cols, "excluded"),
-                                history_values=db.ident_list(cols, "h"),
-                            ),
-                        )
-                    )
-                for label, query in queries:
-                    stmt = sql.SQL("EXPLAIN (ANALYZE, BUFFERS) ") + query
+            for text, params in recorded:
+                words = text.split()
+                if words and words[0].upper() in ("SELECT", "INSERT", "UPDATE", "DELETE", "WITH"):
                     start = time.perf_counter()
-                    cur.execute(stmt, {"as_of": as_of})
+                    cur.execute("EXPLAIN (ANALYZE, BUFFERS) " + text, params)  # type: ignore[call-overload]
                     took = time.perf_counter() - start
                     plan = "\n".join(row[0] for row in cur.fetchall())
-                    out.append((label, took, plan))
+                    label = " ".join(words)
+                    out.append((label[:90], took, plan))
+                else:
+                    cur.execute(text, params)  # type: ignore[call-overload]
         conn.rollback()
-    assert publishing  # the queries above are publishing.publish_month's, in its order
     return out
 
 
@@ -119,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         triggers = re.findall(r"Trigger for constraint (\S+): time=([\d.]+) calls=(\d+)", plan)
         fk = sum(float(t) for _, t, _ in triggers) / 1000
         note = f" (FK triggers {fk:.2f} s)" if triggers else ""
-        print(f"  {label:<52} {took:7.3f} s{note}")
+        print(f"  {took:7.3f} s  {label[:80]}{note}")
     print(f"plans: {path}")
     return 0
 

@@ -586,8 +586,14 @@ class Bench:
         repeats = self.args.repeats
         print(f"Prefect overhead on {month} ({repeats} runs per mode) ...", flush=True)
         # A first ever ephemeral run creates and migrates the SQLite db in PREFECT_HOME:
-        # time it once, as the cold start a new user sees, then measure warm runs.
-        cold = self._overhead_run("ephemeral-cold", month, self.env, flow=True)
+        # time it once in an empty PREFECT_HOME, as the cold start a new user sees.
+        cold_home = OUT / f"prefect_home_cold-{os.getpid()}"
+        shutil.rmtree(cold_home, ignore_errors=True)
+        cold_env = dict(self.env, PREFECT_HOME=str(cold_home))
+        cold = self._overhead_run("ephemeral-cold", month, cold_env, flow=True)
+        shutil.rmtree(cold_home, ignore_errors=True)
+        # Warm runs use the bench's PREFECT_HOME: make sure it has been used once.
+        self._overhead_run("ephemeral-warmup", month, self.env, flow=True)
         modes: dict[str, list[Run]] = {"none": [], "ephemeral": [], "server": []}
         server = PrefectServer.start(OUT / "prefect_server_home", self.env, self.logs)
         try:
