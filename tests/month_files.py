@@ -89,11 +89,18 @@ def disconnect_all(admin_url: str, dbname: str) -> None:
 
 
 @contextmanager
-def database_copy(admin_url: str, template: str, name: str) -> Iterator[str]:
-    """A new database cloned from ``template`` (whose sessions are ended first)."""
+def database_copy(
+    admin_url: str, template: str, name: str, *, file_copy: bool = False
+) -> Iterator[str]:
+    """A new database cloned from ``template`` (whose sessions are ended first).
+
+    ``file_copy``: copy the files after a checkpoint instead of WAL-logging every
+    block; much faster for a big template.
+    """
     disconnect_all(admin_url, template)
+    strategy = " STRATEGY FILE_COPY" if file_copy else ""
     with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"{strategy}')
     try:
         yield with_database(admin_url, name)
     finally:
@@ -101,21 +108,23 @@ def database_copy(admin_url: str, template: str, name: str) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def table_digests(url: str, tables: tuple[str, ...] = HISTORY_TABLES) -> dict[str, tuple[int, str]]:
-    """(row count, md5 of all rows in a canonical order) per table, computed in PostgreSQL.
+def table_digests(url: str, tables: tuple[str, ...] = HISTORY_TABLES) -> dict[str, tuple]:
+    """Per table: row count and two order-independent 64-bit hash sums of its rows.
 
-    ``ingest_months`` is compared on (as_of, fingerprint): its run_id and published_at
-    name the run, not the data.
+    Computed in PostgreSQL (no rows fetched, no sort: ~3x faster than an md5 over
+    sorted rows at 200k users). ``ingest_months`` is compared on (as_of, fingerprint):
+    its run_id and published_at name the run, not the data.
     """
     out = {}
     with psycopg.connect(url) as conn:
         for t in tables:
             cols = sql.SQL("as_of, fingerprint" if t == "ingest_months" else "*")
             q = sql.SQL(
-                "SELECT count(*), coalesce(md5(string_agg(x.r, '|' ORDER BY x.r)), '') "
+                "SELECT count(*), sum(hashtextextended(r, 0)::numeric), "
+                "sum(hashtextextended(r, 1)::numeric) "
                 "FROM (SELECT ROW(t.*)::text AS r FROM (SELECT {} FROM {}) t) x"
             ).format(cols, sql.Identifier(t))
             row = conn.execute(q).fetchone()
             assert row is not None
-            out[t] = (int(row[0]), str(row[1]))
+            out[t] = tuple(row)
     return out

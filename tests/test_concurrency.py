@@ -1,0 +1,152 @@
+"""Several flow processes at once: one writer at a time (the advisory lock), the others
+wait and then publish, backfill or no-op; a writer that cannot get the lock in time
+says so in one line and changes nothing.
+
+Each process is the real CLI (``python services/prefect/ingest_flow.py``) with its own
+PREFECT_HOME, so each starts its own temporary Prefect server (10-20 s): few runs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from conftest import ALL_TABLES, dump, with_database
+from month_files import AS_OF, flow_command, flow_env, small_months
+from streamflow.db import LOCK_KEY
+from streamflow.registry import LIVE_TABLES, SNAPSHOT_TABLES
+
+JAN, FEB = AS_OF["month_000"], AS_OF["month_001"]
+DATA_TABLES = LIVE_TABLES + SNAPSHOT_TABLES
+APP = "streamflow-ingest"  # application_name of the flow's connections
+TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def months(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return small_months(tmp_path_factory.mktemp("small"))
+
+
+def start(url: str, seed_dir: Path, as_of: str, home: Path, **env: str) -> subprocess.Popen:
+    home.mkdir(parents=True)
+    return subprocess.Popen(
+        flow_command(seed_dir, as_of),
+        env=flow_env(url, PREFECT_HOME=str(home), GX_DOCS_DIR=str(home / "gx_docs"), **env),
+        cwd=home,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return proc.returncode, out, err
+
+
+def wait_for_connections(url: str, n: int, deadline: float) -> None:
+    """Until ``n`` flow processes have opened their control connection.
+
+    Before it holds the lock a flow process has exactly one connection open.
+    """
+    with psycopg.connect(url, autocommit=True) as conn:
+        while True:
+            count = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = %s",
+                (APP,),
+            ).fetchone()[0]
+            if count >= n:
+                return
+            assert time.monotonic() < deadline, f"only {count} of {n} flow processes connected"
+            time.sleep(0.2)
+
+
+def ledger(url: str) -> list[tuple]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT as_of::text, status, mode, started_at, finished_at FROM ingest_runs "
+            "ORDER BY started_at"
+        ).fetchall()
+
+
+def test_three_writers_at_once_publish_one_after_the_other(
+    db_url, months, tmp_path, run_flow, pg_admin_url
+):
+    """January twice and February, started together while the lock is held elsewhere."""
+    jan, feb = months / "month_000", months / "month_001"
+    with psycopg.connect(db_url, autocommit=True) as holder:
+        # Hold the lock until all three are waiting on it, so they really contend.
+        holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+        procs = [
+            start(db_url, jan, JAN, tmp_path / "a"),
+            start(db_url, feb, FEB, tmp_path / "b"),
+            start(db_url, jan, JAN, tmp_path / "c"),
+        ]
+        try:
+            wait_for_connections(db_url, 3, time.monotonic() + TIMEOUT)
+        finally:
+            holder.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+        results = [finish(p) for p in procs]
+
+    for rc, _out, err in results:
+        assert rc == 0, err[-3000:]
+    runs = ledger(db_url)
+    assert sorted((r[0], r[1]) for r in runs) == [
+        (JAN, "noop"), (JAN, "succeeded"), (FEB, "succeeded"),
+    ]
+    # One writer at a time: no two runs' [start, finish] overlap.
+    for earlier, later in zip(runs, runs[1:], strict=False):
+        assert earlier[4] <= later[3], (earlier, later)
+    # Whatever order they got the lock in, the result is the calendar-order database.
+    reference = _reference(pg_admin_url, run_flow, jan, feb)
+    assert dump(db_url, DATA_TABLES) == reference
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM ingest_months").fetchone()[0] == 2
+        for table in SNAPSHOT_TABLES:
+            per_month = conn.execute(
+                f'SELECT as_of::text, count(*), count(DISTINCT user_id) FROM "{table}" GROUP BY 1'  # noqa: S608
+            ).fetchall()
+            assert sorted(per_month) == [(JAN, 200, 200), (FEB, 200, 200)], table
+
+
+def _reference(admin_url: str, run_flow, jan: Path, feb: Path) -> dict[str, list[tuple]]:
+    name = f"sf_conc_ref_{os.getpid()}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(admin_url, name)
+    try:
+        assert run_flow(url, jan, JAN)[0] == 0
+        assert run_flow(url, feb, FEB)[0] == 0
+        return dump(url, DATA_TABLES)
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_lock_wait_timeout_says_another_ingestion_is_running(db_url, months, tmp_path):
+    before = dump(db_url, ALL_TABLES)
+    with psycopg.connect(db_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+        holder_pid = holder.execute("SELECT pg_backend_pid()").fetchone()[0]
+        started = time.monotonic()
+        rc, out, err = finish(
+            start(db_url, months / "month_000", JAN, tmp_path / "p", LOCK_WAIT_SECONDS="1")
+        )
+        elapsed = time.monotonic() - started
+
+    assert rc != 0
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("ingest failed: another ingestion is running"), err[-3000:]
+    assert f"pid {holder_pid}" in message and "LOCK_WAIT_SECONDS" in message
+    assert elapsed < TIMEOUT
+    assert dump(db_url, ALL_TABLES) == before
+    assert ledger(db_url) == []

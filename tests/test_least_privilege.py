@@ -1,0 +1,201 @@
+"""The flow runs as a login that is only a member of streamflow_ingest (the group role
+of db/init/001_schema.sql): it can publish months, and cannot drop, alter or truncate
+live data nor create roles. And SQL is never built from file content: identifiers
+come from the table registry only (checked on the source).
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import psycopg
+import pytest
+from conftest import FLOW_DIR, scalar
+from month_files import AS_OF, read_rows, small_months, write_rows
+from psycopg import sql
+from streamflow.registry import TABLES
+
+JAN, FEB = AS_OF["month_000"], AS_OF["month_001"]
+_names = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def months(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return small_months(tmp_path_factory.mktemp("small"))
+
+
+def as_user(url: str, user: str, password: str) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{quote(user)}:{quote(password)}@{host}"))
+
+
+@pytest.fixture
+def ingest_url(db_url: str, pg_admin_url: str) -> Iterator[str]:
+    """A LOGIN role whose only privilege is membership in streamflow_ingest."""
+    role = f"sf_ingest_login_{os.getpid()}_{next(_names)}"
+    password = "s3cret pw'\"$"  # quoting in URLs and SQL must hold
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(password)
+            )
+        )
+        conn.execute(sql.SQL("GRANT streamflow_ingest TO {}").format(
+            sql.Identifier(role)
+        ))
+    yield as_user(db_url, role, password)
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,)
+        )
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_ingest_role_publishes_months(run_flow, ingest_url, months, tmp_path):
+    assert scalar(ingest_url, "SELECT rolsuper OR rolcreaterole OR rolcreatedb FROM pg_roles "
+                              "WHERE rolname = current_user") is False
+    for month, as_of in (("month_000", JAN), ("month_001", FEB)):
+        rc, out, err = run_flow(ingest_url, months / month, as_of)
+        assert rc == 0, err[-3000:]
+    # --replace deletes history rows of that as_of: granted on history only.
+    other = tmp_path / "other"
+    shutil.copytree(months / "month_001", other)
+    for spec in TABLES:
+        rows = read_rows(other / spec.file_name)
+        del rows[3]
+        write_rows(other / spec.file_name, rows)
+    rc, out, err = run_flow(ingest_url, other, FEB, "--replace")
+    assert rc == 0, err[-3000:]
+    feb_labels = "SELECT count(*) FROM labels_snapshots WHERE as_of = %s"
+    assert scalar(ingest_url, feb_labels, (FEB,)) == 199
+    assert scalar(ingest_url, "SELECT count(*) FROM users") == 200
+    statuses = scalar(ingest_url, "SELECT array_agg(status ORDER BY run_id) FROM ingest_runs")
+    assert statuses == ["succeeded"] * 3
+
+
+FORBIDDEN = {
+    "drop_table": "DROP TABLE users",
+    "drop_history": "DROP TABLE labels_snapshots",
+    "alter_table": "ALTER TABLE users ADD COLUMN pwned text",
+    "alter_owner": "ALTER TABLE users OWNER TO current_user",
+    "create_role": "CREATE ROLE sf_pwned LOGIN SUPERUSER",
+    "create_plain_role": "CREATE ROLE sf_pwned_too",
+    "truncate_live": "TRUNCATE users CASCADE",
+    "truncate_history": "TRUNCATE labels_snapshots",
+    "delete_live": "DELETE FROM users",
+    "delete_ledger": "DELETE FROM ingest_runs",
+    "create_table": "CREATE TABLE public.pwned (x int)",
+    "drop_schema": "DROP SCHEMA staging CASCADE",
+    "become_superuser": "ALTER ROLE current_user SUPERUSER",
+    "set_role_file_writer": "SET ROLE pg_write_server_files",
+    "create_function": "CREATE FUNCTION public.pwned() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+}
+
+
+@pytest.mark.parametrize("statement", list(FORBIDDEN.values()), ids=list(FORBIDDEN))
+def test_ingest_role_cannot(statement, ingest_url):
+    with psycopg.connect(ingest_url, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(statement)  # type: ignore[arg-type]
+        assert conn.execute("SELECT to_regclass('public.users') IS NOT NULL").fetchone()[0]
+        assert conn.execute(
+            "SELECT count(*) FROM information_schema.columns "
+            "WHERE table_schema = 'public' AND table_name = 'users'"
+        ).fetchone()[0] == 6
+
+
+# --------------------------------------------------------------------------- source scan
+
+SOURCES = sorted((FLOW_DIR / "streamflow").glob("*.py")) + [FLOW_DIR / "ingest_flow.py"]
+# Every expression the code may pass to sql.Identifier, and why it is a registry name.
+IDENTIFIER_SOURCES = {
+    "spec.name": "a TableSpec of the registry",
+    "spec.snapshot_table": "a TableSpec of the registry",
+    "n": "db.ident_list: each of the names its callers pass (checked below)",
+    "prefix": "db.ident_list: a table alias, a string literal at every call (checked below)",
+    "column": "validation.rows_query: col.name of a registry column (checked below)",
+    "e.table": "ExpectationOutcome.table = spec.name of the suite's TableSpec",
+    "e.column": "ExpectationOutcome.column = the column of an expectation built from the registry",
+}
+IDENT_LIST_NAMES = {
+    "spec.column_names", "spec.value_columns", "spec.snapshot_columns",
+    "values",  # = spec.value_columns
+    "cols",  # = spec.snapshot_columns
+    "columns",  # loading: [spec.column(name).name for name in header]: the registry's spelling
+}
+LITERAL_IDENTIFIERS = {"staging", "excluded", "live", "h"}
+SQL_WORDS = re.compile(
+    r"\b(SELECT|INSERT|UPDATE|DELETE|COPY|CREATE|DROP|ALTER|TRUNCATE|GRANT|FROM|WHERE)\b"
+)
+
+
+def _calls(tree: ast.AST, name: str) -> Iterator[ast.Call]:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            called = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
+            if called == name:
+                yield node
+
+
+def _parsed() -> list[tuple[str, ast.AST]]:
+    return [(p.name, ast.parse(p.read_text(encoding="utf-8"))) for p in SOURCES]
+
+
+def test_identifiers_come_from_the_registry():
+    seen = set()
+    for file, tree in _parsed():
+        for call in _calls(tree, "Identifier"):
+            for arg in call.args:
+                if isinstance(arg, ast.Constant):
+                    assert arg.value in LITERAL_IDENTIFIERS, f"{file}: Identifier({arg.value!r})"
+                    continue
+                expr = ast.unparse(arg)
+                assert expr in IDENTIFIER_SOURCES, f"{file}:{call.lineno}: Identifier({expr})"
+                seen.add(expr)
+        for call in _calls(tree, "ident_list"):
+            names = ast.unparse(call.args[0])
+            assert names in IDENT_LIST_NAMES, f"{file}:{call.lineno}: ident_list({names})"
+            for prefix in call.args[1:]:
+                assert isinstance(prefix, ast.Constant), f"{file}:{call.lineno}"
+                assert prefix.value in LITERAL_IDENTIFIERS
+        for call in _calls(tree, "rows_query"):
+            if len(call.args) > 1:
+                assert ast.unparse(call.args[1]) == "col.name", f"{file}:{call.lineno}"
+    assert seen >= {"spec.name", "n"}  # the scan found the real call sites
+    # Registry names are plain lower-case words: nothing to quote, nothing to inject.
+    for spec in TABLES:
+        for name in (spec.name, spec.snapshot_table or "x", *spec.column_names):
+            assert re.fullmatch(r"[a-z_][a-z0-9_]*", name), name
+
+
+def test_no_sql_is_built_by_string_formatting():
+    """No f-string, %-format or str.format() produces SQL text: SQL lives in db/sql/*.sql."""
+    problems = []
+    for file, tree in _parsed():
+        for node in ast.walk(tree):
+            text = None
+            if isinstance(node, ast.JoinedStr):
+                text = "".join(v.value for v in node.values if isinstance(v, ast.Constant))
+            elif (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mod)
+                  and isinstance(node.left, ast.Constant) and isinstance(node.left.value, str)):
+                text = node.left.value
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr == "format" and isinstance(node.func.value, ast.Constant)
+                  and isinstance(node.func.value.value, str)):
+                text = node.func.value.value
+            if text is not None and SQL_WORDS.search(text):
+                problems.append(f"{file}:{node.lineno}: {ast.unparse(node)[:80]}")
+        for call in _calls(tree, "execute"):
+            arg = call.args[0] if call.args else None
+            if isinstance(arg, ast.JoinedStr | ast.BinOp):
+                problems.append(f"{file}:{call.lineno}: execute({ast.unparse(arg)[:60]})")
+    assert not problems, "\n".join(problems)
