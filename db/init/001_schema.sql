@@ -37,23 +37,29 @@ CREATE TABLE IF NOT EXISTS usage_agg_30d (
     unique_devices_30d  INTEGER,
     skips_7d            INTEGER,
     rebuffer_events_7d  INTEGER
-);
+)
+-- Every user's usage changes every month: room on each page for the new version
+-- of its rows keeps the monthly update HOT (no index entry per updated row).
+WITH (fillfactor = 50);
 
 CREATE TABLE IF NOT EXISTS payments_agg_90d (
     user_id             TEXT PRIMARY KEY REFERENCES users (user_id),
     failed_payments_90d INTEGER
-);
+)
+WITH (fillfactor = 90);
 
 CREATE TABLE IF NOT EXISTS support_agg_90d (
     user_id                       TEXT PRIMARY KEY REFERENCES users (user_id),
     support_tickets_90d           INTEGER,
     ticket_avg_resolution_hrs_90d NUMERIC
-);
+)
+WITH (fillfactor = 90);
 
 CREATE TABLE IF NOT EXISTS labels (
     user_id     TEXT PRIMARY KEY REFERENCES users (user_id),
     churn_label BOOLEAN
-);
+)
+WITH (fillfactor = 60);  -- ~40% of labels flip each month; see usage_agg_30d
 
 -- ---------------------------------------------------------------------------
 -- History: what was known at the end of each month, keyed (user_id, as_of).

@@ -9,36 +9,30 @@
 SET LOCAL work_mem = '256MB';
 SET LOCAL session_replication_role = replica;
 
--- name: is_empty
-SELECT NOT EXISTS (SELECT 1 FROM {live});
+-- name: update_live
+-- Only rows whose values changed are rewritten (IS DISTINCT FROM treats NULLs as
+-- values). One hash join over the month, not one index probe per row.
+UPDATE {live} AS t
+SET ({value_columns}) = ROW({staged_values})
+FROM {staged} AS s
+WHERE t.user_id = s.user_id
+  AND ({live_values}) IS DISTINCT FROM ({staged_values});
 
 -- name: insert_live
--- First load into an empty table: no conflict is possible. Rows go in key order so
--- that the primary key index is appended to rather than split at random pages.
+-- New users; on a first load, the whole month. Key order: the primary key index is
+-- appended to rather than split at random pages.
 INSERT INTO {live} ({columns})
-SELECT {columns} FROM {staged} ORDER BY user_id;
-
--- name: upsert_live
--- Only rows whose values changed are rewritten (IS DISTINCT FROM treats NULLs as
--- values); xmax = 0 on a returned row means it was inserted, not updated.
-WITH written AS (
-    INSERT INTO {live} AS live ({columns})
-    SELECT {columns} FROM {staged} ORDER BY user_id
-    ON CONFLICT (user_id) DO UPDATE
-        SET ({value_columns}) = ROW({excluded_values})
-        WHERE ({live_values}) IS DISTINCT FROM ({excluded_values})
-    RETURNING (xmax = 0) AS inserted
-)
-SELECT count(*) FILTER (WHERE inserted)     AS inserted,
-       count(*) FILTER (WHERE NOT inserted) AS updated
-FROM written;
+SELECT {staged_columns} FROM {staged} AS s
+WHERE NOT EXISTS (SELECT 1 FROM {live} AS t WHERE t.user_id = s.user_id)
+ORDER BY s.user_id;
 
 -- name: check_keys
 -- The foreign key, checked once for the whole month: a staged user_id that is not
--- in users now (after this transaction's users upsert) would be an orphan.
-SELECT s.user_id FROM {staged} AS s
-WHERE NOT EXISTS (SELECT 1 FROM users AS u WHERE u.user_id = s.user_id)
-LIMIT 5;
+-- in users now (after this transaction's users upsert) would be an orphan. No LIMIT:
+-- it would steer the planner to one index probe per row instead of a hash anti-join.
+SELECT count(*), (array_agg(s.user_id ORDER BY s.user_id))[1:5]
+FROM {staged} AS s
+WHERE NOT EXISTS (SELECT 1 FROM users AS u WHERE u.user_id = s.user_id);
 
 -- name: drop_vanished_snapshots
 -- Only matters with --replace: users absent from the new files leave that month.

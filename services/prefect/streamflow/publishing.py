@@ -40,39 +40,30 @@ def _staged(spec: TableSpec) -> sql.Identifier:
 
 def upsert_live(cur: psycopg.Cursor, spec: TableSpec) -> tuple[int, int]:
     """Returns (inserted, updated); unchanged rows are not touched."""
-    live = sql.Identifier(spec.name)
-    columns = ident_list(spec.column_names)
-    cur.execute(query("publish", "is_empty", live=live))
-    if cur.fetchone()[0]:
-        cur.execute(
-            query("publish", "insert_live", live=live, staged=_staged(spec), columns=columns)
-        )
-        return cur.rowcount, 0
     values = spec.value_columns
-    cur.execute(
-        query(
-            "publish",
-            "upsert_live",
-            live=live,
-            staged=_staged(spec),
-            columns=columns,
-            value_columns=ident_list(values),
-            excluded_values=ident_list(values, "excluded"),
-            live_values=ident_list(values, "live"),
-        )
-    )
-    inserted, updated = cur.fetchone()
-    return inserted, updated
+    names = {
+        "live": sql.Identifier(spec.name),
+        "staged": _staged(spec),
+        "columns": ident_list(spec.column_names),
+        "staged_columns": ident_list(spec.column_names, "s"),
+        "value_columns": ident_list(values),
+        "staged_values": ident_list(values, "s"),
+        "live_values": ident_list(values, "t"),
+    }
+    cur.execute(query("publish", "update_live", **names))
+    updated = cur.rowcount
+    cur.execute(query("publish", "insert_live", **names))
+    return cur.rowcount, updated
 
 
 def check_keys(cur: psycopg.Cursor, spec: TableSpec) -> None:
     """The foreign key to users, for the whole staged month at once."""
     cur.execute(query("publish", "check_keys", staged=_staged(spec)))
-    orphans = [row[0] for row in cur.fetchall()]
-    if orphans:
+    count, orphans = cur.fetchone()
+    if count:
         raise IngestError(
             f"{spec.file_name}, column user_id: user_id not in {PARENT.file_name} "
-            f"nor in the users table, e.g. {', '.join(orphans)}"
+            f"nor in the users table ({count} rows), e.g. {', '.join(orphans)}"
         )
 
 
