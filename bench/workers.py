@@ -7,7 +7,8 @@ VARIANT is one of
                 scratch table + INSERT ... ON CONFLICT DO UPDATE into the live table
   floor     (b) a bare COPY of each file into the live tables (what ``\\copy`` does)
   core      (c0) the flow's own body (ingest_flow.ingest_month) with Prefect bypassed:
-                the same streamflow code, no task/flow engine, no API
+                the same streamflow code, no task/flow engine, no API; submitted
+                tasks run on a thread pool as wide as the flow's task runner
   dlt       (d) dlt 1.31: pyarrow CSV reader -> parquet -> ADBC COPY -> MERGE upsert
                 with skip_unchanged_rows
   dlt-unique (d+) the same with a UNIQUE constraint on user_id
@@ -130,16 +131,53 @@ def core(url: str, month: Path, as_of: str) -> dict:
     engine is out of the way: no flow/task runs, no API server, no artifacts.
     """
     os.environ["DATABASE_URL"] = url
+    from concurrent.futures import ThreadPoolExecutor
+
     import ingest_flow
+    from prefect import Task
 
     imported = time.perf_counter()
     log = logging.getLogger("streamflow.bench")
     ingest_flow.get_run_logger = lambda: log
-    for name in ("upsert_csv", "validate_with_ge", "snapshot_month"):
-        setattr(ingest_flow, name, getattr(ingest_flow, name).fn)
-    ingest_flow.publish_artifacts = lambda summary: None
-    result = ingest_flow.ingest_month.fn(seed_dir=str(month), as_of=as_of)
+    runner = getattr(ingest_flow.ingest_month, "task_runner", None)
+    workers = getattr(runner, "_max_workers", None) or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for name, value in list(vars(ingest_flow).items()):
+            if isinstance(value, Task):
+                setattr(ingest_flow, name, _PlainTask(value.fn, pool))
+        ingest_flow.publish_artifacts = lambda summary: None
+        result = ingest_flow.ingest_month.fn(seed_dir=str(month), as_of=as_of)
     return {"work": time.perf_counter() - imported, "import": imported - _T0, "flow": result}
+
+
+class _PlainTask:
+    """A Prefect task's function, callable and ``.submit``-able without Prefect.
+
+    ``submit`` runs it on a thread pool as wide as the flow's ThreadPoolTaskRunner,
+    so the flow body keeps its concurrency; the future has ``result()`` and ``wait()``.
+    """
+
+    def __init__(self, fn, pool) -> None:
+        self.fn, self.pool = fn, pool
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def submit(self, *args, **kwargs):
+        return _Future(self.pool.submit(self.fn, *args, **kwargs))
+
+
+class _Future:
+    def __init__(self, future) -> None:
+        self._future = future
+
+    def result(self, timeout: float | None = None, raise_on_failure: bool = True):
+        return self._future.result(timeout)
+
+    def wait(self, timeout: float | None = None) -> None:
+        from concurrent.futures import wait
+
+        wait([self._future], timeout)
 
 
 # ---------------------------------------------------------------------------
