@@ -14,3 +14,8 @@ WHERE o.user_id IS NOT NULL
 -- numeric column of the registry.
 SELECT b.user_id, b.{column} FROM (SELECT user_id, {column} FROM {batch}) AS b
 WHERE b.{column} IN ('NaN', 'Infinity', '-Infinity')
+
+-- name: negatives
+-- The rows behind a failed ">= 0" expectation, to name them in the error.
+SELECT b.user_id, b.{column} FROM (SELECT user_id, {column} FROM {batch}) AS b
+WHERE b.{column} < 0

@@ -12,23 +12,28 @@ Serve it:        python ingest_flow.py serve   (deployment ingest_month/ingest-m
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
-import psycopg
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
-from streamflow import db, ledger, loading, publishing, validation
-from streamflow.embedded import embedded_database_url
-from streamflow.errors import IngestError, InputError, MonthConflict
-from streamflow.ledger import Mode
-from streamflow.registry import BY_NAME, TABLES
-from streamflow.reporting import RunSummary, publish_artifacts
-from streamflow.settings import Settings, flag, load_settings
+# The temporary local Prefect server (no PREFECT_API_URL) is a private one: no
+# telemetry from it, whose failed inserts clutter stderr.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import psycopg  # noqa: E402
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+from streamflow import db, ledger, loading, publishing, validation  # noqa: E402
+from streamflow.embedded import embedded_database_url  # noqa: E402
+from streamflow.errors import IngestError, InputError, MonthConflict  # noqa: E402
+from streamflow.ledger import Mode  # noqa: E402
+from streamflow.registry import BY_NAME, TABLES  # noqa: E402
+from streamflow.reporting import RunSummary, publish_artifacts  # noqa: E402
+from streamflow.settings import Settings, flag, load_settings  # noqa: E402
 
 DEPLOYMENT_NAME = "ingest-month"
 
@@ -283,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # still one line for people; the traceback is in the run logs
         print(f"ingest failed: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        # The temporary server logs its shutdown at exit: keep our line the last one.
+        logging.getLogger("prefect").setLevel(logging.WARNING)
     print(result["line"])
     if result.get("data_docs"):
         print(f"GX Data Docs: {result['data_docs']}")

@@ -17,6 +17,8 @@ class Column:
     """PostgreSQL type, used only to explain conversion errors to people."""
     non_negative: bool = False
     value_set: tuple[str, ...] | None = None
+    required: bool = False
+    """An empty cell is refused (the key, and the label a model is trained on)."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class TableSpec:
 
 
 KEY = "user_id"
-_key = Column(KEY, "text")
+_key = Column(KEY, "text", required=True)
 _gender = ("Male", "Female")
 _contracts = ("Month-to-month", "One year", "Two year")
 _net_services = ("DSL", "Fiber optic", "No")
@@ -131,7 +133,7 @@ TABLES: tuple[TableSpec, ...] = (
     ),
     TableSpec(
         "labels",
-        (_key, Column("churn_label", "boolean")),
+        (_key, Column("churn_label", "boolean", required=True)),
         snapshot_table="labels_snapshots",
         snapshot_columns=("churn_label",),
     ),

@@ -64,9 +64,10 @@ def build_suite(spec: TableSpec):  # -> gx.ExpectationSuite
         gxe.ExpectTableColumnsToMatchSet(column_set=list(spec.column_names), exact_match=True)
     )
     suite.add_expectation(gxe.ExpectTableRowCountToBeBetween(min_value=1))
-    suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=KEY))
     suite.add_expectation(gxe.ExpectColumnValuesToBeUnique(column=KEY))
     for col in spec.columns:
+        if col.required:
+            suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=col.name))
         if col.non_negative:
             suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column=col.name, min_value=0))
         if col.pg_type == "numeric":
@@ -116,7 +117,7 @@ def _sqlalchemy_url(database_url: str) -> str:
     url = database_url
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
-            url = "postgresql+psycopg://" + url[len(prefix):]
+            url = "postgresql+psycopg://" + url[len(prefix) :]
     url += ("&" if "?" in url else "?") + "options=" + quote(GX_SESSION_OPTIONS)
     return url.replace("$", r"\$")  # GX reads ${VAR} in config strings
 
@@ -181,7 +182,11 @@ def run_suites(database_url: str, docs_dir: Path | None) -> tuple[list[SuiteOutc
     return outcomes, site
 
 
-_ROW_CHECKS = {"unexpected_rows_expectation": "orphans", "not_numbers": "not_numbers"}
+_ROW_CHECKS = {
+    "unexpected_rows_expectation": "orphans",
+    "not_numbers": "not_numbers",
+    "expect_column_values_to_be_between": "negatives",
+}
 
 
 def _add_row_examples(database_url: str, outcomes: list[SuiteOutcome]) -> None:
@@ -190,7 +195,9 @@ def _add_row_examples(database_url: str, outcomes: list[SuiteOutcome]) -> None:
     from psycopg import sql
 
     failed = [
-        e for s in outcomes for e in s.expectations
+        e
+        for s in outcomes
+        for e in s.expectations
         if e.expectation in _ROW_CHECKS and not e.success
     ]
     if not failed:
@@ -283,6 +290,4 @@ def check(outcomes: list[SuiteOutcome]) -> None:
     if failures:
         first = describe_failure(failures[0])
         more = f" (+{len(failures) - 1} more failed expectation(s))" if len(failures) > 1 else ""
-        raise ValidationFailed(
-            f"validation failed: {first}{more}", [f.as_dict() for f in failures]
-        )
+        raise ValidationFailed(f"validation failed: {first}{more}", [f.as_dict() for f in failures])
