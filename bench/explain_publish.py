@@ -58,10 +58,11 @@ def explain(url: str, month2: Path, as_of: date) -> list[tuple[str, float, str]]
         conn.rollback()
         with conn.cursor() as cur:
             for text, params in recorded:
-                words = text.split()
+                code = "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("--"))
+                words = code.split()
                 if words and words[0].upper() in ("SELECT", "INSERT", "UPDATE", "DELETE", "WITH"):
                     start = time.perf_counter()
-                    cur.execute("EXPLAIN (ANALYZE, BUFFERS) " + text, params)  # type: ignore[call-overload]
+                    cur.execute("EXPLAIN (ANALYZE, BUFFERS) " + code, params)  # type: ignore[call-overload]
                     took = time.perf_counter() - start
                     plan = "\n".join(row[0] for row in cur.fetchall())
                     label = " ".join(words)
