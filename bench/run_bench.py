@@ -1229,6 +1229,11 @@ def main(argv: list[str] | None = None) -> int:
     arg("--keep-dbs", action="store_true", help="keep each variant's database")
     arg("--keep-server", action="store_true", help="leave the bench's PostgreSQL running")
     arg("--render-only", action="store_true", help="only regenerate --out from bench/results/")
+    arg(
+        "--no-save",
+        action="store_true",
+        help="print the figures, write no results (e.g. for a profiling run)",
+    )
     args = parser.parse_args(argv)
     if args.render_only:
         results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("users_*.json"))]
@@ -1238,8 +1243,10 @@ def main(argv: list[str] | None = None) -> int:
     source = checkout(args.ref)
     result = Bench(args).run()
     result["source"] = source
-    path = write_outputs(result, args.out)
     print_summary(result)
+    if args.no_save:
+        return 0
+    path = write_outputs(result, args.out)
     print(f"results: {path.relative_to(REPO)}; report: {args.out}")
     return 0
 
