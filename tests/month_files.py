@@ -10,7 +10,12 @@ from __future__ import annotations
 import csv
 import io
 import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -128,3 +133,44 @@ def table_digests(url: str, tables: tuple[str, ...] = HISTORY_TABLES) -> dict[st
             assert row is not None
             out[t] = tuple(row)
     return out
+
+
+@contextmanager
+def prefect_server(home: Path) -> Iterator[str]:
+    """``prefect server start`` (SQLite in ``home``) on a free port; yields its API URL.
+
+    Flow processes given PREFECT_API_URL use it instead of each starting a temporary
+    server of their own (10-20 s apiece), as the deployed runner does.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false")
+    log_path = home / "server.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+             "--port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(api + "/health", timeout=2) as r:  # noqa: S310
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "prefect server did not start in 120 s"
+            time.sleep(0.5)
+        yield api
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

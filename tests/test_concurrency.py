@@ -3,7 +3,8 @@ wait and then publish, backfill or no-op; a writer that cannot get the lock in t
 says so in one line and changes nothing.
 
 Each process is the real CLI (``python services/prefect/ingest_flow.py``) with its own
-PREFECT_HOME, so each starts its own temporary Prefect server (10-20 s): few runs.
+PREFECT_HOME, talking to one ``prefect server`` started for this module (as the
+deployed runner does), so no process spends 10-20 s starting a temporary server.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 from conftest import ALL_TABLES, dump, with_database
-from month_files import AS_OF, flow_command, flow_env, small_months
+from month_files import AS_OF, flow_command, flow_env, prefect_server, small_months
 from streamflow.db import LOCK_KEY
 from streamflow.registry import LIVE_TABLES, SNAPSHOT_TABLES
 
@@ -27,15 +29,26 @@ TIMEOUT = 300
 
 
 @pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with prefect_server(tmp_path_factory.mktemp("prefect_server")) as api:
+        yield api
+
+
+@pytest.fixture(scope="module")
 def months(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return small_months(tmp_path_factory.mktemp("small"))
 
 
-def start(url: str, seed_dir: Path, as_of: str, home: Path, **env: str) -> subprocess.Popen:
+def start(
+    url: str, seed_dir: Path, as_of: str, home: Path, api: str, **env: str
+) -> subprocess.Popen:
     home.mkdir(parents=True)
     return subprocess.Popen(
         flow_command(seed_dir, as_of),
-        env=flow_env(url, PREFECT_HOME=str(home), GX_DOCS_DIR=str(home / "gx_docs"), **env),
+        env=flow_env(
+            url, PREFECT_HOME=str(home), PREFECT_API_URL=api,
+            GX_DOCS_DIR=str(home / "gx_docs"), **env,
+        ),
         cwd=home,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -79,7 +92,7 @@ def ledger(url: str) -> list[tuple]:
 
 
 def test_three_writers_at_once_publish_one_after_the_other(
-    db_url, months, tmp_path, run_flow, pg_admin_url
+    db_url, months, tmp_path, run_flow, pg_admin_url, prefect_api
 ):
     """January twice and February, started together while the lock is held elsewhere."""
     jan, feb = months / "month_000", months / "month_001"
@@ -87,9 +100,9 @@ def test_three_writers_at_once_publish_one_after_the_other(
         # Hold the lock until all three are waiting on it, so they really contend.
         holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
         procs = [
-            start(db_url, jan, JAN, tmp_path / "a"),
-            start(db_url, feb, FEB, tmp_path / "b"),
-            start(db_url, jan, JAN, tmp_path / "c"),
+            start(db_url, jan, JAN, tmp_path / "a", prefect_api),
+            start(db_url, feb, FEB, tmp_path / "b", prefect_api),
+            start(db_url, jan, JAN, tmp_path / "c", prefect_api),
         ]
         try:
             wait_for_connections(db_url, 3, time.monotonic() + TIMEOUT)
@@ -132,14 +145,17 @@ def _reference(admin_url: str, run_flow, jan: Path, feb: Path) -> dict[str, list
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def test_lock_wait_timeout_says_another_ingestion_is_running(db_url, months, tmp_path):
+def test_lock_wait_timeout_says_another_ingestion_is_running(
+    db_url, months, tmp_path, prefect_api
+):
     before = dump(db_url, ALL_TABLES)
     with psycopg.connect(db_url, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
         holder_pid = holder.execute("SELECT pg_backend_pid()").fetchone()[0]
         started = time.monotonic()
         rc, out, err = finish(
-            start(db_url, months / "month_000", JAN, tmp_path / "p", LOCK_WAIT_SECONDS="1")
+            start(db_url, months / "month_000", JAN, tmp_path / "p", prefect_api,
+                  LOCK_WAIT_SECONDS="1")
         )
         elapsed = time.monotonic() - started
 

@@ -119,6 +119,9 @@ SOURCES = sorted((FLOW_DIR / "streamflow").glob("*.py")) + [FLOW_DIR / "ingest_f
 IDENTIFIER_SOURCES = {
     "spec.name": "a TableSpec of the registry",
     "spec.snapshot_table": "a TableSpec of the registry",
+    "history": "publishing.snapshot: = spec.snapshot_table (checked below)",
+    "partition": "publishing.snapshot: returned by streamflow_new_month_partition(), which "
+    "builds <history table>_<YYYYMMDD> after checking the table against a fixed list",
     "n": "db.ident_list: each of the names its callers pass (checked below)",
     "prefix": "db.ident_list: a table alias, a string literal at every call (checked below)",
     "column": "validation.rows_query: col.name of a registry column (checked below)",
@@ -131,7 +134,15 @@ IDENT_LIST_NAMES = {
     "cols",  # = spec.snapshot_columns
     "columns",  # loading: [spec.column(name).name for name in header]: the registry's spelling
 }
-LITERAL_IDENTIFIERS = {"staging", "excluded", "live", "h"}
+LITERAL_IDENTIFIERS = {"staging", "excluded", "live", "h", "s", "t"}  # schema, aliases
+# Local names used above, and the only value each may be assigned.
+ALIASES = {
+    "history": {"spec.snapshot_table"},
+    "values": {"spec.value_columns"},
+    "cols": {"spec.snapshot_columns"},
+    "partition": {"cur.execute(q['new_month_partition'], params).fetchone()[0]"},
+    "columns": {"[spec.column(name).name for name in header]"},
+}
 SQL_WORDS = re.compile(
     r"\b(SELECT|INSERT|UPDATE|DELETE|COPY|CREATE|DROP|ALTER|TRUNCATE|GRANT|FROM|WHERE)\b"
 )
@@ -167,6 +178,15 @@ def test_identifiers_come_from_the_registry():
             for prefix in call.args[1:]:
                 assert isinstance(prefix, ast.Constant), f"{file}:{call.lineno}"
                 assert prefix.value in LITERAL_IDENTIFIERS
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for target in targets:
+                    if isinstance(target, ast.Name) and target.id in ALIASES:
+                        value = ast.unparse(node.value)
+                        assert value in ALIASES[target.id], (
+                            f"{file}:{node.lineno}: {target.id} = {value}"
+                        )
         for call in _calls(tree, "rows_query"):
             if len(call.args) > 1:
                 assert ast.unparse(call.args[1]) == "col.name", f"{file}:{call.lineno}"
