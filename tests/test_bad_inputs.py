@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +37,7 @@ def months(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def jan_template(pg_admin_url: str, template_db: str, months: Path) -> str:
+def jan_template(pg_admin_url: str, template_db: str, months: Path) -> Iterator[str]:
     """Name of a database holding the schema and the clean month_000 (as_of 2024-01-31)."""
     name = f"sf_bad_jan_{os.getpid()}"
     with database_copy(pg_admin_url, template_db, name) as url:
@@ -46,7 +46,7 @@ def jan_template(pg_admin_url: str, template_db: str, months: Path) -> str:
 
 
 @pytest.fixture
-def jan_db(pg_admin_url: str, jan_template: str) -> str:
+def jan_db(pg_admin_url: str, jan_template: str) -> Iterator[str]:
     name = f"sf_bad_case_{os.getpid()}_{next(_names)}"
     with database_copy(pg_admin_url, jan_template, name) as url:
         yield url
