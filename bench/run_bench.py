@@ -859,7 +859,8 @@ def render_header(result: dict) -> list[str]:
         ),
         f"- Input (CSV): {sizes}",
     ] + [
-        f"- Variant {k} not rerun: its figures are from the run started {when}"
+        f"- Variant {k} not rerun: its figures are from the run started {when['started']} "
+        f"(code: {_describe_source(when.get('source', {}))})"
         for k, when in sorted(carried.items())
     ]
 
@@ -1171,9 +1172,10 @@ def carry_over(result: dict, path: Path) -> None:
     if not path.is_file() or not result["skipped"]:
         return
     old = json.loads(path.read_text())
-    carried: dict[str, str] = {}
+    carried: dict[str, dict] = {}
     for key in result["skipped"]:
-        when = old.get("carried", {}).get(key, old["started"])
+        origin = {"started": old["started"], "source": old.get("source", {})}
+        when = old.get("carried", {}).get(key, origin)
         if key == "o" and old.get("overhead"):
             result["overhead"] = old["overhead"]
             carried[key] = when
