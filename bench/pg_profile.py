@@ -33,17 +33,45 @@ def entries(lines: list[str]) -> list[tuple[float, str]]:
     ms = 0.0
     for line in lines:
         if line.startswith(("\t", " ")) and current is not None:
-            current.append(line.strip())
+            if not line.strip().startswith("--"):  # the queries' own comment lines
+                current.append(line.strip())
             continue
         if current is not None:
             out.append((ms, " ".join(current)))
             current = None
         m = _ENTRY.search(line)
         if m:
-            ms, current = float(m.group(1)), [m.group(2)]
+            first = m.group(2)
+            ms, current = float(m.group(1)), [] if first.lstrip().startswith("--") else [first]
     if current is not None:
         out.append((ms, " ".join(current)))
     return out
+
+
+# --kinds: what each statement is in the pipeline (first match wins).
+_LIVE = "users|subscriptions|usage_agg_30d|payments_agg_90d|support_agg_90d|labels"
+KINDS = (
+    ("stage: COPY into staging.*", r"^COPY \S*staging"),
+    ("validate: GX uniqueness of user_id (count + examples)", r"OVER \(PARTITION BY user_id\)"),
+    ("validate: GX counts of unexpected values", r"UnexpectedCountSubquery|^SELECT sum\(CASE"),
+    ("validate: orphan rows (anti-join)", r"unexpected_row_count|^SELECT o\.user_id FROM"),
+    ("validate: NaN/Infinity rows", r"'NaN'"),
+    ("validate: GX other", r"AS unexpected_values|anon_|substituted_batch_subquery"),
+    ("publish: live INSERT", r"^INSERT INTO \"(" + _LIVE + r")\""),
+    ("publish: live UPDATE of changed rows", r"^UPDATE \"(" + _LIVE + r")\""),
+    ("publish: history INSERT into the month partition", r"^INSERT INTO \"\w+_snapshots_\d+\""),
+    ("publish: attach partition (index build)", r"attach_month_partition"),
+    ("publish: set-based foreign key check", r"array_agg\(s\.user_id"),
+    ("commit", r"^COMMIT"),
+    ("bench: create/drop database, counts", r"DATABASE|^SELECT count\(\*\) FROM \"public\""),
+)
+
+
+def kind(statement: str) -> str:
+    for label, pattern in KINDS:
+        if re.search(pattern, statement):
+            return label
+    return "other"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,11 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("log", type=Path)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--width", type=int, default=110)
+    parser.add_argument("--kinds", action="store_true", help="group by pipeline step instead")
     args = parser.parse_args(argv)
     found = entries(args.log.read_text(errors="replace").splitlines())
     groups: dict[str, list[float]] = defaultdict(list)
     for ms, statement in found:
-        groups[shape(statement, args.width)].append(ms)
+        text = shape(statement, 100_000)
+        groups[kind(text) if args.kinds else shape(statement, args.width)].append(ms)
     total = sum(ms for ms, _ in found) / 1000
     print(f"{len(found)} logged statements, {total:.2f} s in total")
     print(f"{'total s':>9} {'count':>6} {'max s':>7}  statement")
