@@ -344,11 +344,11 @@ def run_process(
         wall = time.perf_counter() - start
         monitor.stop()
         proc.returncode = os.waitstatus_to_exitcode(status)
-    # ru_maxrss (KiB) is the max over the child and the descendants it waited for;
-    # with no descendants it is exactly the child's peak.
-    main_kb = (
-        monitor.main_hwm_kb if monitor.child_hwm_kb else max(monitor.main_hwm_kb, usage.ru_maxrss)
-    )
+    # VmHWM belongs to the process image, so it starts afresh at exec. ru_maxrss does
+    # not: it also counts the driver's pages the child had between fork and exec (an
+    # early run showed the driver's 111 MB for a 35 MB worker), so it is only a
+    # fallback when polling saw nothing (a process that lived under 50 ms).
+    main_kb = monitor.main_hwm_kb or usage.ru_maxrss
     memory = {
         "cpu": usage.ru_utime + usage.ru_stime,
         "pg_cpu": monitor.pg_cpu if pg_pid else None,
