@@ -219,3 +219,17 @@ def test_no_sql_is_built_by_string_formatting():
             if isinstance(arg, ast.JoinedStr | ast.BinOp):
                 problems.append(f"{file}:{call.lineno}: execute({ast.unparse(arg)[:60]})")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "SELECT streamflow_new_month_partition('users', DATE '2024-01-31')",
+        "SELECT streamflow_attach_month_partition('users', DATE '2024-01-31')",
+    ],
+)
+def test_partition_functions_only_touch_history_tables(db_url, call):
+    """The SECURITY DEFINER functions refuse any table outside their allowlist."""
+    with psycopg.connect(db_url) as conn:
+        with pytest.raises(psycopg.errors.RaiseException, match="not a history table: users"):
+            conn.execute(call)

@@ -167,18 +167,28 @@ ALTER TABLE staging.subscriptions
 -- history tables only, and run with their owner's rights (SECURITY DEFINER).
 -- Both run inside the publishing transaction: a failure rolls the month back.
 -- ---------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION streamflow_new_month_partition(history text, month date)
+-- The one allowlist: the month partition's name, for a history table only.
+CREATE OR REPLACE FUNCTION streamflow_month_partition_name(history text, month date)
 RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp
+LANGUAGE plpgsql IMMUTABLE
 AS $$
-DECLARE
-    part text := history || '_' || to_char(month, 'YYYYMMDD');
 BEGIN
     IF history NOT IN ('subscriptions_profile_snapshots', 'usage_agg_30d_snapshots',
                        'payments_agg_90d_snapshots', 'support_agg_90d_snapshots',
                        'labels_snapshots') THEN
         RAISE EXCEPTION 'not a history table: %', history;
     END IF;
+    RETURN history || '_' || to_char(month, 'YYYYMMDD');
+END
+$$;
+
+CREATE OR REPLACE FUNCTION streamflow_new_month_partition(history text, month date)
+RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp
+AS $$
+DECLARE
+    part text := streamflow_month_partition_name(history, month);
+BEGIN
     IF to_regclass(part) IS NOT NULL THEN
         RETURN NULL;  -- the month exists: the caller rewrites it through the parent
     END IF;
@@ -194,11 +204,9 @@ RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp
 AS $$
 DECLARE
-    part text := history || '_' || to_char(month, 'YYYYMMDD');
+    part text := streamflow_month_partition_name(history, month);
 BEGIN
-    IF to_regclass(part) IS NULL OR history NOT IN (
-            'subscriptions_profile_snapshots', 'usage_agg_30d_snapshots',
-            'payments_agg_90d_snapshots', 'support_agg_90d_snapshots', 'labels_snapshots') THEN
+    IF to_regclass(part) IS NULL THEN
         RAISE EXCEPTION 'no month partition % to attach', part;
     END IF;
     EXECUTE format('REVOKE INSERT ON %I FROM streamflow_ingest', part);
