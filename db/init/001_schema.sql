@@ -4,8 +4,11 @@
 -- ---------------------------------------------------------------------------
 -- Live tables: the latest published month, exactly the lab's columns.
 -- ---------------------------------------------------------------------------
+-- user_id is an identifier, not words: the "C" collation compares bytes, which
+-- lets PostgreSQL sort and index a month's keys 2-3x faster than a locale's rules
+-- (and gives the same order on every server, whatever its locale).
 CREATE TABLE IF NOT EXISTS users (
-    user_id        TEXT PRIMARY KEY,
+    user_id        TEXT COLLATE "C" PRIMARY KEY,
     signup_date    DATE,
     user_gender    TEXT,
     user_is_senior BOOLEAN,
@@ -14,7 +17,7 @@ CREATE TABLE IF NOT EXISTS users (
 );
 
 CREATE TABLE IF NOT EXISTS subscriptions (
-    user_id               TEXT PRIMARY KEY REFERENCES users (user_id),
+    user_id               TEXT COLLATE "C" PRIMARY KEY REFERENCES users (user_id),
     months_active         INTEGER,
     plan_stream_tv        BOOLEAN,
     plan_stream_movies    BOOLEAN,
@@ -31,7 +34,7 @@ CREATE TABLE IF NOT EXISTS subscriptions (
 );
 
 CREATE TABLE IF NOT EXISTS usage_agg_30d (
-    user_id             TEXT PRIMARY KEY REFERENCES users (user_id),
+    user_id             TEXT COLLATE "C" PRIMARY KEY REFERENCES users (user_id),
     watch_hours_30d     NUMERIC,
     avg_session_mins_7d NUMERIC,
     unique_devices_30d  INTEGER,
@@ -43,20 +46,20 @@ CREATE TABLE IF NOT EXISTS usage_agg_30d (
 WITH (fillfactor = 50);
 
 CREATE TABLE IF NOT EXISTS payments_agg_90d (
-    user_id             TEXT PRIMARY KEY REFERENCES users (user_id),
+    user_id             TEXT COLLATE "C" PRIMARY KEY REFERENCES users (user_id),
     failed_payments_90d INTEGER
 )
 WITH (fillfactor = 90);
 
 CREATE TABLE IF NOT EXISTS support_agg_90d (
-    user_id                       TEXT PRIMARY KEY REFERENCES users (user_id),
+    user_id                       TEXT COLLATE "C" PRIMARY KEY REFERENCES users (user_id),
     support_tickets_90d           INTEGER,
     ticket_avg_resolution_hrs_90d NUMERIC
 )
 WITH (fillfactor = 90);
 
 CREATE TABLE IF NOT EXISTS labels (
-    user_id     TEXT PRIMARY KEY REFERENCES users (user_id),
+    user_id     TEXT COLLATE "C" PRIMARY KEY REFERENCES users (user_id),
     churn_label BOOLEAN
 )
 WITH (fillfactor = 60);  -- ~40% of labels flip each month; see usage_agg_30d
@@ -69,7 +72,7 @@ WITH (fillfactor = 60);  -- ~40% of labels flip each month; see usage_agg_30d
 -- below), and a reader asking for one as_of only touches that month.
 -- ---------------------------------------------------------------------------
 CREATE TABLE IF NOT EXISTS subscriptions_profile_snapshots (
-    user_id            TEXT NOT NULL,
+    user_id            TEXT COLLATE "C" NOT NULL,
     as_of              DATE NOT NULL,
     months_active      INTEGER,
     monthly_fee        NUMERIC,
@@ -81,7 +84,7 @@ CREATE TABLE IF NOT EXISTS subscriptions_profile_snapshots (
 ) PARTITION BY LIST (as_of);
 
 CREATE TABLE IF NOT EXISTS usage_agg_30d_snapshots (
-    user_id             TEXT NOT NULL,
+    user_id             TEXT COLLATE "C" NOT NULL,
     as_of               DATE NOT NULL,
     watch_hours_30d     NUMERIC,
     avg_session_mins_7d NUMERIC,
@@ -92,14 +95,14 @@ CREATE TABLE IF NOT EXISTS usage_agg_30d_snapshots (
 ) PARTITION BY LIST (as_of);
 
 CREATE TABLE IF NOT EXISTS payments_agg_90d_snapshots (
-    user_id             TEXT NOT NULL,
+    user_id             TEXT COLLATE "C" NOT NULL,
     as_of               DATE NOT NULL,
     failed_payments_90d INTEGER,
     PRIMARY KEY (user_id, as_of)
 ) PARTITION BY LIST (as_of);
 
 CREATE TABLE IF NOT EXISTS support_agg_90d_snapshots (
-    user_id                       TEXT NOT NULL,
+    user_id                       TEXT COLLATE "C" NOT NULL,
     as_of                         DATE NOT NULL,
     support_tickets_90d           INTEGER,
     ticket_avg_resolution_hrs_90d NUMERIC,
@@ -109,7 +112,7 @@ CREATE TABLE IF NOT EXISTS support_agg_90d_snapshots (
 -- Labels change every month; without their history a model trained on January
 -- features would silently be scored against February's labels.
 CREATE TABLE IF NOT EXISTS labels_snapshots (
-    user_id     TEXT NOT NULL,
+    user_id     TEXT COLLATE "C" NOT NULL,
     as_of       DATE NOT NULL,
     churn_label BOOLEAN,
     PRIMARY KEY (user_id, as_of)
@@ -249,9 +252,9 @@ GRANT DELETE ON
     subscriptions_profile_snapshots, usage_agg_30d_snapshots, payments_agg_90d_snapshots,
     support_agg_90d_snapshots, labels_snapshots
     TO streamflow_ingest;
--- Publishing checks the month's foreign keys in one set-based query instead of one
--- trigger call per row (db/sql/publish.sql): it needs to switch the RI triggers off
--- for its own transaction. PostgreSQL 15+.
+-- Publishing switches the per-row foreign-key triggers off for its own transaction
+-- (db/sql/publish.sql): the month's keys are checked set-based instead, by the GX
+-- orphan expectation whose verdict gates the commit. PostgreSQL 15+.
 GRANT SET ON PARAMETER session_replication_role TO streamflow_ingest;
 GRANT EXECUTE ON FUNCTION streamflow_new_month_partition(text, date),
                           streamflow_attach_month_partition(text, date)

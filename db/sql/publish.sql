@@ -2,10 +2,11 @@
 -- one transaction by streamflow.publishing. {placeholders} are registry identifiers.
 
 -- name: session
--- Sorting a month by user_id and the set-based key checks are hash/sort work over
--- the whole month: give them memory. Foreign keys are checked set-based below
--- (check_keys) instead of by one trigger call per row; session_replication_role is
--- granted to streamflow_ingest for this alone (db/init/001_schema.sql).
+-- Sorting a month by user_id and the hash joins are work over the whole month: give
+-- them memory. No foreign-key trigger call per row: the month's keys were checked
+-- set-based by the GX orphan expectation (db/sql/validation.sql), and this
+-- transaction commits only if it passed. session_replication_role is granted to
+-- streamflow_ingest for this alone (db/init/001_schema.sql).
 SET LOCAL work_mem = '256MB';
 SET LOCAL session_replication_role = replica;
 
@@ -26,14 +27,6 @@ SELECT {staged_columns} FROM {staged} AS s
 WHERE NOT EXISTS (SELECT 1 FROM {live} AS t WHERE t.user_id = s.user_id)
 ORDER BY s.user_id;
 
--- name: check_keys
--- The foreign key, checked once for the whole month: a staged user_id that is not
--- in users now (after this transaction's users upsert) would be an orphan. No LIMIT:
--- it would steer the planner to one index probe per row instead of a hash anti-join.
-SELECT count(*), (array_agg(s.user_id ORDER BY s.user_id))[1:5]
-FROM {staged} AS s
-WHERE NOT EXISTS (SELECT 1 FROM users AS u WHERE u.user_id = s.user_id);
-
 -- name: drop_vanished_snapshots
 -- Only matters with --replace: users absent from the new files leave that month.
 DELETE FROM {history} AS h
@@ -45,10 +38,10 @@ WHERE h.as_of = %(as_of)s
 SELECT streamflow_new_month_partition(%(history)s, %(as_of)s);
 
 -- name: insert_snapshot
--- Into the new, index-free partition: nothing to compare with, key order so the
--- index built at attach time reads a sorted table.
+-- Into the new, index-free partition: nothing to compare with, nothing to maintain.
+-- No ORDER BY: the primary key built at attach time sorts the month once anyway.
 INSERT INTO {partition} (user_id, as_of, {columns})
-SELECT user_id, %(as_of)s, {columns} FROM {staged} ORDER BY user_id;
+SELECT user_id, %(as_of)s, {columns} FROM {staged};
 
 -- name: attach_month_partition
 SELECT streamflow_attach_month_partition(%(history)s, %(as_of)s);

@@ -1,8 +1,9 @@
 """StreamFlow monthly ingestion, as a Prefect flow.
 
     month_XXX/*.csv ──upsert_csv ×6──▶ staging.*  (COPY, typed by PostgreSQL)
-                     ──validate_with_ge──▶ GX suites over the staged month
-                     ──snapshot_month──▶ live upserts + as_of history, one transaction
+        ├─validate_with_ge──▶ GX suites over the staged month ───────────┐ verdict
+        └─snapshot_month────▶ live upserts + as_of history, one open     │
+                              transaction ──▶ commit if the suites pass ◀┘ else roll back
 
 Run one month:   SEED_DIR=data/seeds/month_000 AS_OF=2024-01-31 python ingest_flow.py
                  python ingest_flow.py --seed-dir data/seeds/month_000 --as-of 2024-01-31
@@ -16,6 +17,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -29,11 +32,12 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from streamflow import db, ledger, loading, publishing, validation  # noqa: E402
 from streamflow.embedded import embedded_database_url  # noqa: E402
-from streamflow.errors import IngestError, InputError, MonthConflict  # noqa: E402
+from streamflow.errors import IngestError, InputError, MonthConflict, NotPublished  # noqa: E402
 from streamflow.ledger import Mode  # noqa: E402
 from streamflow.registry import BY_NAME, TABLES  # noqa: E402
 from streamflow.reporting import RunSummary, publish_artifacts  # noqa: E402
 from streamflow.settings import Settings, flag, load_settings  # noqa: E402
+from streamflow.verdict import Verdict  # noqa: E402
 
 DEPLOYMENT_NAME = "ingest-month"
 
@@ -90,11 +94,18 @@ def snapshot_month(
     run_id: int,
     fingerprint: str,
     update_live: bool,
+    verdict: Verdict,
 ) -> list[publishing.TableStats]:
-    """Publish the staged month: live upserts and as_of snapshots, in one transaction."""
+    """Publish the staged month in one transaction, committed only if validation passes.
+
+    Runs while validate_with_ge does: the live upserts and as_of snapshots are
+    written, then held uncommitted until the verdict.
+    """
     with db.connect(database_url) as conn:
         stats = publishing.publish_month(conn, as_of, update_live=update_live)
         ledger.record_month(conn, as_of, fingerprint, run_id)
+        if not verdict.wait():
+            raise NotPublished("validation failed: the month was rolled back, nothing published")
         conn.commit()
     for s in stats:
         get_run_logger().info(
@@ -165,17 +176,28 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
                     for future in futures:
                         staged = future.result()
                         summary.rows_read[staged.table] = staged.rows
-                with clock("validate_with_ge"):
-                    summary.suites = validate_with_ge(url, str(settings.gx_docs_dir))
-                    summary.data_docs = str(settings.gx_docs_dir / "index.html")
                 with clock("snapshot_month"):
-                    summary.tables = snapshot_month(
+                    # Publishing and validation side by side; the verdict decides the commit.
+                    verdict = Verdict()
+                    published = snapshot_month.submit(
                         url,
                         as_of_date,
                         summary.run_id,
                         fingerprint,
                         update_live=mode is Mode.PUBLISH,
+                        verdict=verdict,
                     )
+                    try:
+                        with clock("validate_with_ge"):
+                            summary.suites = validate_with_ge(url, str(settings.gx_docs_dir))
+                            summary.data_docs = str(settings.gx_docs_dir / "index.html")
+                    except BaseException:
+                        verdict.reject()
+                        published.wait()
+                        raise
+                    verdict.accept()
+                    summary.tables = published.result()
+                summary.timings["snapshot_month_waiting"] = round(verdict.waited_seconds, 3)
                 summary.status = "succeeded"
             except BaseException as exc:
                 summary.status = "failed"
@@ -216,20 +238,18 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
 
 
 class Stopwatch:
-    """``with clock("step"):`` adds the step's wall time to a timings dict."""
+    """``with clock("step"):`` adds the step's wall time to a timings dict (nestable)."""
 
     def __init__(self, timings: dict[str, float]) -> None:
         self.timings = timings
 
-    def __call__(self, step: str) -> Stopwatch:
-        self._step = step
-        return self
-
-    def __enter__(self) -> None:
-        self._start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.timings[self._step] = round(time.perf_counter() - self._start, 3)
+    @contextmanager
+    def __call__(self, step: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[step] = round(time.perf_counter() - start, 3)
 
 
 def parse_as_of(value: str) -> date:

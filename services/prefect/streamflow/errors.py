@@ -27,3 +27,7 @@ class MonthConflict(IngestError):
 
 class LockTimeout(IngestError):
     """Another ingestion held the lock for too long."""
+
+
+class NotPublished(IngestError):
+    """The publishing transaction was rolled back because validation failed."""

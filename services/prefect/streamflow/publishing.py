@@ -14,8 +14,7 @@ import psycopg
 from psycopg import sql
 
 from .db import ident_list, queries, query
-from .errors import IngestError
-from .registry import PARENT, TABLES, TableSpec
+from .registry import TABLES, TableSpec
 
 
 @dataclass
@@ -54,17 +53,6 @@ def upsert_live(cur: psycopg.Cursor, spec: TableSpec) -> tuple[int, int]:
     updated = cur.rowcount
     cur.execute(query("publish", "insert_live", **names))
     return cur.rowcount, updated
-
-
-def check_keys(cur: psycopg.Cursor, spec: TableSpec) -> None:
-    """The foreign key to users, for the whole staged month at once."""
-    cur.execute(query("publish", "check_keys", staged=_staged(spec)))
-    count, orphans = cur.fetchone()
-    if count:
-        raise IngestError(
-            f"{spec.file_name}, column user_id: user_id not in {PARENT.file_name} "
-            f"nor in the users table ({count} rows), e.g. {', '.join(orphans)}"
-        )
 
 
 def snapshot(cur: psycopg.Cursor, spec: TableSpec, as_of: date) -> tuple[int, int, int]:
@@ -114,8 +102,6 @@ def publish_month(conn: psycopg.Connection, as_of: date, *, update_live: bool) -
             cur.execute(query("publish", "staged_rows", staged=_staged(spec)))
             s = TableStats(spec.name, read=cur.fetchone()[0], snapshot_table=spec.snapshot_table)
             if update_live:
-                if spec is not PARENT:
-                    check_keys(cur, spec)
                 s.inserted, s.updated = upsert_live(cur, spec)
                 s.unchanged = s.read - s.inserted - s.updated
             else:

@@ -64,7 +64,13 @@ def build_suite(spec: TableSpec):  # -> gx.ExpectationSuite
         gxe.ExpectTableColumnsToMatchSet(column_set=list(spec.column_names), exact_match=True)
     )
     suite.add_expectation(gxe.ExpectTableRowCountToBeBetween(min_value=1))
-    suite.add_expectation(gxe.ExpectColumnValuesToBeUnique(column=KEY))
+    suite.add_expectation(
+        gxe.UnexpectedRowsExpectation(
+            unexpected_rows_query=rows_query("duplicates"),
+            description=f"{KEY} is unique: one row per user",
+            meta={"check": "unique", "column": KEY},
+        )
+    )
     for col in spec.columns:
         if col.required:
             suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=col.name))
@@ -184,6 +190,7 @@ def run_suites(database_url: str, docs_dir: Path | None) -> tuple[list[SuiteOutc
 
 _ROW_CHECKS = {
     "unexpected_rows_expectation": "orphans",
+    "unique": "duplicates",
     "not_numbers": "not_numbers",
     "expect_column_values_to_be_between": "negatives",
 }
@@ -268,8 +275,11 @@ def describe_failure(o: ExpectationOutcome) -> str:
             what = f"{n} value(s) below 0, expected >= 0, e.g. {eg_values}{rows}"
         case "expect_column_values_to_not_be_null":
             what = f"{n} empty value(s); every row needs a {o.column}"
-        case "expect_column_values_to_be_unique":
-            what = f"{n} row(s) with a duplicated {o.column}, e.g. {eg_values}"
+        case "unique":
+            copies = ", ".join(
+                f"{uid} ({c} rows)" for uid, c in zip(o.example_user_ids, o.examples, strict=False)
+            )
+            what = f"{n} duplicated {o.column} value(s), e.g. {copies or eg_ids}"
         case "not_numbers":
             what = f"{n} value(s) that are not a number, e.g. {eg_values}{rows}"
         case "expect_column_values_to_be_in_set":

@@ -1,0 +1,36 @@
+"""The validation verdict a publishing transaction waits for before it commits.
+
+Validation and publishing are both SQL over the staged month, on separate
+connections, so they run side by side (one core each on a 2-core machine). The
+publishing transaction does all of its writes, then holds them uncommitted until the
+verdict: nothing unvalidated is ever visible, and a rejected month rolls back to
+exactly what was there before.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+
+class Verdict:
+    """Set once by the flow (``accept`` or ``reject``), awaited by the publisher."""
+
+    def __init__(self) -> None:
+        self._decided = threading.Event()
+        self._accepted = False
+        self.waited_seconds = 0.0
+
+    def accept(self) -> None:
+        self._accepted = True
+        self._decided.set()
+
+    def reject(self) -> None:
+        self._decided.set()
+
+    def wait(self) -> bool:
+        """Block until the flow decides; True if the month may be committed."""
+        start = time.perf_counter()
+        self._decided.wait()
+        self.waited_seconds = time.perf_counter() - start
+        return self._accepted
