@@ -128,7 +128,8 @@ def _observe(conn: psycopg.Connection) -> str:
 
     Staging COPYs (or TRUNCATEs) on connections named streamflow-ingest; GX's
     SQLAlchemy connections have no name and stay open once validation starts;
-    publishing is a streamflow-ingest transaction doing anything but staging.
+    publishing is a streamflow-ingest transaction doing anything but staging (it
+    runs alongside validation, so it is what is reported while both are busy).
     """
     if conn.execute("SELECT 1 FROM ingest_months WHERE as_of = %s", (FEB,)).fetchone():
         return "published (committed)"
@@ -222,6 +223,10 @@ def test_sigkill_anywhere_leaves_before_or_after(
         delay = fraction * timings[phase]
         if phase == "validate_with_ge":
             delay += timings["upsert_csv"]
+        if phase == "snapshot_month":
+            # Publishing starts with validation and runs alongside it; the ledger's
+            # snapshot_month is only what it adds after the verdict.
+            delay = fraction * (timings["validate_with_ge"] + timings["snapshot_month"])
         if url is None:
             name = f"sf_crash_{os.getpid()}_{trial}"
             url = chain.enter_context(copy_db(pg_admin_url, before_db, name))

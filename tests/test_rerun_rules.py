@@ -9,6 +9,7 @@ import hashlib
 import itertools
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +17,15 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import ALL_TABLES, dump, scalar
-from month_files import AS_OF, database_copy, read_rows, small_months, write_rows
+from month_files import (
+    AS_OF,
+    database_copy,
+    flow_command,
+    flow_env,
+    read_rows,
+    small_months,
+    write_rows,
+)
 from streamflow.registry import LIVE_TABLES, SNAPSHOT_TABLES, TABLES
 
 JAN, FEB = AS_OF["month_000"], AS_OF["month_001"]
@@ -162,6 +171,43 @@ def test_same_as_of_same_files_is_a_fast_noop(run_flow, db_url, shared_seeds, re
     assert set(last["timings"]) <= {"schema", "fingerprint"}
     assert sum(last["timings"].values()) < 1.0, last["timings"]
     assert seconds < 10, seconds
+
+
+def test_cli_answers_an_unchanged_month_without_prefect(run_flow, db_url, months):
+    """``python ingest_flow.py`` on a published month: a no-op before Prefect or GX load.
+
+    The Prefect API given to the process does not exist: had the CLI started a flow
+    run, it would have failed to reach it. A changed month still goes to the flow
+    (and so fails here, naming the API), proving the shortcut is only for no-ops.
+    """
+    jan = months / "month_000"
+    ok(run_flow(db_url, jan, JAN))
+    before = dump(db_url, ALL_TABLES)
+    env = flow_env(db_url, PREFECT_API_URL="http://127.0.0.1:9/api")
+
+    start = time.perf_counter()
+    python, *script = flow_command(jan, JAN)
+    proc = subprocess.run([python, "-X", "importtime", *script],
+                          env=env, capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - start
+    print(f"CLI no-op rerun, process start to exit: {seconds:.2f} s")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "already published from the same files; nothing to do" in proc.stdout
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "psycopg" in imported
+    assert not {m for m in imported if m.split(".")[0] in ("prefect", "great_expectations")}
+    assert dump(db_url, ALL_TABLES) == before
+    last = runs(db_url)[-1]
+    assert (last["status"], last["mode"]) == ("noop", "noop")
+    assert set(last["timings"]) == {"fingerprint"}
+
+    ledger_rows = len(runs(db_url))
+    feb = subprocess.run(flow_command(months / "month_001", FEB), env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert feb.returncode == 1, feb.stdout[-2000:]
+    assert "ingest failed" in feb.stderr.strip().splitlines()[-1]
+    assert len(runs(db_url)) == ledger_rows
 
 
 # --------------------------------------------------------------------------- other files

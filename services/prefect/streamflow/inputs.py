@@ -1,0 +1,54 @@
+"""The run's inputs, checked before any database work: the month folder and AS_OF."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from datetime import date
+from pathlib import Path
+
+from .errors import InputError
+from .ledger import expected_files
+from .registry import TABLES
+from .settings import flag
+
+
+def parse_as_of(value: str) -> date:
+    try:
+        return date.fromisoformat(value.strip())
+    except (ValueError, AttributeError):
+        raise InputError(
+            f"AS_OF {value!r} is not a valid date; expected YYYY-MM-DD, e.g. 2024-01-31"
+        ) from None
+
+
+def month_files(seed_dir: Path) -> dict[str, Path]:
+    if not seed_dir.is_dir():
+        raise InputError(f"SEED_DIR {str(seed_dir)!r} is not a directory")
+    files = expected_files(seed_dir)
+    missing = [p.name for p in files.values() if not p.is_file()]
+    if missing:
+        raise InputError(
+            f"{seed_dir}: missing file {', '.join(missing)} "
+            f"(a month folder holds {', '.join(t.file_name for t in TABLES)})"
+        )
+    return files
+
+
+def cli_parser(description: str | None) -> argparse.ArgumentParser:
+    """``ingest_flow.py [run|serve] [--seed-dir D] [--as-of YYYY-MM-DD] [--replace]``."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("command", nargs="?", choices=["run", "serve"], default="run")
+    parser.add_argument(
+        "--seed-dir", default=os.environ.get("SEED_DIR"), help="month folder (env SEED_DIR)"
+    )
+    parser.add_argument("--as-of", default=os.environ.get("AS_OF"), help="YYYY-MM-DD (env AS_OF)")
+    parser.add_argument(
+        "--replace",
+        action="store_true",
+        default=flag("REPLACE"),
+        help="replace an as_of already published from other files (env REPLACE=1)",
+    )
+    return parser

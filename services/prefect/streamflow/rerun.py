@@ -1,0 +1,69 @@
+"""The unchanged month, answered before Prefect and GX are even imported.
+
+A month already published from byte-identical files is a no-op. Starting Prefect's
+engine (and, without PREFECT_API_URL, its temporary API server) and importing GX to
+find that out costs 2 to 20 s; the answer itself is a fingerprint and one ledger
+lookup. So the CLI asks first, and the run is recorded in the ledger as a no-op like
+any other. Everything else (a new month, a replacement, a refusal, a bad input, a
+database that cannot be reached) goes to the flow, which decides again under its
+own lock and reports as usual.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from . import db, ledger
+from .embedded import embedded_database_url
+from .inputs import cli_parser, month_files, parse_as_of
+from .ledger import Mode
+from .reporting import RunSummary
+from .settings import load_settings
+
+
+def unchanged_month(seed_dir: str, as_of: str) -> RunSummary | None:
+    """Record and return a no-op run if the month is published from these very files."""
+    as_of_date = parse_as_of(as_of)
+    files = month_files(Path(seed_dir))
+    settings = load_settings()
+    url = settings.database_url or embedded_database_url(settings.embedded_pgdata)
+    summary = RunSummary(seed_dir=seed_dir, as_of=as_of_date.isoformat(), mode=Mode.NOOP.value)
+    with db.connect(url, autocommit=True) as control:
+        if not db.schema_present(control):
+            return None
+        with db.writer_lock(control, settings.lock_wait_seconds):
+            start = time.perf_counter()
+            prints = [ledger.fingerprint_file(t, p) for t, p in files.items()]
+            fingerprint = ledger.month_fingerprint(prints)
+            summary.timings["fingerprint"] = round(time.perf_counter() - start, 3)
+            mode, _ = ledger.decide_mode(control, as_of_date, fingerprint, replace=False)
+            if mode is not Mode.NOOP:
+                return None
+            summary.status = "noop"
+            summary.run_id = ledger.start_run(
+                control,
+                as_of=as_of_date,
+                seed_dir=seed_dir,
+                status="noop",
+                mode=Mode.NOOP.value,
+                fingerprint=fingerprint,
+                files=prints,
+            )
+            ledger.finish_run(control, summary.run_id, status="noop", timings=summary.timings)
+    return summary
+
+
+def exit_if_unchanged(argv: list[str]) -> None:
+    """For ``python ingest_flow.py``: print the no-op line and exit 0, or return."""
+    args, _ = cli_parser(None).parse_known_args(argv)
+    if args.command != "run" or not args.seed_dir or not args.as_of or args.replace:
+        return
+    try:
+        summary = unchanged_month(args.seed_dir, args.as_of)
+    except Exception:  # a bad input, a refusal, no database: the flow reports it, and retries
+        return
+    if summary is not None:
+        print(summary.one_line())
+        sys.exit(0)
