@@ -77,7 +77,9 @@ def upsert_csv(database_url: str, table: str, path: str) -> loading.StagedFile:
 @task(name="validate_with_ge", cache_policy=NO_CACHE)
 def validate_with_ge(database_url: str, docs_dir: str | None) -> list[validation.SuiteOutcome]:
     """Run the six GX suites inside PostgreSQL; raise ValidationFailed on any failure."""
-    outcomes, site = validation.run_suites(database_url, Path(docs_dir) if docs_dir else None)
+    outcomes, site = validation.run_suites_in_child(
+        database_url, Path(docs_dir) if docs_dir else None
+    )
     logger = get_run_logger()
     for suite in outcomes:
         logger.info("suite %s: %d passed, %d failed", suite.table, suite.passed, suite.failed)
