@@ -52,7 +52,10 @@ def entries(lines: list[str]) -> list[tuple[float, str]]:
 _LIVE = "users|subscriptions|usage_agg_30d|payments_agg_90d|support_agg_90d|labels"
 KINDS = (
     ("stage: COPY into staging.*", r"^COPY \S*staging"),
-    ("validate: GX uniqueness of user_id (count + examples)", r"OVER \(PARTITION BY user_id\)"),
+    ("validate: GX uniqueness of user_id (window count + examples, before 1a0b353)",
+     r"OVER \(PARTITION BY user_id\)"),
+    ("validate: GX uniqueness of user_id (count DISTINCT, since 1a0b353)",
+     r"count\(DISTINCT user_id\)"),
     ("validate: GX counts of unexpected values", r"UnexpectedCountSubquery|^SELECT sum\(CASE"),
     ("validate: orphan rows (anti-join)", r"unexpected_row_count|^SELECT o\.user_id FROM"),
     ("validate: NaN/Infinity rows", r"'NaN'"),
@@ -61,7 +64,7 @@ KINDS = (
     ("publish: live UPDATE of changed rows", r"^UPDATE \"(" + _LIVE + r")\""),
     ("publish: history INSERT into the month partition", r"^INSERT INTO \"\w+_snapshots_\d+\""),
     ("publish: attach partition (index build)", r"attach_month_partition"),
-    ("publish: set-based foreign key check", r"array_agg\(s\.user_id"),
+    ("publish: set-based foreign key check (before c2c0a50)", r"array_agg\(s\.user_id"),
     ("commit", r"^COMMIT"),
     ("bench: create/drop database, counts", r"DATABASE|^SELECT count\(\*\) FROM \"public\""),
 )

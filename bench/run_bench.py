@@ -1098,9 +1098,12 @@ each step in its own process:
   into the empty live tables (primary and foreign keys in place). Month 1 only.
 - **(c)** the pipeline as users run it: `python services/prefect/ingest_flow.py
   --seed-dir … --as-of …` with `DATABASE_URL` set and no `PREFECT_API_URL`, so
-  Prefect starts its ephemeral API server: stage (COPY), validate (GX in
-  PostgreSQL), publish live + as_of snapshots + ledger in one transaction. Month 1
-  starts from an empty database (the flow creates its schema).
+  Prefect starts its ephemeral API server: stage (COPY), then validate (GX in
+  PostgreSQL, driven from a child Python process) and, at the same time on another
+  connection, publish live + as_of snapshots + ledger in one transaction that
+  commits only once every expectation passed. Month 1 starts from an empty database
+  (the flow creates its schema). An unchanged month is answered by the CLI before
+  it imports Prefect or GX (since f7b8f7c).
 - **(c0)** the same flow body with Prefect bypassed: the tasks called as plain
   functions (`Task.fn`), no flow or task runs, no API server.
 - **(d)** dlt 1.31.0: one resource per file yielding record batches from pyarrow's
@@ -1128,9 +1131,10 @@ Columns: **wall** = process spawn to exit, interpreter start and imports include
 sum of the ledger's step timings). **CPU** = the process's user + system CPU
 (`wait4`, its waited-for children included). **PG CPU** = PostgreSQL's processes'
 CPU during the step (sampled every 50 ms from /proc). **peak RSS** = the process's
-own high-water mark (VmHWM); **+ children** = its child processes' peaks (for (c):
-Prefect's ephemeral API server); **PG MB** = peak of PostgreSQL's private memory
-(sum of RssAnon over its processes; shared_buffers not counted).
+own high-water mark (VmHWM); **+ children** = the sum of its child processes' peaks
+(for (c): Prefect's ephemeral API server and, since 1a0b353, the GX process);
+**PG MB** = peak of PostgreSQL's private memory (sum of RssAnon over its processes;
+shared_buffers not counted).
 """
 
 

@@ -257,6 +257,8 @@ def _describe(e) -> str:
         return f"min_value={kw['min_value']}"
     if e.expectation_type == "expect_column_values_to_be_between":
         return f"{kw['column']} >= {kw['min_value']:g}"
+    if e.expectation_type == "expect_column_proportion_of_unique_values_to_be_between":
+        return f"{kw['column']}: distinct values / rows = 1 (unique)"
     if e.expectation_type == "expect_column_values_to_be_in_set":
         return f"{kw['column']} in {{{', '.join(kw['value_set'])}}}"
     if "column" in kw:

@@ -9,9 +9,8 @@ WHERE o.user_id IS NOT NULL
   AND NOT EXISTS (SELECT 1 FROM public.users AS l WHERE l.user_id = o.user_id)
 
 -- name: duplicates
--- One row per user_id that appears more than once, with how many times. A hash
--- aggregate reads the month once; GX's ExpectColumnValuesToBeUnique sorts it through
--- a window function twice (count, then examples): 3x slower at 1M rows.
+-- The user_ids that appear more than once, with how many times: the examples behind
+-- a failed uniqueness expectation.
 SELECT d.user_id, d.copies FROM (
   SELECT user_id, count(*) AS copies FROM {batch} WHERE user_id IS NOT NULL
   GROUP BY user_id HAVING count(*) > 1
