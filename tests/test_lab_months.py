@@ -7,8 +7,9 @@ import shutil
 from decimal import Decimal
 from pathlib import Path
 
+import psycopg
 from conftest import ALL_TABLES, dump, scalar
-from streamflow.registry import SNAPSHOT_TABLES
+from streamflow.registry import LIVE_TABLES, SNAPSHOT_TABLES
 
 
 def _ingest_both(run_flow, url: str, seeds: Path) -> None:
@@ -39,6 +40,19 @@ def test_month_000_lands_with_nulls_kept(run_flow, db_url, shared_seeds):
             scalar(db_url, f'SELECT count(*) FROM "{table}" WHERE as_of = %s', ("2024-01-31",))  # noqa: S608
             == 7043
         )
+    # user_id compares bytewise everywhere (live, staging, history and its month
+    # partitions): the sorts and key indexes of a month depend on it.
+    collations = dict(
+        psycopg.connect(db_url).execute(
+            "SELECT table_schema || '.' || table_name, collation_name"
+            " FROM information_schema.columns"
+            " WHERE column_name = 'user_id' AND table_schema IN ('public', 'staging')"
+        ).fetchall()
+    )
+    assert {f"public.{t}" for t in (*LIVE_TABLES, *SNAPSHOT_TABLES)} <= set(collations)
+    assert {f"staging.{t}" for t in LIVE_TABLES} <= set(collations)
+    assert any(name.endswith("_20240131") for name in collations)
+    assert set(collations.values()) == {"C"}, collations
 
 
 def test_two_months_history_and_changes(run_flow, db_url, shared_seeds):

@@ -210,6 +210,26 @@ def test_cli_answers_an_unchanged_month_without_prefect(run_flow, db_url, months
     assert len(runs(db_url)) == ledger_rows
 
 
+def test_cli_validates_in_a_child_process(db_url, months):
+    """The flow process never imports GX: the suites run in ``python -m streamflow.validation``.
+
+    GX's ~270 MB of imports (and its open connection) go away with the child; the
+    flow still reports every suite and publishes the month.
+    """
+    python, *script = flow_command(months / "month_000", JAN)
+    proc = subprocess.run([python, "-X", "importtime", *script], env=flow_env(db_url),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "published live + history" in proc.stdout
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "prefect" in imported
+    assert not {m for m in imported if m.split(".")[0] == "great_expectations"}
+    validation = runs(db_url)[-1]["validation"]
+    assert {v["table"] for v in validation} == {t.name for t in TABLES}
+    assert all(v["passed"] > 0 and v["failed"] == 0 for v in validation), validation
+
+
 # --------------------------------------------------------------------------- other files
 
 

@@ -36,13 +36,13 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from streamflow import db, ledger, loading, publishing, validation  # noqa: E402
-from streamflow.embedded import embedded_database_url  # noqa: E402
+from streamflow.embedded import resolve_database_url  # noqa: E402
 from streamflow.errors import IngestError, MonthConflict, NotPublished  # noqa: E402
 from streamflow.inputs import cli_parser, month_files, parse_as_of  # noqa: E402
 from streamflow.ledger import Mode  # noqa: E402
 from streamflow.registry import BY_NAME  # noqa: E402
 from streamflow.reporting import RunSummary, publish_artifacts  # noqa: E402
-from streamflow.settings import Settings, load_settings  # noqa: E402
+from streamflow.settings import load_settings  # noqa: E402
 from streamflow.verdict import Verdict  # noqa: E402
 
 DEPLOYMENT_NAME = "ingest-month"
@@ -142,7 +142,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
     settings = load_settings()
     as_of_date = parse_as_of(as_of)
     files = month_files(Path(seed_dir))
-    url = database_url(settings)
+    url = resolve_database_url(settings)
     summary = RunSummary(seed_dir=seed_dir, as_of=as_of_date.isoformat(), mode="?")
     clock = Stopwatch(summary.timings)
     with (
@@ -153,8 +153,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
             db.ensure_schema(control)
             ledger.abandon_stale_runs(control)
         with clock("fingerprint"):
-            prints = [ledger.fingerprint_file(t, p) for t, p in files.items()]
-            fingerprint = ledger.month_fingerprint(prints)
+            prints, fingerprint = ledger.fingerprint_month(files)
         try:
             mode, summary.replacing = ledger.decide_mode(
                 control, as_of_date, fingerprint, replace=replace
@@ -266,10 +265,6 @@ class Stopwatch:
             yield
         finally:
             self.timings[step] = round(time.perf_counter() - start, 3)
-
-
-def database_url(settings: Settings) -> str:
-    return settings.database_url or embedded_database_url(settings.embedded_pgdata)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import IngestError
+from .settings import Settings
 
 
 def embedded_database_url(pgdata: Path) -> str:
@@ -23,3 +24,8 @@ def embedded_database_url(pgdata: Path) -> str:
     pgdata.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(pgdata, cleanup_mode=None)
     return server.get_uri()
+
+
+def resolve_database_url(settings: Settings) -> str:
+    """The configured server, or else the embedded one (started if needed)."""
+    return settings.database_url or embedded_database_url(settings.embedded_pgdata)

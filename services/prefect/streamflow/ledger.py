@@ -48,6 +48,12 @@ def month_fingerprint(files: list[FileFingerprint]) -> str:
     return digest.hexdigest()
 
 
+def fingerprint_month(files: dict[str, Path]) -> tuple[list[FileFingerprint], str]:
+    """Each file's fingerprint, and the month's."""
+    prints = [fingerprint_file(table, path) for table, path in files.items()]
+    return prints, month_fingerprint(prints)
+
+
 def decide_mode(
     conn: psycopg.Connection, as_of: date, fingerprint: str, *, replace: bool
 ) -> tuple[Mode, bool]:

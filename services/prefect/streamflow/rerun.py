@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from . import db, ledger
-from .embedded import embedded_database_url
+from .embedded import resolve_database_url
 from .inputs import cli_parser, month_files, parse_as_of
 from .ledger import Mode
 from .reporting import RunSummary
@@ -28,15 +28,14 @@ def unchanged_month(seed_dir: str, as_of: str) -> RunSummary | None:
     as_of_date = parse_as_of(as_of)
     files = month_files(Path(seed_dir))
     settings = load_settings()
-    url = settings.database_url or embedded_database_url(settings.embedded_pgdata)
+    url = resolve_database_url(settings)
     summary = RunSummary(seed_dir=seed_dir, as_of=as_of_date.isoformat(), mode=Mode.NOOP.value)
     with db.connect(url, autocommit=True) as control:
         if not db.schema_present(control):
             return None
         with db.writer_lock(control, settings.lock_wait_seconds):
             start = time.perf_counter()
-            prints = [ledger.fingerprint_file(t, p) for t, p in files.items()]
-            fingerprint = ledger.month_fingerprint(prints)
+            prints, fingerprint = ledger.fingerprint_month(files)
             summary.timings["fingerprint"] = round(time.perf_counter() - start, 3)
             mode, _ = ledger.decide_mode(control, as_of_date, fingerprint, replace=False)
             if mode is not Mode.NOOP:

@@ -10,7 +10,7 @@ import sys
 import psycopg
 
 from .db import queries
-from .embedded import embedded_database_url
+from .embedded import resolve_database_url
 from .settings import load_settings
 
 
@@ -39,7 +39,7 @@ def render(results: list[tuple[str, list[tuple]]]) -> str:
 
 def main() -> int:
     settings = load_settings()
-    url = settings.database_url or embedded_database_url(settings.embedded_pgdata)
+    url = resolve_database_url(settings)
     print(render(counts(url)))
     return 0
 
