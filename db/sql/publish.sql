@@ -10,21 +10,29 @@
 SET LOCAL work_mem = '256MB';
 SET LOCAL session_replication_role = replica;
 
--- name: update_live
--- Only rows whose values changed are rewritten (IS DISTINCT FROM treats NULLs as
--- values). One hash join over the month, not one index probe per row.
-UPDATE {live} AS t
-SET ({value_columns}) = ROW({staged_values})
-FROM {staged} AS s
-WHERE t.user_id = s.user_id
-  AND ({live_values}) IS DISTINCT FROM ({staged_values});
+-- name: live_is_empty
+SELECT NOT EXISTS (SELECT 1 FROM {live});
+
+-- name: live_rows
+SELECT count(*) FROM {live};
+
+-- name: merge_live
+-- One hash join of the month with the live table for both kinds of row: new users
+-- are inserted, users whose values changed are rewritten (IS DISTINCT FROM treats
+-- NULLs as values), unchanged rows are not touched. An UPDATE then an anti-join
+-- INSERT would join the two tables twice (~1.4 s per 1M-row table).
+MERGE INTO {live} AS t
+USING {staged} AS s ON t.user_id = s.user_id
+WHEN MATCHED AND ({live_values}) IS DISTINCT FROM ({staged_values}) THEN
+  UPDATE SET ({value_columns}) = ROW({staged_values})
+WHEN NOT MATCHED THEN
+  INSERT ({columns}) VALUES ({staged_columns});
 
 -- name: insert_live
--- New users; on a first load, the whole month. Key order: the primary key index is
--- appended to rather than split at random pages.
+-- A first load into an empty table: the whole month, in key order, so the primary
+-- key index is appended to rather than split at random pages.
 INSERT INTO {live} ({columns})
 SELECT {staged_columns} FROM {staged} AS s
-WHERE NOT EXISTS (SELECT 1 FROM {live} AS t WHERE t.user_id = s.user_id)
 ORDER BY s.user_id;
 
 -- name: drop_vanished_snapshots

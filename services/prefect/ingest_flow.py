@@ -1,6 +1,6 @@
 """StreamFlow monthly ingestion, as a Prefect flow.
 
-    month_XXX/*.csv ──upsert_csv ×6──▶ staging.*  (COPY, typed by PostgreSQL)
+    month_XXX/*.csv ──upsert_csv ×6──▶ staging.*  (COPY, typed by PostgreSQL; GX starts meanwhile)
         ├─validate_with_ge──▶ GX suites over the staged month ───────────┐ verdict
         └─snapshot_month────▶ live upserts + as_of history, one open     │
                               transaction ──▶ commit if the suites pass ◀┘ else roll back
@@ -75,11 +75,9 @@ def upsert_csv(database_url: str, table: str, path: str) -> loading.StagedFile:
 
 
 @task(name="validate_with_ge", cache_policy=NO_CACHE)
-def validate_with_ge(database_url: str, docs_dir: str | None) -> list[validation.SuiteOutcome]:
+def validate_with_ge(suites: validation.SuitesProcess) -> list[validation.SuiteOutcome]:
     """Run the six GX suites inside PostgreSQL; raise ValidationFailed on any failure."""
-    outcomes, site = validation.run_suites_in_child(
-        database_url, Path(docs_dir) if docs_dir else None
-    )
+    outcomes, site = suites.run()
     logger = get_run_logger()
     for suite in outcomes:
         logger.info("suite %s: %d passed, %d failed", suite.table, suite.passed, suite.failed)
@@ -183,6 +181,8 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
             summary.status = "noop"
             ledger.finish_run(control, summary.run_id, status="noop", timings=summary.timings)
         else:
+            # GX imports and builds its suites while the month is being staged.
+            suites = validation.SuitesProcess(url, settings.gx_docs_dir)
             try:
                 with clock("upsert_csv"):
                     # Two COPY streams at once: one per core of a small machine.
@@ -204,7 +204,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
                 )
                 try:
                     with clock("validate_with_ge"):
-                        summary.suites = validate_with_ge(url, str(settings.gx_docs_dir))
+                        summary.suites = validate_with_ge(suites)
                         summary.data_docs = str(settings.gx_docs_dir / "index.html")
                 except BaseException:
                     verdict.reject()
@@ -230,6 +230,8 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
                 )
                 publish_artifacts(summary)
                 raise
+            finally:
+                suites.close()
             ledger.finish_run(
                 control,
                 summary.run_id,

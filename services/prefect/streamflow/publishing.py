@@ -49,10 +49,16 @@ def upsert_live(cur: psycopg.Cursor, spec: TableSpec) -> tuple[int, int]:
         "staged_values": ident_list(values, "s"),
         "live_values": ident_list(values, "t"),
     }
-    cur.execute(query("publish", "update_live", **names))
-    updated = cur.rowcount
-    cur.execute(query("publish", "insert_live", **names))
-    return cur.rowcount, updated
+    if cur.execute(query("publish", "live_is_empty", **names)).fetchone()[0]:
+        cur.execute(query("publish", "insert_live", **names))
+        return cur.rowcount, 0
+    # MERGE reports one count for inserts and updates together (RETURNING
+    # merge_action() is PostgreSQL 17+): the table's growth tells them apart.
+    before = cur.execute(query("publish", "live_rows", **names)).fetchone()[0]
+    cur.execute(query("publish", "merge_live", **names))
+    changed = cur.rowcount
+    inserted = cur.execute(query("publish", "live_rows", **names)).fetchone()[0] - before
+    return inserted, changed - inserted
 
 
 def snapshot(cur: psycopg.Cursor, spec: TableSpec, as_of: date) -> tuple[int, int, int]:
