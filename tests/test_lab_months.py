@@ -53,6 +53,23 @@ def test_month_000_lands_with_nulls_kept(run_flow, db_url, shared_seeds):
     assert {f"staging.{t}" for t in LIVE_TABLES} <= set(collations)
     assert any(name.endswith("_20240131") for name in collations)
     assert set(collations.values()) == {"C"}, collations
+    # A first load builds the keyed tables' primary keys after the rows are in: the
+    # same constraints as a fresh schema, on a valid index, foreign keys untouched.
+    constraints = psycopg.connect(db_url).execute(
+        "SELECT c.conrelid::regclass::text, c.conname, pg_get_constraintdef(c.oid), i.indisvalid"
+        " FROM pg_constraint c LEFT JOIN pg_index i ON i.indexrelid = c.conindid"
+        " WHERE c.contype IN ('p', 'f') AND c.connamespace = 'public'::regnamespace"
+        "   AND c.conrelid::regclass::text = ANY(%s)",
+        (list(LIVE_TABLES),),
+    ).fetchall()
+    assert sorted(constraints) == sorted(
+        [(t, f"{t}_pkey", "PRIMARY KEY (user_id)", True) for t in LIVE_TABLES]
+        + [
+            (t, f"{t}_user_id_fkey", "FOREIGN KEY (user_id) REFERENCES users(user_id)", True)
+            for t in LIVE_TABLES
+            if t != "users"
+        ]
+    )
 
 
 def test_two_months_history_and_changes(run_flow, db_url, shared_seeds):

@@ -233,3 +233,55 @@ def test_partition_functions_only_touch_history_tables(db_url, call):
     with psycopg.connect(db_url) as conn:
         with pytest.raises(psycopg.errors.RaiseException, match="not a history table: users"):
             conn.execute(call)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "SELECT streamflow_drop_empty_live_key('users')",
+        "SELECT streamflow_restore_live_key('users')",
+        "SELECT streamflow_drop_empty_live_key('labels_snapshots')",
+        "SELECT streamflow_restore_live_key('ingest_runs')",
+    ],
+)
+def test_live_key_functions_only_touch_tables_keyed_to_users(ingest_url, call):
+    """users keeps its key (foreign keys point at it); nothing else is reachable."""
+    with psycopg.connect(ingest_url) as conn:
+        with pytest.raises(psycopg.errors.RaiseException, match="not a live table keyed to users"):
+            conn.execute(call)  # type: ignore[arg-type]
+
+
+def test_live_key_is_only_dropped_from_an_empty_table(run_flow, ingest_url, months):
+    with psycopg.connect(ingest_url) as conn:  # empty: dropped, rolled back with the transaction
+        assert conn.execute("SELECT streamflow_drop_empty_live_key('labels')").fetchone()[0]
+        assert conn.execute("SELECT to_regclass('labels_pkey')").fetchone()[0] is None
+        conn.rollback()
+    assert scalar(ingest_url, "SELECT to_regclass('labels_pkey')::text") == "labels_pkey"
+    rc, _, err = run_flow(ingest_url, months / "month_000", JAN)
+    assert rc == 0, err[-3000:]
+    with psycopg.connect(ingest_url) as conn:  # a table in use keeps its key, unlocked
+        assert conn.execute("SELECT streamflow_drop_empty_live_key('labels')").fetchone()[0] is False
+        locks = "SELECT count(*) FROM pg_locks WHERE relation = 'labels'::regclass AND granted"
+        assert conn.execute(locks + " AND mode = 'AccessExclusiveLock'").fetchone()[0] == 0
+        assert conn.execute("SELECT to_regclass('labels_pkey')::text").fetchone()[0] == "labels_pkey"
+
+
+def test_an_older_schema_is_brought_up_to_date_or_named(run_flow, db_url, ingest_url, months):
+    """A database initialised before the newest db/init object: the owner's run
+    re-applies the idempotent init SQL; a login that may not gets a clear error."""
+    from streamflow import db
+    from streamflow.errors import SchemaOutdated
+
+    drop = f"DROP FUNCTION {db.NEWEST_OBJECT}"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(drop)  # type: ignore[arg-type]
+    with psycopg.connect(ingest_url) as conn, pytest.raises(SchemaOutdated) as info:
+        db.ensure_schema(conn)
+    assert "have its owner run db/init/001_schema.sql" in str(info.value)
+    rc, _, err = run_flow(ingest_url, months / "month_000", JAN)
+    assert rc == 1 and "older version of this pipeline" in err
+    with psycopg.connect(db_url) as conn:
+        assert db.ensure_schema(conn) == ["001_schema.sql"]
+        assert db.ensure_schema(conn) == []
+    rc, _, err = run_flow(ingest_url, months / "month_000", JAN)
+    assert rc == 0, err[-3000:]

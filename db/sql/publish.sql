@@ -13,6 +13,19 @@ SET LOCAL session_replication_role = replica;
 -- name: live_is_empty
 SELECT NOT EXISTS (SELECT 1 FROM {live});
 
+-- name: drop_empty_live_key
+-- A first load of a table keyed to users: its primary key is rebuilt after the
+-- month is in (db/init/001_schema.sql says why; false: the table is not empty).
+SELECT streamflow_drop_empty_live_key(%(live)s);
+
+-- name: restore_live_key
+SELECT streamflow_restore_live_key(%(live)s);
+
+-- name: append_live
+-- Into a table without its key: no order needed, the key is built by one sort after.
+INSERT INTO {live} ({columns})
+SELECT {staged_columns} FROM {staged} AS s;
+
 -- name: live_rows
 SELECT count(*) FROM {live};
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from .errors import LockTimeout
+from .errors import LockTimeout, SchemaOutdated
 from .settings import SQL_DIR
 
 # One key for the whole pipeline: months are published strictly one at a time.
@@ -62,11 +62,28 @@ def apply_init_sql(conn: psycopg.Connection, sql_dir: Path = SQL_DIR) -> list[st
     return applied
 
 
+# The newest object of db/init: a database initialised by an older version of this
+# pipeline lacks it, and gets the (idempotent) init SQL again.
+NEWEST_OBJECT = "streamflow_restore_live_key(text)"
+
+
 def ensure_schema(conn: psycopg.Connection, sql_dir: Path = SQL_DIR) -> list[str]:
-    """Apply the init SQL on an empty database; leave an initialised one alone."""
+    """Apply the init SQL on an empty or older database; leave a current one alone."""
     if schema_present(conn):
+        row = conn.execute("SELECT to_regprocedure(%s) IS NOT NULL", (NEWEST_OBJECT,)).fetchone()
         conn.rollback()
-        return []
+        if row and row[0]:
+            return []
+        try:
+            return apply_init_sql(conn, sql_dir)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            conn.rollback()
+            raise SchemaOutdated(
+                f"the database was initialised by an older version of this pipeline "
+                f"(no {NEWEST_OBJECT}), and this login may not update it: have its owner "
+                f"run db/init/001_schema.sql once (it is idempotent). PostgreSQL said: "
+                f"{exc.diag.message_primary}"
+            ) from exc
     return apply_init_sql(conn, sql_dir)
 
 

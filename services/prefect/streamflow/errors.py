@@ -31,3 +31,7 @@ class LockTimeout(IngestError):
 
 class NotPublished(IngestError):
     """The publishing transaction was rolled back because validation failed."""
+
+
+class SchemaOutdated(IngestError):
+    """The database predates this version's db/init and the login may not update it."""

@@ -14,7 +14,7 @@ import psycopg
 from psycopg import sql
 
 from .db import ident_list, queries, query
-from .registry import TABLES, TableSpec
+from .registry import PARENT, TABLES, TableSpec
 
 
 @dataclass
@@ -49,6 +49,13 @@ def upsert_live(cur: psycopg.Cursor, spec: TableSpec) -> tuple[int, int]:
         "staged_values": ident_list(values, "s"),
         "live_values": ident_list(values, "t"),
     }
+    q = queries("publish")
+    params = {"live": spec.name}
+    if spec is not PARENT and cur.execute(q["drop_empty_live_key"], params).fetchone()[0]:  # type: ignore[arg-type]
+        cur.execute(query("publish", "append_live", **names))
+        inserted = cur.rowcount
+        cur.execute(q["restore_live_key"], params)  # type: ignore[arg-type]
+        return inserted, 0
     if cur.execute(query("publish", "live_is_empty", **names)).fetchone()[0]:
         cur.execute(query("publish", "insert_live", **names))
         return cur.rowcount, 0
