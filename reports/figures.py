@@ -277,8 +277,11 @@ def fig_publish_sql() -> dict[str, str]:
             if any(m in text for m in markers)
         )
 
+    live = ("drop_empty_live_key", "append_live", "restore_live_key", "insert_live", "merge_live")
     return {
-        "sql_publish_live": pick("{live}"),
+        "sql_publish_live": "\n\n".join(
+            f"-- db/sql/publish.sql, name: {name}\n{named[name]}" for name in live
+        ),
         "sql_publish_history": pick("{history}", "{partition}", "_month_partition("),
     }
 

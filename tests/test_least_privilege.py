@@ -260,10 +260,12 @@ def test_live_key_is_only_dropped_from_an_empty_table(run_flow, ingest_url, mont
     rc, _, err = run_flow(ingest_url, months / "month_000", JAN)
     assert rc == 0, err[-3000:]
     with psycopg.connect(ingest_url) as conn:  # a table in use keeps its key, unlocked
-        assert conn.execute("SELECT streamflow_drop_empty_live_key('labels')").fetchone()[0] is False
+        dropped = conn.execute("SELECT streamflow_drop_empty_live_key('labels')").fetchone()[0]
+        assert dropped is False
         locks = "SELECT count(*) FROM pg_locks WHERE relation = 'labels'::regclass AND granted"
         assert conn.execute(locks + " AND mode = 'AccessExclusiveLock'").fetchone()[0] == 0
-        assert conn.execute("SELECT to_regclass('labels_pkey')::text").fetchone()[0] == "labels_pkey"
+        key = conn.execute("SELECT to_regclass('labels_pkey')::text").fetchone()[0]
+        assert key == "labels_pkey"
 
 
 def test_an_older_schema_is_brought_up_to_date_or_named(run_flow, db_url, ingest_url, months):

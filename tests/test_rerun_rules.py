@@ -123,9 +123,14 @@ def test_ledger_records_every_run(run_flow, db_url, months, tmp_path):
         assert set(r["files"]) == {t.name for t in TABLES}
         for spec in TABLES:
             path = folder / spec.file_name
-            assert r["files"][spec.name] == {
+            entry = dict(r["files"][spec.name])
+            stat = entry.pop("stat")  # where the file was and when it last changed
+            assert entry == {
                 "file": spec.file_name, "sha256": sha256(path), "bytes": path.stat().st_size,
             }
+            assert stat["path"] == str(path.resolve())
+            assert (stat["inode"], stat["mtime_ns"]) == (path.stat().st_ino,
+                                                         path.stat().st_mtime_ns)
     # Per-table outcome of the publishing runs.
     jan_run, feb_run, noop, failed, refused = ledger
     stats = {s["table"]: s for s in feb_run["table_stats"]}
@@ -167,8 +172,9 @@ def test_same_as_of_same_files_is_a_fast_noop(run_flow, db_url, shared_seeds, re
     assert dump(db_url, ALL_TABLES) == before
     last = runs(db_url)[-1]
     assert last["status"] == "noop"
-    # Nothing was staged, validated or published: only the fingerprint was computed.
-    assert set(last["timings"]) <= {"schema", "fingerprint"}
+    # Nothing was staged, validated or published: only the fingerprint was computed
+    # (or, for files untouched since they were hashed, their stat compared).
+    assert set(last["timings"]) <= {"schema", "fingerprint", "stat_check"}
     assert sum(last["timings"].values()) < 1.0, last["timings"]
     assert seconds < 10, seconds
 
@@ -200,7 +206,7 @@ def test_cli_answers_an_unchanged_month_without_prefect(run_flow, db_url, months
     assert dump(db_url, ALL_TABLES) == before
     last = runs(db_url)[-1]
     assert (last["status"], last["mode"]) == ("noop", "noop")
-    assert set(last["timings"]) == {"fingerprint"}
+    assert set(last["timings"]) in ({"fingerprint"}, {"stat_check"})  # see the next test
 
     ledger_rows = len(runs(db_url))
     feb = subprocess.run(flow_command(months / "month_001", FEB), env=env,
@@ -208,6 +214,49 @@ def test_cli_answers_an_unchanged_month_without_prefect(run_flow, db_url, months
     assert feb.returncode == 1, feb.stdout[-2000:]
     assert "ingest failed" in feb.stderr.strip().splitlines()[-1]
     assert len(runs(db_url)) == ledger_rows
+
+
+def test_unchanged_files_are_known_by_their_stat_and_any_write_is_not(run_flow, db_url,
+                                                                      months, tmp_path):
+    """The CLI does not read again a month untouched since it was hashed; a file
+    rewritten with the same size and its old mtime put back is still caught (its ctime
+    moved), and a file that was only rewritten identically is hashed and found unchanged.
+
+    As above, the Prefect API is unreachable: only the no-op shortcut can succeed.
+    """
+    jan = tmp_path / "month_000"
+    shutil.copytree(months / "month_000", jan)
+    time.sleep(2.2)  # older than the racy margin when hashed: its stat can be trusted
+    ok(run_flow(db_url, jan, JAN))
+    env = flow_env(db_url, PREFECT_API_URL="http://127.0.0.1:9/api")
+
+    def cli() -> subprocess.CompletedProcess:
+        return subprocess.run(flow_command(jan, JAN), env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    assert cli().returncode == 0
+    assert runs(db_url)[-1]["status"] == "noop"
+    assert set(runs(db_url)[-1]["timings"]) == {"stat_check"}
+
+    labels = jan / "labels.csv"
+    st = labels.stat()
+    rows = read_rows(labels)
+    rows[1], rows[2] = rows[2], rows[1]  # other bytes, same size
+    write_rows(labels, rows)
+    os.utime(labels, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (labels.stat().st_size, labels.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    ledger_rows = len(runs(db_url))
+    changed = cli()
+    assert changed.returncode == 1, changed.stdout[-2000:]  # handed to the flow: no API
+    assert len(runs(db_url)) == ledger_rows
+    rc, _, err = run_flow(db_url, jan, JAN)
+    assert rc == 1 and "already published from different files" in err, err[-2000:]
+
+    rows[1], rows[2] = rows[2], rows[1]
+    write_rows(labels, rows)  # the original bytes again, a new ctime
+    assert cli().returncode == 0
+    assert runs(db_url)[-1]["status"] == "noop"
+    assert set(runs(db_url)[-1]["timings"]) == {"fingerprint"}
 
 
 def test_cli_validates_in_a_child_process(db_url, months):

@@ -11,6 +11,15 @@ WHERE status = 'running';
 -- name: published_month
 SELECT fingerprint, run_id FROM ingest_months WHERE as_of = %(as_of)s;
 
+-- name: published_files
+-- The files as recorded by the last run that published this as_of or found it
+-- unchanged: with their stat, an unchanged month is recognised without reading it.
+SELECT r.files FROM ingest_runs AS r
+JOIN ingest_months AS m ON m.as_of = r.as_of AND m.fingerprint = r.fingerprint
+WHERE r.as_of = %(as_of)s AND r.status IN ('succeeded', 'noop')
+ORDER BY r.run_id DESC
+LIMIT 1;
+
 -- name: latest_published
 SELECT max(as_of) FROM ingest_months;
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from dataclasses import dataclass
 from datetime import date
 from enum import StrEnum
@@ -28,16 +30,73 @@ class FileFingerprint:
     file: str
     sha256: str
     bytes: int
+    stat: dict | None = None
+    """Where the file was and when it last changed, as seen while it was hashed."""
+
+    def as_json(self) -> dict:
+        entry = {"file": self.file, "sha256": self.sha256, "bytes": self.bytes}
+        return entry | ({"stat": self.stat} if self.stat else {})
+
+
+def _stat(path: Path, st: os.stat_result) -> dict:
+    return {
+        "path": str(path.resolve()),
+        "device": st.st_dev,
+        "inode": st.st_ino,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+    }
 
 
 def fingerprint_file(table: str, path: Path) -> FileFingerprint:
+    hashed_at = time.time_ns()
+    before = path.stat()
     digest = hashlib.sha256()
     size = 0
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
             size += len(chunk)
-    return FileFingerprint(table, path.name, digest.hexdigest(), size)
+    after = path.stat()
+    stat = _stat(path, after) if _stat(path, before) == _stat(path, after) else None
+    if stat is not None:
+        stat["hashed_at_ns"] = hashed_at
+    return FileFingerprint(table, path.name, digest.hexdigest(), size, stat)
+
+
+# A file still at the same place, with the size and times recorded when it was hashed,
+# holds the same bytes: every write moves a file's ctime, which no tool can set back
+# (git's index relies on the same). Two writes within one tick of the filesystem's
+# clock can share a ctime, so only files last changed well before they were hashed
+# are trusted (git's "racily clean" rule); the others are hashed again.
+RACY_MARGIN_NS = 2_000_000_000
+
+
+def fingerprint_by_stat(recorded: dict, files: dict[str, Path]) -> list[FileFingerprint] | None:
+    """The recorded fingerprints if no file changed since, by its stat; else None."""
+    prints = []
+    for table, path in files.items():
+        entry = recorded.get(table) or {}
+        seen = entry.get("stat")
+        if not seen or entry.get("file") != path.name:
+            return None
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        now = _stat(path, st) | {"hashed_at_ns": seen.get("hashed_at_ns")}
+        if now != seen or st.st_size != entry["bytes"]:
+            return None
+        if seen["ctime_ns"] > seen["hashed_at_ns"] - RACY_MARGIN_NS:
+            return None
+        prints.append(FileFingerprint(table, entry["file"], entry["sha256"], entry["bytes"], seen))
+    return prints
+
+
+def published_files(conn: psycopg.Connection, as_of: date) -> dict | None:
+    """The files of the last run that published ``as_of`` or found it unchanged."""
+    row = conn.execute(queries("ledger")["published_files"], {"as_of": as_of}).fetchone()
+    return row[0] if row else None
 
 
 def month_fingerprint(files: list[FileFingerprint]) -> str:
@@ -91,11 +150,7 @@ def start_run(
     fingerprint: str | None,
     files: list[FileFingerprint] | None,
 ) -> int:
-    files_json = (
-        Jsonb({f.table: {"file": f.file, "sha256": f.sha256, "bytes": f.bytes} for f in files})
-        if files
-        else None
-    )
+    files_json = Jsonb({f.table: f.as_json() for f in files}) if files else None
     row = conn.execute(
         queries("ledger")["start_run"],
         {

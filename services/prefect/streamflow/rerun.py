@@ -1,6 +1,8 @@
 """The unchanged month, answered before Prefect and GX are even imported.
 
-A month already published from byte-identical files is a no-op. Starting Prefect's
+A month already published from byte-identical files is a no-op; files that have not
+changed since they were last hashed (same place, size and times) are not even read
+again (``ledger.fingerprint_by_stat``). Starting Prefect's
 engine (and, without PREFECT_API_URL, its temporary API server) and importing GX to
 find that out costs 2 to 20 s; the answer itself is a fingerprint and one ledger
 lookup. So the CLI asks first, and the run is recorded in the ledger as a no-op like
@@ -35,8 +37,14 @@ def unchanged_month(seed_dir: str, as_of: str) -> RunSummary | None:
             return None
         with db.writer_lock(control, settings.lock_wait_seconds):
             start = time.perf_counter()
-            prints, fingerprint = ledger.fingerprint_month(files)
-            summary.timings["fingerprint"] = round(time.perf_counter() - start, 3)
+            recorded = ledger.published_files(control, as_of_date)
+            prints = ledger.fingerprint_by_stat(recorded, files) if recorded else None
+            if prints is not None:
+                fingerprint = ledger.month_fingerprint(prints)
+                summary.timings["stat_check"] = round(time.perf_counter() - start, 3)
+            else:
+                prints, fingerprint = ledger.fingerprint_month(files)
+                summary.timings["fingerprint"] = round(time.perf_counter() - start, 3)
             mode, _ = ledger.decide_mode(control, as_of_date, fingerprint, replace=False)
             if mode is not Mode.NOOP:
                 return None
