@@ -221,33 +221,25 @@ def test_no_sql_is_built_by_string_formatting():
     assert not problems, "\n".join(problems)
 
 
+HISTORY_ONLY = "not a history table"
+KEYED_TO_USERS_ONLY = "not a live table keyed to users"  # users keeps its key: FKs point at it
+
+
 @pytest.mark.parametrize(
-    "call",
+    ("call", "refusal"),
     [
-        "SELECT streamflow_new_month_partition('users', DATE '2024-01-31')",
-        "SELECT streamflow_attach_month_partition('users', DATE '2024-01-31')",
+        ("SELECT streamflow_new_month_partition('users', DATE '2024-01-31')", HISTORY_ONLY),
+        ("SELECT streamflow_attach_month_partition('users', DATE '2024-01-31')", HISTORY_ONLY),
+        ("SELECT streamflow_drop_empty_live_key('users')", KEYED_TO_USERS_ONLY),
+        ("SELECT streamflow_restore_live_key('users')", KEYED_TO_USERS_ONLY),
+        ("SELECT streamflow_drop_empty_live_key('labels_snapshots')", KEYED_TO_USERS_ONLY),
+        ("SELECT streamflow_restore_live_key('ingest_runs')", KEYED_TO_USERS_ONLY),
     ],
 )
-def test_partition_functions_only_touch_history_tables(db_url, call):
+def test_security_definer_functions_only_touch_their_allowlist(ingest_url, call, refusal):
     """The SECURITY DEFINER functions refuse any table outside their allowlist."""
-    with psycopg.connect(db_url) as conn:
-        with pytest.raises(psycopg.errors.RaiseException, match="not a history table: users"):
-            conn.execute(call)
-
-
-@pytest.mark.parametrize(
-    "call",
-    [
-        "SELECT streamflow_drop_empty_live_key('users')",
-        "SELECT streamflow_restore_live_key('users')",
-        "SELECT streamflow_drop_empty_live_key('labels_snapshots')",
-        "SELECT streamflow_restore_live_key('ingest_runs')",
-    ],
-)
-def test_live_key_functions_only_touch_tables_keyed_to_users(ingest_url, call):
-    """users keeps its key (foreign keys point at it); nothing else is reachable."""
     with psycopg.connect(ingest_url) as conn:
-        with pytest.raises(psycopg.errors.RaiseException, match="not a live table keyed to users"):
+        with pytest.raises(psycopg.errors.RaiseException, match=refusal):
             conn.execute(call)  # type: ignore[arg-type]
 
 
