@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     found = entries(args.log.read_text(errors="replace").splitlines())
     groups: dict[str, list[float]] = defaultdict(list)
     for ms, statement in found:
-        text = shape(statement, 100_000)
+        # Kinds match the statement's own text: shape() turns literals such as 'NaN' into ?.
+        text = " ".join(statement.split())
         groups[kind(text) if args.kinds else shape(statement, args.width)].append(ms)
     total = sum(ms for ms, _ in found) / 1000
     print(f"{len(found)} logged statements, {total:.2f} s in total")

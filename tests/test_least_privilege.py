@@ -249,8 +249,18 @@ def test_live_key_is_only_dropped_from_an_empty_table(run_flow, ingest_url, mont
         assert conn.execute("SELECT to_regclass('labels_pkey')").fetchone()[0] is None
         conn.rollback()
     assert scalar(ingest_url, "SELECT to_regclass('labels_pkey')::text") == "labels_pkey"
+    keys = "SELECT array_agg(to_regclass(t || '_pkey')::oid ORDER BY t) FROM unnest(%s::text[]) t"
+    tables = ([spec.name for spec in TABLES],)
+    fresh = scalar(ingest_url, keys, tables)
     rc, _, err = run_flow(ingest_url, months / "month_000", JAN)
     assert rc == 0, err[-3000:]
+    # The first load rebuilt every key but users'; a later month rebuilds none.
+    loaded = scalar(ingest_url, keys, tables)
+    rebuilt = {t for t, a, b in zip(sorted(tables[0]), fresh, loaded, strict=True) if a != b}
+    assert rebuilt == {spec.name for spec in TABLES} - {"users"}
+    rc, _, err = run_flow(ingest_url, months / "month_001", FEB)
+    assert rc == 0, err[-3000:]
+    assert scalar(ingest_url, keys, tables) == loaded
     with psycopg.connect(ingest_url) as conn:  # a table in use keeps its key, unlocked
         dropped = conn.execute("SELECT streamflow_drop_empty_live_key('labels')").fetchone()[0]
         assert dropped is False

@@ -154,6 +154,31 @@ def test_ledger_records_every_run(run_flow, db_url, months, tmp_path):
     assert published_by == feb_run["run_id"]
 
 
+def test_a_later_month_adds_new_users_and_counts_them(run_flow, db_url, months, tmp_path):
+    """Month 2 with one user more in every file: inserted, counted as such per table."""
+    ok(run_flow(db_url, months / "month_000", JAN))
+    feb = tmp_path / "month_001"
+    shutil.copytree(months / "month_001", feb)
+    for spec in TABLES:
+        rows = read_rows(feb / spec.file_name)
+        rows.append(["U_NEW_0001", *rows[1][1:]])
+        write_rows(feb / spec.file_name, rows)
+
+    ok(run_flow(db_url, feb, FEB))
+
+    stats = {s["table"]: s for s in runs(db_url)[-1]["table_stats"]}
+    for spec in TABLES:
+        s = stats[spec.name]
+        assert s["inserted"] == 1, s
+        assert s["read"] == 201 and s["inserted"] + s["updated"] + s["unchanged"] == 201, s
+        assert scalar(db_url, f'SELECT count(*) FROM "{spec.name}"') == 201  # noqa: S608
+    assert stats["users"]["updated"] == 0 and stats["usage_agg_30d"]["updated"] == 200
+    new_usage = read_rows(feb / "usage_agg_30d.csv")[-1]
+    live = scalar(db_url, "SELECT watch_hours_30d::text FROM usage_agg_30d WHERE user_id = %s",
+                  ("U_NEW_0001",))
+    assert live == new_usage[1]
+
+
 # --------------------------------------------------------------------------- same files
 
 
@@ -237,6 +262,9 @@ def test_unchanged_files_are_known_by_their_stat_and_any_write_is_not(run_flow, 
     assert cli().returncode == 0
     assert runs(db_url)[-1]["status"] == "noop"
     assert set(runs(db_url)[-1]["timings"]) == {"stat_check"}
+    ok(run_flow(db_url, jan, JAN))  # the flow's own fingerprint step: the same rule
+    assert runs(db_url)[-1]["status"] == "noop"
+    assert set(runs(db_url)[-1]["timings"]) == {"schema", "stat_check"}
 
     labels = jan / "labels.csv"
     st = labels.stat()

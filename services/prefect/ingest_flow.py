@@ -150,8 +150,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
         with clock("schema"):
             db.ensure_schema(control)
             ledger.abandon_stale_runs(control)
-        with clock("fingerprint"):
-            prints, fingerprint = ledger.fingerprint_month(files)
+        prints, fingerprint = ledger.fingerprint_month(control, as_of_date, files, summary.timings)
         try:
             mode, summary.replacing = ledger.decide_mode(
                 control, as_of_date, fingerprint, replace=replace

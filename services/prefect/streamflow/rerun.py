@@ -1,20 +1,18 @@
 """The unchanged month, answered before Prefect and GX are even imported.
 
-A month already published from byte-identical files is a no-op; files that have not
-changed since they were last hashed (same place, size and times) are not even read
-again (``ledger.fingerprint_by_stat``). Starting Prefect's
+A month already published from byte-identical files is a no-op. Starting Prefect's
 engine (and, without PREFECT_API_URL, its temporary API server) and importing GX to
-find that out costs 2 to 20 s; the answer itself is a fingerprint and one ledger
-lookup. So the CLI asks first, and the run is recorded in the ledger as a no-op like
-any other. Everything else (a new month, a replacement, a refusal, a bad input, a
-database that cannot be reached) goes to the flow, which decides again under its
-own lock and reports as usual.
+find that out costs 2 to 20 s; the answer itself is a fingerprint (the files' stat,
+if they have not changed since they were hashed) and one ledger lookup. So the CLI
+asks first, and the run is recorded in the ledger as a no-op like any other.
+Everything else (a new month, a replacement, a refusal, a bad input, a database that
+cannot be reached) goes to the flow, which decides again under its own lock and
+reports as usual.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 from . import db, ledger
@@ -36,15 +34,9 @@ def unchanged_month(seed_dir: str, as_of: str) -> RunSummary | None:
         if not db.schema_present(control):
             return None
         with db.writer_lock(control, settings.lock_wait_seconds):
-            start = time.perf_counter()
-            recorded = ledger.published_files(control, as_of_date)
-            prints = ledger.fingerprint_by_stat(recorded, files) if recorded else None
-            if prints is not None:
-                fingerprint = ledger.month_fingerprint(prints)
-                summary.timings["stat_check"] = round(time.perf_counter() - start, 3)
-            else:
-                prints, fingerprint = ledger.fingerprint_month(files)
-                summary.timings["fingerprint"] = round(time.perf_counter() - start, 3)
+            prints, fingerprint = ledger.fingerprint_month(
+                control, as_of_date, files, summary.timings
+            )
             mode, _ = ledger.decide_mode(control, as_of_date, fingerprint, replace=False)
             if mode is not Mode.NOOP:
                 return None

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -21,9 +22,6 @@ from urllib.parse import quote
 from .db import queries
 from .errors import IngestError, ValidationFailed
 from .registry import KEY, PARENT, TABLES, TableSpec
-
-# The cross-table check GX has no built-in for: a child row must belong to a user
-# of this month's users.csv or of the live users table.
 
 
 @dataclass
@@ -112,9 +110,7 @@ def build_suite(spec: TableSpec):  # -> gx.ExpectationSuite
     return suite
 
 
-_COUNTED: list[type] = []
-
-
+@cache
 def counted_rows_expectation() -> type:
     """GX's UnexpectedRowsExpectation, asking PostgreSQL for the count only.
 
@@ -123,18 +119,16 @@ def counted_rows_expectation() -> type:
     orphan anti-join: ~0.8 s per table at 1M). The rows are only needed when it fails,
     and then ``_add_row_examples`` fetches five of them.
     """
-    if not _COUNTED:
-        from great_expectations import expectations as gxe
+    from great_expectations import expectations as gxe
 
-        class ExpectQueryToReturnNoRows(gxe.UnexpectedRowsExpectation):
-            metric_dependencies = ("unexpected_rows_query.row_count",)
+    class ExpectQueryToReturnNoRows(gxe.UnexpectedRowsExpectation):
+        metric_dependencies = ("unexpected_rows_query.row_count",)
 
-            def _validate(self, metrics, runtime_configuration=None, execution_engine=None):
-                count = metrics["unexpected_rows_query.row_count"]
-                return {"success": count == 0, "result": {"observed_value": count}}
+        def _validate(self, metrics, runtime_configuration=None, execution_engine=None):
+            count = metrics["unexpected_rows_query.row_count"]
+            return {"success": count == 0, "result": {"observed_value": count}}
 
-        _COUNTED.append(ExpectQueryToReturnNoRows)
-    return _COUNTED[0]
+    return ExpectQueryToReturnNoRows
 
 
 def rows_query(name: str, column: str | None = None) -> str:
@@ -163,11 +157,6 @@ def _sqlalchemy_url(database_url: str) -> str:
             url = "postgresql+psycopg://" + url[len(prefix) :]
     url += ("&" if "?" in url else "?") + "options=" + quote(GX_SESSION_OPTIONS)
     return url.replace("$", r"\$")  # GX reads ${VAR} in config strings
-
-
-def run_suites(database_url: str, docs_dir: Path | None) -> tuple[list[SuiteOutcome], Path | None]:
-    """Run every table's suite on ``staging.*``; build Data Docs into ``docs_dir``."""
-    return prepare_suites(database_url, docs_dir)()
 
 
 def prepare_suites(
@@ -418,17 +407,6 @@ class SuitesProcess:
         if self._proc.poll() is None:
             self._proc.kill()
         self._proc.communicate()
-
-
-def run_suites_in_child(
-    database_url: str, docs_dir: Path | None
-) -> tuple[list[SuiteOutcome], Path | None]:
-    """``run_suites`` in a fresh Python process; same results, GX's memory freed after."""
-    child = SuitesProcess(database_url, docs_dir)
-    try:
-        return child.run()
-    finally:
-        child.close()
 
 
 def _child_main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,125 @@
+"""What validation asks of PostgreSQL, counted on a real staged month.
+
+GX's stock row expectation runs its query twice and SUMMARY looks for examples of
+every passing check: on a 1M-user month each is a scan of the month. A month that
+passes is checked with one query per SQL check and no example queries; a month that
+fails still gets counts and examples in its message. The GX process never outlives a
+run whose staging failed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from month_files import AS_OF, read_rows, small_months, write_rows
+from streamflow import loading, validation
+from streamflow.db import queries
+from streamflow.registry import PARENT, TABLES
+
+JAN = AS_OF["month_000"]
+NUMERIC_COLUMNS = sum(c.pg_type == "numeric" for spec in TABLES for c in spec.columns)
+
+
+@pytest.fixture(scope="module")
+def months(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return small_months(tmp_path_factory.mktemp("small"))
+
+
+@pytest.fixture
+def statements() -> Iterator[list[str]]:
+    """Every SQL statement GX's engine sends, in this process."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    seen: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        seen.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", record)
+    yield seen
+    event.remove(Engine, "before_cursor_execute", record)
+
+
+def _stage(url: str, month: Path) -> None:
+    with psycopg.connect(url) as conn:
+        for spec in TABLES:
+            loading.stage_file(conn, spec, month / spec.file_name)
+
+
+def test_a_passing_month_costs_one_query_per_sql_check(db_url, months, statements):
+    _stage(db_url, months / "month_000")
+
+    outcomes, _ = validation.prepare_suites(db_url, None)()
+
+    assert all(s.success for s in outcomes), outcomes
+    orphan_marker = queries("validation")["orphans"].splitlines()[-1].strip()
+    runs = Counter(
+        "orphans" if orphan_marker in q else "not_numbers" if "'NaN'" in q else "other"
+        for q in statements
+    )
+    assert runs["orphans"] == len(TABLES) - 1  # once per child table, a count
+    assert runs["not_numbers"] == NUMERIC_COLUMNS
+    assert not [q for q in statements if "unexpected_values" in q]  # no example hunting
+
+
+def test_a_failing_table_still_gets_counts_and_examples(db_url, months, statements):
+    _stage(db_url, months / "month_000")
+    with psycopg.connect(db_url) as conn:
+        conn.execute("INSERT INTO staging.labels (user_id, churn_label) VALUES ('ghost', true)")
+        conn.execute("UPDATE staging.usage_agg_30d SET watch_hours_30d = 'NaN' "
+                     "WHERE user_id = (SELECT min(user_id) FROM staging.usage_agg_30d)")
+
+    outcomes, _ = validation.prepare_suites(db_url, None)()
+
+    failed = {(e.table, e.expectation): e for s in outcomes for e in s.expectations
+              if not e.success}
+    assert set(failed) == {("labels", "orphans"), ("usage_agg_30d", "not_numbers")}
+    orphans = failed["labels", "orphans"]
+    assert (orphans.unexpected_count, orphans.example_user_ids) == (1, ["ghost"])
+    nan = failed["usage_agg_30d", "not_numbers"]
+    assert (nan.unexpected_count, nan.column, nan.examples) == (1, "watch_hours_30d", ["NaN"])
+    passing = [s for s in outcomes if s.table not in ("labels", "usage_agg_30d")]
+    assert passing and all(s.success for s in passing)
+    assert validation.describe_failure(orphans) == (
+        f"labels.csv, column user_id: 1 row(s) whose user_id is not in {PARENT.file_name}, "
+        "e.g. ghost"
+    )
+
+
+def _validation_children() -> list[int]:
+    """Processes of ``python -m streamflow.validation`` started by this process."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == os.getpid() and b"streamflow.validation" in cmdline:
+            found.append(int(pid))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_the_gx_process_does_not_outlive_a_failed_staging(run_flow, db_url, months, tmp_path):
+    """GX starts with staging; when a file is refused it is stopped, not left importing."""
+    bad = tmp_path / "month_000"
+    shutil.copytree(months / "month_000", bad)
+    rows = read_rows(bad / "labels.csv")
+    rows[0][1] = "churn"  # a renamed column: refused by staging
+    write_rows(bad / "labels.csv", rows)
+    start = time.perf_counter()
+
+    rc, _, err = run_flow(db_url, bad, JAN)
+
+    assert rc == 1 and "labels.csv" in err, err[-2000:]
+    assert time.perf_counter() - start < 60
+    assert _validation_children() == []
