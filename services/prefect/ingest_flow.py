@@ -30,6 +30,11 @@ if __name__ == "__main__":
     from streamflow.rerun import exit_if_unchanged
 
     exit_if_unchanged(sys.argv[1:])
+    # Otherwise start the API server and the GX process now: they start up while
+    # this process imports Prefect (streamflow/warmup.py says what that saves).
+    from streamflow.warmup import warm_up
+
+    WARMUP = warm_up(sys.argv[1:])
 
 import psycopg  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
@@ -180,8 +185,10 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
             summary.status = "noop"
             ledger.finish_run(control, summary.run_id, status="noop", timings=summary.timings)
         else:
-            # GX imports and builds its suites while the month is being staged.
-            suites = validation.SuitesProcess(url, settings.gx_docs_dir)
+            # GX has imported and built its suites meanwhile (or does it while the
+            # month is being staged); it adds the staging tables during the COPYs.
+            suites = validation.SuitesProcess.take(url, settings.gx_docs_dir)
+            suites.connect()
             try:
                 with clock("upsert_csv"):
                     # Two COPY streams at once: one per core of a small machine.
@@ -294,4 +301,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    WARMUP.run(main)

@@ -159,75 +159,91 @@ def _sqlalchemy_url(database_url: str) -> str:
     return url.replace("$", r"\$")  # GX reads ${VAR} in config strings
 
 
+class Suites:
+    """GX's context and the six suites, built before the database is needed.
+
+    Importing GX and building the suites is ~3 s of CPU that does not read the month:
+    it runs while the CLI starts up and the files are COPYed. ``connect`` then adds the
+    staged tables, which must exist by then (GX test-queries each one).
+    """
+
+    def __init__(self, docs_dir: Path | None) -> None:
+        os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+        import great_expectations as gx
+
+        logging.getLogger("great_expectations").setLevel(logging.WARNING)
+        self.context = context = gx.get_context(mode="ephemeral")
+        context.variables.progress_bars = {"globally": False}  # type: ignore[assignment]
+        self.docs_dir = docs_dir
+        self.site = None
+        if docs_dir is not None:
+            docs_dir.mkdir(parents=True, exist_ok=True)
+            context.add_data_docs_site(
+                site_name="streamflow",
+                site_config={
+                    "class_name": "SiteBuilder",
+                    "store_backend": {
+                        "class_name": "TupleFilesystemStoreBackend",
+                        "base_directory": str(docs_dir),
+                    },
+                    "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                },
+            )
+            self.site = docs_dir / "index.html"
+        self.suites = [context.suites.add(build_suite(spec)) for spec in TABLES]
+
+    def connect(self, database_url: str) -> Callable[[], tuple[list[SuiteOutcome], Path | None]]:
+        """Returns the call that validates ``staging.*`` as it is when called."""
+        import great_expectations as gx
+
+        context, docs_dir, site = self.context, self.docs_dir, self.site
+        source = context.data_sources.add_sql(
+            "staging", connection_string=_sqlalchemy_url(database_url)
+        )
+        definitions = []
+        for spec, suite in zip(TABLES, self.suites, strict=True):
+            asset = source.add_table_asset(spec.name, table_name=spec.name, schema_name="staging")
+            batch = asset.add_batch_definition_whole_table(f"{spec.name}_month")
+            definitions.append(
+                context.validation_definitions.add(
+                    gx.ValidationDefinition(name=f"{spec.name}_validation", data=batch, suite=suite)
+                )
+            )
+        # A month that passes needs only a yes per expectation: SUMMARY would also fetch
+        # examples of unexpected values, one more scan of the month per column check
+        # (~2.5 s at 1M). A table that fails is validated again, for counts and examples.
+        checkpoint = context.checkpoints.add(
+            gx.Checkpoint(
+                name="staged_month",
+                validation_definitions=definitions,
+                actions=[],
+                result_format={"result_format": "BOOLEAN_ONLY"},
+            )
+        )
+
+        def validate() -> tuple[list[SuiteOutcome], Path | None]:
+            runs = list(checkpoint.run().run_results.values())
+            for i, run in enumerate(runs):
+                if not run.success:
+                    runs[i] = definitions[i].run(
+                        result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5}
+                    )
+            if docs_dir is not None:
+                # One build for the whole month: GX's UpdateDataDocsAction would rebuild
+                # the site once per validation, recompiling every template each time.
+                context.build_data_docs(site_names=["streamflow"])
+            outcomes = [_suite_outcome(spec, run) for spec, run in zip(TABLES, runs, strict=True)]
+            _add_row_examples(database_url, outcomes)
+            return outcomes, site
+
+        return validate
+
+
 def prepare_suites(
     database_url: str, docs_dir: Path | None
 ) -> Callable[[], tuple[list[SuiteOutcome], Path | None]]:
-    """Import GX and build the context and suites, without reading the month yet.
-
-    Returns the call that validates ``staging.*`` as it is when called.
-    """
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-    import great_expectations as gx
-
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = {"globally": False}  # type: ignore[assignment]
-    site = None
-    if docs_dir is not None:
-        docs_dir.mkdir(parents=True, exist_ok=True)
-        context.add_data_docs_site(
-            site_name="streamflow",
-            site_config={
-                "class_name": "SiteBuilder",
-                "store_backend": {
-                    "class_name": "TupleFilesystemStoreBackend",
-                    "base_directory": str(docs_dir),
-                },
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            },
-        )
-        site = docs_dir / "index.html"
-    source = context.data_sources.add_sql(
-        "staging", connection_string=_sqlalchemy_url(database_url)
-    )
-    definitions = []
-    for spec in TABLES:
-        asset = source.add_table_asset(spec.name, table_name=spec.name, schema_name="staging")
-        batch = asset.add_batch_definition_whole_table(f"{spec.name}_month")
-        suite = context.suites.add(build_suite(spec))
-        definitions.append(
-            context.validation_definitions.add(
-                gx.ValidationDefinition(name=f"{spec.name}_validation", data=batch, suite=suite)
-            )
-        )
-    # A month that passes needs only a yes per expectation: SUMMARY would also fetch
-    # examples of unexpected values, one more scan of the month per column check
-    # (~2.5 s at 1M). A table that fails is validated again, for counts and examples.
-    checkpoint = context.checkpoints.add(
-        gx.Checkpoint(
-            name="staged_month",
-            validation_definitions=definitions,
-            actions=[],
-            result_format={"result_format": "BOOLEAN_ONLY"},
-        )
-    )
-
-    def validate() -> tuple[list[SuiteOutcome], Path | None]:
-        runs = list(checkpoint.run().run_results.values())
-        for i, run in enumerate(runs):
-            if not run.success:
-                runs[i] = definitions[i].run(
-                    result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5}
-                )
-        if docs_dir is not None:
-            # One build for the whole month: GX's UpdateDataDocsAction would rebuild
-            # the site once per validation, recompiling every template each time.
-            context.build_data_docs(site_names=["streamflow"])
-        outcomes = [_suite_outcome(spec, run) for spec, run in zip(TABLES, runs, strict=True)]
-        _add_row_examples(database_url, outcomes)
-        return outcomes, site
-
-    return validate
+    """Build the suites and connect them: the call that validates ``staging.*``."""
+    return Suites(docs_dir).connect(database_url)
 
 
 _ROW_CHECKS = {
@@ -353,18 +369,26 @@ def check(outcomes: list[SuiteOutcome]) -> None:
 # flow process stays small, whatever the month's size.
 _URL_ENV = "STREAMFLOW_VALIDATION_URL"  # the URL may hold a password: never in argv
 _MARKER = "STREAMFLOW_SUITES "
+_CONNECT = "connect"
 _GO = "validate"
 
 
 class SuitesProcess:
     """The GX suites in a child process, started before the month is staged.
 
-    The child imports GX and builds its context and suites (~3 s of CPU) while the
-    flow COPYs the files, then waits; ``run()`` tells it to validate and reads the
-    outcomes. ``close()`` stops a child that was never asked (staging failed).
+    The child imports GX and builds its suites (~3 s of CPU) as soon as it starts;
+    ``connect()`` (once the staging tables exist) lets it add them while the flow
+    COPYs the files; ``run()`` tells it to validate and reads the outcomes.
+    ``close()`` stops a child that was never asked (staging failed).
+
+    The CLI starts one before it imports Prefect (``prestart``); the flow ``take``s
+    it, or starts its own when run another way (a deployment, a test).
     """
 
+    _prestarted: SuitesProcess | None = None
+
     def __init__(self, database_url: str, docs_dir: Path | None) -> None:
+        self.key = (database_url, docs_dir)
         env = dict(os.environ, **{_URL_ENV: database_url})
         cmd = [sys.executable, "-m", "streamflow.validation"]
         if docs_dir is not None:
@@ -380,6 +404,39 @@ class SuitesProcess:
             stderr=subprocess.PIPE,
             text=True,
         )
+
+    @classmethod
+    def prestart(cls, database_url: str, docs_dir: Path | None) -> None:
+        cls.discard_prestarted()
+        cls._prestarted = cls(database_url, docs_dir)
+
+    @classmethod
+    def discard_prestarted(cls) -> None:
+        if cls._prestarted is not None:
+            cls._prestarted.close()
+            cls._prestarted = None
+
+    @classmethod
+    def take(cls, database_url: str, docs_dir: Path | None) -> SuitesProcess:
+        """The pre-started child if it was started for this database, else a new one."""
+        child, cls._prestarted = cls._prestarted, None
+        if child is not None and child.key == (database_url, docs_dir) and child.alive:
+            return child
+        if child is not None:
+            child.close()
+        return cls(database_url, docs_dir)
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def connect(self) -> None:
+        """The staging tables exist: the child may add them to its data source."""
+        try:
+            self._proc.stdin.write(_CONNECT + "\n")  # type: ignore[union-attr]
+            self._proc.stdin.flush()  # type: ignore[union-attr]
+        except BrokenPipeError:  # it died while preparing: run() reports its stderr
+            pass
 
     def run(self) -> tuple[list[SuiteOutcome], Path | None]:
         try:
@@ -413,11 +470,15 @@ def _child_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the GX suites on staging.* (internal).")
     parser.add_argument("--docs-dir", type=Path)
     args = parser.parse_args(argv)
-    validate = prepare_suites(os.environ[_URL_ENV], args.docs_dir)
+    suites = Suites(args.docs_dir)
+    # Each order arrives on stdin; EOF or anything else means the flow stopped first.
+    if sys.stdin.readline().strip() != _CONNECT:
+        return 0
+    validate = suites.connect(os.environ[_URL_ENV])
     if sys.stdin.readline().strip() != _GO:
-        return 0  # the flow stopped before validation: nothing to read
+        return 0
     outcomes, site = validate()
-    suites = [
+    suites_out = [
         {
             "table": o.table,
             "passed": o.passed,
@@ -426,7 +487,7 @@ def _child_main(argv: list[str] | None = None) -> int:
         }
         for o in outcomes
     ]
-    print(_MARKER + json.dumps({"suites": suites, "site": str(site) if site else None}))
+    print(_MARKER + json.dumps({"suites": suites_out, "site": str(site) if site else None}))
     return 0
 
 

@@ -1,0 +1,189 @@
+"""What the CLI starts before it imports Prefect: its API server and the GX process.
+
+A run from the command line with no ``PREFECT_API_URL`` gets a temporary Prefect
+API server, as Prefect itself would start one. Left to Prefect, that costs the
+month ~7 s before its first COPY and ~2 s after its commit, one after the other:
+
+- the CLI imports ``prefect.server`` (2.7 s of CPU) only to spawn the server, then
+  waits while the server imports it again and starts (3.5-4 s);
+- the flow's heartbeat thread sleeps in 1 s steps and is joined at the end; a
+  heartbeat tells a server that a run crashed, and this server dies with the run;
+- the interpreter then spends ~0.9 s tearing Prefect's modules down.
+
+So the CLI spawns the same server (same ``uvicorn`` factory and flags as Prefect's
+``SubprocessASGIServer``) as its first step, without importing it, and starts the GX
+process too; both start up while the CLI imports Prefect. At the end it drains
+Prefect's log and event queues into the server, stops it, and exits without the
+teardown. With ``PREFECT_API_URL`` set (the Docker stack, a profile), none of the
+server part applies; the GX process is still started early.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext, suppress
+from typing import NoReturn
+
+from . import validation
+from .embedded import resolve_database_url
+from .errors import IngestError
+from .inputs import cli_parser
+from .settings import load_settings
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TemporaryApiServer:
+    """Prefect's temporary API server (SQLite in ``PREFECT_HOME``), UI off."""
+
+    def __init__(self) -> None:
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - read if it fails to start
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self.port = _free_port()
+        env = dict(
+            os.environ,
+            PREFECT_UI_ENABLED="0",
+            PREFECT__SERVER_EPHEMERAL="1",
+            PREFECT__SERVER_FINAL="1",
+        )
+        self._proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "uvicorn",
+                "--factory", "prefect.server.api.server:create_app",
+                "--host", "127.0.0.1", "--port", str(self.port),
+                "--log-level", "error", "--lifespan", "on",
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
+        )  # fmt: skip
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def wait_ready(self, timeout: float) -> str:
+        """Block until ``/health`` answers; returns the API URL."""
+        deadline = time.monotonic() + timeout
+        respawned = False
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                if respawned:  # a second failure is not a port race
+                    break
+                respawned = True  # another process took the port in between
+                self._spawn()
+                continue
+            try:
+                with urllib.request.urlopen(self.api_url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self.api_url
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        self._log.seek(0)
+        lines = self._log.read().decode(errors="replace").strip().splitlines()
+        why = lines[-1] if lines else f"no answer within {timeout:.0f} s"
+        raise IngestError(
+            f"the temporary Prefect API server did not start: {why} "
+            "(set PREFECT_API_URL to use a running server, or raise "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)"
+        )
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._log.close()
+
+
+class Warmup:
+    """Helpers of one CLI run, started before Prefect is imported."""
+
+    def __init__(self, server: TemporaryApiServer | None) -> None:
+        self.server = server
+
+    def prefect_settings(self) -> AbstractContextManager[object]:
+        """Point Prefect at the temporary server for the run (call after importing it)."""
+        if self.server is None:
+            return nullcontext()
+        from prefect.settings import (
+            PREFECT_API_URL,
+            PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+            PREFECT_UI_URL,
+            get_current_settings,
+            temporary_settings,
+        )
+
+        current = get_current_settings()
+        if current.api.url or not current.server.ephemeral.enabled:
+            # A profile names a server, or forbids a temporary one: Prefect decides.
+            self.server.stop()
+            self.server = None
+            return nullcontext()
+        url = self.server.wait_ready(current.server.ephemeral.startup_timeout_seconds)
+        return temporary_settings(
+            updates={
+                PREFECT_API_URL: url,
+                # No "View at" link: the server has no UI and stops with the run.
+                PREFECT_UI_URL: "",
+                PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+            }
+        )
+
+    def run(self, main: Callable[[], int]) -> NoReturn:
+        """``main()`` against the temporary server (if any), then ``exit`` with its code."""
+        try:
+            with self.prefect_settings():
+                code = main()
+        except IngestError as exc:  # the server did not start
+            print(f"ingest failed: {exc}", file=sys.stderr)
+            code = 1
+        except SystemExit as exc:  # argparse, after printing its usage line
+            code = exc.code if isinstance(exc.code, int) else 1
+        except KeyboardInterrupt:
+            print("ingest interrupted", file=sys.stderr)
+            code = 130
+        self.exit(code)
+
+    def exit(self, code: int) -> NoReturn:
+        """Ship the run's last logs and events, stop the server, exit with ``code``."""
+        validation.SuitesProcess.discard_prestarted()
+        atexit._run_exitfuncs()  # Prefect's queue drains and logging.shutdown
+        if self.server is not None:
+            self.server.stop()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Everything the run owns is flushed and closed: skip the module teardown.
+        os._exit(code)
+
+
+def warm_up(argv: list[str]) -> Warmup:
+    """Start what a ``run`` will need; nothing for ``serve`` or an incomplete command."""
+    args, _ = cli_parser(None).parse_known_args(argv)
+    if args.command != "run" or not args.seed_dir or not args.as_of:
+        return Warmup(None)
+    settings = load_settings()  # also reads .env, which may set PREFECT_API_URL
+    server = None if os.environ.get("PREFECT_API_URL") else TemporaryApiServer()
+    with suppress(Exception):  # no database yet: the flow reports it, with context
+        validation.SuitesProcess.prestart(resolve_database_url(settings), settings.gx_docs_dir)
+    return Warmup(server)

@@ -1,0 +1,142 @@
+"""``python ingest_flow.py`` with no Prefect API: the CLI's own temporary server.
+
+The CLI starts Prefect's API server and the GX process before importing Prefect
+(streamflow/warmup.py). These tests hold it to what Prefect's own temporary server
+gave: the run, its task runs, logs and artifacts in ``PREFECT_HOME``'s database;
+the one-line outcome on the terminal; and no process left behind, whatever the end.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+from month_files import AS_OF, flow_command, flow_env, read_rows, small_months, write_rows
+from streamflow import validation
+
+JAN = AS_OF["month_000"]
+pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+
+
+@pytest.fixture(scope="module")
+def months(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return small_months(tmp_path_factory.mktemp("small"))
+
+
+def _processes_with(marker: str) -> list[str]:
+    """Command lines of live processes whose environment holds ``marker``."""
+    found = []
+    for pid in [p.name for p in Path("/proc").iterdir() if p.name.isdigit()]:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if marker.encode() in environ:
+            found.append(cmdline.decode(errors="replace"))
+    return found
+
+
+def _cli(db_url: str, seed_dir: Path, home: Path, *python_flags: str, **env: str):
+    full_env = flow_env(db_url, PREFECT_HOME=str(home), PREFECT_LOGGING_LEVEL="INFO", **env)
+    full_env.pop("PREFECT_API_URL", None)
+    python, *script = flow_command(seed_dir, JAN)
+    return subprocess.run([python, *python_flags, *script], env=full_env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _prefect_db(home: Path, query: str, *params: object) -> list[tuple]:
+    with sqlite3.connect(home / "prefect.db") as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def test_a_month_runs_against_the_clis_own_server_and_is_recorded(db_url, months, tmp_path):
+    """The run is a Prefect flow run with its task runs, logs and artifacts, as with
+    Prefect's temporary server; the CLI never imports ``prefect.server`` itself, and
+    neither the server nor the GX process outlives it."""
+    home = tmp_path / "prefect"
+    proc = _cli(db_url, months / "month_000", home, "-X", "importtime")
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "published live + history" in proc.stdout.splitlines()[0]
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "prefect.flows" in imported
+    assert not {m for m in imported if m.startswith("prefect.server")}
+    assert "View at http" not in proc.stderr  # no UI behind this server
+    [(run_id, state)] = _prefect_db(home, "SELECT id, state_type FROM flow_run")
+    assert state == "COMPLETED"
+    tasks = _prefect_db(home, "SELECT name, state_type FROM task_run WHERE flow_run_id = ?",
+                        run_id)
+    assert len(tasks) == 8 and {s for _, s in tasks} == {"COMPLETED"}, tasks
+    assert {n.rsplit("-", 1)[0] for n, _ in tasks} == {
+        "upsert_csv", "validate_with_ge", "snapshot_month"}
+    # The last lines the flow logs are shipped before the server stops.
+    logs = [m for (m,) in _prefect_db(home, "SELECT message FROM log WHERE flow_run_id = ?",
+                                      run_id)]
+    assert any("published live + history" in m for m in logs), logs[-5:]
+    assert _prefect_db(home, "SELECT count(*) FROM artifact WHERE flow_run_id = ?",
+                       run_id)[0][0] >= 1
+    assert _processes_with(f"PREFECT_HOME={home}") == []
+
+
+def test_a_failed_month_is_recorded_failed_and_leaves_nothing_behind(db_url, months,
+                                                                     tmp_path):
+    bad = tmp_path / "month_000"
+    shutil.copytree(months / "month_000", bad)
+    rows = read_rows(bad / "usage_agg_30d.csv")
+    col = rows[0].index("watch_hours_30d")
+    rows[3][col] = "-4"
+    write_rows(bad / "usage_agg_30d.csv", rows)
+    home = tmp_path / "prefect"
+
+    proc = _cli(db_url, bad, home)
+
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ingest failed: validation failed: usage_agg_30d.csv, "
+                           "column watch_hours_30d: 1 value(s) below 0"), last
+    [(run_id, state)] = _prefect_db(home, "SELECT id, state_type FROM flow_run")
+    assert state == "FAILED"
+    logs = [m for (m,) in _prefect_db(home, "SELECT message FROM log WHERE flow_run_id = ?",
+                                      run_id)]
+    assert any(m.startswith("ingest failed: validation failed") for m in logs), logs[-5:]
+    assert _processes_with(f"PREFECT_HOME={home}") == []
+
+
+def test_no_temporary_server_when_prefect_forbids_one(db_url, months, tmp_path):
+    """``PREFECT_SERVER_EPHEMERAL_ENABLED=false``: the CLI stops the server it started
+    early and lets Prefect say that an API URL is needed; nothing is run."""
+    home = tmp_path / "prefect"
+    proc = _cli(db_url, months / "month_000", home, PREFECT_SERVER_EPHEMERAL_ENABLED="false")
+
+    assert proc.returncode == 1
+    assert "PREFECT_API_URL" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    assert _processes_with(f"PREFECT_HOME={home}") == []
+
+
+def test_the_flow_takes_the_gx_process_started_for_its_database(db_url, tmp_path):
+    """The CLI's early GX process is used only for the database and docs it was started
+    for; any other is stopped and replaced."""
+    docs = tmp_path / "docs"
+    validation.SuitesProcess.prestart(db_url, docs)
+    early = validation.SuitesProcess._prestarted
+    assert early is not None
+    same = validation.SuitesProcess.take(db_url, docs)
+    assert same is early and validation.SuitesProcess._prestarted is None
+    same.close()
+
+    validation.SuitesProcess.prestart(db_url, docs)
+    early = validation.SuitesProcess._prestarted
+    other = validation.SuitesProcess.take(db_url, tmp_path / "other_docs")
+    try:
+        assert other is not early
+        assert not early.alive and other.alive
+    finally:
+        other.close()
+    validation.SuitesProcess.prestart(db_url, docs)
+    validation.SuitesProcess.discard_prestarted()
+    assert validation.SuitesProcess._prestarted is None
