@@ -4,6 +4,7 @@ The CLI starts Prefect's API server and the GX process before importing Prefect
 (streamflow/warmup.py). These tests hold it to what Prefect's own temporary server
 gave: the run, its task runs, logs and artifacts in ``PREFECT_HOME``'s database;
 the one-line outcome on the terminal; and no process left behind, whatever the end.
+The month is read once: the flow knows the files the CLI hashed by their stat.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+from conftest import scalar
 from month_files import AS_OF, flow_command, flow_env, read_rows, small_months, write_rows
 from streamflow import validation
+from streamflow.registry import TABLES
 
 JAN = AS_OF["month_000"]
 pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
@@ -41,11 +45,19 @@ def _processes_with(marker: str) -> list[str]:
 
 
 def _cli(db_url: str, seed_dir: Path, home: Path, *python_flags: str, **env: str):
+    env.setdefault("GX_DOCS_DIR", str(home / "gx_docs"))
     full_env = flow_env(db_url, PREFECT_HOME=str(home), PREFECT_LOGGING_LEVEL="INFO", **env)
     full_env.pop("PREFECT_API_URL", None)
     python, *script = flow_command(seed_dir, JAN)
     return subprocess.run([python, *python_flags, *script], env=full_env,
                           capture_output=True, text=True, timeout=600)
+
+
+def _validated_suites(docs: Path) -> set[str]:
+    """Suites with a validation page in the Data Docs site (GX writes one per run)."""
+    assert (docs / "index.html").is_file()
+    return {p.relative_to(docs / "validations").parts[0]
+            for p in (docs / "validations").rglob("*.html")}
 
 
 def _prefect_db(home: Path, query: str, *params: object) -> list[tuple]:
@@ -57,8 +69,11 @@ def test_a_month_runs_against_the_clis_own_server_and_is_recorded(db_url, months
     """The run is a Prefect flow run with its task runs, logs and artifacts, as with
     Prefect's temporary server; the CLI never imports ``prefect.server`` itself, and
     neither the server nor the GX process outlives it."""
+    jan = tmp_path / "month_000"
+    shutil.copytree(months / "month_000", jan)
+    time.sleep(2.2)  # older than the racy margin when hashed: its stat can be trusted
     home = tmp_path / "prefect"
-    proc = _cli(db_url, months / "month_000", home, "-X", "importtime")
+    proc = _cli(db_url, jan, home, "-X", "importtime")
 
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "published live + history" in proc.stdout.splitlines()[0]
@@ -81,6 +96,11 @@ def test_a_month_runs_against_the_clis_own_server_and_is_recorded(db_url, months
     assert _prefect_db(home, "SELECT count(*) FROM artifact WHERE flow_run_id = ?",
                        run_id)[0][0] >= 1
     assert _processes_with(f"PREFECT_HOME={home}") == []
+    # Built after the verdict, alongside the commit, and there when the CLI returns.
+    assert _validated_suites(home / "gx_docs") == {f"{t.name}_suite" for t in TABLES}
+    # The CLI hashed the files to look for a no-op; the flow knew them by their stat.
+    timings = scalar(db_url, "SELECT timings FROM ingest_runs ORDER BY run_id DESC LIMIT 1")
+    assert "stat_check" in timings and "fingerprint" not in timings, timings
 
 
 def test_a_failed_month_is_recorded_failed_and_leaves_nothing_behind(db_url, months,
@@ -105,6 +125,7 @@ def test_a_failed_month_is_recorded_failed_and_leaves_nothing_behind(db_url, mon
                                       run_id)]
     assert any(m.startswith("ingest failed: validation failed") for m in logs), logs[-5:]
     assert _processes_with(f"PREFECT_HOME={home}") == []
+    assert "usage_agg_30d_suite" in _validated_suites(home / "gx_docs")
 
 
 def test_no_temporary_server_when_prefect_forbids_one(db_url, months, tmp_path):

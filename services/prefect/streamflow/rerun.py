@@ -35,7 +35,7 @@ def unchanged_month(seed_dir: str, as_of: str) -> RunSummary | None:
             return None
         with db.writer_lock(control, settings.lock_wait_seconds):
             prints, fingerprint = ledger.fingerprint_month(
-                control, as_of_date, files, summary.timings
+                control, as_of_date, files, summary.timings, remember=True
             )
             mode, _ = ledger.decide_mode(control, as_of_date, fingerprint, replace=False)
             if mode is not Mode.NOOP:

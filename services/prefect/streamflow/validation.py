@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import cache
@@ -193,10 +194,13 @@ class Suites:
         self.suites = [context.suites.add(build_suite(spec)) for spec in TABLES]
 
     def connect(self, database_url: str) -> Callable[[], tuple[list[SuiteOutcome], Path | None]]:
-        """Returns the call that validates ``staging.*`` as it is when called."""
+        """Returns the call that validates ``staging.*`` as it is when called.
+
+        It does not build the Data Docs (``build_docs``): the verdict comes first.
+        """
         import great_expectations as gx
 
-        context, docs_dir, site = self.context, self.docs_dir, self.site
+        context, site = self.context, self.site
         source = context.data_sources.add_sql(
             "staging", connection_string=_sqlalchemy_url(database_url)
         )
@@ -228,22 +232,33 @@ class Suites:
                     runs[i] = definitions[i].run(
                         result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5}
                     )
-            if docs_dir is not None:
-                # One build for the whole month: GX's UpdateDataDocsAction would rebuild
-                # the site once per validation, recompiling every template each time.
-                context.build_data_docs(site_names=["streamflow"])
             outcomes = [_suite_outcome(spec, run) for spec, run in zip(TABLES, runs, strict=True)]
             _add_row_examples(database_url, outcomes)
             return outcomes, site
 
         return validate
 
+    def build_docs(self) -> None:
+        """The Data Docs site of the validations run so far (none without a docs dir)."""
+        if self.docs_dir is not None:
+            # One build for the whole month: GX's UpdateDataDocsAction would rebuild
+            # the site once per validation, recompiling every template each time.
+            self.context.build_data_docs(site_names=["streamflow"])
+
 
 def prepare_suites(
     database_url: str, docs_dir: Path | None
 ) -> Callable[[], tuple[list[SuiteOutcome], Path | None]]:
     """Build the suites and connect them: the call that validates ``staging.*``."""
-    return Suites(docs_dir).connect(database_url)
+    suites = Suites(docs_dir)
+    validate = suites.connect(database_url)
+
+    def validate_and_document() -> tuple[list[SuiteOutcome], Path | None]:
+        result = validate()
+        suites.build_docs()
+        return result
+
+    return validate_and_document
 
 
 _ROW_CHECKS = {
@@ -378,8 +393,10 @@ class SuitesProcess:
 
     The child imports GX and builds its suites (~3 s of CPU) as soon as it starts;
     ``connect()`` (once the staging tables exist) lets it add them while the flow
-    COPYs the files; ``run()`` tells it to validate and reads the outcomes.
-    ``close()`` stops a child that was never asked (staging failed).
+    COPYs the files; ``run()`` tells it to validate and returns the outcomes as soon
+    as the child has them. The child then builds the Data Docs while the month is
+    committed; ``finish()`` waits for them. ``close()`` stops a child that was never
+    asked (staging failed).
 
     The CLI starts one before it imports Prefect (``prestart``); the flow ``take``s
     it, or starts its own when run another way (a deployment, a test).
@@ -395,13 +412,17 @@ class SuitesProcess:
             cmd += ["--docs-dir", str(docs_dir.resolve())]
         # -m finds the package from the working directory: the folder that holds it.
         package_root = Path(__file__).resolve().parents[1]
+        # stderr in a file, not a pipe: stdout is read line by line while the child
+        # runs, and a full stderr pipe would block it.
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed by finish/close
+        self._asked = False
         self._proc = subprocess.Popen(
             cmd,
             env=env,
             cwd=package_root,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=self._stderr,
             text=True,
         )
 
@@ -430,25 +451,28 @@ class SuitesProcess:
     def alive(self) -> bool:
         return self._proc.poll() is None
 
-    def connect(self) -> None:
-        """The staging tables exist: the child may add them to its data source."""
+    def _send(self, order: str) -> None:
         try:
-            self._proc.stdin.write(_CONNECT + "\n")  # type: ignore[union-attr]
+            self._proc.stdin.write(order + "\n")  # type: ignore[union-attr]
             self._proc.stdin.flush()  # type: ignore[union-attr]
         except BrokenPipeError:  # it died while preparing: run() reports its stderr
             pass
 
+    def connect(self) -> None:
+        """The staging tables exist: the child may add them to its data source."""
+        self._send(_CONNECT)
+
     def run(self) -> tuple[list[SuiteOutcome], Path | None]:
-        try:
-            stdout, stderr = self._proc.communicate(_GO + "\n")
-        except BrokenPipeError:  # it died while preparing: its stderr says why
-            stdout, stderr = self._proc.communicate()
-        lines = [line for line in stdout.splitlines() if line.startswith(_MARKER)]
-        if self._proc.returncode != 0 or not lines:
-            errors = [line for line in stderr.strip().splitlines() if line.strip()]
-            why = errors[-1] if errors else f"exit code {self._proc.returncode}"
-            raise IngestError(f"validation could not run (GX process): {why}")
-        payload = json.loads(lines[-1][len(_MARKER) :])
+        self._asked = True
+        self._send(_GO)
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            if line.startswith(_MARKER):
+                payload = json.loads(line[len(_MARKER) :])
+                break
+        else:  # EOF before the outcomes: it failed, its stderr says why
+            self._proc.wait()
+            raise IngestError(f"validation could not run (GX process): {self._last_error()}")
         outcomes = [
             SuiteOutcome(
                 table=s["table"],
@@ -460,10 +484,30 @@ class SuitesProcess:
         ]
         return outcomes, Path(payload["site"]) if payload["site"] else None
 
+    def _last_error(self) -> str:
+        self._stderr.seek(0)
+        errors = [line for line in self._stderr.read().strip().splitlines() if line.strip()]
+        return errors[-1] if errors else f"exit code {self._proc.returncode}"
+
+    def finish(self, timeout: float = 300) -> str | None:
+        """Wait for the Data Docs of a validated month; None, or why they failed."""
+        if not self._asked:
+            self.close()
+            return None
+        try:
+            self._proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.close()
+            return f"not built within {timeout:.0f} s"
+        error = self._last_error() if self._proc.returncode else None
+        self._stderr.close()
+        return error
+
     def close(self) -> None:
         if self._proc.poll() is None:
             self._proc.kill()
         self._proc.communicate()
+        self._stderr.close()
 
 
 def _child_main(argv: list[str] | None = None) -> int:
@@ -487,7 +531,10 @@ def _child_main(argv: list[str] | None = None) -> int:
         }
         for o in outcomes
     ]
+    # The verdict first: the flow commits (or rolls back) while the docs are built.
     print(_MARKER + json.dumps({"suites": suites_out, "site": str(site) if site else None}))
+    sys.stdout.flush()
+    suites.build_docs()
     return 0
 
 
