@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import Future
 from datetime import date
 from pathlib import Path
 
@@ -30,7 +31,8 @@ def explain(url: str, month2: Path, as_of: date) -> list[tuple[str, float, str]]
     """Record the statements publish_month runs, then replay them under EXPLAIN ANALYZE.
 
     Recording keeps this independent of how publishing builds its queries; both the
-    recorded run and the replay are rolled back.
+    recorded run and the replay are rolled back (but for the month partitions the
+    recorded history build leaves in staging).
     """
     import psycopg
     from streamflow import loading, publishing
@@ -52,7 +54,11 @@ def explain(url: str, month2: Path, as_of: date) -> list[tuple[str, float, str]]
         conn.commit()
         psycopg.Cursor.execute = recording  # type: ignore[method-assign]
         try:
-            publishing.publish_month(conn, as_of, update_live=True)
+            # On one connection here, so the replay sees the history build too; the
+            # build commits its partitions in staging, where the next build drops them.
+            done: Future[dict[str, int]] = Future()
+            done.set_result(publishing.build_history(conn, as_of))
+            publishing.publish_month(conn, as_of, update_live=True, history=done)
         finally:
             psycopg.Cursor.execute = original  # type: ignore[method-assign]
         conn.rollback()

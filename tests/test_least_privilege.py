@@ -119,8 +119,8 @@ SOURCES = sorted((FLOW_DIR / "streamflow").glob("*.py")) + [FLOW_DIR / "ingest_f
 IDENTIFIER_SOURCES = {
     "spec.name": "a TableSpec of the registry",
     "spec.snapshot_table": "a TableSpec of the registry",
-    "history": "publishing.snapshot: = spec.snapshot_table (checked below)",
-    "partition": "publishing.snapshot: returned by streamflow_new_month_partition(), which "
+    "history": "publishing.snapshot, build_history: = spec.snapshot_table (checked below)",
+    "partition": "publishing.build_history: returned by streamflow_new_month_partition(), which "
     "builds <history table>_<YYYYMMDD> after checking the table against a fixed list",
     "n": "db.ident_list: each of the names its callers pass (checked below)",
     "prefix": "db.ident_list: a table alias, a string literal at every call (checked below)",
@@ -229,6 +229,7 @@ KEYED_TO_USERS_ONLY = "not a live table keyed to users"  # users keeps its key: 
     ("call", "refusal"),
     [
         ("SELECT streamflow_new_month_partition('users', DATE '2024-01-31')", HISTORY_ONLY),
+        ("SELECT streamflow_index_month_partition('users', DATE '2024-01-31')", HISTORY_ONLY),
         ("SELECT streamflow_attach_month_partition('users', DATE '2024-01-31')", HISTORY_ONLY),
         ("SELECT streamflow_drop_empty_live_key('users')", KEYED_TO_USERS_ONLY),
         ("SELECT streamflow_restore_live_key('users')", KEYED_TO_USERS_ONLY),

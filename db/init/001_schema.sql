@@ -166,9 +166,12 @@ ALTER TABLE staging.subscriptions
 
 -- ---------------------------------------------------------------------------
 -- Month partitions of the history tables. The pipeline's role may not create or
--- alter tables; these two functions do exactly that one job for it, for the five
+-- alter tables; these three functions do exactly that one job for it, for the five
 -- history tables only, and run with their owner's rights (SECURITY DEFINER).
--- Both run inside the publishing transaction: a failure rolls the month back.
+-- A new month is built in the staging schema by its own transaction, alongside
+-- validation and the live upserts: created, filled, keyed. Only the publishing
+-- transaction moves it into public and attaches it, so a month that fails is never
+-- seen in history; what it left in staging is dropped by the next build.
 -- ---------------------------------------------------------------------------
 -- The one allowlist: the month partition's name, for a history table only.
 CREATE OR REPLACE FUNCTION streamflow_month_partition_name(history text, month date)
@@ -185,6 +188,7 @@ BEGIN
 END
 $$;
 
+-- The month's partition, new and empty in staging (NULL: the month is in history).
 CREATE OR REPLACE FUNCTION streamflow_new_month_partition(history text, month date)
 RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp
@@ -192,16 +196,38 @@ AS $$
 DECLARE
     part text := streamflow_month_partition_name(history, month);
 BEGIN
-    IF to_regclass(part) IS NOT NULL THEN
+    IF to_regclass(format('public.%I', part)) IS NOT NULL THEN
         RETURN NULL;  -- the month exists: the caller rewrites it through the parent
     END IF;
+    EXECUTE format('DROP TABLE IF EXISTS staging.%I', part);  -- left by a failed run
     -- No index yet: a month is appended in one go, then indexed by one sort.
-    EXECUTE format('CREATE TABLE %I (LIKE %I)', part, history);
-    EXECUTE format('GRANT INSERT ON %I TO streamflow_ingest', part);
+    EXECUTE format('CREATE TABLE staging.%I (LIKE public.%I)', part, history);
+    EXECUTE format('GRANT INSERT ON staging.%I TO streamflow_ingest', part);
     RETURN part;
 END
 $$;
 
+-- Filled: its key, and the CHECK that lets ATTACH skip its own validation scan.
+CREATE OR REPLACE FUNCTION streamflow_index_month_partition(history text, month date)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = public, pg_temp
+SET maintenance_work_mem = '256MB'
+AS $$
+DECLARE
+    part text := streamflow_month_partition_name(history, month);
+BEGIN
+    IF to_regclass(format('staging.%I', part)) IS NULL THEN
+        RAISE EXCEPTION 'no month partition % to index', part;
+    END IF;
+    EXECUTE format('REVOKE INSERT ON staging.%I FROM streamflow_ingest', part);
+    EXECUTE format('ALTER TABLE staging.%I ADD PRIMARY KEY (user_id, as_of)', part);
+    EXECUTE format('ALTER TABLE staging.%I ADD CONSTRAINT %I CHECK (as_of = %L)',
+                   part, part || '_as_of', month);
+END
+$$;
+
+-- In the publishing transaction: the built month becomes part of history.
 CREATE OR REPLACE FUNCTION streamflow_attach_month_partition(history text, month date)
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp
@@ -209,20 +235,17 @@ AS $$
 DECLARE
     part text := streamflow_month_partition_name(history, month);
 BEGIN
-    IF to_regclass(part) IS NULL THEN
+    IF to_regclass(format('staging.%I', part)) IS NULL THEN
         RAISE EXCEPTION 'no month partition % to attach', part;
     END IF;
-    EXECUTE format('REVOKE INSERT ON %I FROM streamflow_ingest', part);
-    EXECUTE format('ALTER TABLE %I ADD PRIMARY KEY (user_id, as_of)', part);
-    -- A matching CHECK lets ATTACH skip its own validation scan.
-    EXECUTE format('ALTER TABLE %I ADD CONSTRAINT %I CHECK (as_of = %L)',
-                   part, part || '_as_of', month);
-    EXECUTE format('ALTER TABLE %I ATTACH PARTITION %I FOR VALUES IN (%L)',
+    EXECUTE format('ALTER TABLE staging.%I SET SCHEMA public', part);
+    EXECUTE format('ALTER TABLE public.%I ATTACH PARTITION public.%I FOR VALUES IN (%L)',
                    history, part, month);
 END
 $$;
 
 REVOKE ALL ON FUNCTION streamflow_new_month_partition(text, date) FROM PUBLIC;
+REVOKE ALL ON FUNCTION streamflow_index_month_partition(text, date) FROM PUBLIC;
 REVOKE ALL ON FUNCTION streamflow_attach_month_partition(text, date) FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------
@@ -318,6 +341,7 @@ GRANT DELETE ON
 -- orphan expectation whose verdict gates the commit. PostgreSQL 15+.
 GRANT SET ON PARAMETER session_replication_role TO streamflow_ingest;
 GRANT EXECUTE ON FUNCTION streamflow_new_month_partition(text, date),
+                          streamflow_index_month_partition(text, date),
                           streamflow_attach_month_partition(text, date),
                           streamflow_drop_empty_live_key(text),
                           streamflow_restore_live_key(text)

@@ -55,16 +55,21 @@ WHERE h.as_of = %(as_of)s
   AND NOT EXISTS (SELECT 1 FROM {staged} AS s WHERE s.user_id = h.user_id);
 
 -- name: new_month_partition
--- A month seen for the first time gets its own partition (NULL: it exists already).
+-- A month seen for the first time gets its own partition, built in staging by its
+-- own transaction (NULL: the month is in history already).
 SELECT streamflow_new_month_partition(%(history)s, %(as_of)s);
 
 -- name: insert_snapshot
 -- Into the new, index-free partition: nothing to compare with, nothing to maintain.
--- No ORDER BY: the primary key built at attach time sorts the month once anyway.
+-- No ORDER BY: the primary key built next sorts the month once anyway.
 INSERT INTO {partition} (user_id, as_of, {columns})
 SELECT user_id, %(as_of)s, {columns} FROM {staged};
 
+-- name: index_month_partition
+SELECT streamflow_index_month_partition(%(history)s, %(as_of)s);
+
 -- name: attach_month_partition
+-- In the publishing transaction: from staging into public, and into history.
 SELECT streamflow_attach_month_partition(%(history)s, %(as_of)s);
 
 -- name: update_snapshot

@@ -7,6 +7,7 @@ commits once, so either all of it lands or none of it does.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from datetime import date
 
@@ -68,30 +69,60 @@ def upsert_live(cur: psycopg.Cursor, spec: TableSpec) -> tuple[int, int]:
     return inserted, changed - inserted
 
 
-def snapshot(cur: psycopg.Cursor, spec: TableSpec, as_of: date) -> tuple[int, int, int]:
-    """Freeze the staged month under ``as_of``: (inserted, updated, removed)."""
+def build_history(conn: psycopg.Connection, as_of: date) -> dict[str, int]:
+    """Build the staged month of each history table that lacks it; commit it in staging.
+
+    Runs on its own connection, alongside validation and the live upserts: each new
+    month partition is created, filled and keyed in the staging schema, where no
+    reader looks. ``snapshot`` attaches them in the publishing transaction. Returns
+    the rows written per history table; a table missing from it has this month in
+    history already (a --replace).
+    """
+    built = {}
+    q = queries("publish")
+    with conn.cursor() as cur:
+        for spec in TABLES:
+            if spec.snapshot_table is None:
+                continue
+            history = spec.snapshot_table
+            params = {"history": history, "as_of": as_of}
+            partition = cur.execute(q["new_month_partition"], params).fetchone()[0]  # type: ignore[arg-type]
+            if partition is None:
+                continue
+            # The name is built by the SQL function from the registry's table name and
+            # the date; it is quoted here like every identifier.
+            cur.execute(
+                query(
+                    "publish",
+                    "insert_snapshot",
+                    partition=sql.Identifier("staging", partition),
+                    staged=_staged(spec),
+                    columns=ident_list(spec.snapshot_columns),
+                ),
+                params,
+            )
+            built[history] = cur.rowcount
+            cur.execute(q["index_month_partition"], params)  # type: ignore[arg-type]
+    conn.commit()
+    return built
+
+
+def snapshot(
+    cur: psycopg.Cursor, spec: TableSpec, as_of: date, built: dict[str, int]
+) -> tuple[int, int, int]:
+    """Freeze the staged month under ``as_of``: (inserted, updated, removed).
+
+    A month built by ``build_history`` is attached; a month already in history is
+    rewritten row by row.
+    """
     assert spec.snapshot_table is not None
     history = spec.snapshot_table
     cols = spec.snapshot_columns
     q = queries("publish")
     params = {"history": history, "as_of": as_of}
-    partition = cur.execute(q["new_month_partition"], params).fetchone()[0]  # type: ignore[arg-type]
-    if partition is not None:
-        # The name is built by the SQL function from the registry's table name and
-        # the date; it is quoted here like every identifier.
-        cur.execute(
-            query(
-                "publish",
-                "insert_snapshot",
-                partition=sql.Identifier(partition),
-                staged=_staged(spec),
-                columns=ident_list(cols),
-            ),
-            params,
-        )
-        inserted = cur.rowcount
+    if history in built:
         cur.execute(q["attach_month_partition"], params)  # type: ignore[arg-type]
-        return inserted, 0, 0
+        return built[history], 0, 0
     ids = {"history": sql.Identifier(history), "staged": _staged(spec)}
     cur.execute(query("publish", "drop_vanished_snapshots", **ids), {"as_of": as_of})
     removed = cur.rowcount
@@ -106,8 +137,14 @@ def snapshot(cur: psycopg.Cursor, spec: TableSpec, as_of: date) -> tuple[int, in
     return cur.rowcount, updated, removed
 
 
-def publish_month(conn: psycopg.Connection, as_of: date, *, update_live: bool) -> list[TableStats]:
-    """Upsert live tables (parents first) and write the as_of snapshots; no commit."""
+def publish_month(
+    conn: psycopg.Connection, as_of: date, *, update_live: bool, history: Future[dict[str, int]]
+) -> list[TableStats]:
+    """Upsert live tables (parents first), then write the as_of snapshots; no commit.
+
+    ``history`` is ``build_history``'s result, being built meanwhile: it is needed only
+    once the live tables are done.
+    """
     stats = []
     with conn.cursor() as cur:
         cur.execute(queries("publish")["session"])  # type: ignore[arg-type]
@@ -119,9 +156,11 @@ def publish_month(conn: psycopg.Connection, as_of: date, *, update_live: bool) -
                 s.unchanged = s.read - s.inserted - s.updated
             else:
                 s.unchanged = s.read  # backfill: live tables keep the newer month
+            stats.append(s)
+        built = history.result()
+        for spec, s in zip(TABLES, stats, strict=True):
             if spec.snapshot_table:
                 s.snapshot_inserted, s.snapshot_updated, s.snapshot_removed = snapshot(
-                    cur, spec, as_of
+                    cur, spec, as_of, built
                 )
-            stats.append(s)
     return stats
