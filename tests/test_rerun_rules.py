@@ -365,34 +365,38 @@ def test_a_failed_month_reaches_history_only_through_a_later_success(run_flow, d
                                                                     months, tmp_path):
     """History partitions are built and committed in staging alongside validation, and
     attached by the publishing transaction: a month that fails leaves them in staging,
-    out of history, and the next build replaces them."""
+    out of history, and the next run's build drops them, whatever its as_of."""
     bad = tmp_path / "month_000"
     shutil.copytree(months / "month_000", bad)
     rows = read_rows(bad / "usage_agg_30d.csv")
     rows[5][rows[0].index("skips_7d")] = "-1"
     write_rows(bad / "usage_agg_30d.csv", rows)
-    month_tables = ("SELECT schemaname, count(*) FROM pg_tables WHERE tablename LIKE "
-                    "'%%\\_20240131' GROUP BY schemaname ORDER BY 1")
+    month_tables = ("SELECT schemaname, right(tablename, 8), count(*) FROM pg_tables "
+                    "WHERE tablename ~ '_snapshots_[0-9]{8}$' GROUP BY 1, 2 ORDER BY 1, 2")
 
     rc, _, err = run_flow(db_url, bad, JAN)
 
     assert rc == 1 and "skips_7d" in err, err[-2000:]
+    n = len(SNAPSHOT_TABLES)
     with psycopg.connect(db_url) as conn:
-        assert conn.execute(month_tables).fetchall() == [("staging", len(SNAPSHOT_TABLES))]
+        assert conn.execute(month_tables).fetchall() == [("staging", "20240131", n)]
     assert all(scalar(db_url, f'SELECT count(*) FROM "{t}"') == 0  # noqa: S608
                for t in SNAPSHOT_TABLES)
 
-    ok(run_flow(db_url, months / "month_000", JAN))
+    ok(run_flow(db_url, months / "month_001", FEB))
+    ok(run_flow(db_url, months / "month_000", JAN))  # a backfill: history only
     with psycopg.connect(db_url) as conn:
-        assert conn.execute(month_tables).fetchall() == [("public", len(SNAPSHOT_TABLES))]
+        assert conn.execute(month_tables).fetchall() == [
+            ("public", "20240131", n), ("public", "20240229", n)]
         attached = conn.execute(
             "SELECT count(*) FROM pg_inherits JOIN pg_class c ON c.oid = inhrelid "
-            "WHERE c.relname LIKE '%%\\_20240131' AND c.relkind = 'r'"
+            "WHERE c.relname ~ '_snapshots_[0-9]{8}$' AND c.relkind = 'r'"
         ).fetchone()[0]
-    assert attached == len(SNAPSHOT_TABLES)
-    users = scalar(db_url, "SELECT count(*) FROM users")
-    assert all(scalar(db_url, f'SELECT count(*) FROM "{t}" WHERE as_of = %s',  # noqa: S608
-                      (JAN,)) == users for t in SNAPSHOT_TABLES)
+    assert attached == 2 * n
+    for as_of, month in ((JAN, "month_000"), (FEB, "month_001")):
+        users = len(read_rows(months / month / "users.csv")) - 1
+        assert all(scalar(db_url, f'SELECT count(*) FROM "{t}" WHERE as_of = %s',  # noqa: S608
+                          (as_of,)) == users for t in SNAPSHOT_TABLES)
 
 
 def test_failed_replace_changes_nothing(run_flow, db_url, months, tmp_path):

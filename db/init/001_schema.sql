@@ -188,6 +188,29 @@ BEGIN
 END
 $$;
 
+-- What failed runs left in staging: month partitions never attached. Run first by
+-- each history build (under the writer lock, so none is being built meanwhile).
+CREATE OR REPLACE FUNCTION streamflow_drop_staged_months()
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp
+AS $$
+DECLARE
+    leftover text;
+    dropped integer := 0;
+BEGIN
+    FOR leftover IN
+        SELECT tablename FROM pg_tables
+        WHERE schemaname = 'staging'
+          AND tablename ~ ('^(subscriptions_profile|usage_agg_30d|payments_agg_90d|'
+                           'support_agg_90d|labels)_snapshots_[0-9]{8}$')
+    LOOP
+        EXECUTE format('DROP TABLE staging.%I', leftover);
+        dropped := dropped + 1;
+    END LOOP;
+    RETURN dropped;
+END
+$$;
+
 -- The month's partition, new and empty in staging (NULL: the month is in history).
 CREATE OR REPLACE FUNCTION streamflow_new_month_partition(history text, month date)
 RETURNS text
@@ -199,7 +222,7 @@ BEGIN
     IF to_regclass(format('public.%I', part)) IS NOT NULL THEN
         RETURN NULL;  -- the month exists: the caller rewrites it through the parent
     END IF;
-    EXECUTE format('DROP TABLE IF EXISTS staging.%I', part);  -- left by a failed run
+    EXECUTE format('DROP TABLE IF EXISTS staging.%I', part);  -- a failed run's, if any
     -- No index yet: a month is appended in one go, then indexed by one sort.
     EXECUTE format('CREATE TABLE staging.%I (LIKE public.%I)', part, history);
     EXECUTE format('GRANT INSERT ON staging.%I TO streamflow_ingest', part);
@@ -244,6 +267,7 @@ BEGIN
 END
 $$;
 
+REVOKE ALL ON FUNCTION streamflow_drop_staged_months() FROM PUBLIC;
 REVOKE ALL ON FUNCTION streamflow_new_month_partition(text, date) FROM PUBLIC;
 REVOKE ALL ON FUNCTION streamflow_index_month_partition(text, date) FROM PUBLIC;
 REVOKE ALL ON FUNCTION streamflow_attach_month_partition(text, date) FROM PUBLIC;
@@ -340,7 +364,8 @@ GRANT DELETE ON
 -- (db/sql/publish.sql): the month's keys are checked set-based instead, by the GX
 -- orphan expectation whose verdict gates the commit. PostgreSQL 15+.
 GRANT SET ON PARAMETER session_replication_role TO streamflow_ingest;
-GRANT EXECUTE ON FUNCTION streamflow_new_month_partition(text, date),
+GRANT EXECUTE ON FUNCTION streamflow_drop_staged_months(),
+                          streamflow_new_month_partition(text, date),
                           streamflow_index_month_partition(text, date),
                           streamflow_attach_month_partition(text, date),
                           streamflow_drop_empty_live_key(text),

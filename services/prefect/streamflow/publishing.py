@@ -74,13 +74,14 @@ def build_history(conn: psycopg.Connection, as_of: date) -> dict[str, int]:
 
     Runs on its own connection, alongside validation and the live upserts: each new
     month partition is created, filled and keyed in the staging schema, where no
-    reader looks. ``snapshot`` attaches them in the publishing transaction. Returns
-    the rows written per history table; a table missing from it has this month in
-    history already (a --replace).
+    reader looks (what failed runs left there is dropped first). ``snapshot`` attaches
+    them in the publishing transaction. Returns the rows written per history table; a
+    table missing from it has this month in history already (a --replace).
     """
     built = {}
     q = queries("publish")
     with conn.cursor() as cur:
+        cur.execute(q["drop_staged_months"])  # type: ignore[arg-type]
         for spec in TABLES:
             if spec.snapshot_table is None:
                 continue
