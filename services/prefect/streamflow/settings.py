@@ -75,7 +75,8 @@ def load_settings() -> Settings:
     env = os.environ
     return Settings(
         database_url=database_url_from_env(env),
-        embedded_pgdata=Path(env.get("STREAMFLOW_PGDATA", APP_DIR / ".pgdata")).resolve(),
-        gx_docs_dir=Path(env.get("GX_DOCS_DIR", APP_DIR / "var" / "gx_docs")).resolve(),
-        lock_wait_seconds=float(env.get("LOCK_WAIT_SECONDS", "600")),
+        # An empty value (``GX_DOCS_DIR=`` in .env) means the default, not the cwd.
+        embedded_pgdata=Path(env.get("STREAMFLOW_PGDATA") or APP_DIR / ".pgdata").resolve(),
+        gx_docs_dir=Path(env.get("GX_DOCS_DIR") or APP_DIR / "var" / "gx_docs").resolve(),
+        lock_wait_seconds=float(env.get("LOCK_WAIT_SECONDS") or "600"),
     )
