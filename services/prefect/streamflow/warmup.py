@@ -38,6 +38,9 @@ from .errors import IngestError
 from .inputs import cli_parser
 from .settings import load_settings
 
+# The server is on 127.0.0.1: never ask a proxy from http_proxy for it.
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -89,7 +92,7 @@ class TemporaryApiServer:
                 self._spawn()
                 continue
             try:
-                with urllib.request.urlopen(self.api_url + "/health", timeout=2) as r:
+                with _LOCAL.open(self.api_url + "/health", timeout=2) as r:
                     if r.status == 200:
                         return self.api_url
             except OSError:
