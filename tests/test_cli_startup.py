@@ -139,6 +139,23 @@ def test_no_temporary_server_when_prefect_forbids_one(db_url, months, tmp_path):
     assert _processes_with(f"PREFECT_HOME={home}") == []
 
 
+def test_help_is_the_full_help_and_starts_nothing(db_url, months, tmp_path):
+    """``--help`` with a complete command line: the description, exit 0, no no-op check,
+    no server, no GX process."""
+    home = tmp_path / "prefect"
+    python, *script = flow_command(months / "month_000", JAN)
+    env = flow_env(db_url, PREFECT_HOME=str(home))
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([python, *script, "--help"], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "StreamFlow monthly ingestion, as a Prefect flow." in proc.stdout
+    assert not (home / "prefect.db").exists()
+    assert scalar(db_url, "SELECT count(*) FROM ingest_runs") == 0
+    assert _processes_with(f"PREFECT_HOME={home}") == []
+
+
 def test_the_flow_takes_the_gx_process_started_for_its_database(db_url, tmp_path):
     """The CLI's early GX process is used only for the database and docs it was started
     for; any other is stopped and replaced."""

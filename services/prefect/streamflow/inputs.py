@@ -35,10 +35,16 @@ def month_files(seed_dir: Path) -> dict[str, Path]:
     return files
 
 
-def cli_parser(description: str | None) -> argparse.ArgumentParser:
-    """``ingest_flow.py [run|serve] [--seed-dir D] [--as-of YYYY-MM-DD] [--replace]``."""
+def cli_parser(description: str | None, *, add_help: bool = True) -> argparse.ArgumentParser:
+    """``ingest_flow.py [run|serve] [--seed-dir D] [--as-of YYYY-MM-DD] [--replace]``.
+
+    ``add_help=False`` for the CLI's early looks at its arguments: ``--help`` is left
+    to the full parser, which prints the module's description.
+    """
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=add_help,
     )
     parser.add_argument("command", nargs="?", choices=["run", "serve"], default="run")
     parser.add_argument(
@@ -52,3 +58,7 @@ def cli_parser(description: str | None) -> argparse.ArgumentParser:
         help="replace an as_of already published from other files (env REPLACE=1)",
     )
     return parser
+
+
+def wants_help(argv: list[str]) -> bool:
+    return any(a in ("-h", "--help") for a in argv)
