@@ -52,10 +52,14 @@ def entries(lines: list[str]) -> list[tuple[float, str]]:
 _LIVE = "users|subscriptions|usage_agg_30d|payments_agg_90d|support_agg_90d|labels"
 KINDS = (
     ("stage: COPY into staging.*", r"^COPY \S*staging"),
-    ("validate: GX uniqueness of user_id (window count + examples, before 1a0b353)",
-     r"OVER \(PARTITION BY user_id\)"),
-    ("validate: GX uniqueness of user_id (count DISTINCT, since 1a0b353)",
-     r"count\(DISTINCT user_id\)"),
+    (
+        "validate: GX uniqueness of user_id (window count + examples, before 1a0b353)",
+        r"OVER \(PARTITION BY user_id\)",
+    ),
+    (
+        "validate: GX uniqueness of user_id (count DISTINCT, since 1a0b353)",
+        r"count\(DISTINCT user_id\)",
+    ),
     ("validate: GX counts of unexpected values", r"UnexpectedCountSubquery|^SELECT sum\(CASE"),
     ("validate: NaN/Infinity rows", r"'NaN'"),
     ("validate: orphan rows (anti-join)", r"unexpected_row_count|^SELECT o\.user_id FROM"),

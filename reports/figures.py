@@ -106,7 +106,10 @@ def psql(url: str, command: str) -> str:
     """One psql command (a query or a backslash command), its output as psql prints it."""
     result = subprocess.run(
         ["psql", "-X", "-v", "ON_ERROR_STOP=1", "-P", "pager=off", "-d", url, "-c", command],
-        capture_output=True, text=True, env=psql_env(), check=False,
+        capture_output=True,
+        text=True,
+        env=psql_env(),
+        check=False,
     )
     if result.returncode != 0:
         raise RuntimeError(f"psql failed on {command!r}: {result.stderr.strip()}")
@@ -184,8 +187,12 @@ def fig_tree(root: Path = REPO) -> str:
 def fig_git_state() -> str:
     """1.a: the repository as it was when the figures were generated."""
     out = []
-    for cmd in (["ls"], ["git", "status", "--short", "--branch"], ["git", "log", "--oneline"],
-                ["git", "tag", "--list"]):
+    for cmd in (
+        ["ls"],
+        ["git", "status", "--short", "--branch"],
+        ["git", "log", "--oneline"],
+        ["git", "tag", "--list"],
+    ):
         result = subprocess.run(cmd, cwd=GIT_REPO, capture_output=True, text=True, check=False)
         text = result.stdout.strip()
         if cmd[0] == "ls":
@@ -196,23 +203,28 @@ def fig_git_state() -> str:
 
 def fig_provenance() -> str:
     """Which code produced the figures: a commit exported by git archive, or the work tree."""
+
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", *args], cwd=GIT_REPO, capture_output=True, text=True, check=False
         ).stdout.strip()
 
     if SOURCE_COMMIT:
-        return "\n".join([
-            f"code: git archive {SOURCE_COMMIT[:12]} (uncommitted changes not included)",
-            f"commit: {git('log', '-1', '--format=%h %s', SOURCE_COMMIT)}",
-        ])
+        return "\n".join(
+            [
+                f"code: git archive {SOURCE_COMMIT[:12]} (uncommitted changes not included)",
+                f"commit: {git('log', '-1', '--format=%h %s', SOURCE_COMMIT)}",
+            ]
+        )
     changed = git("status", "--porcelain", "--untracked-files=no")
-    return "\n".join([
-        "code: the work tree of the repository",
-        f"commit: {git('log', '-1', '--format=%h %s')}",
-        "uncommitted changes to tracked files: " + (", ".join(
-            line[3:] for line in changed.splitlines()) or "none"),
-    ])
+    return "\n".join(
+        [
+            "code: the work tree of the repository",
+            f"commit: {git('log', '-1', '--format=%h %s')}",
+            "uncommitted changes to tracked files: "
+            + (", ".join(line[3:] for line in changed.splitlines()) or "none"),
+        ]
+    )
 
 
 def fig_docker_check() -> str:
@@ -327,24 +339,30 @@ def fig_after_month_001(url: str) -> dict[str, str]:
     """5.b and the design section: history per as_of, what changed, bounds seen."""
     verify = queries("verify")
     # Identifiers below come from the table registry, never from data: S608 does not apply.
-    changes = "\nUNION ALL\n".join(
-        f"SELECT '{t}' AS history_table, count(*) AS users_in_both,\n"
-        "       count(*) FILTER (WHERE to_jsonb(j) - 'as_of' <> to_jsonb(f) - 'as_of')"
-        " AS changed\n" + _history_join(t)
-        for t in SNAPSHOT_TABLES
-    ) + "\nORDER BY 1;"  # UNION ALL alone has no order (parallel append)
+    changes = (
+        "\nUNION ALL\n".join(
+            f"SELECT '{t}' AS history_table, count(*) AS users_in_both,\n"
+            "       count(*) FILTER (WHERE to_jsonb(j) - 'as_of' <> to_jsonb(f) - 'as_of')"
+            " AS changed\n" + _history_join(t)
+            for t in SNAPSHOT_TABLES
+        )
+        + "\nORDER BY 1;"
+    )  # UNION ALL alone has no order (parallel append)
     usage = next(s for s in TABLES if s.name == "usage_agg_30d")
     usage_cols = ",\n       ".join(
         f"count(*) FILTER (WHERE j.{c} IS DISTINCT FROM f.{c}) AS {c}"
         for c in usage.snapshot_columns
     )
-    bounds = "\nUNION ALL\n".join(  # noqa: S608
-        f"SELECT '{c.name}' AS col, min({c.name}), max({c.name}) FROM {t}"  # noqa: S608
-        for spec in TABLES
-        for c in spec.columns
-        if c.non_negative
-        for t in [spec.snapshot_table if c.name in spec.snapshot_columns else spec.name]
-    ) + "\nORDER BY 1;"
+    bounds = (
+        "\nUNION ALL\n".join(  # noqa: S608
+            f"SELECT '{c.name}' AS col, min({c.name}), max({c.name}) FROM {t}"  # noqa: S608
+            for spec in TABLES
+            for c in spec.columns
+            if c.non_negative
+            for t in [spec.snapshot_table if c.name in spec.snapshot_columns else spec.name]
+        )
+        + "\nORDER BY 1;"
+    )
     return {
         "snapshot_counts": psql_block(
             url,
@@ -390,16 +408,19 @@ def _scalars(url: str, named: dict[str, str]) -> dict[str, int]:
 
 
 def key_values_month_000(url: str) -> dict[str, int]:
-    return _scalars(url, {
-        "clients after month_000 (users)": "SELECT count(*) FROM users",
-        "subscriptions after month_000": "SELECT count(*) FROM subscriptions",
-        "plan_stream_tv NULL after month_000": (
-            "SELECT count(*) FROM subscriptions WHERE plan_stream_tv IS NULL"
-        ),
-        "plan_stream_movies NULL after month_000": (
-            "SELECT count(*) FROM subscriptions WHERE plan_stream_movies IS NULL"
-        ),
-    })
+    return _scalars(
+        url,
+        {
+            "clients after month_000 (users)": "SELECT count(*) FROM users",
+            "subscriptions after month_000": "SELECT count(*) FROM subscriptions",
+            "plan_stream_tv NULL after month_000": (
+                "SELECT count(*) FROM subscriptions WHERE plan_stream_tv IS NULL"
+            ),
+            "plan_stream_movies NULL after month_000": (
+                "SELECT count(*) FROM subscriptions WHERE plan_stream_movies IS NULL"
+            ),
+        },
+    )
 
 
 def key_values_month_001(url: str) -> dict[str, int]:
@@ -468,7 +489,8 @@ class FlowCli:
     def __init__(self, database_url: str, state: Path) -> None:
         self.docs = state / "gx_docs"
         env = {
-            k: v for k, v in os.environ.items()
+            k: v
+            for k, v in os.environ.items()
             if k not in ("DATABASE_URL", "POSTGRES_HOST", "SEED_DIR", "AS_OF", "REPLACE")
             and not k.startswith("PREFECT_")
         }
@@ -491,7 +513,11 @@ class FlowCli:
         start = time.perf_counter()
         result = subprocess.run(
             [sys.executable, str(FLOW_SCRIPT), *argv],
-            cwd=REPO, env=self.env, capture_output=True, text=True, check=False,
+            cwd=REPO,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         self.seconds.append(time.perf_counter() - start)
         command = "$ python services/prefect/ingest_flow.py " + " ".join(argv)
@@ -587,24 +613,37 @@ def init_database(admin_url: str) -> tuple[str, str, str]:
     url = with_database(admin_url, DB_NAME)
     schema = subprocess.run(
         ["psql", "-X", "-v", "ON_ERROR_STOP=1", "-d", url, "-f", "db/init/001_schema.sql"],
-        cwd=REPO, capture_output=True, text=True, env=psql_env(), check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=psql_env(),
+        check=True,
     )
     # 002_ingest_login.sh talks to the server through libpq's PG* variables, as in Docker.
     host = dict(p.split("=", 1) for p in url.split("?", 1)[1].split("&"))["host"]
     env = psql_env() | {
-        "PGHOST": host, "POSTGRES_USER": "postgres", "POSTGRES_DB": DB_NAME,
-        "INGEST_DB_USER": INGEST_LOGIN, "INGEST_DB_PASSWORD": secrets.token_hex(12),
+        "PGHOST": host,
+        "POSTGRES_USER": "postgres",
+        "POSTGRES_DB": DB_NAME,
+        "INGEST_DB_USER": INGEST_LOGIN,
+        "INGEST_DB_PASSWORD": secrets.token_hex(12),
     }
     login = subprocess.run(
         ["bash", "db/init/002_ingest_login.sh"],
-        cwd=REPO, capture_output=True, text=True, env=env, check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     )
-    log = "\n".join([
-        "$ psql -X -v ON_ERROR_STOP=1 -d streamflow -f db/init/001_schema.sql",
-        schema.stdout.strip(),
-        "$ bash db/init/002_ingest_login.sh",
-        login.stdout.strip(),
-    ])
+    log = "\n".join(
+        [
+            "$ psql -X -v ON_ERROR_STOP=1 -d streamflow -f db/init/001_schema.sql",
+            schema.stdout.strip(),
+            "$ bash db/init/002_ingest_login.sh",
+            login.stdout.strip(),
+        ]
+    )
     return url, with_database(admin_url, DB_NAME, user=INGEST_LOGIN), tidy(log)
 
 
@@ -647,9 +686,9 @@ def generate(seeds: Path, workdir: Path, progress: Callable[[str], None] = print
 
         bad = corrupted_copy(m1, workdir / "month_001")
         # The temp dir's random suffix, masked at the same width (psql aligns columns on it).
-        cli.masks[str(workdir)] = str(workdir.parent / re.sub(
-            r"[^-]+$", lambda m: "X" * len(m.group()), workdir.name
-        ))
+        cli.masks[str(workdir)] = str(
+            workdir.parent / re.sub(r"[^-]+$", lambda m: "X" * len(m.group()), workdir.name)
+        )
         err = step("failing_run", bad, FEB, expect=1)
         fig["failing_run_logs"] = "\n".join(
             log_lines(err, lambda m: m.startswith(("suite usage", "ingest failed")))
@@ -658,14 +697,18 @@ def generate(seeds: Path, workdir: Path, progress: Callable[[str], None] = print
         if after != fig["digests_before_failure"]:
             raise RuntimeError(
                 "the failed run changed a published table:\n"
-                + fig["digests_before_failure"] + "\n" + after
+                + fig["digests_before_failure"]
+                + "\n"
+                + after
             )
         fig["digests_after_failure"] = as_rerun(after)
-        fig["ledger_failed_validation"] = cli.mask(psql_block(
-            url,
-            "SELECT run_id, status, jsonb_pretty(validation) AS validation\n"
-            "FROM ingest_runs WHERE status = 'failed';",
-        ))
+        fig["ledger_failed_validation"] = cli.mask(
+            psql_block(
+                url,
+                "SELECT run_id, status, jsonb_pretty(validation) AS validation\n"
+                "FROM ingest_runs WHERE status = 'failed';",
+            )
+        )
 
         step("run_month_001", m1, FEB, expect=0)
         fig.update(fig_after_month_001(url))
@@ -673,17 +716,18 @@ def generate(seeds: Path, workdir: Path, progress: Callable[[str], None] = print
         fig["key_figures"] = fig_key_figures(keys)
         step("rerun_month_001", m1, FEB, expect=0)
         step("refused_other_files", m0, FEB, expect=1)
-        fig["ledger"] = cli.mask(fig_ledger(
-            url, columns="run_id, as_of, status, mode, seed_dir,\n"
-            "       table_stats IS NOT NULL AS has_stats, left(error, 60) AS error"
-        ))
+        fig["ledger"] = cli.mask(
+            fig_ledger(
+                url,
+                columns="run_id, as_of, status, mode, seed_dir,\n"
+                "       table_stats IS NOT NULL AS has_stats, left(error, 60) AS error",
+            )
+        )
         fig["ingest_months"] = psql_block(
             url, "SELECT as_of, run_id, left(fingerprint, 12) AS fingerprint FROM ingest_months;"
         )
         fig["lab_bool_conversion"] = fig_lab_bool_conversion(m0)
-        progress(
-            "flow CLI wall times (s): " + ", ".join(f"{s:.0f}" for s in cli.seconds)
-        )
+        progress("flow CLI wall times (s): " + ", ".join(f"{s:.0f}" for s in cli.seconds))
     return fig
 
 
@@ -695,13 +739,15 @@ def fig_lab_bool_conversion(month: Path) -> str:
         return "(pandas is not installed: pip install -r requirements/bench.txt)"
     df = pd.read_csv(month / "subscriptions.csv")
     col = df["plan_stream_tv"]
-    return "\n".join([
-        ">>> df = pd.read_csv('month_000/subscriptions.csv')",
-        ">>> df['plan_stream_tv'].isna().sum(), (df['plan_stream_tv'] == True).sum()",
-        f"({int(col.isna().sum())}, {int((col == True).sum())})",  # noqa: E712
-        ">>> df['plan_stream_tv'].astype(bool).sum()   # the lab's TODO, done naively",
-        f"{int(col.astype(bool).sum())}",
-    ])
+    return "\n".join(
+        [
+            ">>> df = pd.read_csv('month_000/subscriptions.csv')",
+            ">>> df['plan_stream_tv'].isna().sum(), (df['plan_stream_tv'] == True).sum()",
+            f"({int(col.isna().sum())}, {int((col == True).sum())})",  # noqa: E712
+            ">>> df['plan_stream_tv'].astype(bool).sum()   # the lab's TODO, done naively",
+            f"{int(col.astype(bool).sum())}",
+        ]
+    )
 
 
 # --------------------------------------------------------------------------- the report
@@ -746,7 +792,10 @@ def from_commit(rev: str, seeds: Path, progress: Callable[[str], None]) -> dict[
     """
     sha = subprocess.run(
         ["git", "rev-parse", "--verify", rev + "^{commit}"],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="streamflow-figures-src-") as tmp:
         root = Path(tmp)
@@ -763,11 +812,11 @@ def from_commit(rev: str, seeds: Path, progress: Callable[[str], None]) -> dict[
         progress(f"running from git archive {sha[:12]} in {src}")
         subprocess.run(
             [sys.executable, str(src / "reports" / "figures.py"), "--out", str(root / "out")],
-            cwd=src, env=env, check=True,
+            cwd=src,
+            env=env,
+            check=True,
         )
-        return {
-            p.stem: p.read_text(encoding="utf-8")[:-1] for p in (root / "out").glob("*.txt")
-        }
+        return {p.stem: p.read_text(encoding="utf-8")[:-1] for p in (root / "out").glob("*.txt")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -779,7 +828,8 @@ def main(argv: list[str] | None = None) -> int:
         "--update-report", action="store_true", help=f"rewrite the blocks of {REPORT.name}"
     )
     parser.add_argument(
-        "--from-commit", metavar="REV",
+        "--from-commit",
+        metavar="REV",
         help="run the code of this commit (git archive), not the work tree, e.g. HEAD",
     )
     args = parser.parse_args(argv)

@@ -70,8 +70,13 @@ def flow_env(url: str, **extra: str) -> dict[str, str]:
 
 def flow_command(seed_dir: Path | str, as_of: str, *extra: str) -> list[str]:
     return [
-        sys.executable, str(FLOW_DIR / "ingest_flow.py"),
-        "--seed-dir", str(seed_dir), "--as-of", as_of, *extra,
+        sys.executable,
+        str(FLOW_DIR / "ingest_flow.py"),
+        "--seed-dir",
+        str(seed_dir),
+        "--as-of",
+        as_of,
+        *extra,
     ]
 
 
@@ -149,9 +154,21 @@ def prefect_server(home: Path) -> Iterator[str]:
     log_path = home / "server.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-             "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     api = f"http://127.0.0.1:{port}/api"
     try:

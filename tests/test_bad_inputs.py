@@ -161,56 +161,120 @@ def _long_row(rows: list[list[str]]) -> None:
 SQL_HEADER = 'user_id"); DROP TABLE users; --'
 
 CORPUS = [
-    Bad("negative_aggregate",
+    Bad(
+        "negative_aggregate",
         set_cell("support_agg_90d", 7, "ticket_avg_resolution_hrs_90d", "-2.5"),
-        ["support_agg_90d.csv", "column ticket_avg_resolution_hrs_90d", "-2.5", ">= 0"]),
-    Bad("missing_column", drop_column("subscriptions", "monthly_fee"),
-        ["subscriptions.csv", "missing column", "monthly_fee"]),
-    Bad("extra_unknown_column", add_column("usage_agg_30d", "coupon_code", "X1"),
-        ["usage_agg_30d.csv", "unexpected column", "coupon_code"]),
-    Bad("renamed_column", rename_column("labels", "churn_label", "churned"),
-        ["labels.csv", "churned", "churn_label"]),
-    Bad("duplicate_user_id", edit("users", _dup_users),
+        ["support_agg_90d.csv", "column ticket_avg_resolution_hrs_90d", "-2.5", ">= 0"],
+    ),
+    Bad(
+        "missing_column",
+        drop_column("subscriptions", "monthly_fee"),
+        ["subscriptions.csv", "missing column", "monthly_fee"],
+    ),
+    Bad(
+        "extra_unknown_column",
+        add_column("usage_agg_30d", "coupon_code", "X1"),
+        ["usage_agg_30d.csv", "unexpected column", "coupon_code"],
+    ),
+    Bad(
+        "renamed_column",
+        rename_column("labels", "churn_label", "churned"),
+        ["labels.csv", "churned", "churn_label"],
+    ),
+    Bad(
+        "duplicate_user_id",
+        edit("users", _dup_users),
         ["users.csv", "column user_id", "duplicated", "{uid:10}"],
-        expect_user_ids_of={"uid:10": ("users", 10)}),
-    Bad("user_id_not_in_users", edit("labels", _orphan),
-        ["labels.csv", "column user_id", "users.csv", "0000-NOTAUSER"]),
-    Bad("empty_user_id", set_cell("payments_agg_90d", 12, "user_id", ""),
-        ["payments_agg_90d.csv", "line 13", "user_id", "empty"]),
-    Bad("non_numeric_number", set_cell("usage_agg_30d", 20, "watch_hours_30d", "abc"),
-        ["usage_agg_30d.csv", "line 21", "column watch_hours_30d", '"abc"', "numeric"]),
-    Bad("fractional_integer", set_cell("usage_agg_30d", 22, "skips_7d", "3.5"),
-        ["usage_agg_30d.csv", "line 23", "column skips_7d", '"3.5"', "integer"]),
-    Bad("nan_number", set_cell("usage_agg_30d", 24, "watch_hours_30d", "NaN"),
-        ["usage_agg_30d.csv", "watch_hours_30d", "NaN"]),
-    Bad("infinite_number", set_cell("subscriptions", 25, "monthly_fee", "Infinity"),
-        ["subscriptions.csv", "monthly_fee", "Infinity"]),
-    Bad("bad_boolean", set_cell("users", 3, "user_is_senior", "maybe"),
-        ["users.csv", "line 4", "column user_is_senior", '"maybe"', "boolean"]),
-    Bad("bad_date", set_cell("users", 30, "signup_date", "2023-02-30"),
-        ["users.csv", "line 31", "column signup_date", '"2023-02-30"', "date"]),
-    Bad("integer_overflow", set_cell("subscriptions", 40, "months_active", "99999999999"),
-        ["subscriptions.csv", "line 41", "column months_active", "99999999999", "integer"]),
-    Bad("value_outside_set", set_cell("subscriptions", 8, "contract_type", "Lifetime"),
-        ["subscriptions.csv", "column contract_type", "Lifetime", "Month-to-month"]),
-    Bad("row_missing_a_field", edit("usage_agg_30d", _short_row),
-        ["usage_agg_30d.csv", "line 16", "rebuffer_events_7d"]),
-    Bad("row_with_extra_field", edit("usage_agg_30d", _long_row),
-        ["usage_agg_30d.csv", "line 17", "extra data"]),
-    Bad("not_utf8", replace_line("users", 50, b"\xff\xfe-BAD,2022-01-01,Male,False,False,False"),
-        ["users.csv", "line 50", "UTF8"]),
-    Bad("empty_file", write_bytes("labels", lambda _: b""),
-        ["labels.csv", "empty", "user_id,churn_label"]),
-    Bad("header_only", write_bytes("support_agg_90d", lambda d: d.split(b"\n")[0] + b"\n"),
-        ["support_agg_90d.csv", "no data rows"]),
-    Bad("duplicated_header_column", rename_column("subscriptions", "net_service", "total_paid"),
-        ["subscriptions.csv", "total_paid", "twice"]),
-    Bad("missing_file", remove("payments_agg_90d"),
-        ["payments_agg_90d.csv", "missing file"]),
+        expect_user_ids_of={"uid:10": ("users", 10)},
+    ),
+    Bad(
+        "user_id_not_in_users",
+        edit("labels", _orphan),
+        ["labels.csv", "column user_id", "users.csv", "0000-NOTAUSER"],
+    ),
+    Bad(
+        "empty_user_id",
+        set_cell("payments_agg_90d", 12, "user_id", ""),
+        ["payments_agg_90d.csv", "line 13", "user_id", "empty"],
+    ),
+    Bad(
+        "non_numeric_number",
+        set_cell("usage_agg_30d", 20, "watch_hours_30d", "abc"),
+        ["usage_agg_30d.csv", "line 21", "column watch_hours_30d", '"abc"', "numeric"],
+    ),
+    Bad(
+        "fractional_integer",
+        set_cell("usage_agg_30d", 22, "skips_7d", "3.5"),
+        ["usage_agg_30d.csv", "line 23", "column skips_7d", '"3.5"', "integer"],
+    ),
+    Bad(
+        "nan_number",
+        set_cell("usage_agg_30d", 24, "watch_hours_30d", "NaN"),
+        ["usage_agg_30d.csv", "watch_hours_30d", "NaN"],
+    ),
+    Bad(
+        "infinite_number",
+        set_cell("subscriptions", 25, "monthly_fee", "Infinity"),
+        ["subscriptions.csv", "monthly_fee", "Infinity"],
+    ),
+    Bad(
+        "bad_boolean",
+        set_cell("users", 3, "user_is_senior", "maybe"),
+        ["users.csv", "line 4", "column user_is_senior", '"maybe"', "boolean"],
+    ),
+    Bad(
+        "bad_date",
+        set_cell("users", 30, "signup_date", "2023-02-30"),
+        ["users.csv", "line 31", "column signup_date", '"2023-02-30"', "date"],
+    ),
+    Bad(
+        "integer_overflow",
+        set_cell("subscriptions", 40, "months_active", "99999999999"),
+        ["subscriptions.csv", "line 41", "column months_active", "99999999999", "integer"],
+    ),
+    Bad(
+        "value_outside_set",
+        set_cell("subscriptions", 8, "contract_type", "Lifetime"),
+        ["subscriptions.csv", "column contract_type", "Lifetime", "Month-to-month"],
+    ),
+    Bad(
+        "row_missing_a_field",
+        edit("usage_agg_30d", _short_row),
+        ["usage_agg_30d.csv", "line 16", "rebuffer_events_7d"],
+    ),
+    Bad(
+        "row_with_extra_field",
+        edit("usage_agg_30d", _long_row),
+        ["usage_agg_30d.csv", "line 17", "extra data"],
+    ),
+    Bad(
+        "not_utf8",
+        replace_line("users", 50, b"\xff\xfe-BAD,2022-01-01,Male,False,False,False"),
+        ["users.csv", "line 50", "UTF8"],
+    ),
+    Bad(
+        "empty_file",
+        write_bytes("labels", lambda _: b""),
+        ["labels.csv", "empty", "user_id,churn_label"],
+    ),
+    Bad(
+        "header_only",
+        write_bytes("support_agg_90d", lambda d: d.split(b"\n")[0] + b"\n"),
+        ["support_agg_90d.csv", "no data rows"],
+    ),
+    Bad(
+        "duplicated_header_column",
+        rename_column("subscriptions", "net_service", "total_paid"),
+        ["subscriptions.csv", "total_paid", "twice"],
+    ),
+    Bad("missing_file", remove("payments_agg_90d"), ["payments_agg_90d.csv", "missing file"]),
     Bad("seed_dir_does_not_exist", None, ["SEED_DIR", "no_such_month"], seed_dir="no_such_month"),
     Bad("invalid_as_of", None, ["AS_OF", "2024-02-30", "YYYY-MM-DD"], as_of="2024-02-30"),
-    Bad("header_crafted_as_sql", rename_column("users", "user_id", SQL_HEADER),
-        ["users.csv", "unexpected column", SQL_HEADER, "missing column 'user_id'"]),
+    Bad(
+        "header_crafted_as_sql",
+        rename_column("users", "user_id", SQL_HEADER),
+        ["users.csv", "unexpected column", SQL_HEADER, "missing column 'user_id'"],
+    ),
 ]
 
 
@@ -276,8 +340,11 @@ def all_fields_quoted(month: Path) -> None:
     _all_files(month, change)
 
 
-SAME = {"crlf_with_bom": crlf_with_bom, "columns_reordered": columns_reordered,
-        "all_fields_quoted": all_fields_quoted}
+SAME = {
+    "crlf_with_bom": crlf_with_bom,
+    "columns_reordered": columns_reordered,
+    "all_fields_quoted": all_fields_quoted,
+}
 DATA_TABLES = LIVE_TABLES + SNAPSHOT_TABLES
 
 

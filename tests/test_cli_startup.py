@@ -49,15 +49,17 @@ def _cli(db_url: str, seed_dir: Path, home: Path, *python_flags: str, **env: str
     full_env = flow_env(db_url, PREFECT_HOME=str(home), PREFECT_LOGGING_LEVEL="INFO", **env)
     full_env.pop("PREFECT_API_URL", None)
     python, *script = flow_command(seed_dir, JAN)
-    return subprocess.run([python, *python_flags, *script], env=full_env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [python, *python_flags, *script], env=full_env, capture_output=True, text=True, timeout=600
+    )
 
 
 def _validated_suites(docs: Path) -> set[str]:
     """Suites with a validation page in the Data Docs site (GX writes one per run)."""
     assert (docs / "index.html").is_file()
-    return {p.relative_to(docs / "validations").parts[0]
-            for p in (docs / "validations").rglob("*.html")}
+    return {
+        p.relative_to(docs / "validations").parts[0] for p in (docs / "validations").rglob("*.html")
+    }
 
 
 def _prefect_db(home: Path, query: str, *params: object) -> list[tuple]:
@@ -77,24 +79,31 @@ def test_a_month_runs_against_the_clis_own_server_and_is_recorded(db_url, months
 
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "published live + history" in proc.stdout.splitlines()[0]
-    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines()
-                if line.startswith("import time:")}
+    imported = {
+        line.split("|")[-1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:")
+    }
     assert "prefect.flows" in imported
     assert not {m for m in imported if m.startswith("prefect.server")}
     assert "View at http" not in proc.stderr  # no UI behind this server
     [(run_id, state)] = _prefect_db(home, "SELECT id, state_type FROM flow_run")
     assert state == "COMPLETED"
-    tasks = _prefect_db(home, "SELECT name, state_type FROM task_run WHERE flow_run_id = ?",
-                        run_id)
+    tasks = _prefect_db(home, "SELECT name, state_type FROM task_run WHERE flow_run_id = ?", run_id)
     assert len(tasks) == 8 and {s for _, s in tasks} == {"COMPLETED"}, tasks
     assert {n.rsplit("-", 1)[0] for n, _ in tasks} == {
-        "upsert_csv", "validate_with_ge", "snapshot_month"}
+        "upsert_csv",
+        "validate_with_ge",
+        "snapshot_month",
+    }
     # The last lines the flow logs are shipped before the server stops.
-    logs = [m for (m,) in _prefect_db(home, "SELECT message FROM log WHERE flow_run_id = ?",
-                                      run_id)]
+    logs = [
+        m for (m,) in _prefect_db(home, "SELECT message FROM log WHERE flow_run_id = ?", run_id)
+    ]
     assert any("published live + history" in m for m in logs), logs[-5:]
-    assert _prefect_db(home, "SELECT count(*) FROM artifact WHERE flow_run_id = ?",
-                       run_id)[0][0] >= 1
+    assert (
+        _prefect_db(home, "SELECT count(*) FROM artifact WHERE flow_run_id = ?", run_id)[0][0] >= 1
+    )
     assert _processes_with(f"PREFECT_HOME={home}") == []
     # Built after the verdict, alongside the commit, and there when the CLI returns.
     assert _validated_suites(home / "gx_docs") == {f"{t.name}_suite" for t in TABLES}
@@ -103,8 +112,7 @@ def test_a_month_runs_against_the_clis_own_server_and_is_recorded(db_url, months
     assert "stat_check" in timings and "fingerprint" not in timings, timings
 
 
-def test_a_failed_month_is_recorded_failed_and_leaves_nothing_behind(db_url, months,
-                                                                     tmp_path):
+def test_a_failed_month_is_recorded_failed_and_leaves_nothing_behind(db_url, months, tmp_path):
     bad = tmp_path / "month_000"
     shutil.copytree(months / "month_000", bad)
     rows = read_rows(bad / "usage_agg_30d.csv")
@@ -117,12 +125,15 @@ def test_a_failed_month_is_recorded_failed_and_leaves_nothing_behind(db_url, mon
 
     assert proc.returncode == 1, proc.stdout[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("ingest failed: validation failed: usage_agg_30d.csv, "
-                           "column watch_hours_30d: 1 value(s) below 0"), last
+    assert last.startswith(
+        "ingest failed: validation failed: usage_agg_30d.csv, "
+        "column watch_hours_30d: 1 value(s) below 0"
+    ), last
     [(run_id, state)] = _prefect_db(home, "SELECT id, state_type FROM flow_run")
     assert state == "FAILED"
-    logs = [m for (m,) in _prefect_db(home, "SELECT message FROM log WHERE flow_run_id = ?",
-                                      run_id)]
+    logs = [
+        m for (m,) in _prefect_db(home, "SELECT message FROM log WHERE flow_run_id = ?", run_id)
+    ]
     assert any(m.startswith("ingest failed: validation failed") for m in logs), logs[-5:]
     assert _processes_with(f"PREFECT_HOME={home}") == []
     assert "usage_agg_30d_suite" in _validated_suites(home / "gx_docs")
@@ -146,8 +157,9 @@ def test_help_is_the_full_help_and_starts_nothing(db_url, months, tmp_path):
     python, *script = flow_command(months / "month_000", JAN)
     env = flow_env(db_url, PREFECT_HOME=str(home))
     env.pop("PREFECT_API_URL", None)
-    proc = subprocess.run([python, *script, "--help"], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [python, *script, "--help"], env=env, capture_output=True, text=True, timeout=120
+    )
 
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "StreamFlow monthly ingestion, as a Prefect flow." in proc.stdout

@@ -46,8 +46,11 @@ def start(
     return subprocess.Popen(
         flow_command(seed_dir, as_of),
         env=flow_env(
-            url, PREFECT_HOME=str(home), PREFECT_API_URL=api,
-            GX_DOCS_DIR=str(home / "gx_docs"), **env,
+            url,
+            PREFECT_HOME=str(home),
+            PREFECT_API_URL=api,
+            GX_DOCS_DIR=str(home / "gx_docs"),
+            **env,
         ),
         cwd=home,
         stdout=subprocess.PIPE,
@@ -114,7 +117,9 @@ def test_three_writers_at_once_publish_one_after_the_other(
         assert rc == 0, err[-3000:]
     runs = ledger(db_url)
     assert sorted((r[0], r[1]) for r in runs) == [
-        (JAN, "noop"), (JAN, "succeeded"), (FEB, "succeeded"),
+        (JAN, "noop"),
+        (JAN, "succeeded"),
+        (FEB, "succeeded"),
     ]
     # One writer at a time: no two runs' [start, finish] overlap.
     for earlier, later in zip(runs, runs[1:], strict=False):
@@ -145,17 +150,21 @@ def _reference(admin_url: str, run_flow, jan: Path, feb: Path) -> dict[str, list
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def test_lock_wait_timeout_says_another_ingestion_is_running(
-    db_url, months, tmp_path, prefect_api
-):
+def test_lock_wait_timeout_says_another_ingestion_is_running(db_url, months, tmp_path, prefect_api):
     before = dump(db_url, ALL_TABLES)
     with psycopg.connect(db_url, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
         holder_pid = holder.execute("SELECT pg_backend_pid()").fetchone()[0]
         started = time.monotonic()
         rc, out, err = finish(
-            start(db_url, months / "month_000", JAN, tmp_path / "p", prefect_api,
-                  LOCK_WAIT_SECONDS="1")
+            start(
+                db_url,
+                months / "month_000",
+                JAN,
+                tmp_path / "p",
+                prefect_api,
+                LOCK_WAIT_SECONDS="1",
+            )
         )
         elapsed = time.monotonic() - started
 

@@ -91,9 +91,13 @@ def start_flow(url: str, month: Path, api: str, home: Path) -> subprocess.Popen:
     with (home / "stderr.txt").open("w") as err:
         return subprocess.Popen(
             flow_command(month, FEB),
-            env=flow_env(url, PREFECT_API_URL=api, PREFECT_HOME=str(home),
-                         GX_DOCS_DIR=str(home / "gx_docs")),
-            cwd=home, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+            env=flow_env(
+                url, PREFECT_API_URL=api, PREFECT_HOME=str(home), GX_DOCS_DIR=str(home / "gx_docs")
+            ),
+            cwd=home,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
         )
 
 
@@ -139,12 +143,15 @@ def _observe(conn: psycopg.Connection) -> str:
         "AND backend_type = 'client backend'"
     ).fetchall()
     busy = [
-        _statement(q) for app, state, q in rows
+        _statement(q)
+        for app, state, q in rows
         if app == "streamflow-ingest" and state in ("active", "idle in transaction")
     ]
     busy = [
-        q for q in busy  # the ledger, the lock, and transaction brackets tell nothing
-        if "INGEST_RUNS" not in q and "ADVISORY" not in q
+        q
+        for q in busy  # the ledger, the lock, and transaction brackets tell nothing
+        if "INGEST_RUNS" not in q
+        and "ADVISORY" not in q
         and not q.startswith(("BEGIN", "COMMIT", "ROLLBACK"))
     ]
     if any(q.startswith(("COPY", "TRUNCATE")) for q in busy):
@@ -158,7 +165,7 @@ def _observe(conn: psycopg.Connection) -> str:
 
 def wait_for_phase(url: str, proc: subprocess.Popen, phase: str) -> float | None:
     """Poll until ``phase`` is seen (its time), or None once the run is past it."""
-    later = PHASES[PHASES.index(phase) + 1:] + ("published (committed)",)
+    later = PHASES[PHASES.index(phase) + 1 :] + ("published (committed)",)
     with psycopg.connect(url, autocommit=True) as conn:
         while proc.poll() is None:
             seen = _observe(conn)
@@ -256,8 +263,10 @@ def test_sigkill_anywhere_leaves_before_or_after(
         state = table_digests(url, HISTORY_TABLES)
         verdict = "before" if state == before else "after" if state == after else "MIXED"
         outcomes.append((trial, phase, seen, round(killed_at, 2), verdict))
-        print(f"trial {trial}: planned {fraction:.0%} into {phase}, killed {killed_at:.2f}s "
-              f"after the run started, while {seen} -> {verdict}")
+        print(
+            f"trial {trial}: planned {fraction:.0%} into {phase}, killed {killed_at:.2f}s "
+            f"after the run started, while {seen} -> {verdict}"
+        )
         assert verdict != "MIXED", _diff(state, before, after)
 
         # A database left as it was is the next trial's: its next run is killed too.
@@ -268,9 +277,11 @@ def test_sigkill_anywhere_leaves_before_or_after(
             recoveries += 1
             assert table_digests(url, HISTORY_TABLES) == after
             with psycopg.connect(url) as conn:
-                statuses = dict(conn.execute(
-                    "SELECT run_id, status FROM ingest_runs WHERE as_of = %s", (FEB,)
-                ).fetchall())
+                statuses = dict(
+                    conn.execute(
+                        "SELECT run_id, status FROM ingest_runs WHERE as_of = %s", (FEB,)
+                    ).fetchall()
+                )
             last = statuses.pop(max(statuses))
             assert last == ("noop" if verdict == "after" else "succeeded"), statuses
             assert statuses == {r: killed[r] for r in statuses}
@@ -281,13 +292,15 @@ def test_sigkill_anywhere_leaves_before_or_after(
     total = time.monotonic() - t_start
     record_property("crash_trials", outcomes)
     counts = Counter((o[2], o[4]) for o in outcomes)
-    print(f"crash trials ({USERS} users): {dict(counts)}; {recoveries} recovery runs; "
-          f"{total:.0f} s")
+    print(
+        f"crash trials ({USERS} users): {dict(counts)}; {recoveries} recovery runs; {total:.0f} s"
+    )
     assert {o[1] for o in outcomes} == set(PHASES) or TRIALS < len(PHASES)
 
 
 def _diff(state: dict, before: dict, after: dict) -> str:
     return "; ".join(
         f"{t}: {state[t]} vs before {before[t]} / after {after[t]}"
-        for t in state if state[t] not in (before[t], after[t])
+        for t in state
+        if state[t] not in (before[t], after[t])
     )

@@ -43,11 +43,13 @@ def test_month_000_lands_with_nulls_kept(run_flow, db_url, shared_seeds):
     # user_id compares bytewise everywhere (live, staging, history and its month
     # partitions): the sorts and key indexes of a month depend on it.
     collations = dict(
-        psycopg.connect(db_url).execute(
+        psycopg.connect(db_url)
+        .execute(
             "SELECT table_schema || '.' || table_name, collation_name"
             " FROM information_schema.columns"
             " WHERE column_name = 'user_id' AND table_schema IN ('public', 'staging')"
-        ).fetchall()
+        )
+        .fetchall()
     )
     assert {f"public.{t}" for t in (*LIVE_TABLES, *SNAPSHOT_TABLES)} <= set(collations)
     assert {f"staging.{t}" for t in LIVE_TABLES} <= set(collations)
@@ -55,13 +57,15 @@ def test_month_000_lands_with_nulls_kept(run_flow, db_url, shared_seeds):
     assert set(collations.values()) == {"C"}, collations
     # A first load builds the keyed tables' primary keys after the rows are in: the
     # same constraints as a fresh schema, on a valid index, foreign keys untouched.
-    constraints = psycopg.connect(db_url).execute(
-        "SELECT c.conrelid::regclass::text, c.conname, pg_get_constraintdef(c.oid), i.indisvalid"
-        " FROM pg_constraint c LEFT JOIN pg_index i ON i.indexrelid = c.conindid"
-        " WHERE c.contype IN ('p', 'f') AND c.connamespace = 'public'::regnamespace"
-        "   AND c.conrelid::regclass::text = ANY(%s)",
-        (list(LIVE_TABLES),),
-    ).fetchall()
+    with psycopg.connect(db_url) as conn:
+        constraints = conn.execute(
+            "SELECT c.conrelid::regclass::text, c.conname,"
+            "       pg_get_constraintdef(c.oid), i.indisvalid"
+            " FROM pg_constraint c LEFT JOIN pg_index i ON i.indexrelid = c.conindid"
+            " WHERE c.contype IN ('p', 'f') AND c.connamespace = 'public'::regnamespace"
+            "   AND c.conrelid::regclass::text = ANY(%s)",
+            (list(LIVE_TABLES),),
+        ).fetchall()
     assert sorted(constraints) == sorted(
         [(t, f"{t}_pkey", "PRIMARY KEY (user_id)", True) for t in LIVE_TABLES]
         + [

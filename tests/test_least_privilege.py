@@ -48,9 +48,7 @@ def ingest_url(db_url: str, pg_admin_url: str) -> Iterator[str]:
                 sql.Identifier(role), sql.Literal(password)
             )
         )
-        conn.execute(sql.SQL("GRANT streamflow_ingest TO {}").format(
-            sql.Identifier(role)
-        ))
+        conn.execute(sql.SQL("GRANT streamflow_ingest TO {}").format(sql.Identifier(role)))
     yield as_user(db_url, role, password)
     with psycopg.connect(pg_admin_url, autocommit=True) as conn:
         conn.execute(
@@ -60,8 +58,14 @@ def ingest_url(db_url: str, pg_admin_url: str) -> Iterator[str]:
 
 
 def test_ingest_role_publishes_months(run_flow, ingest_url, months, tmp_path):
-    assert scalar(ingest_url, "SELECT rolsuper OR rolcreaterole OR rolcreatedb FROM pg_roles "
-                              "WHERE rolname = current_user") is False
+    assert (
+        scalar(
+            ingest_url,
+            "SELECT rolsuper OR rolcreaterole OR rolcreatedb FROM pg_roles "
+            "WHERE rolname = current_user",
+        )
+        is False
+    )
     for month, as_of in (("month_000", JAN), ("month_001", FEB)):
         rc, out, err = run_flow(ingest_url, months / month, as_of)
         assert rc == 0, err[-3000:]
@@ -106,10 +110,13 @@ def test_ingest_role_cannot(statement, ingest_url):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute(statement)  # type: ignore[arg-type]
         assert conn.execute("SELECT to_regclass('public.users') IS NOT NULL").fetchone()[0]
-        assert conn.execute(
-            "SELECT count(*) FROM information_schema.columns "
-            "WHERE table_schema = 'public' AND table_name = 'users'"
-        ).fetchone()[0] == 6
+        assert (
+            conn.execute(
+                "SELECT count(*) FROM information_schema.columns "
+                "WHERE table_schema = 'public' AND table_name = 'users'"
+            ).fetchone()[0]
+            == 6
+        )
 
 
 # --------------------------------------------------------------------------- source scan
@@ -129,7 +136,9 @@ IDENTIFIER_SOURCES = {
     "e.column": "ExpectationOutcome.column = the column of an expectation built from the registry",
 }
 IDENT_LIST_NAMES = {
-    "spec.column_names", "spec.value_columns", "spec.snapshot_columns",
+    "spec.column_names",
+    "spec.value_columns",
+    "spec.snapshot_columns",
     "values",  # = spec.value_columns
     "cols",  # = spec.snapshot_columns
     "columns",  # loading: [spec.column(name).name for name in header]: the registry's spelling
@@ -205,12 +214,20 @@ def test_no_sql_is_built_by_string_formatting():
             text = None
             if isinstance(node, ast.JoinedStr):
                 text = "".join(v.value for v in node.values if isinstance(v, ast.Constant))
-            elif (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mod)
-                  and isinstance(node.left, ast.Constant) and isinstance(node.left.value, str)):
+            elif (
+                isinstance(node, ast.BinOp)
+                and isinstance(node.op, ast.Mod)
+                and isinstance(node.left, ast.Constant)
+                and isinstance(node.left.value, str)
+            ):
                 text = node.left.value
-            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                  and node.func.attr == "format" and isinstance(node.func.value, ast.Constant)
-                  and isinstance(node.func.value.value, str)):
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "format"
+                and isinstance(node.func.value, ast.Constant)
+                and isinstance(node.func.value.value, str)
+            ):
                 text = node.func.value.value
             if text is not None and SQL_WORDS.search(text):
                 problems.append(f"{file}:{node.lineno}: {ast.unparse(node)[:80]}")

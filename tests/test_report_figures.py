@@ -71,10 +71,14 @@ def test_report_figures_equal_a_fresh_ingestion(run_flow, db_url, shared_seeds):
     stale = [name for name in figures.DATA_FIGURES if quoted[name] != fresh[name]]
     for name in stale:  # show the first difference of each, for the person fixing it
         old, new = quoted[name].splitlines(), fresh[name].splitlines()
-        first = next((i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b),
-                     min(len(old), len(new)))
-        print(f"--- {name}, line {first + 1}\nreport: {old[first:first + 1]}\nfresh:  "
-              f"{new[first:first + 1]}")
+        first = next(
+            (i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b),
+            min(len(old), len(new)),
+        )
+        print(
+            f"--- {name}, line {first + 1}\nreport: {old[first : first + 1]}\nfresh:  "
+            f"{new[first : first + 1]}"
+        )
     assert not stale, (
         f"stale figures in {figures.REPORT.name}: {stale}; "
         "regenerate with: python reports/figures.py --update-report"

@@ -111,7 +111,11 @@ def test_ledger_records_every_run(run_flow, db_url, months, tmp_path):
 
     ledger = runs(db_url)
     assert [(r["as_of"].isoformat(), r["status"]) for r in ledger] == [
-        (JAN, "succeeded"), (FEB, "succeeded"), (FEB, "noop"), (FEB, "failed"), (FEB, "failed"),
+        (JAN, "succeeded"),
+        (FEB, "succeeded"),
+        (FEB, "noop"),
+        (FEB, "failed"),
+        (FEB, "failed"),
     ]
     for r in ledger:
         assert r["started_at"] is not None and r["finished_at"] is not None
@@ -126,11 +130,15 @@ def test_ledger_records_every_run(run_flow, db_url, months, tmp_path):
             entry = dict(r["files"][spec.name])
             stat = entry.pop("stat")  # where the file was and when it last changed
             assert entry == {
-                "file": spec.file_name, "sha256": sha256(path), "bytes": path.stat().st_size,
+                "file": spec.file_name,
+                "sha256": sha256(path),
+                "bytes": path.stat().st_size,
             }
             assert stat["path"] == str(path.resolve())
-            assert (stat["inode"], stat["mtime_ns"]) == (path.stat().st_ino,
-                                                         path.stat().st_mtime_ns)
+            assert (stat["inode"], stat["mtime_ns"]) == (
+                path.stat().st_ino,
+                path.stat().st_mtime_ns,
+            )
     # Per-table outcome of the publishing runs.
     jan_run, feb_run, noop, failed, refused = ledger
     stats = {s["table"]: s for s in feb_run["table_stats"]}
@@ -174,8 +182,11 @@ def test_a_later_month_adds_new_users_and_counts_them(run_flow, db_url, months, 
         assert scalar(db_url, f'SELECT count(*) FROM "{spec.name}"') == 201  # noqa: S608
     assert stats["users"]["updated"] == 0 and stats["usage_agg_30d"]["updated"] == 200
     new_usage = read_rows(feb / "usage_agg_30d.csv")[-1]
-    live = scalar(db_url, "SELECT watch_hours_30d::text FROM usage_agg_30d WHERE user_id = %s",
-                  ("U_NEW_0001",))
+    live = scalar(
+        db_url,
+        "SELECT watch_hours_30d::text FROM usage_agg_30d WHERE user_id = %s",
+        ("U_NEW_0001",),
+    )
     assert live == new_usage[1]
 
 
@@ -218,14 +229,18 @@ def test_cli_answers_an_unchanged_month_without_prefect(run_flow, db_url, months
 
     start = time.perf_counter()
     python, *script = flow_command(jan, JAN)
-    proc = subprocess.run([python, "-X", "importtime", *script],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [python, "-X", "importtime", *script], env=env, capture_output=True, text=True, timeout=120
+    )
     seconds = time.perf_counter() - start
     print(f"CLI no-op rerun, process start to exit: {seconds:.2f} s")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "already published from the same files; nothing to do" in proc.stdout
-    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines()
-                if line.startswith("import time:")}
+    imported = {
+        line.split("|")[-1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:")
+    }
     assert "psycopg" in imported
     assert not {m for m in imported if m.split(".")[0] in ("prefect", "great_expectations")}
     assert dump(db_url, ALL_TABLES) == before
@@ -234,15 +249,21 @@ def test_cli_answers_an_unchanged_month_without_prefect(run_flow, db_url, months
     assert set(last["timings"]) in ({"fingerprint"}, {"stat_check"})  # see the next test
 
     ledger_rows = len(runs(db_url))
-    feb = subprocess.run(flow_command(months / "month_001", FEB), env=env,
-                         capture_output=True, text=True, timeout=300)
+    feb = subprocess.run(
+        flow_command(months / "month_001", FEB),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert feb.returncode == 1, feb.stdout[-2000:]
     assert "ingest failed" in feb.stderr.strip().splitlines()[-1]
     assert len(runs(db_url)) == ledger_rows
 
 
-def test_unchanged_files_are_known_by_their_stat_and_any_write_is_not(run_flow, db_url,
-                                                                      months, tmp_path):
+def test_unchanged_files_are_known_by_their_stat_and_any_write_is_not(
+    run_flow, db_url, months, tmp_path
+):
     """The CLI does not read again a month untouched since it was hashed; a file
     rewritten with the same size and its old mtime put back is still caught (its ctime
     moved), and a file that was only rewritten identically is hashed and found unchanged.
@@ -256,8 +277,9 @@ def test_unchanged_files_are_known_by_their_stat_and_any_write_is_not(run_flow, 
     env = flow_env(db_url, PREFECT_API_URL="http://127.0.0.1:9/api")
 
     def cli() -> subprocess.CompletedProcess:
-        return subprocess.run(flow_command(jan, JAN), env=env, capture_output=True, text=True,
-                              timeout=120)
+        return subprocess.run(
+            flow_command(jan, JAN), env=env, capture_output=True, text=True, timeout=120
+        )
 
     assert cli().returncode == 0
     assert runs(db_url)[-1]["status"] == "noop"
@@ -294,12 +316,20 @@ def test_cli_validates_in_a_child_process(db_url, months):
     flow still reports every suite and publishes the month.
     """
     python, *script = flow_command(months / "month_000", JAN)
-    proc = subprocess.run([python, "-X", "importtime", *script], env=flow_env(db_url),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [python, "-X", "importtime", *script],
+        env=flow_env(db_url),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "published live + history" in proc.stdout
-    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines()
-                if line.startswith("import time:")}
+    imported = {
+        line.split("|")[-1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:")
+    }
     assert "prefect" in imported
     assert not {m for m in imported if m.split(".")[0] == "great_expectations"}
     validation = runs(db_url)[-1]["validation"]
@@ -349,8 +379,14 @@ def test_replace_rewrites_that_month_only(
     monkeypatch.delenv("REPLACE", raising=False)
     ok(run_flow(reference, other, FEB))
     assert _history(db_url, FEB) == _history(reference, FEB)
-    assert scalar(db_url, "SELECT count(*) FROM labels_snapshots WHERE as_of = %s AND user_id = %s",
-                  (FEB, gone)) == 0
+    assert (
+        scalar(
+            db_url,
+            "SELECT count(*) FROM labels_snapshots WHERE as_of = %s AND user_id = %s",
+            (FEB, gone),
+        )
+        == 0
+    )
     # January is untouched, and the live tables hold the new files' values (the user
     # left out keeps the live rows it had: live rows are never deleted).
     assert _history(db_url, JAN) == jan_history
@@ -361,8 +397,9 @@ def test_replace_rewrites_that_month_only(
     assert runs(db_url)[-1]["mode"] == "publish (replace)"
 
 
-def test_a_failed_month_reaches_history_only_through_a_later_success(run_flow, db_url,
-                                                                    months, tmp_path):
+def test_a_failed_month_reaches_history_only_through_a_later_success(
+    run_flow, db_url, months, tmp_path
+):
     """History partitions are built and committed in staging alongside validation, and
     attached by the publishing transaction: a month that fails leaves them in staging,
     out of history, and the next run's build drops them, whatever its as_of."""
@@ -371,8 +408,10 @@ def test_a_failed_month_reaches_history_only_through_a_later_success(run_flow, d
     rows = read_rows(bad / "usage_agg_30d.csv")
     rows[5][rows[0].index("skips_7d")] = "-1"
     write_rows(bad / "usage_agg_30d.csv", rows)
-    month_tables = ("SELECT schemaname, right(tablename, 8), count(*) FROM pg_tables "
-                    "WHERE tablename ~ '_snapshots_[0-9]{8}$' GROUP BY 1, 2 ORDER BY 1, 2")
+    month_tables = (
+        "SELECT schemaname, right(tablename, 8), count(*) FROM pg_tables "
+        "WHERE tablename ~ '_snapshots_[0-9]{8}$' GROUP BY 1, 2 ORDER BY 1, 2"
+    )
 
     rc, _, err = run_flow(db_url, bad, JAN)
 
@@ -380,14 +419,18 @@ def test_a_failed_month_reaches_history_only_through_a_later_success(run_flow, d
     n = len(SNAPSHOT_TABLES)
     with psycopg.connect(db_url) as conn:
         assert conn.execute(month_tables).fetchall() == [("staging", "20240131", n)]
-    assert all(scalar(db_url, f'SELECT count(*) FROM "{t}"') == 0  # noqa: S608
-               for t in SNAPSHOT_TABLES)
+    assert all(
+        scalar(db_url, f'SELECT count(*) FROM "{t}"') == 0  # noqa: S608
+        for t in SNAPSHOT_TABLES
+    )
 
     ok(run_flow(db_url, months / "month_001", FEB))
     ok(run_flow(db_url, months / "month_000", JAN))  # a backfill: history only
     with psycopg.connect(db_url) as conn:
         assert conn.execute(month_tables).fetchall() == [
-            ("public", "20240131", n), ("public", "20240229", n)]
+            ("public", "20240131", n),
+            ("public", "20240229", n),
+        ]
         attached = conn.execute(
             "SELECT count(*) FROM pg_inherits JOIN pg_class c ON c.oid = inhrelid "
             "WHERE c.relname ~ '_snapshots_[0-9]{8}$' AND c.relkind = 'r'"
@@ -395,8 +438,15 @@ def test_a_failed_month_reaches_history_only_through_a_later_success(run_flow, d
     assert attached == 2 * n
     for as_of, month in ((JAN, "month_000"), (FEB, "month_001")):
         users = len(read_rows(months / month / "users.csv")) - 1
-        assert all(scalar(db_url, f'SELECT count(*) FROM "{t}" WHERE as_of = %s',  # noqa: S608
-                          (as_of,)) == users for t in SNAPSHOT_TABLES)
+        assert all(
+            scalar(
+                db_url,
+                f'SELECT count(*) FROM "{t}" WHERE as_of = %s',  # noqa: S608
+                (as_of,),
+            )
+            == users
+            for t in SNAPSHOT_TABLES
+        )
 
 
 def test_failed_replace_changes_nothing(run_flow, db_url, months, tmp_path):
@@ -447,7 +497,8 @@ def _history(url: str, as_of: str) -> dict[str, list[tuple]]:
     with psycopg.connect(url) as conn:
         return {
             t: conn.execute(
-                f'SELECT * FROM "{t}" WHERE as_of = %s ORDER BY user_id', (as_of,)  # noqa: S608
+                f'SELECT * FROM "{t}" WHERE as_of = %s ORDER BY user_id',  # noqa: S608
+                (as_of,),
             ).fetchall()
             for t in SNAPSHOT_TABLES
         }

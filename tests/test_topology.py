@@ -64,9 +64,16 @@ EXPECTED_TASKS = Counter({"upsert_csv": 6, "validate_with_ge": 1, "snapshot_mont
 HUMAN_ERROR = "validation failed: usage_agg_30d.csv, column watch_hours_30d: 1 value(s) below 0"
 SCREENSHOT = REPO / "reports" / "img" / "prefect_ui_runs.png"
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--hide-scrollbars",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
     # Without it, under --virtual-time-budget the UI's route fade-in sometimes never
     # finishes: the page stays dimmed and the run list unrendered (seen 2 in 8 runs).
     "--run-all-compositor-stages-before-draw",
@@ -105,16 +112,30 @@ def clean_env(prefect_home: Path, **extra: str) -> dict[str, str]:
 class Proc:
     """A long-running child in its own process group, logging to a file."""
 
-    def __init__(self, name: str, cmd: list[str], *, env: dict[str, str], cwd: Path | None,
-                 log: Path, user: pwd.struct_passwd | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        cmd: list[str],
+        *,
+        env: dict[str, str],
+        cwd: Path | None,
+        log: Path,
+        user: pwd.struct_passwd | None = None,
+    ) -> None:
         self.name, self.log = name, log
         self._out = log.open("wb")
         kwargs = {}
         if user is not None:
             kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
         self.popen = subprocess.Popen(  # noqa: S603
-            cmd, env=env, cwd=cwd, stdout=self._out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True, **kwargs,
+            cmd,
+            env=env,
+            cwd=cwd,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            **kwargs,
         )
 
     def alive(self) -> bool:
@@ -148,17 +169,28 @@ class Proc:
             pass
 
 
-def run_bounded(cmd: list[str], *, env: dict[str, str], timeout: float,
-                cwd: Path | None = None, stderr: Path | None = None) -> tuple[int, str, float]:
+def run_bounded(
+    cmd: list[str],
+    *,
+    env: dict[str, str],
+    timeout: float,
+    cwd: Path | None = None,
+    stderr: Path | None = None,
+) -> tuple[int, str, float]:
     """Run to completion in its own process group; the whole group dies on time-out.
 
     Returns (exit code, output, seconds); stderr joins the output unless given a file.
     """
     start = time.perf_counter()
-    with tempfile.TemporaryFile() as out, (stderr.open("ab") if stderr else out) as err:
+    with tempfile.TemporaryFile() as out, stderr.open("ab") if stderr else out as err:
         popen = subprocess.Popen(  # noqa: S603
-            cmd, env=env, cwd=cwd, stdout=out, stderr=err,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            cmd,
+            env=env,
+            cwd=cwd,
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             rc = popen.wait(timeout=timeout)
@@ -180,8 +212,10 @@ def wait_until(what: str, check, timeout: float, *procs: Proc, every: float = 0.
     while True:
         for p in procs:
             if not p.alive():
-                pytest.fail(f"{p.name} exited (rc {p.popen.returncode}) while waiting for {what}\n"
-                            f"{p.tail()}")
+                pytest.fail(
+                    f"{p.name} exited (rc {p.popen.returncode}) while waiting for {what}\n"
+                    f"{p.tail()}"
+                )
         try:
             result = check()
         except Exception:  # noqa: BLE001 - not up yet
@@ -189,8 +223,10 @@ def wait_until(what: str, check, timeout: float, *procs: Proc, every: float = 0.
         if result:
             return result
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n"
-                        + "\n".join(p.tail() for p in procs))
+            pytest.fail(
+                f"timed out after {timeout:.0f}s waiting for {what}\n"
+                + "\n".join(p.tail() for p in procs)
+            )
         time.sleep(every)
 
 
@@ -222,9 +258,14 @@ class Postgres:
     def runner_env(self, user: str, password: str, dbname: str) -> dict[str, str]:
         """What the runner container gets: POSTGRES_* (compose), or a URL for a socket."""
         if self.tcp:
-            return {"POSTGRES_HOST": self.host, "POSTGRES_PORT": str(self.port or 5432),
-                    "POSTGRES_DB": dbname, "POSTGRES_USER": user, "POSTGRES_PASSWORD": password,
-                    "DATABASE_URL": ""}  # empty: a developer's .env must not win
+            return {
+                "POSTGRES_HOST": self.host,
+                "POSTGRES_PORT": str(self.port or 5432),
+                "POSTGRES_DB": dbname,
+                "POSTGRES_USER": user,
+                "POSTGRES_PASSWORD": password,
+                "DATABASE_URL": "",
+            }  # empty: a developer's .env must not win
         return {"DATABASE_URL": self.url(user, password, dbname)}
 
     def admin(self, dbname: str = "postgres") -> psycopg.Connection:
@@ -233,9 +274,10 @@ class Postgres:
 
 def has_pg_trgm(url: str) -> bool:
     with psycopg.connect(url) as conn:
-        return conn.execute(
-            "SELECT 1 FROM pg_available_extensions WHERE name = 'pg_trgm'"
-        ).fetchone() is not None
+        return (
+            conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'pg_trgm'").fetchone()
+            is not None
+        )
 
 
 def find_pg_bin() -> Path | None:
@@ -269,9 +311,23 @@ def start_dedicated_postgres(bindir: Path) -> tuple[Postgres, Proc, Path]:
         os.chown(root, user.pw_uid, user.pw_gid)
     as_user = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}
     init = subprocess.run(  # noqa: S603
-        [str(bindir / "initdb"), "-D", str(root / "data"), "-U", "postgres", "-E", "UTF8",
-         "--locale=C", "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync"],
-        capture_output=True, text=True, timeout=120, **as_user,
+        [
+            str(bindir / "initdb"),
+            "-D",
+            str(root / "data"),
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "--no-sync",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **as_user,
     )
     if init.returncode != 0:
         shutil.rmtree(root, ignore_errors=True)
@@ -279,15 +335,35 @@ def start_dedicated_postgres(bindir: Path) -> tuple[Postgres, Proc, Path]:
     port = free_port()
     proc = Proc(
         "postgres",
-        [str(bindir / "postgres"), "-D", str(root / "data"), "-p", str(port),
-         "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={root}",
-         "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
-        env={"PATH": os.environ.get("PATH", ""), "LC_ALL": "C"}, cwd=root,
-        log=Path(tempfile.gettempdir()) / f"{root.name}.log", user=user,
+        [
+            str(bindir / "postgres"),
+            "-D",
+            str(root / "data"),
+            "-p",
+            str(port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"unix_socket_directories={root}",
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+        ],
+        env={"PATH": os.environ.get("PATH", ""), "LC_ALL": "C"},
+        cwd=root,
+        log=Path(tempfile.gettempdir()) / f"{root.name}.log",
+        user=user,
     )
     admin_url = f"postgresql://postgres@/postgres?host={root}&port={port}"
-    wait_until("PostgreSQL to accept connections",
-               lambda: psycopg.connect(admin_url, connect_timeout=2).close() or True, 60, proc)
+    wait_until(
+        "PostgreSQL to accept connections",
+        lambda: psycopg.connect(admin_url, connect_timeout=2).close() or True,
+        60,
+        proc,
+    )
     server = Postgres(admin_url, dedicated=True, host="127.0.0.1", port=port)
     return server, proc, root
 
@@ -305,9 +381,11 @@ def postgres(pg_admin_url: str) -> Iterator[Postgres]:
     else:
         bindir = find_pg_bin()
         if bindir is None:
-            pytest.skip("the test PostgreSQL (pgserver wheel) has no pg_trgm, which Prefect's "
-                        "migrations need, and no PostgreSQL with contrib was found "
-                        "(apt-get install postgresql, or set STREAMFLOW_TOPOLOGY_PG_BIN)")
+            pytest.skip(
+                "the test PostgreSQL (pgserver wheel) has no pg_trgm, which Prefect's "
+                "migrations need, and no PostgreSQL with contrib was found "
+                "(apt-get install postgresql, or set STREAMFLOW_TOPOLOGY_PG_BIN)"
+            )
         server, proc, root = start_dedicated_postgres(bindir)
     with server.admin() as conn:
         server.version = conn.execute("SHOW server_version").fetchone()[0]
@@ -426,8 +504,12 @@ def stack(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
-    db_url = postgres.url(prefect_login.user, prefect_login.password, prefect_login.dbname,
-                          driver="postgresql+asyncpg")
+    db_url = postgres.url(
+        prefect_login.user,
+        prefect_login.password,
+        prefect_login.dbname,
+        driver="postgresql+asyncpg",
+    )
     server_env = clean_env(
         tmp / "home-server",
         PREFECT_API_DATABASE_CONNECTION_URL=db_url,
@@ -439,17 +521,35 @@ def stack(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Itera
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
     )
     started = time.perf_counter()
-    server = Proc("prefect-server",
-                  [sys.executable, "-m", "prefect", "server", "start",
-                   "--host", "127.0.0.1", "--port", str(port)],
-                  env=server_env, cwd=tmp, log=tmp / "prefect-server.log")
+    server = Proc(
+        "prefect-server",
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=server_env,
+        cwd=tmp,
+        log=tmp / "prefect-server.log",
+    )
     runner = None
     try:
-        wait_until("the Prefect server's /api/ready",
-                   lambda: urllib.request.urlopen(f"{api_url}/ready", timeout=3).status == 200,  # noqa: S310
-                   180, server, every=0.2)
+        wait_until(
+            "the Prefect server's /api/ready",
+            lambda: urllib.request.urlopen(f"{api_url}/ready", timeout=3).status == 200,  # noqa: S310
+            180,
+            server,
+            every=0.2,
+        )
         TIMINGS["server startup to /api/ready (migrations on an empty DB)"] = (
-            time.perf_counter() - started)
+            time.perf_counter() - started
+        )
 
         runner_env = clean_env(
             tmp / "home-runner",
@@ -459,8 +559,13 @@ def stack(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Itera
             **postgres.runner_env(pipeline.user, pipeline.password, pipeline.dbname),
         )
         started = time.perf_counter()
-        runner = Proc("runner", [sys.executable, "ingest_flow.py", "serve"],
-                      env=runner_env, cwd=FLOW_DIR, log=tmp / "runner.log")
+        runner = Proc(
+            "runner",
+            [sys.executable, "ingest_flow.py", "serve"],
+            env=runner_env,
+            cwd=FLOW_DIR,
+            log=tmp / "runner.log",
+        )
         s = Stack(postgres, api_url, f"http://127.0.0.1:{port}", pipeline, tmp, server, runner)
 
         def deployment_served() -> bool:
@@ -468,8 +573,14 @@ def stack(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 client.read_deployment_by_name(DEPLOYMENT)
             return "ingest-month" in runner.log.read_text(errors="replace")
 
-        wait_until(f"deployment {DEPLOYMENT} and the runner's 'being served' line",
-                   deployment_served, 120, server, runner, every=0.5)
+        wait_until(
+            f"deployment {DEPLOYMENT} and the runner's 'being served' line",
+            deployment_served,
+            120,
+            server,
+            runner,
+            every=0.5,
+        )
         TIMINGS["runner start to deployment served"] = time.perf_counter() - started
         yield s
     finally:
@@ -522,10 +633,23 @@ class Triggered:
 def trigger(stack: Stack, seed_dir: Path, as_of: str, name: str) -> Triggered:
     """`prefect deployment run … --watch`: exit 0 on Completed, 1 on any other final state."""
     rc, out, seconds = run_bounded(
-        [sys.executable, "-m", "prefect", "deployment", "run", DEPLOYMENT,
-         "--param", f"seed_dir={seed_dir}", "--param", f"as_of={as_of}",
-         "--watch", "--watch-timeout", "150"],
-        env=stack.cli_env(name), timeout=170,
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "deployment",
+            "run",
+            DEPLOYMENT,
+            "--param",
+            f"seed_dir={seed_dir}",
+            "--param",
+            f"as_of={as_of}",
+            "--watch",
+            "--watch-timeout",
+            "150",
+        ],
+        env=stack.cli_env(name),
+        timeout=170,
     )
     match = re.search(r"UUID: ([0-9a-f-]{36})", out)
     assert match, f"no flow run created (rc {rc}):\n{out[-3000:]}\n{stack.runner.tail()}"
@@ -547,7 +671,8 @@ def logs(client, flow_run_id: str) -> list:
     while True:  # the API pages at 200
         page = client.read_logs(
             log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-            limit=200, offset=len(found),
+            limit=200,
+            offset=len(found),
         )
         found += page
         if len(page) < 200:
@@ -636,7 +761,8 @@ def test_served_month_is_recorded_completed(stack: Stack, good_run: Triggered, m
     if month_000.parent == SHARED_SEEDS:
         assert users == 7043
     assert scalar(url, "SELECT status FROM ingest_runs WHERE as_of = %s", (GOOD_AS_OF,)) == (
-        "succeeded")
+        "succeeded"
+    )
 
 
 def test_failing_month_is_recorded_failed_with_the_human_line(
@@ -695,9 +821,15 @@ def test_ui_lists_the_runs(stack: Stack, good_run: Triggered, bad_run: Triggered
         profile = Path(tempfile.mkdtemp(prefix="sf-chromium-"))
         try:
             return run_bounded(
-                [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                 f"--virtual-time-budget={budget}", *args],
-                env=clean_env(stack.tmp / "home-chromium"), timeout=120,
+                [
+                    browser,
+                    *CHROMIUM_FLAGS,
+                    f"--user-data-dir={profile}",
+                    f"--virtual-time-budget={budget}",
+                    *args,
+                ],
+                env=clean_env(stack.tmp / "home-chromium"),
+                timeout=120,
                 stderr=stack.tmp / "chromium.log",
             )
         finally:
@@ -719,8 +851,7 @@ def test_ui_lists_the_runs(stack: Stack, good_run: Triggered, bad_run: Triggered
         assert name in text, f"{name!r} not on {runs_page}:\n{' '.join(text.split())[:2000]}"
 
     shot = stack.tmp / "prefect_ui_runs.png"
-    rc, out, _ = chromium(f"--screenshot={shot}", "--window-size=1400,900", runs_page,
-                          budget=15000)
+    rc, out, _ = chromium(f"--screenshot={shot}", "--window-size=1400,900", runs_page, budget=15000)
     assert rc == 0 and shot.is_file(), out[-2000:]
     assert png_size(shot) == (1400, 900)
     assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
@@ -729,19 +860,20 @@ def test_ui_lists_the_runs(stack: Stack, good_run: Triggered, bad_run: Triggered
         shutil.copyfile(shot, SCREENSHOT)
 
 
-def test_direct_cli_path_compared(
-    stack: Stack, good_run: Triggered, month_000: Path
-):
+def test_direct_cli_path_compared(stack: Stack, good_run: Triggered, month_000: Path):
     """The same month through `python ingest_flow.py --seed-dir … --as-of …` (runner's env)."""
     login = create_pipeline_db(stack.pg, "streamflow_cli")
     env = clean_env(
-        stack.tmp / "home-cli-direct", PREFECT_API_URL=stack.api_url,
+        stack.tmp / "home-cli-direct",
+        PREFECT_API_URL=stack.api_url,
         GX_DOCS_DIR=str(stack.tmp / "gx_docs_cli"),
         **stack.pg.runner_env(login.user, login.password, login.dbname),
     )
     rc, out, seconds = run_bounded(
         [sys.executable, "ingest_flow.py", "--seed-dir", str(month_000), "--as-of", GOOD_AS_OF],
-        env=env, cwd=FLOW_DIR, timeout=170,
+        env=env,
+        cwd=FLOW_DIR,
+        timeout=170,
     )
     assert rc == 0, out[-3000:]
     assert "published live + history" in out
@@ -750,8 +882,11 @@ def test_direct_cli_path_compared(
     TIMINGS["direct CLI: process start to exit (same server, same month)"] = seconds
 
     def in_flow(db: str) -> float:
-        timings = scalar(db, "SELECT timings FROM ingest_runs WHERE as_of = %s "
-                             "AND status = 'succeeded'", (GOOD_AS_OF,))
+        timings = scalar(
+            db,
+            "SELECT timings FROM ingest_runs WHERE as_of = %s AND status = 'succeeded'",
+            (GOOD_AS_OF,),
+        )
         return sum(timings.values())
 
     TIMINGS["served: flow body (ledger timings)"] = in_flow(stack.pipeline_url())
@@ -759,6 +894,8 @@ def test_direct_cli_path_compared(
     with stack.client() as client:
         served = client.read_flow_run(good_run.flow_run_id)
     TIMINGS["served: flow run created -> started (dispatch)"] = (
-        served.start_time - served.created).total_seconds()
+        served.start_time - served.created
+    ).total_seconds()
     TIMINGS["served: flow run started -> ended"] = (
-        served.end_time - served.start_time).total_seconds()
+        served.end_time - served.start_time
+    ).total_seconds()

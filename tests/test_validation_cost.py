@@ -74,13 +74,16 @@ def test_a_failing_table_still_gets_counts_and_examples(db_url, months, statemen
     _stage(db_url, months / "month_000")
     with psycopg.connect(db_url) as conn:
         conn.execute("INSERT INTO staging.labels (user_id, churn_label) VALUES ('ghost', true)")
-        conn.execute("UPDATE staging.usage_agg_30d SET watch_hours_30d = 'NaN' "
-                     "WHERE user_id = (SELECT min(user_id) FROM staging.usage_agg_30d)")
+        conn.execute(
+            "UPDATE staging.usage_agg_30d SET watch_hours_30d = 'NaN' "
+            "WHERE user_id = (SELECT min(user_id) FROM staging.usage_agg_30d)"
+        )
 
     outcomes, _ = validation.prepare_suites(db_url, None)()
 
-    failed = {(e.table, e.expectation): e for s in outcomes for e in s.expectations
-              if not e.success}
+    failed = {
+        (e.table, e.expectation): e for s in outcomes for e in s.expectations if not e.success
+    }
     assert set(failed) == {("labels", "orphans"), ("usage_agg_30d", "not_numbers")}
     orphans = failed["labels", "orphans"]
     assert (orphans.unexpected_count, orphans.example_user_ids) == (1, ["ghost"])
