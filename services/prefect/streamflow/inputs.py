@@ -38,8 +38,7 @@ def month_files(seed_dir: Path) -> dict[str, Path]:
 def cli_parser(description: str | None, *, add_help: bool = True) -> argparse.ArgumentParser:
     """``ingest_flow.py [run|serve] [--seed-dir D] [--as-of YYYY-MM-DD] [--replace]``.
 
-    ``add_help=False`` for the CLI's early looks at its arguments: ``--help`` is left
-    to the full parser, which prints the module's description.
+    ``add_help=False`` for the CLI's early looks at its arguments (``complete_run``).
     """
     parser = argparse.ArgumentParser(
         description=description,
@@ -60,5 +59,15 @@ def cli_parser(description: str | None, *, add_help: bool = True) -> argparse.Ar
     return parser
 
 
-def wants_help(argv: list[str]) -> bool:
-    return any(a in ("-h", "--help") for a in argv)
+def complete_run(argv: list[str]) -> argparse.Namespace | None:
+    """The arguments of a complete ``run``, for the CLI's looks before the flow starts.
+
+    None for ``serve``, a command without its seed dir or as_of, or a request for
+    help: the full parser answers those, with the module's description.
+    """
+    args, _ = cli_parser(None, add_help=False).parse_known_args(argv)
+    if args.command != "run" or not args.seed_dir or not args.as_of:
+        return None
+    if any(a in ("-h", "--help") for a in argv):
+        return None
+    return args

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import db, ledger
 from .embedded import resolve_database_url
-from .inputs import cli_parser, month_files, parse_as_of, wants_help
+from .inputs import complete_run, month_files, parse_as_of
 from .ledger import Mode
 from .reporting import RunSummary
 from .settings import load_settings
@@ -56,10 +56,8 @@ def unchanged_month(seed_dir: str, as_of: str) -> RunSummary | None:
 
 def exit_if_unchanged(argv: list[str]) -> None:
     """For ``python ingest_flow.py``: print the no-op line and exit 0, or return."""
-    args, _ = cli_parser(None, add_help=False).parse_known_args(argv)
-    if args.command != "run" or not args.seed_dir or not args.as_of or args.replace:
-        return
-    if wants_help(argv):  # the full parser prints it, with the module's description
+    args = complete_run(argv)
+    if args is None or args.replace:
         return
     try:
         summary = unchanged_month(args.seed_dir, args.as_of)

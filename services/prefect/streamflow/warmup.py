@@ -35,7 +35,7 @@ from typing import NoReturn
 from . import validation
 from .embedded import resolve_database_url
 from .errors import IngestError
-from .inputs import cli_parser, wants_help
+from .inputs import complete_run
 from .settings import load_settings
 
 # The server is on 127.0.0.1: never ask a proxy from http_proxy for it.
@@ -182,8 +182,7 @@ class Warmup:
 
 def warm_up(argv: list[str]) -> Warmup:
     """Start what a ``run`` will need; nothing for ``serve`` or an incomplete command."""
-    args, _ = cli_parser(None, add_help=False).parse_known_args(argv)
-    if args.command != "run" or not args.seed_dir or not args.as_of or wants_help(argv):
+    if complete_run(argv) is None:
         return Warmup(None)
     settings = load_settings()  # also reads .env, which may set PREFECT_API_URL
     server = None if os.environ.get("PREFECT_API_URL") else TemporaryApiServer()
