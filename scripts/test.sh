@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The test suite: ruff (lint, then format check), then pytest on a throwaway real
 # PostgreSQL that the run starts.
-# Extra arguments go to pytest (e.g. scripts/test.sh -m "not slow").
+# Test modules run in parallel, one module per worker (its module-scoped servers and
+# months are built once), one worker per core up to 4: on 2 cores the suite is CPU
+# bound and takes about 11 min instead of 17.
+# Extra arguments go to pytest (e.g. scripts/test.sh -m "not slow", or -n 0 for one
+# process).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_venv.sh requirements/test.txt
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest -n auto --maxprocesses 4 --dist loadfile "$@"

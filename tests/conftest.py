@@ -2,6 +2,8 @@
 
 The server is the ``pgserver`` wheel's PostgreSQL (real binaries, started in a temp
 dir) unless TEST_DATABASE_URL points at a server whose role may CREATE DATABASE.
+Under pytest-xdist each worker starts its own server; database names carry the
+worker's pid, so workers sharing a TEST_DATABASE_URL server do not collide.
 """
 
 from __future__ import annotations
@@ -73,11 +75,14 @@ def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def template_db(pg_admin_url: str) -> str:
     """A database with db/init applied, cloned for each test."""
     name = f"sf_template_{os.getpid()}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    with psycopg.connect(with_database(pg_admin_url, name)) as conn:
-        sfdb.apply_init_sql(conn)
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.execute(f'CREATE DATABASE "{name}"')
+        # The init SQL also creates cluster-wide roles: xdist workers sharing one
+        # TEST_DATABASE_URL server apply it one at a time.
+        admin.execute("SELECT pg_advisory_lock(hashtext('streamflow-tests-init'))")
+        with psycopg.connect(with_database(pg_admin_url, name)) as conn:
+            sfdb.apply_init_sql(conn)
     return name
 
 
