@@ -9,8 +9,11 @@ run whose staging failed.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -68,6 +71,33 @@ def test_a_passing_month_costs_one_query_per_sql_check(db_url, months, statement
     assert runs["orphans"] == len(TABLES) - 1  # once per child table, a count
     assert runs["not_numbers"] == NUMERIC_COLUMNS
     assert not [q for q in statements if "unexpected_values" in q]  # no example hunting
+
+
+def test_validation_runs_without_loading_scipy_stats(db_url, months):
+    """GX imports scipy.stats (a quarter of its import) for expectations not used here.
+
+    In a fresh process, as in the GX child: a whole validation leaves it unloaded, and
+    code that asks for it still gets the real module.
+    """
+    _stage(db_url, months / "month_000")
+    script = (
+        "import json, sys\n"
+        "from streamflow import validation\n"
+        "outcomes, _ = validation.prepare_suites(sys.argv[1], None)()\n"
+        "loaded = 'scipy.stats._stats_py' in sys.modules\n"
+        "from scipy import stats\n"
+        "print(json.dumps([all(o.success for o in outcomes), loaded,\n"
+        "                  round(float(stats.entropy([0.5, 0.5])), 4)]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, db_url], capture_output=True, text=True, timeout=300
+    )
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    passed, stats_loaded, entropy = json.loads(proc.stdout.splitlines()[-1])
+    assert passed
+    assert not stats_loaded
+    assert entropy == 0.6931  # ln 2: the lazily registered module is scipy.stats
 
 
 def test_a_failing_table_still_gets_counts_and_examples(db_url, months, statements):
