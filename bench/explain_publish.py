@@ -84,11 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--ref", help="measure this commit instead of the working tree")
     args = parser.parse_args(argv)
-    run_bench.checkout(args.ref)
-    bench = run_bench.Bench(
-        argparse.Namespace(users=args.users, skip="", keep_dbs=False, repeats=1, pg_conf=[])
-    )
-    months, _ = bench.months()
+    bench, months = run_bench.side_bench(args.users, args.ref)
     server = run_bench.Server.start(run_bench.OUT / f"pg-explain-{os.getpid()}", {})
     try:
         url = server.fresh_database("bench_explain")

@@ -766,6 +766,15 @@ def checkout(ref: str | None) -> dict:
     return info
 
 
+def side_bench(users: int, ref: str | None) -> tuple[Bench, list[Path]]:
+    """The code and the cached month pair of a run, for the side scripts
+    (explain_publish.py, orphan_checks.py), which start their own server."""
+    checkout(ref)
+    bench = Bench(argparse.Namespace(users=users, skip="", keep_dbs=False, repeats=1, pg_conf=[]))
+    months, _ = bench.months()
+    return bench, months
+
+
 def machine() -> dict:
     cpu = "unknown"
     try:

@@ -1,0 +1,97 @@
+"""The orphan checks of validation: one query per child table against one for all five.
+
+    python bench/orphan_checks.py --users 1000000 [--ref HEAD] [--repeats 2]
+
+Starts the bench's PostgreSQL, stages month 1, then times the five per-table counts of
+``db/sql/validation.sql``'s ``orphans`` query (what GX runs, one expectation per
+table) against a single query that anti-joins the five children's ``user_id``s at once
+and counts per table: first with the live ``users`` empty (month 1), then with them
+full (month 2). A lead for validation's cost, measured rather than adopted: see
+docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run_bench  # noqa: E402
+
+
+def compare(url: str, month: Path, repeats: int) -> list[tuple[str, str, float, dict]]:
+    import psycopg
+    from psycopg import sql
+    from streamflow import loading
+    from streamflow.db import query
+    from streamflow.registry import TABLES
+
+    children = [t.name for t in TABLES[1:]]
+
+    def per_table(conn: psycopg.Connection) -> dict:
+        counts = {}
+        for name in children:
+            rows = query("validation", "orphans", batch=sql.Identifier("staging", name))
+            q = sql.SQL("SELECT count(*) FROM ({}) AS o").format(rows)
+            counts[name] = conn.execute(q).fetchone()[0]  # type: ignore[index]
+        return counts
+
+    union = sql.SQL(" UNION ALL ").join(
+        sql.SQL("SELECT {} AS t, user_id FROM {}").format(
+            sql.Literal(name), sql.Identifier("staging", name)
+        )
+        for name in children
+    )
+    combined_q = sql.SQL(
+        "SELECT o.t, count(*) FROM ({}) AS o WHERE o.user_id IS NOT NULL"
+        " AND NOT EXISTS (SELECT 1 FROM staging.users AS s WHERE s.user_id = o.user_id)"
+        " AND NOT EXISTS (SELECT 1 FROM public.users AS l WHERE l.user_id = o.user_id)"
+        " GROUP BY o.t"
+    ).format(union)
+
+    def combined(conn: psycopg.Connection) -> dict:
+        return dict(conn.execute(combined_q).fetchall())  # type: ignore[arg-type]
+
+    out = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        for spec in TABLES:
+            loading.stage_file(conn, spec, month / spec.file_name)
+        conn.execute("ANALYZE")
+        for live in ("live users empty", "live users full"):
+            for _ in range(repeats):
+                for label, fn in (("one query per table", per_table), ("one query", combined)):
+                    start = time.perf_counter()
+                    counts = fn(conn)
+                    out.append((live, label, time.perf_counter() - start, counts))
+            if live == "live users empty":
+                conn.execute("INSERT INTO public.users SELECT * FROM staging.users")
+                conn.execute("ANALYZE public.users")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--users", type=int, default=1_000_000)
+    parser.add_argument("--ref", help="measure this commit instead of the working tree")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+    bench, months = run_bench.side_bench(args.users, args.ref)
+    server = run_bench.Server.start(run_bench.OUT / f"pg-orphans-{os.getpid()}", {})
+    try:
+        url = server.fresh_database("bench_orphans")
+        bench.apply_schema(url)
+        results = compare(url, months[0], args.repeats)
+    finally:
+        server.stop()
+    print(f"{args.users:,} users, orphan checks of month 1's five child tables:")
+    for live, label, took, counts in results:
+        print(f"  {live:17} {label:20} {took:6.2f} s  orphans {sum(counts.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
