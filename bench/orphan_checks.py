@@ -28,9 +28,9 @@ def compare(url: str, month: Path, repeats: int) -> list[tuple[str, str, float, 
     from psycopg import sql
     from streamflow import loading
     from streamflow.db import query
-    from streamflow.registry import TABLES
+    from streamflow.registry import KEY, PARENT, TABLES
 
-    children = [t.name for t in TABLES[1:]]
+    children = [t.name for t in TABLES if t is not PARENT]  # as validation.build_suite
 
     def per_table(conn: psycopg.Connection) -> dict:
         counts = {}
@@ -41,17 +41,23 @@ def compare(url: str, month: Path, repeats: int) -> list[tuple[str, str, float, 
         return counts
 
     union = sql.SQL(" UNION ALL ").join(
-        sql.SQL("SELECT {} AS t, user_id FROM {}").format(
-            sql.Literal(name), sql.Identifier("staging", name)
+        sql.SQL("SELECT {} AS t, {} AS key FROM {}").format(
+            sql.Literal(name), sql.Identifier(KEY), sql.Identifier("staging", name)
         )
         for name in children
     )
+    # The same anti-join as db/sql/validation.sql's orphans, once for all the children.
     combined_q = sql.SQL(
-        "SELECT o.t, count(*) FROM ({}) AS o WHERE o.user_id IS NOT NULL"
-        " AND NOT EXISTS (SELECT 1 FROM staging.users AS s WHERE s.user_id = o.user_id)"
-        " AND NOT EXISTS (SELECT 1 FROM public.users AS l WHERE l.user_id = o.user_id)"
+        "SELECT o.t, count(*) FROM ({union}) AS o WHERE o.key IS NOT NULL"
+        " AND NOT EXISTS (SELECT 1 FROM {staged} AS s WHERE s.{key} = o.key)"
+        " AND NOT EXISTS (SELECT 1 FROM {live} AS l WHERE l.{key} = o.key)"
         " GROUP BY o.t"
-    ).format(union)
+    ).format(
+        union=union,
+        key=sql.Identifier(KEY),
+        staged=sql.Identifier("staging", PARENT.name),
+        live=sql.Identifier("public", PARENT.name),
+    )
 
     def combined(conn: psycopg.Connection) -> dict:
         return dict(conn.execute(combined_q).fetchall())  # type: ignore[arg-type]
@@ -63,13 +69,22 @@ def compare(url: str, month: Path, repeats: int) -> list[tuple[str, str, float, 
         conn.execute("ANALYZE")
         for live in ("live users empty", "live users full"):
             for _ in range(repeats):
+                found = []
                 for label, fn in (("one query per table", per_table), ("one query", combined)):
                     start = time.perf_counter()
                     counts = fn(conn)
                     out.append((live, label, time.perf_counter() - start, counts))
+                    found.append({t: n for t, n in counts.items() if n})
+                if found[0] != found[1]:
+                    raise SystemExit(f"the two forms disagree ({live}): {found}")
             if live == "live users empty":
-                conn.execute("INSERT INTO public.users SELECT * FROM staging.users")
-                conn.execute("ANALYZE public.users")
+                live_parent = sql.Identifier("public", PARENT.name)
+                conn.execute(
+                    sql.SQL("INSERT INTO {} SELECT * FROM {}").format(
+                        live_parent, sql.Identifier("staging", PARENT.name)
+                    )
+                )
+                conn.execute(sql.SQL("ANALYZE {}").format(live_parent))
     return out
 
 

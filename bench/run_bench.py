@@ -767,8 +767,10 @@ def checkout(ref: str | None) -> dict:
 
 
 def side_bench(users: int, ref: str | None) -> tuple[Bench, list[Path]]:
-    """The code and the cached month pair of a run, for the side scripts
-    (explain_publish.py, orphan_checks.py), which start their own server."""
+    """The code and the cached month pair of a run, for a side script that starts its own server.
+
+    Used by explain_publish.py and orphan_checks.py.
+    """
     checkout(ref)
     bench = Bench(argparse.Namespace(users=users, skip="", keep_dbs=False, repeats=1, pg_conf=[]))
     months, _ = bench.months()

@@ -74,12 +74,9 @@ def _import_gx():  # -> the great_expectations module
     it still gets the real module.
     """
     if "scipy.stats" not in sys.modules:
-        try:
-            import scipy
+        import scipy  # a dependency of GX's
 
-            spec = importlib.util.find_spec("scipy.stats")
-        except ImportError:
-            spec = None
+        spec = importlib.util.find_spec("scipy.stats")
         if spec is not None and spec.loader is not None:
             spec.loader = importlib.util.LazyLoader(spec.loader)
             stats = importlib.util.module_from_spec(spec)
