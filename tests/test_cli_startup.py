@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import scalar
 from month_files import AS_OF, flow_command, flow_env, read_rows, small_months, write_rows
-from streamflow import validation
+from streamflow import validation, warmup
 from streamflow.registry import TABLES
 
 JAN = AS_OF["month_000"]
@@ -48,6 +48,8 @@ def _cli(db_url: str, seed_dir: Path, home: Path, *python_flags: str, **env: str
     env.setdefault("GX_DOCS_DIR", str(home / "gx_docs"))
     full_env = flow_env(db_url, PREFECT_HOME=str(home), PREFECT_LOGGING_LEVEL="INFO", **env)
     full_env.pop("PREFECT_API_URL", None)
+    # Prefect's own default, as on a user's machine (conftest raises it for the rest).
+    full_env.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)
     python, *script = flow_command(seed_dir, JAN)
     return subprocess.run(
         [python, *python_flags, *script], env=full_env, capture_output=True, text=True, timeout=600
@@ -148,6 +150,43 @@ def test_no_temporary_server_when_prefect_forbids_one(db_url, months, tmp_path):
     assert proc.returncode == 1
     assert "PREFECT_API_URL" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
     assert _processes_with(f"PREFECT_HOME={home}") == []
+
+
+def test_a_server_that_cannot_start_is_reported_with_its_last_words(db_url, months, tmp_path):
+    """The temporary server's metadata database is unreachable: the CLI says the server
+    did not start and why (the exception in its log), records nothing, leaves no process."""
+    home = tmp_path / "prefect"
+    proc = _cli(
+        db_url,
+        months / "month_000",
+        home,
+        PREFECT_API_DATABASE_CONNECTION_URL="postgresql+asyncpg://nobody@127.0.0.1:9/none",
+    )
+
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ingest failed: the temporary Prefect API server did not start: ")
+    assert "ConnectionRefusedError" in last  # the cause, not uvicorn's "startup failed"
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert scalar(db_url, "SELECT count(*) FROM ingest_runs") == 0
+    assert _processes_with(f"PREFECT_HOME={home}") == []
+
+
+def test_the_clis_server_has_time_for_a_first_start_unless_prefect_says_otherwise(
+    monkeypatch, tmp_path
+):
+    """A first start migrates PREFECT_HOME's database, longer than Prefect's 20 s default
+    on a 2-core machine; a value given to Prefect (here its environment variable) wins."""
+    from prefect.settings import Settings
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))  # no profile of the machine's
+    monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raising=False)
+    assert Settings().server.ephemeral.startup_timeout_seconds == 20
+    assert warmup.startup_timeout(Settings().server.ephemeral) == warmup.FIRST_START_SECONDS
+    assert warmup.FIRST_START_SECONDS > 20
+
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "7")
+    assert warmup.startup_timeout(Settings().server.ephemeral) == 7
 
 
 def test_help_is_the_full_help_and_starts_nothing(db_url, months, tmp_path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -30,7 +31,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext, suppress
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from . import validation
 from .embedded import resolve_database_url
@@ -38,8 +39,27 @@ from .errors import IngestError
 from .inputs import complete_run
 from .settings import load_settings
 
+if TYPE_CHECKING:  # imported by the CLI only after the server is spawned
+    from prefect.settings.models.server.ephemeral import ServerEphemeralSettings
+
+_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception): ")
+
 # The server is on 127.0.0.1: never ask a proxy from http_proxy for it.
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+# Prefect gives its temporary server 20 s to start by default. A first start in an empty
+# PREFECT_HOME also creates and migrates its SQLite database: 21.5-22.9 s on the
+# project's 2-core machine, where the README's first run failed. Unless Prefect's
+# setting is given (environment, .env or profile), the CLI's own server gets this long.
+FIRST_START_SECONDS = 120
+
+
+def startup_timeout(ephemeral: ServerEphemeralSettings) -> float:
+    """Seconds to wait for the server, from Prefect's ``server.ephemeral`` settings."""
+    if "startup_timeout_seconds" in ephemeral.model_fields_set:
+        return ephemeral.startup_timeout_seconds
+    return max(ephemeral.startup_timeout_seconds, FIRST_START_SECONDS)
 
 
 def _free_port() -> int:
@@ -98,10 +118,13 @@ class TemporaryApiServer:
             except OSError:
                 pass
             time.sleep(0.05)
-        self.stop()
+        self._terminate()
         self._log.seek(0)
         lines = self._log.read().decode(errors="replace").strip().splitlines()
-        why = lines[-1] if lines else f"no answer within {timeout:.0f} s"
+        self.stop()
+        # uvicorn ends with "Application startup failed"; the cause is the exception above.
+        errors = [ln for ln in lines if _EXCEPTION_LINE.match(ln)]
+        why = (errors or lines or [f"no answer within {timeout:.0f} s"])[-1]
         raise IngestError(
             f"the temporary Prefect API server did not start: {why} "
             "(set PREFECT_API_URL to use a running server, or raise "
@@ -109,6 +132,10 @@ class TemporaryApiServer:
         )
 
     def stop(self) -> None:
+        self._terminate()
+        self._log.close()
+
+    def _terminate(self) -> None:
         if self._proc.poll() is None:
             self._proc.terminate()
             try:
@@ -116,7 +143,6 @@ class TemporaryApiServer:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
-        self._log.close()
 
 
 class Warmup:
@@ -143,7 +169,7 @@ class Warmup:
             self.server.stop()
             self.server = None
             return nullcontext()
-        url = self.server.wait_ready(current.server.ephemeral.startup_timeout_seconds)
+        url = self.server.wait_ready(startup_timeout(current.server.ephemeral))
         return temporary_settings(
             updates={
                 PREFECT_API_URL: url,
