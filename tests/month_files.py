@@ -140,6 +140,12 @@ def table_digests(url: str, tables: tuple[str, ...] = HISTORY_TABLES) -> dict[st
     return out
 
 
+def prefect_server_command(port: int) -> list[str]:
+    """``prefect server start`` (the compose service's command) on 127.0.0.1:``port``."""
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+            "--port", str(port)]  # fmt: skip
+
+
 @contextmanager
 def prefect_server(home: Path) -> Iterator[str]:
     """``prefect server start`` (SQLite in ``home``) on a free port; yields its API URL.
@@ -154,17 +160,7 @@ def prefect_server(home: Path) -> Iterator[str]:
     log_path = home / "server.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "prefect",
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
+            prefect_server_command(port),
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

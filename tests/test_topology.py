@@ -52,6 +52,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import psycopg
 import pytest
 from conftest import DATA_SEEDS, FLOW_DIR, REPO, SHARED_SEEDS, scalar, with_database
+from month_files import prefect_server_command
 from streamflow import db as sfdb
 
 pytestmark = pytest.mark.slow
@@ -523,17 +524,7 @@ def stack(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Itera
     started = time.perf_counter()
     server = Proc(
         "prefect-server",
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
+        prefect_server_command(port),
         env=server_env,
         cwd=tmp,
         log=tmp / "prefect-server.log",
