@@ -248,6 +248,15 @@ KEYED_TO_USERS_ONLY = "not a live table keyed to users"  # users keeps its key: 
         ("SELECT streamflow_new_month_partition('users', DATE '2024-01-31')", HISTORY_ONLY),
         ("SELECT streamflow_index_month_partition('users', DATE '2024-01-31')", HISTORY_ONLY),
         ("SELECT streamflow_attach_month_partition('users', DATE '2024-01-31')", HISTORY_ONLY),
+        # A month that was never built in staging is named, with what was asked of it.
+        (
+            "SELECT streamflow_index_month_partition('labels_snapshots', DATE '2024-01-31')",
+            "no month partition labels_snapshots_20240131 to index",
+        ),
+        (
+            "SELECT streamflow_attach_month_partition('labels_snapshots', DATE '2024-01-31')",
+            "no month partition labels_snapshots_20240131 to attach",
+        ),
         ("SELECT streamflow_drop_empty_live_key('users')", KEYED_TO_USERS_ONLY),
         ("SELECT streamflow_restore_live_key('users')", KEYED_TO_USERS_ONLY),
         ("SELECT streamflow_drop_empty_live_key('labels_snapshots')", KEYED_TO_USERS_ONLY),

@@ -166,7 +166,7 @@ ALTER TABLE staging.subscriptions
 
 -- ---------------------------------------------------------------------------
 -- Month partitions of the history tables. The pipeline's role may not create or
--- alter tables; these three functions do exactly that one job for it, for the five
+-- alter tables; these functions do exactly that one job for it, for the five
 -- history tables only, and run with their owner's rights (SECURITY DEFINER).
 -- A new month is built in the staging schema by its own transaction, alongside
 -- validation and the live upserts: created, filled, keyed. Only the publishing
@@ -185,6 +185,22 @@ BEGIN
         RAISE EXCEPTION 'not a history table: %', history;
     END IF;
     RETURN history || '_' || to_char(month, 'YYYYMMDD');
+END
+$$;
+
+-- The month's partition built in staging, or an error naming what could not be done.
+CREATE OR REPLACE FUNCTION streamflow_staged_month_partition(history text, month date,
+                                                             purpose text)
+RETURNS text
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    part text := streamflow_month_partition_name(history, month);
+BEGIN
+    IF to_regclass(format('staging.%I', part)) IS NULL THEN
+        RAISE EXCEPTION 'no month partition % to %', part, purpose;
+    END IF;
+    RETURN part;
 END
 $$;
 
@@ -238,11 +254,8 @@ SET search_path = public, pg_temp
 SET maintenance_work_mem = '256MB'
 AS $$
 DECLARE
-    part text := streamflow_month_partition_name(history, month);
+    part text := streamflow_staged_month_partition(history, month, 'index');
 BEGIN
-    IF to_regclass(format('staging.%I', part)) IS NULL THEN
-        RAISE EXCEPTION 'no month partition % to index', part;
-    END IF;
     EXECUTE format('REVOKE INSERT ON staging.%I FROM streamflow_ingest', part);
     EXECUTE format('ALTER TABLE staging.%I ADD PRIMARY KEY (user_id, as_of)', part);
     EXECUTE format('ALTER TABLE staging.%I ADD CONSTRAINT %I CHECK (as_of = %L)',
@@ -256,11 +269,8 @@ RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp
 AS $$
 DECLARE
-    part text := streamflow_month_partition_name(history, month);
+    part text := streamflow_staged_month_partition(history, month, 'attach');
 BEGIN
-    IF to_regclass(format('staging.%I', part)) IS NULL THEN
-        RAISE EXCEPTION 'no month partition % to attach', part;
-    END IF;
     EXECUTE format('ALTER TABLE staging.%I SET SCHEMA public', part);
     EXECUTE format('ALTER TABLE public.%I ATTACH PARTITION public.%I FOR VALUES IN (%L)',
                    history, part, month);

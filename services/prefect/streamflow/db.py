@@ -64,7 +64,7 @@ def apply_init_sql(conn: psycopg.Connection, sql_dir: Path = SQL_DIR) -> list[st
 
 # The newest object of db/init: a database initialised by an older version of this
 # pipeline lacks it, and gets the (idempotent) init SQL again.
-NEWEST_OBJECT = "streamflow_drop_staged_months()"
+NEWEST_OBJECT = "streamflow_staged_month_partition(text, date, text)"
 
 
 def ensure_schema(conn: psycopg.Connection, sql_dir: Path = SQL_DIR) -> list[str]:
