@@ -189,6 +189,45 @@ def test_the_clis_server_has_time_for_a_first_start_unless_prefect_says_otherwis
     assert warmup.startup_timeout(Settings().server.ephemeral) == 7
 
 
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("no folder", "ingest failed: SEED_DIR '{month}' is not a directory"),
+        ("no folder, --replace", "ingest failed: SEED_DIR '{month}' is not a directory"),
+        ("missing file", "ingest failed: {month}: missing file labels.csv (a month folder holds"),
+        ("bad as_of", "ingest failed: AS_OF '2024-02-30' is not a valid date; expected YYYY-MM-DD"),
+        ("bad setting", "ingest failed: LOCK_WAIT_SECONDS 'soon' is not a number of seconds"),
+    ],
+)
+def test_bad_inputs_are_answered_before_prefect_starts(db_url, months, tmp_path, case, expected):
+    """A wrong folder, file, as_of or setting: one line and exit 1 at once, with no
+    Prefect server started (its PREFECT_HOME stays empty), no GX process, no run."""
+    home = tmp_path / "prefect"
+    month, as_of, extra, env = tmp_path / "month_000", JAN, [], {}
+    if case == "missing file":
+        shutil.copytree(months / "month_000", month)
+        (month / "labels.csv").unlink()
+    elif case == "bad as_of":
+        month, as_of = months / "month_000", "2024-02-30"
+    elif case == "bad setting":
+        month, env = months / "month_000", {"LOCK_WAIT_SECONDS": "soon"}
+    elif case == "no folder, --replace":
+        extra = ["--replace"]
+    python, *script = flow_command(month, as_of, *extra)
+    full_env = flow_env(db_url, PREFECT_HOME=str(home), **env)
+    full_env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run(
+        [python, *script], env=full_env, capture_output=True, text=True, timeout=120
+    )
+
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().startswith(expected.format(month=month)), proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert not home.exists() or not any(home.iterdir())
+    assert scalar(db_url, "SELECT count(*) FROM ingest_runs") == 0
+    assert _processes_with(f"PREFECT_HOME={home}") == []
+
+
 def test_help_is_the_full_help_and_starts_nothing(db_url, months, tmp_path):
     """``--help`` with a complete command line: the description, exit 0, no no-op check,
     no server, no GX process."""
@@ -229,3 +268,21 @@ def test_the_flow_takes_the_gx_process_started_for_its_database(db_url, tmp_path
     validation.SuitesProcess.prestart(db_url, docs)
     validation.SuitesProcess.discard_prestarted()
     assert validation.SuitesProcess._prestarted is None
+
+
+def test_a_missing_run_parameter_is_named(monkeypatch, capsys, tmp_path):
+    """Without SEED_DIR or AS_OF the CLI says which one is missing: a usage error (2)."""
+    import ingest_flow
+    from streamflow import settings
+
+    monkeypatch.chdir(tmp_path)  # no .env here, nor in the stand-in app dir
+    monkeypatch.setattr(settings, "APP_DIR", tmp_path)
+    for name in ("SEED_DIR", "AS_OF"):
+        monkeypatch.delenv(name, raising=False)
+
+    assert ingest_flow.main(["--as-of", JAN]) == 2
+    assert capsys.readouterr().err.strip() == "ingest failed: set SEED_DIR (or --seed-dir)"
+    assert ingest_flow.main([]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "ingest failed: set SEED_DIR (or --seed-dir) and AS_OF (or --as-of)"
+    )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from streamflow.errors import InputError
+from streamflow.inputs import complete_run
 from streamflow.settings import APP_DIR, load_settings
 
 
@@ -28,3 +30,31 @@ def test_set_variables_win(monkeypatch: pytest.MonkeyPatch, tmp_path):
 
     assert settings.gx_docs_dir == tmp_path / "docs"
     assert settings.lock_wait_seconds == 5
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "nan"])
+def test_an_unusable_setting_is_named(monkeypatch: pytest.MonkeyPatch, value: str):
+    monkeypatch.setenv("LOCK_WAIT_SECONDS", value)
+
+    with pytest.raises(InputError) as err:
+        load_settings()
+
+    assert str(err.value) == (
+        f"LOCK_WAIT_SECONDS {value!r} is not a number of seconds (e.g. LOCK_WAIT_SECONDS=600)"
+    )
+
+
+def test_the_run_parameters_may_come_from_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """.env.example lists SEED_DIR, AS_OF and REPLACE with the other settings: a .env
+    that sets them is a complete command, as the environment is."""
+    for name in ("SEED_DIR", "AS_OF", "REPLACE"):
+        monkeypatch.delenv(name, raising=False)  # undone after the test, .env's too
+    (tmp_path / ".env").write_text("SEED_DIR=months/month_001\nAS_OF=2024-02-29\nREPLACE=1\n")
+    monkeypatch.chdir(tmp_path)
+
+    args = complete_run([])
+
+    assert args is not None
+    assert (args.seed_dir, args.as_of, args.replace) == ("months/month_001", "2024-02-29", True)
+    # The command line still wins over .env.
+    assert complete_run(["--as-of", "2024-03-31"]).as_of == "2024-03-31"  # type: ignore[union-attr]

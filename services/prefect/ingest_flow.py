@@ -136,15 +136,13 @@ def snapshot_month(
         verdict.waited_seconds,
     )
     for s in stats:
+        history = (
+            f"; {s.snapshot_table} +{s.snapshot_inserted} ~{s.snapshot_updated}"
+            if s.snapshot_table
+            else ""  # users has no history table
+        )
         get_run_logger().info(
-            "%s: +%d ~%d =%d; %s +%d ~%d",
-            s.table,
-            s.inserted,
-            s.updated,
-            s.unchanged,
-            s.snapshot_table or "-",
-            s.snapshot_inserted,
-            s.snapshot_updated,
+            "%s: +%d ~%d =%d%s", s.table, s.inserted, s.updated, s.unchanged, history
         )
     return stats
 
@@ -293,8 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         ingest_month.serve(name=DEPLOYMENT_NAME)
         return 0
-    if not args.seed_dir or not args.as_of:
-        print("ingest failed: set SEED_DIR and AS_OF (or --seed-dir and --as-of)", file=sys.stderr)
+    missing = [
+        f"{env} (or {flag})"
+        for env, flag, value in (
+            ("SEED_DIR", "--seed-dir", args.seed_dir),
+            ("AS_OF", "--as-of", args.as_of),
+        )
+        if not value
+    ]
+    if missing:  # a usage error, like argparse's own: exit code 2
+        print(f"ingest failed: set {' and '.join(missing)}", file=sys.stderr)
         return 2
     try:
         result = ingest_month(seed_dir=args.seed_dir, as_of=args.as_of, replace=args.replace)

@@ -10,7 +10,7 @@ from pathlib import Path
 from .errors import InputError
 from .ledger import expected_files
 from .registry import TABLES
-from .settings import flag
+from .settings import flag, load_dotenv_if_present
 
 
 def parse_as_of(value: str) -> date:
@@ -39,7 +39,9 @@ def cli_parser(description: str | None, *, add_help: bool = True) -> argparse.Ar
     """``ingest_flow.py [run|serve] [--seed-dir D] [--as-of YYYY-MM-DD] [--replace]``.
 
     ``add_help=False`` for the CLI's early looks at its arguments (``complete_run``).
+    The defaults come from the environment, ``.env`` included (.env.example lists them).
     """
+    load_dotenv_if_present()
     parser = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,

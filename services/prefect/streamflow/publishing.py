@@ -155,8 +155,8 @@ def publish_month(
             if update_live:
                 s.inserted, s.updated = upsert_live(cur, spec)
                 s.unchanged = s.read - s.inserted - s.updated
-            else:
-                s.unchanged = s.read  # backfill: live tables keep the newer month
+            # A backfill leaves the live tables to the newer month: nothing was compared
+            # with them, so nothing is counted unchanged either.
             stats.append(s)
         built = history.result()
         for spec, s in zip(TABLES, stats, strict=True):

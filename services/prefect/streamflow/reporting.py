@@ -54,9 +54,16 @@ class RunSummary:
                 f"{self.seed_dir} as_of {self.as_of}: already published from the same files; "
                 "nothing to do"
             )
-        changes = ", ".join(
-            f"{t.table} +{t.inserted} ~{t.updated} ={t.unchanged}" for t in self.tables
-        )
+        if self.mode == "backfill":  # the live tables were left alone: show what was written
+            changes = ", ".join(
+                f"{t.snapshot_table} +{t.snapshot_inserted} ~{t.snapshot_updated}"
+                for t in self.tables
+                if t.snapshot_table
+            )
+        else:
+            changes = ", ".join(
+                f"{t.table} +{t.inserted} ~{t.updated} ={t.unchanged}" for t in self.tables
+            )
         what = "history only (backfill)" if self.mode == "backfill" else "live + history"
         verb = "replaced" if self.replacing else "published"
         return (

@@ -5,9 +5,10 @@ engine (and, without PREFECT_API_URL, its temporary API server) and importing GX
 find that out costs 2 to 20 s; the answer itself is a fingerprint (the files' stat,
 if they have not changed since they were hashed) and one ledger lookup. So the CLI
 asks first, and the run is recorded in the ledger as a no-op like any other.
-Everything else (a new month, a replacement, a refusal, a bad input, a database that
-cannot be reached) goes to the flow, which decides again under its own lock and
-reports as usual.
+A month folder, file or as_of that is plainly wrong (or a setting) is reported here
+too, in one line, rather than after Prefect has started. Everything else (a new
+month, a replacement, a refusal, a database that cannot be reached) goes to the flow,
+which decides again under its own lock and reports as usual.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from . import db, ledger
 from .embedded import resolve_database_url
+from .errors import InputError
 from .inputs import complete_run, month_files, parse_as_of
 from .ledger import Mode
 from .reporting import RunSummary
@@ -55,13 +57,22 @@ def unchanged_month(seed_dir: str, as_of: str) -> RunSummary | None:
 
 
 def exit_if_unchanged(argv: list[str]) -> None:
-    """For ``python ingest_flow.py``: print the no-op line and exit 0, or return."""
+    """For ``python ingest_flow.py``: print the no-op line and exit 0, or the input
+    error and exit 1, or return."""
     args = complete_run(argv)
-    if args is None or args.replace:
+    if args is None:
         return
     try:
+        if args.replace:  # never a no-op, but its inputs are checked all the same
+            parse_as_of(args.as_of)
+            month_files(Path(args.seed_dir))
+            load_settings()
+            return
         summary = unchanged_month(args.seed_dir, args.as_of)
-    except Exception:  # a bad input, a refusal, no database: the flow reports it, and retries
+    except InputError as exc:  # no run to start: the folder, a file, as_of or a setting
+        print(f"ingest failed: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except Exception:  # a refusal, no database: the flow reports it, and retries
         return
     if summary is not None:
         print(summary.one_line())

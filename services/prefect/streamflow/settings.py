@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from .errors import InputError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -70,7 +72,19 @@ def flag(name: str, env: os._Environ[str] | dict[str, str] = os.environ) -> bool
     return env.get(name, "").strip().lower() in _TRUE
 
 
+def _seconds(env: os._Environ[str] | dict[str, str], name: str, default: str) -> float:
+    raw = env.get(name) or default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise InputError(f"{name} {raw!r} is not a number of seconds (e.g. {name}={default})")
+    return value
+
+
 def load_settings() -> Settings:
+    """The run's configuration; an unusable value raises InputError naming the variable."""
     load_dotenv_if_present()
     env = os.environ
     return Settings(
@@ -78,5 +92,5 @@ def load_settings() -> Settings:
         # An empty value (``GX_DOCS_DIR=`` in .env) means the default, not the cwd.
         embedded_pgdata=Path(env.get("STREAMFLOW_PGDATA") or APP_DIR / ".pgdata").resolve(),
         gx_docs_dir=Path(env.get("GX_DOCS_DIR") or APP_DIR / "var" / "gx_docs").resolve(),
-        lock_wait_seconds=float(env.get("LOCK_WAIT_SECONDS") or "600"),
+        lock_wait_seconds=_seconds(env, "LOCK_WAIT_SECONDS", "600"),
     )
