@@ -26,6 +26,12 @@ SELECT count(*) FILTER (WHERE plan_stream_tv IS NULL) AS plan_stream_tv_null,
 FROM subscriptions;
 
 -- name: ledger
-SELECT run_id, as_of, status, mode, to_char(finished_at - started_at, 'SS.MS') || ' s' AS duration
+-- A failed run says why in one line (the whole text is in ingest_runs.error).
+SELECT run_id, as_of, status, mode,
+       round(extract(epoch FROM finished_at - started_at)::numeric, 3) || ' s' AS duration,
+       CASE WHEN length(split_part(error, E'\n', 1)) > 100
+            THEN left(split_part(error, E'\n', 1), 99) || '…'
+            ELSE coalesce(split_part(error, E'\n', 1), '')
+       END AS error
 FROM ingest_runs
 ORDER BY run_id;

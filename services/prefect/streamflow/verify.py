@@ -1,22 +1,55 @@
 """Print the verification counts of the README and the report: ``python -m streamflow.verify``.
 
-Connects like the flow does (DATABASE_URL, POSTGRES_*, or the embedded default).
+Connects like the flow does (DATABASE_URL, POSTGRES_*, or the embedded default) and
+prints each query of ``db/sql/verify.sql`` as a table (the ledger's shows each run's
+error, so a failed run says why).
+
+Exit codes: 0 when the counts were printed; 1 when they could not be, with one line on
+stderr saying why (the database cannot be reached, or it has no StreamFlow schema yet:
+an empty database is not a pass, since nothing could be checked); 2 for a usage error.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import psycopg
 
-from .db import queries
+from .db import queries, schema_present
 from .embedded import resolve_database_url
+from .errors import IngestError
 from .settings import load_settings
 
 
+class NoSchema(Exception):
+    """The database answers but was never initialised: no month has been run there yet."""
+
+
+class VerifyFailed(Exception):
+    """The counts could not be read; ``str(err)`` is one line, for people."""
+
+
+def first_line(exc: BaseException) -> str:
+    """psycopg's messages run over several lines (hints, details): the first says what."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def connect(url: str) -> psycopg.Connection:
+    try:
+        return psycopg.connect(url)
+    except psycopg.OperationalError as exc:
+        raise VerifyFailed(f"cannot connect to the database: {first_line(exc)}") from exc
+
+
 def counts(url: str) -> list[tuple[str, list[tuple]]]:
+    """Each verify query as (name, [header, *rows]); raises NoSchema or VerifyFailed."""
     out = []
-    with psycopg.connect(url) as conn:
+    with connect(url) as conn:
+        # Checked first: otherwise the first query fails with 'relation "users" does not exist'.
+        if not schema_present(conn):
+            raise NoSchema(f'database "{conn.info.dbname}" has no StreamFlow schema yet')
         for name, text in queries("verify").items():
             cur = conn.execute(text)  # type: ignore[arg-type]
             header = tuple(d.name for d in cur.description or ())
@@ -37,10 +70,40 @@ def render(results: list[tuple[str, list[tuple]]]) -> str:
     return "\n\n".join(blocks)
 
 
-def main() -> int:
-    settings = load_settings()
-    url = resolve_database_url(settings)
-    print(render(counts(url)))
+def parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        # Run with -m, argparse would call itself "verify.py".
+        prog="python -m streamflow.verify",
+        description=(
+            "Print the verification counts of the StreamFlow database (db/sql/verify.sql): "
+            "live tables, history per as_of, NULL plan flags, and the ingestion ledger "
+            "with each run's error."
+        ),
+        epilog=(
+            "The database is DATABASE_URL, else POSTGRES_HOST/POSTGRES_* (also read from "
+            ".env), else the embedded server. Exit code 0 when the counts were printed, 1 "
+            "when the database cannot be reached or has no StreamFlow schema yet."
+        ),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Arguments first: --help and usage errors must not start or touch a database.
+    parser().parse_args(argv)
+    try:
+        url = resolve_database_url(load_settings())
+        results = counts(url)
+    except NoSchema as exc:
+        print(f"verify: {exc} (run a month first)", file=sys.stderr)
+        return 1
+    # IngestError: e.g. no database configured and the embedded server not installed.
+    except (VerifyFailed, IngestError) as exc:
+        print(f"verify failed: {exc}", file=sys.stderr)
+        return 1
+    except psycopg.Error as exc:  # e.g. a login without SELECT, an older schema
+        print(f"verify failed: {first_line(exc)}", file=sys.stderr)
+        return 1
+    print(render(results))
     return 0
 
 

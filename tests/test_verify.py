@@ -1,0 +1,141 @@
+"""``python -m streamflow.verify``: the counts on success, one line and exit 1 otherwise.
+
+verify runs as a subprocess (the way people run it), so exit codes, stdout and stderr
+are the real ones; the databases are the real PostgreSQL of conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+from conftest import DATA_SEEDS, FLOW_DIR, REPO
+from month_files import read_rows, write_rows
+
+MONTH_000 = DATA_SEEDS / "month_000"
+AS_OF_000 = "2024-01-31"
+# Port 9 (discard) on loopback: nothing listens there, the connection is refused at once.
+UNREACHABLE = "postgresql://postgres@127.0.0.1:9/x"
+LEDGER_HEADER = re.compile(r"^run_id \| as_of +\| status +\| mode +\| duration +\| error")
+
+
+def verify(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    # Only DATABASE_URL steers it: no POSTGRES_* from the developer's shell.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTGRES_")}
+    env.update(DATABASE_URL=url, PYTHONPATH=str(FLOW_DIR))
+    return subprocess.run(
+        [sys.executable, "-m", "streamflow.verify", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def block(stdout: str, name: str) -> list[str]:
+    """The lines of one ``-- name`` section of verify's output, the title excluded.
+
+    Every column is padded to its width, the last one too: trailing spaces are dropped.
+    """
+    sections = {s.splitlines()[0]: s.splitlines()[1:] for s in stdout.strip().split("\n\n")}
+    return [line.rstrip() for line in sections[f"-- {name}"]]
+
+
+def dbname(url: str) -> str:
+    with psycopg.connect(url) as conn:
+        return conn.info.dbname
+
+
+def test_counts_and_ledger_after_month_000(db_url, run_flow):
+    rc, _, err = run_flow(db_url, MONTH_000, AS_OF_000)
+    assert rc == 0, err
+
+    proc = verify(db_url)
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    live = block(proc.stdout, "live_tables")
+    assert live[0] == "table_name       | row_count"
+    assert "users            | 7043" in live
+    assert "labels           | 7043" in live
+    [header, rule, *rows] = block(proc.stdout, "snapshots_by_as_of")
+    assert header.startswith("as_of      | subscriptions_profile | usage_agg_30d")
+    assert [r.split(" | ")[0] for r in rows] == ["2024-01-31"]
+    assert rows[0].split(" | ")[1].strip() == "7043"
+    [header, rule, *rows] = block(proc.stdout, "ledger")
+    assert LEDGER_HEADER.match(header), header
+    assert set(rule) <= {"-", "+"}
+    [row] = rows
+    # A run that succeeded has no error: the column stays empty, not "None".
+    assert re.fullmatch(r"1      \| 2024-01-31 \| succeeded \| \w+ +\| +\d+\.\d{3} s +\|", row), row
+
+
+def test_a_failed_run_says_why_in_the_ledger(db_url, run_flow, tmp_path: Path):
+    bad = tmp_path / "month_000"
+    shutil.copytree(MONTH_000, bad)
+    rows = read_rows(bad / "usage_agg_30d.csv")
+    rows[5][rows[0].index("watch_hours_30d")] = "-3.5"
+    write_rows(bad / "usage_agg_30d.csv", rows)
+    rc, _, err = run_flow(db_url, bad, AS_OF_000)
+    assert rc == 1, err
+
+    proc = verify(db_url)
+
+    assert proc.returncode == 0, proc.stderr
+    assert "users            | 0" in block(proc.stdout, "live_tables")
+    [header, _, row] = block(proc.stdout, "ledger")
+    assert LEDGER_HEADER.match(header), header
+    [run_id, as_of, status, mode, duration, error] = row.split(" | ", 5)
+    assert (run_id.strip(), as_of, status.strip()) == ("1", AS_OF_000, "failed"), row
+    assert error.startswith(
+        "validation failed: usage_agg_30d.csv, column watch_hours_30d: 1 value(s) below 0"
+    ), row
+    # The whole message (with the user_id) is longer: clipped, and marked as clipped.
+    assert len(error) == 100 and error.endswith("…"), error  # clipped by verify.sql
+
+
+def test_a_database_without_the_schema_is_one_line_and_exit_1(empty_db_url):
+    proc = verify(empty_db_url)
+
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        f'verify: database "{dbname(empty_db_url)}" has no StreamFlow schema yet'
+        " (run a month first)"
+    ], proc.stderr
+
+
+def test_an_unreachable_database_is_one_line_and_exit_1():
+    proc = verify(UNREACHABLE)
+
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("verify failed: cannot connect to the database: "), line
+    assert "127.0.0.1" in line and "9" in line, line
+
+
+def test_help_prints_usage_without_touching_the_database():
+    # The database is unreachable: had --help connected, it would exit 1.
+    proc = verify(UNREACHABLE, "--help")
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert proc.stdout.startswith("usage: ")
+    assert "verification counts" in proc.stdout
+    assert "DATABASE_URL" in proc.stdout
+
+
+def test_an_unknown_argument_is_a_usage_error():
+    proc = verify(UNREACHABLE, "--bogus")
+
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert "usage: " in proc.stderr and "--bogus" in proc.stderr
