@@ -2,16 +2,19 @@
 
 The header is matched by name against the registry (any order, BOM and CRLF
 tolerated); the data rows are streamed untouched, in chunks, so memory does not
-grow with the file. PostgreSQL does every type conversion, and an empty cell
-stays NULL.
+grow with the file, except blank lines after the last row (an export artifact
+the lab's pandas loader skipped), which are left out. PostgreSQL does every type
+conversion, and an empty cell stays NULL.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import psycopg
 from psycopg import sql
@@ -22,6 +25,14 @@ from .registry import TableSpec
 
 CHUNK_BYTES = 1 << 20
 _BOM = b"\xef\xbb\xbf"
+_BLANK = b" \t\r\n"
+# What COPY says of a blank line: one empty field where the table has several, or,
+# in a file whose rows end in LF (CRLF), a line that is only CRLF (LF).
+_BLANK_LINE_ERRORS = (
+    "missing data for column",
+    "unquoted carriage return found in data",
+    "unquoted newline found in data",
+)
 _COPY_CONTEXT = re.compile(r"line (\d+)(?:, column (\w+))?(?:: \"(.*)\")?", re.DOTALL)
 
 
@@ -85,22 +96,57 @@ def stage_file(conn: psycopg.Connection, spec: TableSpec, path: Path) -> StagedF
             cur.execute(query("staging", "truncate", staged=staged))
             copy = query("staging", "copy_csv", staged=staged, columns=ident_list(columns))
             with path.open("rb") as f, cur.copy(copy) as cp:
+                left = _data_end(f, offset) - offset
                 f.seek(offset)
-                while chunk := f.read(CHUNK_BYTES):
+                while left > 0 and (chunk := f.read(min(CHUNK_BYTES, left))):
                     cp.write(chunk)
+                    left -= len(chunk)
             rows = cur.rowcount
         conn.commit()
     except psycopg.errors.DataError as exc:
         conn.rollback()
-        raise InputError(explain_copy_error(spec, path.name, exc)) from exc
+        raise InputError(explain_copy_error(spec, path.name, exc, path)) from exc
     except psycopg.errors.IntegrityError as exc:  # NOT NULL on user_id
         conn.rollback()
-        raise InputError(explain_copy_error(spec, path.name, exc)) from exc
+        raise InputError(explain_copy_error(spec, path.name, exc, path)) from exc
     return StagedFile(spec.name, str(path), rows)
 
 
-def explain_copy_error(spec: TableSpec, file: str, exc: psycopg.Error) -> str:
-    """Turn PostgreSQL's COPY error into: file, line, column, value, expected type."""
+def _data_end(f: BinaryIO, start: int) -> int:
+    """Offset just past the last line after ``start`` that holds more than whitespace.
+
+    The file is scanned backwards from its end, a chunk at a time, so memory stays
+    flat. Only whole lines of spaces, tabs, CR and LF after the last row are cut:
+    that row keeps its line end and any trailing spaces (they are data). Whether the
+    file ends inside a quoted field (which could hold newlines) does not change, as
+    the cut bytes hold no quote: a valid file loses only blank lines, an unterminated
+    quoted field is still refused by COPY.
+    """
+    pos = f.seek(0, os.SEEK_END)
+    while pos > start:
+        size = min(CHUNK_BYTES, pos - start)
+        f.seek(pos - size)
+        kept = f.read(size).rstrip(_BLANK)
+        if kept:
+            last = pos - size + len(kept)  # just past the last non-blank byte
+            f.seek(last)
+            while tail := f.read(CHUNK_BYTES):  # whitespace only from here on
+                if (eol := tail.find(b"\n")) >= 0:
+                    return last + eol + 1
+                last += len(tail)
+            return last  # the last row has no line end: keep it whole
+        pos -= size
+    return start
+
+
+def explain_copy_error(
+    spec: TableSpec, file: str, exc: psycopg.Error, path: Path | None = None
+) -> str:
+    """Turn PostgreSQL's COPY error into: file, line, column, value, expected type.
+
+    ``path`` (the file) is read only to tell a blank line from a short row, when
+    PostgreSQL's error does not show the line.
+    """
     diag = exc.diag
     primary = (diag.message_primary or str(exc)).strip()
     match = _COPY_CONTEXT.search(diag.context or "")
@@ -108,18 +154,41 @@ def explain_copy_error(spec: TableSpec, file: str, exc: psycopg.Error) -> str:
     expected = ""
     if match:
         # COPY numbers the rows it was sent; the header we skipped is file line 1.
-        where += f", line {int(match.group(1)) + 1}"
+        line = int(match.group(1)) + 1
+        where += f", line {line}"
         column = match.group(2)
         if column:
             where += f", column {column}"
             try:
                 col = spec.column(column)
                 expected = f" (expected {col.pg_type}"
-                expected += ", empty for NULL)" if column != "user_id" else ", required)"
+                expected += ", required)" if col.required else ", empty for NULL)"
             except KeyError:
                 pass
+        elif primary.startswith(_BLANK_LINE_ERRORS) and _blank_line(match.group(3), path, line):
+            return f"{where}: blank line (every line after the header is one user's row)"
+    if isinstance(exc, psycopg.errors.CharacterNotInRepertoire):
+        return f"{where}: {primary} (the file must be UTF-8 text)"
     if isinstance(exc, psycopg.errors.NotNullViolation):
         column = diag.column_name or "user_id"
         where = where if ", column" in where else f"{where}, column {column}"
         return f"{where}: empty {column}; every row needs one"
     return f"{where}: {primary}{expected}"
+
+
+def _blank_line(shown: str | None, path: Path | None, line: int) -> bool:
+    """Whether the row COPY choked on is a blank line.
+
+    COPY's error context shows the row it parsed (exact even after quoted fields
+    holding newlines), clipped with "..." when long; otherwise file line ``line``
+    is read.
+    """
+    if shown is not None and not shown.endswith("..."):
+        return not shown.strip()
+    if path is None:
+        return False
+    with path.open("rb") as f:
+        for n, text in enumerate(f, 1):
+            if n == line:
+                return not text.strip()
+    return False
