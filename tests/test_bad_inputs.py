@@ -1,6 +1,7 @@
 """A corpus of bad months: each is refused with one line naming the file and the column,
 and the database is left exactly as it was. Plus inputs that look different but mean
-the same month (CRLF + BOM, reordered columns, every field quoted): same database.
+the same month (CRLF + BOM, reordered columns, every field quoted, blank lines after
+the last row): same database.
 
 Every case copies a small clean month_001 (the first 200 users of the lab export),
 breaks one thing and runs the real CLI on a clone of a database where the clean
@@ -120,6 +121,31 @@ def replace_line(table: str, line: int, new: bytes) -> Callable[[Path], None]:
     return write_bytes(table, content)
 
 
+def insert_line(table: str, line: int, new: bytes, *, crlf: bool = False) -> Callable[[Path], None]:
+    """Insert raw bytes as file line ``line``; ``crlf``: the file's lines end in CRLF first."""
+
+    def content(data: bytes) -> bytes:
+        lines = data.split(b"\n")
+        lines.insert(line - 1, new)
+        joined = b"\n".join(lines)
+        return joined.replace(b"\n", b"\r\n") if crlf else joined
+
+    return write_bytes(table, content)
+
+
+def latin1_cell(table: str, line: int, column: str, value: str) -> Callable[[Path], None]:
+    """Set a cell of file line ``line`` and write that line in latin-1 (the rest stays UTF-8)."""
+
+    def content(data: bytes) -> bytes:
+        lines = data.split(b"\n")
+        fields = lines[line - 1].decode().split(",")
+        fields[lines[0].decode().split(",").index(column)] = value
+        lines[line - 1] = ",".join(fields).encode("latin-1")
+        return b"\n".join(lines)
+
+    return write_bytes(table, content)
+
+
 def line_of(month: Path, table: str, line: int) -> str:
     return (month / BY_NAME[table].file_name).read_text().split("\n")[line - 1]
 
@@ -148,6 +174,10 @@ def _dup_users(rows: list[list[str]]) -> None:
 
 def _orphan(rows: list[list[str]]) -> None:
     rows[5][0] = "0000-NOTAUSER"
+
+
+def _drop_user(rows: list[list[str]]) -> None:
+    del rows[9]
 
 
 def _short_row(rows: list[list[str]]) -> None:
@@ -193,6 +223,14 @@ CORPUS = [
         ["labels.csv", "column user_id", "users.csv", "0000-NOTAUSER"],
     ),
     Bad(
+        # The live labels would keep last month's label for that user, and the month's
+        # history would lack it: each file lists every user of users.csv.
+        "user_missing_from_a_file",
+        edit("labels", _drop_user),
+        ["labels.csv", "199 row(s) for the 200 of users.csv", "none for 1 user(s)", "{uid:9}"],
+        expect_user_ids_of={"uid:9": ("labels", 9)},
+    ),
+    Bad(
         "empty_user_id",
         set_cell("payments_agg_90d", 12, "user_id", ""),
         ["payments_agg_90d.csv", "line 13", "user_id", "empty"],
@@ -220,7 +258,12 @@ CORPUS = [
     Bad(
         "bad_boolean",
         set_cell("users", 3, "user_is_senior", "maybe"),
-        ["users.csv", "line 4", "column user_is_senior", '"maybe"', "boolean"],
+        ["users.csv", "line 4", "column user_is_senior", '"maybe"', "boolean, empty for NULL"],
+    ),
+    Bad(
+        "bad_required_value",
+        set_cell("labels", 9, "churn_label", "maybe"),
+        ["labels.csv", "line 10", "column churn_label", '"maybe"', "(expected boolean, required)"],
     ),
     Bad(
         "bad_date",
@@ -251,6 +294,26 @@ CORPUS = [
         "not_utf8",
         replace_line("users", 50, b"\xff\xfe-BAD,2022-01-01,Male,False,False,False"),
         ["users.csv", "line 50", "UTF8"],
+    ),
+    Bad(
+        "latin1_data_row",
+        latin1_cell("users", 30, "user_gender", "Fémale"),
+        ["users.csv", "line 30", "0xe9", "(the file must be UTF-8 text)"],
+    ),
+    Bad(
+        "blank_line_in_the_middle",
+        insert_line("labels", 12, b""),
+        ["labels.csv", "line 12: blank line (every line after the header is one user's row)"],
+    ),
+    Bad(
+        "blank_line_in_the_middle_crlf",
+        insert_line("payments_agg_90d", 40, b" \t", crlf=True),
+        ["payments_agg_90d.csv", "line 40: blank line"],
+    ),
+    Bad(
+        "crlf_blank_line_in_lf_file",
+        insert_line("users", 7, b"\r"),
+        ["users.csv", "line 7: blank line"],
     ),
     Bad(
         "empty_file",
@@ -340,10 +403,39 @@ def all_fields_quoted(month: Path) -> None:
     _all_files(month, change)
 
 
+def trailing_blank_lines(month: Path) -> None:
+    """An export artifact: blank lines after the last row (the lab's pandas loader skipped them)."""
+
+    def change(path: Path, rows: list[list[str]]) -> None:
+        path.write_bytes(path.read_bytes() + b"\n\n")
+
+    _all_files(month, change)
+
+
+def crlf_with_trailing_blank_lines(month: Path) -> None:
+    def change(path: Path, rows: list[list[str]]) -> None:
+        write_rows(path, rows, lineterminator="\r\n")
+        path.write_bytes(path.read_bytes() + b"\r\n\r\n")
+
+    _all_files(month, change)
+
+
+def trailing_whitespace_lines(month: Path) -> None:
+    """Lines of spaces and tabs, mixed line ends, the last one unterminated."""
+
+    def change(path: Path, rows: list[list[str]]) -> None:
+        path.write_bytes(path.read_bytes() + b"  \n\t\r\n\n \t ")
+
+    _all_files(month, change)
+
+
 SAME = {
     "crlf_with_bom": crlf_with_bom,
     "columns_reordered": columns_reordered,
     "all_fields_quoted": all_fields_quoted,
+    "trailing_blank_lines": trailing_blank_lines,
+    "crlf_with_trailing_blank_lines": crlf_with_trailing_blank_lines,
+    "trailing_whitespace_lines": trailing_whitespace_lines,
 }
 DATA_TABLES = LIVE_TABLES + SNAPSHOT_TABLES
 

@@ -127,6 +127,36 @@ def test_a_failing_table_still_gets_counts_and_examples(db_url, months, statemen
     )
 
 
+def test_every_file_has_a_row_for_every_user_of_users_csv(db_url, months):
+    """A file that misses a user is refused, and so is a row for a user who is only in
+    the live table: each file of a month lists the users of its users.csv."""
+    _stage(db_url, months / "month_000")
+    with psycopg.connect(db_url) as conn:
+        first = "(SELECT min(user_id) FROM staging.users)"
+        gone = conn.execute(f"SELECT {first}").fetchone()[0]  # noqa: S608
+        conn.execute(f"DELETE FROM staging.payments_agg_90d WHERE user_id = {first}")  # noqa: S608
+        conn.execute("INSERT INTO users (user_id) VALUES ('live-only')")
+        conn.execute(
+            "UPDATE staging.labels SET user_id = 'live-only' "
+            "WHERE user_id = (SELECT max(user_id) FROM staging.labels)"
+        )
+
+    outcomes, _ = validation.prepare_suites(db_url, None)()
+
+    failed = {
+        (e.table, e.expectation): e for s in outcomes for e in s.expectations if not e.success
+    }
+    assert set(failed) == {("payments_agg_90d", "missing_users"), ("labels", "orphans")}
+    users = sum(1 for _ in (months / "month_000" / "users.csv").open()) - 1
+    missing = failed["payments_agg_90d", "missing_users"]
+    assert (missing.unexpected_count, missing.example_user_ids) == (1, [gone])
+    assert validation.describe_failure(missing) == (
+        f"payments_agg_90d.csv: {users - 1} row(s) for the {users} of users.csv; expected one "
+        f"row per user, none for 1 user(s) of users.csv, e.g. {gone}"
+    )
+    assert failed["labels", "orphans"].example_user_ids == ["live-only"]
+
+
 def _validation_children() -> list[int]:
     """Processes of ``python -m streamflow.validation`` started by this process."""
     found = []

@@ -2,11 +2,18 @@
 -- GX substitutes an aliased subquery for it, hence the extra SELECT level.
 
 -- name: orphans
--- A child row must belong to a user of this month's users.csv or of the live users table.
+-- A child row must belong to a user of this month's users.csv: each file of a month
+-- lists the same users, one row each.
 SELECT o.user_id FROM (SELECT user_id FROM {batch}) AS o
 WHERE o.user_id IS NOT NULL
   AND NOT EXISTS (SELECT 1 FROM staging.users AS s WHERE s.user_id = o.user_id)
-  AND NOT EXISTS (SELECT 1 FROM public.users AS l WHERE l.user_id = o.user_id)
+
+-- name: missing_users
+-- The users of users.csv without a row in the file: the examples behind a file with
+-- fewer rows than users.csv ({batch} is the staged table itself here).
+SELECT s.user_id FROM staging.users AS s
+WHERE s.user_id IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM {batch} AS b WHERE b.user_id = s.user_id)
 
 -- name: duplicates
 -- The user_ids that appear more than once, with how many times: the examples behind

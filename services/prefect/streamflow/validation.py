@@ -131,11 +131,23 @@ def build_suite(spec: TableSpec):  # -> gx.ExpectationSuite
         suite.add_expectation(
             counted_rows_expectation()(
                 unexpected_rows_query=queries("validation")["orphans"],
-                description=f"every {KEY} exists in {PARENT.file_name} or in the live users table",
+                description=f"every {KEY} exists in {PARENT.file_name}",
                 meta={"check": "orphans"},
             )
         )
+        # Every user of users.csv has a row: user_id is unique here and known to
+        # users.csv (the checks above), so a file that misses a user has fewer rows.
+        # GX counts the rows once for both row-count expectations: no extra scan.
+        suite.add_expectation(
+            gxe.ExpectTableRowCountToBeBetween(
+                min_value={"$PARAMETER": USERS_ROWS},
+                meta={"check": "missing_users"},
+            )
+        )
     return suite
+
+
+USERS_ROWS = "users_rows"  # the expectation parameter: rows staged from users.csv
 
 
 @cache
@@ -253,11 +265,13 @@ class Suites:
         )
 
         def validate() -> tuple[list[SuiteOutcome], Path | None]:
-            runs = list(checkpoint.run().run_results.values())
+            parameters = {USERS_ROWS: _staged_rows(database_url, PARENT.name)}
+            runs = list(checkpoint.run(expectation_parameters=parameters).run_results.values())
             for i, run in enumerate(runs):
                 if not run.success:
                     runs[i] = definitions[i].run(
-                        result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5}
+                        result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5},
+                        expectation_parameters=parameters,
                     )
             outcomes = [_suite_outcome(spec, run) for spec, run in zip(TABLES, runs, strict=True)]
             _add_row_examples(database_url, outcomes)
@@ -271,6 +285,15 @@ class Suites:
             # One build for the whole month: GX's UpdateDataDocsAction would rebuild
             # the site once per validation, recompiling every template each time.
             self.context.build_data_docs(site_names=["streamflow"])
+
+
+def _staged_rows(database_url: str, table: str) -> int:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(database_url) as conn:
+        count = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier("staging", table))
+        return conn.execute(count).fetchone()[0]  # type: ignore[index]
 
 
 def prepare_suites(
@@ -290,6 +313,7 @@ def prepare_suites(
 
 _ROW_CHECKS = {
     "orphans": "orphans",
+    "missing_users": "missing_users",
     "unique": "duplicates",
     "not_numbers": "not_numbers",
     "expect_column_values_to_be_between": "negatives",
@@ -312,16 +336,20 @@ def _add_row_examples(database_url: str, outcomes: list[SuiteOutcome]) -> None:
     with psycopg.connect(database_url) as conn:
         for e in failed:
             ids: dict[str, sql.Composable] = {"batch": sql.Identifier("staging", e.table)}
-            if e.column and e.expectation != "orphans":
+            if e.column and e.expectation not in ("orphans", "missing_users"):
                 ids["column"] = sql.Identifier(e.column)
             text = queries("validation")[_ROW_CHECKS[e.expectation]]
             rows = conn.execute(sql.SQL(text + " LIMIT 5").format(**ids)).fetchall()
-            if e.expectation == "unique":  # GX observed a proportion, not a count
+            if e.expectation in ("unique", "missing_users"):  # GX did not count these rows
                 rows_q = sql.SQL(text).format(**ids)
                 count = sql.SQL("SELECT count(*) FROM ({}) AS d").format(rows_q)
                 e.unexpected_count = conn.execute(count).fetchone()[0]
             e.example_user_ids = [row[0] for row in rows]
             e.examples = [_shown(row[1]) for row in rows if len(row) > 1]
+            if e.expectation == "missing_users":  # users.csv may have failed too: say both
+                rows_here = _staged_rows(database_url, e.table)
+                users = _staged_rows(database_url, PARENT.name)
+                e.detail = f"{rows_here} row(s) for the {users} of {PARENT.file_name}"
 
 
 def _suite_outcome(spec: TableSpec, run) -> SuiteOutcome:
@@ -342,6 +370,8 @@ def _suite_outcome(spec: TableSpec, run) -> SuiteOutcome:
         detail = ""
         if cfg.type == "expect_table_columns_to_match_set":
             detail = f"observed {res.get('observed_value')}"
+        elif meta.get("check") == "missing_users":
+            count = 0 if r.success else None  # the missing users are counted afterwards
         elif cfg.type == "expect_table_row_count_to_be_between":
             count = res.get("observed_value")
         items.append(
@@ -390,6 +420,10 @@ def describe_failure(o: ExpectationOutcome) -> str:
         case "orphans":
             what = f"{n} row(s) whose user_id is not in {PARENT.file_name}, e.g. {eg_ids}"
             where = f"{spec.file_name}, column {KEY}"
+        case "missing_users":
+            what = f"{o.detail}; expected one row per user"
+            if n:
+                what += f", none for {n} user(s) of {PARENT.file_name}, e.g. {eg_ids}"
         case _:
             what = f"{o.expectation} failed {o.detail}".strip()
     return f"{where}: {what}"
