@@ -197,6 +197,7 @@ def test_the_clis_server_has_time_for_a_first_start_unless_prefect_says_otherwis
         ("missing file", "ingest failed: {month}: missing file labels.csv (a month folder holds"),
         ("bad as_of", "ingest failed: AS_OF '2024-02-30' is not a valid date; expected YYYY-MM-DD"),
         ("bad setting", "ingest failed: LOCK_WAIT_SECONDS 'soon' is not a number of seconds"),
+        ("bad docs dir", "ingest failed: GX_DOCS_DIR '{docs}' cannot be written: Not a directory"),
     ],
 )
 def test_bad_inputs_are_answered_before_prefect_starts(db_url, months, tmp_path, case, expected):
@@ -211,6 +212,9 @@ def test_bad_inputs_are_answered_before_prefect_starts(db_url, months, tmp_path,
         month, as_of = months / "month_000", "2024-02-30"
     elif case == "bad setting":
         month, env = months / "month_000", {"LOCK_WAIT_SECONDS": "soon"}
+    elif case == "bad docs dir":  # under a file: the GX process could never write there
+        (tmp_path / "a_file").write_text("")
+        month, env = months / "month_000", {"GX_DOCS_DIR": str(tmp_path / "a_file" / "docs")}
     elif case == "no folder, --replace":
         extra = ["--replace"]
     python, *script = flow_command(month, as_of, *extra)
@@ -221,7 +225,10 @@ def test_bad_inputs_are_answered_before_prefect_starts(db_url, months, tmp_path,
     )
 
     assert proc.returncode == 1, proc.stderr[-2000:]
-    assert proc.stderr.strip().startswith(expected.format(month=month)), proc.stderr[-2000:]
+    docs = tmp_path / "a_file" / "docs"
+    assert proc.stderr.strip().startswith(expected.format(month=month, docs=docs)), proc.stderr[
+        -2000:
+    ]
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
     assert not home.exists() or not any(home.iterdir())
     assert scalar(db_url, "SELECT count(*) FROM ingest_runs") == 0
@@ -286,3 +293,20 @@ def test_a_missing_run_parameter_is_named(monkeypatch, capsys, tmp_path):
     assert capsys.readouterr().err.strip() == (
         "ingest failed: set SEED_DIR (or --seed-dir) and AS_OF (or --as-of)"
     )
+
+
+def test_a_flow_run_checks_the_docs_dir_before_its_run(run_flow, db_url, months, tmp_path):
+    """The same check in the flow itself (a deployment's run does not go through the
+    CLI's early look): refused before the ledger, nothing staged."""
+    (tmp_path / "a_file").write_text("")
+    docs = tmp_path / "a_file" / "docs"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GX_DOCS_DIR", str(docs))
+        rc, _, err = run_flow(db_url, months / "month_000", JAN)
+
+    assert rc == 1
+    assert err.strip().splitlines()[-1] == (
+        f"ingest failed: GX_DOCS_DIR '{docs}' cannot be written: Not a directory"
+    )
+    assert scalar(db_url, "SELECT count(*) FROM ingest_runs") == 0
+    assert scalar(db_url, "SELECT count(*) FROM staging.users") == 0

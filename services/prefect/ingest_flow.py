@@ -153,6 +153,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
     settings = load_settings()
     as_of_date = parse_as_of(as_of)
     files = month_files(Path(seed_dir))
+    validation.docs_dir_ready(settings.gx_docs_dir)
     url = resolve_database_url(settings)
     summary = RunSummary(seed_dir=seed_dir, as_of=as_of_date.isoformat(), mode="?")
     clock = Stopwatch(summary.timings)

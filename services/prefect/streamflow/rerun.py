@@ -23,6 +23,7 @@ from .inputs import complete_run, month_files, parse_as_of
 from .ledger import Mode
 from .reporting import RunSummary
 from .settings import load_settings
+from .validation import docs_dir_ready
 
 
 def unchanged_month(seed_dir: str, as_of: str) -> RunSummary | None:
@@ -63,12 +64,11 @@ def exit_if_unchanged(argv: list[str]) -> None:
     if args is None:
         return
     try:
-        if args.replace:  # never a no-op, but its inputs are checked all the same
+        summary = None if args.replace else unchanged_month(args.seed_dir, args.as_of)
+        if summary is None:  # a run will start: its inputs are checked now, not after Prefect
             parse_as_of(args.as_of)
             month_files(Path(args.seed_dir))
-            load_settings()
-            return
-        summary = unchanged_month(args.seed_dir, args.as_of)
+            docs_dir_ready(load_settings().gx_docs_dir)
     except InputError as exc:  # no run to start: the folder, a file, as_of or a setting
         print(f"ingest failed: {exc}", file=sys.stderr)
         sys.exit(1)

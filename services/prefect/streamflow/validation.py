@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .db import queries
-from .errors import IngestError, ValidationFailed
+from .errors import IngestError, InputError, ValidationFailed
 from .registry import KEY, PARENT, TABLES, TableSpec
 
 
@@ -285,6 +285,19 @@ class Suites:
             # One build for the whole month: GX's UpdateDataDocsAction would rebuild
             # the site once per validation, recompiling every template each time.
             self.context.build_data_docs(site_names=["streamflow"])
+
+
+def docs_dir_ready(docs_dir: Path) -> Path:
+    """GX_DOCS_DIR, created if need be: checked before the run, not found out by GX later."""
+    try:
+        docs_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(docs_dir, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise InputError(
+            f"GX_DOCS_DIR {str(docs_dir)!r} cannot be written: {exc.strerror or exc}"
+        ) from None
+    return docs_dir
 
 
 def _staged_rows(database_url: str, table: str) -> int:
