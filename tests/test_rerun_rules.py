@@ -352,6 +352,7 @@ def test_same_as_of_other_files_is_refused_without_replace(run_flow, db_url, mon
     message = err.strip().splitlines()[-1]
     assert message.startswith("ingest failed: ")
     assert FEB in message and "--replace" in message and "REPLACE=1" in message
+    assert "; labels.csv changed)" in message  # only the labels were flipped
     assert dump(db_url, ALL_TABLES) == before
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from streamflow.errors import InputError
 from streamflow.inputs import complete_run
@@ -48,7 +50,10 @@ def test_the_run_parameters_may_come_from_dotenv(monkeypatch: pytest.MonkeyPatch
     """.env.example lists SEED_DIR, AS_OF and REPLACE with the other settings: a .env
     that sets them is a complete command, as the environment is."""
     for name in ("SEED_DIR", "AS_OF", "REPLACE"):
-        monkeypatch.delenv(name, raising=False)  # undone after the test, .env's too
+        # Set, then removed: the undo then removes what .env will have set (a bare
+        # delenv of an absent name records nothing, and REPLACE=1 would outlive the test).
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     (tmp_path / ".env").write_text("SEED_DIR=months/month_001\nAS_OF=2024-02-29\nREPLACE=1\n")
     monkeypatch.chdir(tmp_path)
 
@@ -58,3 +63,8 @@ def test_the_run_parameters_may_come_from_dotenv(monkeypatch: pytest.MonkeyPatch
     assert (args.seed_dir, args.as_of, args.replace) == ("months/month_001", "2024-02-29", True)
     # The command line still wins over .env.
     assert complete_run(["--as-of", "2024-03-31"]).as_of == "2024-03-31"  # type: ignore[union-attr]
+
+
+def test_the_dotenv_test_left_nothing_behind():
+    """Runs after the test above (same module, same process): no REPLACE=1 for the rest."""
+    assert not {"SEED_DIR", "AS_OF", "REPLACE"} & set(os.environ)

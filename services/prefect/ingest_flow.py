@@ -136,13 +136,13 @@ def snapshot_month(
         verdict.waited_seconds,
     )
     for s in stats:
-        history = (
+        to_history = (
             f"; {s.snapshot_table} +{s.snapshot_inserted} ~{s.snapshot_updated}"
             if s.snapshot_table
             else ""  # users has no history table
         )
         get_run_logger().info(
-            "%s: +%d ~%d =%d%s", s.table, s.inserted, s.updated, s.unchanged, history
+            "%s: +%d ~%d =%d%s", s.table, s.inserted, s.updated, s.unchanged, to_history
         )
     return stats
 
@@ -167,7 +167,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
         prints, fingerprint = ledger.fingerprint_month(control, as_of_date, files, summary.timings)
         try:
             mode, summary.replacing = ledger.decide_mode(
-                control, as_of_date, fingerprint, replace=replace
+                control, as_of_date, prints, replace=replace
             )
         except MonthConflict as exc:  # a refusal is a decision: the ledger keeps it too
             ledger.record_refusal(

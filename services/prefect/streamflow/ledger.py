@@ -147,10 +147,21 @@ def _month_key(files: dict[str, Path]) -> tuple[str, ...]:
     return tuple(sorted(str(p.resolve()) for p in files.values()))
 
 
+def changed_files(recorded: dict | None, prints: list[FileFingerprint]) -> list[str]:
+    """The files whose bytes differ from those recorded for the month, in registry order."""
+    recorded = recorded or {}
+    return [p.file for p in prints if (recorded.get(p.table) or {}).get("sha256") != p.sha256]
+
+
 def decide_mode(
-    conn: psycopg.Connection, as_of: date, fingerprint: str, *, replace: bool
+    conn: psycopg.Connection,
+    as_of: date,
+    prints: list[FileFingerprint],
+    *,
+    replace: bool,
 ) -> tuple[Mode, bool]:
-    """The rerun rules. Returns (mode, replacing)."""
+    """The rerun rules, for the month of these files. Returns (mode, replacing)."""
+    fingerprint = month_fingerprint(prints)
     q = queries("ledger")
     row = conn.execute(q["published_month"], {"as_of": as_of}).fetchone()
     replacing = False
@@ -158,9 +169,13 @@ def decide_mode(
         if row[0] == fingerprint and not replace:
             return Mode.NOOP, False
         if row[0] != fingerprint and not replace:
+            # Byte for byte: a re-export with other quoting or line ends is "different".
+            changed = changed_files(published_files(conn, as_of), prints)
+            which = f"; {', '.join(changed)} changed" if changed else ""
             raise MonthConflict(
                 f"as_of {as_of.isoformat()} was already published from different files "
-                f"(run {row[1]}); rerun with --replace (or REPLACE=1) to replace that month"
+                f"(run {row[1]}{which}); rerun with --replace (or REPLACE=1) to replace "
+                "that month"
             )
         replacing = True
     latest = conn.execute(q["latest_published"]).fetchone()[0]

@@ -40,7 +40,7 @@ def unchanged_month(seed_dir: str, as_of: str) -> RunSummary | None:
             prints, fingerprint = ledger.fingerprint_month(
                 control, as_of_date, files, summary.timings, remember=True
             )
-            mode, _ = ledger.decide_mode(control, as_of_date, fingerprint, replace=False)
+            mode, _ = ledger.decide_mode(control, as_of_date, prints, replace=False)
             if mode is not Mode.NOOP:
                 return None
             summary.status = "noop"

@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 from .db import queries
 from .errors import IngestError, InputError, ValidationFailed
-from .registry import KEY, PARENT, TABLES, TableSpec
+from .registry import BY_NAME, KEY, PARENT, TABLES, TableSpec
 
 
 @dataclass
@@ -265,7 +265,7 @@ class Suites:
         )
 
         def validate() -> tuple[list[SuiteOutcome], Path | None]:
-            parameters = {USERS_ROWS: _staged_rows(database_url, PARENT.name)}
+            parameters = {USERS_ROWS: _staged_rows(database_url, PARENT)}
             runs = list(checkpoint.run(expectation_parameters=parameters).run_results.values())
             for i, run in enumerate(runs):
                 if not run.success:
@@ -300,12 +300,12 @@ def docs_dir_ready(docs_dir: Path) -> Path:
     return docs_dir
 
 
-def _staged_rows(database_url: str, table: str) -> int:
+def _staged_rows(database_url: str, spec: TableSpec) -> int:
     import psycopg
     from psycopg import sql
 
     with psycopg.connect(database_url) as conn:
-        count = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier("staging", table))
+        count = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier("staging", spec.name))
         return conn.execute(count).fetchone()[0]  # type: ignore[index]
 
 
@@ -360,8 +360,8 @@ def _add_row_examples(database_url: str, outcomes: list[SuiteOutcome]) -> None:
             e.example_user_ids = [row[0] for row in rows]
             e.examples = [_shown(row[1]) for row in rows if len(row) > 1]
             if e.expectation == "missing_users":  # users.csv may have failed too: say both
-                rows_here = _staged_rows(database_url, e.table)
-                users = _staged_rows(database_url, PARENT.name)
+                rows_here = _staged_rows(database_url, BY_NAME[e.table])
+                users = _staged_rows(database_url, PARENT)
                 e.detail = f"{rows_here} row(s) for the {users} of {PARENT.file_name}"
 
 
@@ -405,8 +405,6 @@ def _suite_outcome(spec: TableSpec, run) -> SuiteOutcome:
 
 def describe_failure(o: ExpectationOutcome) -> str:
     """One clause a person can act on: file, column, what was expected, examples."""
-    from .registry import BY_NAME
-
     spec = BY_NAME[o.table]
     where = spec.file_name + (f", column {o.column}" if o.column else "")
     n = o.unexpected_count
