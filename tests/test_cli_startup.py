@@ -310,3 +310,14 @@ def test_a_flow_run_checks_the_docs_dir_before_its_run(run_flow, db_url, months,
     )
     assert scalar(db_url, "SELECT count(*) FROM ingest_runs") == 0
     assert scalar(db_url, "SELECT count(*) FROM staging.users") == 0
+
+
+def test_an_unreachable_database_is_one_line(run_flow, months):
+    """libpq's error runs over several lines ("Is the server running…"): the last line
+    on stderr still says what is wrong."""
+    rc, _, err = run_flow("postgresql://nobody@127.0.0.1:9/none", months / "month_000", JAN)
+
+    assert rc == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("ingest failed: the database could not be reached: "), err[-2000:]
+    assert "127.0.0.1" in last and "9" in last

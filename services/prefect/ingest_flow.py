@@ -308,8 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     except IngestError as exc:
         print(f"ingest failed: {exc}", file=sys.stderr)
         return 1
+    except psycopg.OperationalError as exc:  # libpq's message runs on, with hints
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"ingest failed: the database could not be reached: {first}", file=sys.stderr)
+        return 1
     except Exception as exc:  # still one line for people; the traceback is in the run logs
-        print(f"ingest failed: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        line = " ".join(str(exc).split())
+        print(f"ingest failed: unexpected {type(exc).__name__}: {line}", file=sys.stderr)
         return 1
     finally:
         # The temporary server logs its shutdown at exit: keep our line the last one.
