@@ -100,20 +100,29 @@ def test_validation_runs_without_loading_scipy_stats(db_url, months):
     assert entropy == 0.6931  # ln 2: the lazily registered module is scipy.stats
 
 
+def _failures(
+    url: str, month: Path, *edits: str
+) -> tuple[list[validation.SuiteOutcome], dict[tuple[str, str], validation.ExpectationOutcome]]:
+    """Stage ``month``, run ``edits`` on staging, validate: the outcomes, and the failed
+    expectations by (table, check)."""
+    _stage(url, month)
+    with psycopg.connect(url) as conn:
+        for statement in edits:
+            conn.execute(statement)  # type: ignore[arg-type]
+    outcomes, _ = validation.prepare_suites(url, None)()
+    failed = [e for s in outcomes for e in s.expectations if not e.success]
+    return outcomes, {(e.table, e.expectation): e for e in failed}
+
+
 def test_a_failing_table_still_gets_counts_and_examples(db_url, months, statements):
-    _stage(db_url, months / "month_000")
-    with psycopg.connect(db_url) as conn:
-        conn.execute("INSERT INTO staging.labels (user_id, churn_label) VALUES ('ghost', true)")
-        conn.execute(
-            "UPDATE staging.usage_agg_30d SET watch_hours_30d = 'NaN' "
-            "WHERE user_id = (SELECT min(user_id) FROM staging.usage_agg_30d)"
-        )
+    outcomes, failed = _failures(
+        db_url,
+        months / "month_000",
+        "INSERT INTO staging.labels (user_id, churn_label) VALUES ('ghost', true)",
+        "UPDATE staging.usage_agg_30d SET watch_hours_30d = 'NaN' "
+        "WHERE user_id = (SELECT min(user_id) FROM staging.usage_agg_30d)",
+    )
 
-    outcomes, _ = validation.prepare_suites(db_url, None)()
-
-    failed = {
-        (e.table, e.expectation): e for s in outcomes for e in s.expectations if not e.success
-    }
     assert set(failed) == {("labels", "orphans"), ("usage_agg_30d", "not_numbers")}
     orphans = failed["labels", "orphans"]
     assert (orphans.unexpected_count, orphans.example_user_ids) == (1, ["ghost"])
@@ -130,22 +139,18 @@ def test_a_failing_table_still_gets_counts_and_examples(db_url, months, statemen
 def test_every_file_has_a_row_for_every_user_of_users_csv(db_url, months):
     """A file that misses a user is refused, and so is a row for a user who is only in
     the live table: each file of a month lists the users of its users.csv."""
-    _stage(db_url, months / "month_000")
-    with psycopg.connect(db_url) as conn:
-        first = "(SELECT min(user_id) FROM staging.users)"
-        gone = conn.execute(f"SELECT {first}").fetchone()[0]  # noqa: S608
-        conn.execute(f"DELETE FROM staging.payments_agg_90d WHERE user_id = {first}")  # noqa: S608
-        conn.execute("INSERT INTO users (user_id) VALUES ('live-only')")
-        conn.execute(
-            "UPDATE staging.labels SET user_id = 'live-only' "
-            "WHERE user_id = (SELECT max(user_id) FROM staging.labels)"
-        )
+    month = months / "month_000"
+    gone = min(row[0] for row in read_rows(month / "users.csv")[1:])  # "C" order, as SQL's
+    _, failed = _failures(
+        db_url,
+        month,
+        "DELETE FROM staging.payments_agg_90d "
+        "WHERE user_id = (SELECT min(user_id) FROM staging.users)",
+        "INSERT INTO users (user_id) VALUES ('live-only')",
+        "UPDATE staging.labels SET user_id = 'live-only' "
+        "WHERE user_id = (SELECT max(user_id) FROM staging.labels)",
+    )
 
-    outcomes, _ = validation.prepare_suites(db_url, None)()
-
-    failed = {
-        (e.table, e.expectation): e for s in outcomes for e in s.expectations if not e.success
-    }
     assert set(failed) == {("payments_agg_90d", "missing_users"), ("labels", "orphans")}
     users = sum(1 for _ in (months / "month_000" / "users.csv").open()) - 1
     missing = failed["payments_agg_90d", "missing_users"]
