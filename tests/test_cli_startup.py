@@ -321,3 +321,17 @@ def test_an_unreachable_database_is_one_line(run_flow, months):
     last = err.strip().splitlines()[-1]
     assert last.startswith("ingest failed: the database could not be reached: "), err[-2000:]
     assert "127.0.0.1" in last and "9" in last
+
+
+def test_an_unexpected_error_is_still_one_line(monkeypatch, capsys, months):
+    """A bug's message may span lines: the CLI's last line on stderr still holds all of it."""
+    import ingest_flow
+
+    def broken(**_: object) -> dict:
+        raise RuntimeError("first part\n  second part")
+
+    monkeypatch.setattr(ingest_flow, "ingest_month", broken)
+    assert ingest_flow.main(["--seed-dir", str(months / "month_000"), "--as-of", JAN]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "ingest failed: unexpected RuntimeError: first part second part"
+    )

@@ -139,3 +139,19 @@ def test_an_unknown_argument_is_a_usage_error():
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert "usage: " in proc.stderr and "--bogus" in proc.stderr
+
+
+def test_a_run_past_a_minute_shows_all_its_seconds(db_url):
+    """A 75 s run reads 75.000 s (to_char's 'SS' field wrapped it to 15.000 s)."""
+    with psycopg.connect(db_url) as conn:
+        conn.execute(
+            "INSERT INTO ingest_runs (as_of, seed_dir, status, mode, started_at, finished_at) "
+            "VALUES ('2024-01-31', 'month_000', 'succeeded', 'publish', "
+            "        '2024-02-01 02:00:00+00', '2024-02-01 02:01:15+00')"
+        )
+
+    proc = verify(db_url)
+
+    assert proc.returncode == 0, proc.stderr
+    [_, _, row] = block(proc.stdout, "ledger")
+    assert row.split("|")[4].strip() == "75.000 s", row

@@ -43,8 +43,8 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from streamflow import db, ledger, loading, publishing, validation  # noqa: E402
 from streamflow.embedded import resolve_database_url  # noqa: E402
-from streamflow.errors import IngestError, MonthConflict, NotPublished  # noqa: E402
-from streamflow.inputs import cli_parser, month_files, parse_as_of  # noqa: E402
+from streamflow.errors import IngestError, MonthConflict, NotPublished, first_line  # noqa: E402
+from streamflow.inputs import check_run, cli_parser  # noqa: E402
 from streamflow.ledger import Mode  # noqa: E402
 from streamflow.registry import BY_NAME  # noqa: E402
 from streamflow.reporting import RunSummary, publish_artifacts  # noqa: E402
@@ -151,9 +151,7 @@ def snapshot_month(
 def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
     """Ingest one month folder as of ``as_of``: all of it, validated, or nothing."""
     settings = load_settings()
-    as_of_date = parse_as_of(as_of)
-    files = month_files(Path(seed_dir))
-    validation.docs_dir_ready(settings.gx_docs_dir)
+    as_of_date, files = check_run(seed_dir, as_of, settings)
     url = resolve_database_url(settings)
     summary = RunSummary(seed_dir=seed_dir, as_of=as_of_date.isoformat(), mode="?")
     clock = Stopwatch(summary.timings)
@@ -308,9 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     except IngestError as exc:
         print(f"ingest failed: {exc}", file=sys.stderr)
         return 1
-    except psycopg.OperationalError as exc:  # libpq's message runs on, with hints
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        print(f"ingest failed: the database could not be reached: {first}", file=sys.stderr)
+    except psycopg.OperationalError as exc:
+        reason = first_line(exc)  # libpq's message runs on with hints
+        print(f"ingest failed: the database could not be reached: {reason}", file=sys.stderr)
         return 1
     except Exception as exc:  # still one line for people; the traceback is in the run logs
         line = " ".join(str(exc).split())

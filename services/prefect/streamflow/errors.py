@@ -9,6 +9,12 @@ class IngestError(Exception):
     retryable = False
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message: libpq's run on with hints and details."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 class InputError(IngestError):
     """The month folder, a file, or a run parameter is wrong."""
 

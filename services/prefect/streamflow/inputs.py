@@ -1,4 +1,5 @@
-"""The run's inputs, checked before any database work: the month folder and AS_OF."""
+"""The run's inputs, checked before any database work: the month folder, AS_OF, and
+the Data Docs folder GX will write to."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from .errors import InputError
 from .ledger import expected_files
 from .registry import TABLES
-from .settings import flag, load_dotenv_if_present
+from .settings import Settings, flag, load_dotenv_if_present
 
 
 def parse_as_of(value: str) -> date:
@@ -33,6 +34,27 @@ def month_files(seed_dir: Path) -> dict[str, Path]:
             f"(a month folder holds {', '.join(t.file_name for t in TABLES)})"
         )
     return files
+
+
+def docs_dir_ready(docs_dir: Path) -> Path:
+    """GX_DOCS_DIR, created if need be: checked before the run, not found out by GX later."""
+    try:
+        docs_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(docs_dir, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise InputError(
+            f"GX_DOCS_DIR {str(docs_dir)!r} cannot be written: {exc.strerror or exc}"
+        ) from None
+    return docs_dir
+
+
+def check_run(seed_dir: str, as_of: str, settings: Settings) -> tuple[date, dict[str, Path]]:
+    """A run's as_of and month files, once everything it needs from outside is there."""
+    as_of_date = parse_as_of(as_of)
+    files = month_files(Path(seed_dir))
+    docs_dir_ready(settings.gx_docs_dir)
+    return as_of_date, files
 
 
 def cli_parser(description: str | None, *, add_help: bool = True) -> argparse.ArgumentParser:

@@ -14,23 +14,20 @@ which decides again under its own lock and reports as usual.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from . import db, ledger
 from .embedded import resolve_database_url
 from .errors import InputError
-from .inputs import complete_run, month_files, parse_as_of
+from .inputs import check_run, complete_run
 from .ledger import Mode
 from .reporting import RunSummary
 from .settings import load_settings
-from .validation import docs_dir_ready
 
 
 def unchanged_month(seed_dir: str, as_of: str) -> RunSummary | None:
     """Record and return a no-op run if the month is published from these very files."""
-    as_of_date = parse_as_of(as_of)
-    files = month_files(Path(seed_dir))
     settings = load_settings()
+    as_of_date, files = check_run(seed_dir, as_of, settings)
     url = resolve_database_url(settings)
     summary = RunSummary(seed_dir=seed_dir, as_of=as_of_date.isoformat(), mode=Mode.NOOP.value)
     with db.connect(url, autocommit=True) as control:
@@ -64,11 +61,10 @@ def exit_if_unchanged(argv: list[str]) -> None:
     if args is None:
         return
     try:
-        summary = None if args.replace else unchanged_month(args.seed_dir, args.as_of)
-        if summary is None:  # a run will start: its inputs are checked now, not after Prefect
-            parse_as_of(args.as_of)
-            month_files(Path(args.seed_dir))
-            docs_dir_ready(load_settings().gx_docs_dir)
+        if args.replace:  # never a no-op: its inputs are checked now, not after Prefect
+            check_run(args.seed_dir, args.as_of, load_settings())
+            return
+        summary = unchanged_month(args.seed_dir, args.as_of)
     except InputError as exc:  # no run to start: the folder, a file, as_of or a setting
         print(f"ingest failed: {exc}", file=sys.stderr)
         sys.exit(1)

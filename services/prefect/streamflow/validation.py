@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .db import queries
-from .errors import IngestError, InputError, ValidationFailed
+from .errors import IngestError, ValidationFailed
 from .registry import BY_NAME, KEY, PARENT, TABLES, TableSpec
 
 
@@ -265,7 +265,10 @@ class Suites:
         )
 
         def validate() -> tuple[list[SuiteOutcome], Path | None]:
-            parameters = {USERS_ROWS: _staged_rows(database_url, PARENT)}
+            import psycopg
+
+            with psycopg.connect(database_url) as conn:
+                parameters = {USERS_ROWS: _staged_rows(conn, PARENT)}
             runs = list(checkpoint.run(expectation_parameters=parameters).run_results.values())
             for i, run in enumerate(runs):
                 if not run.success:
@@ -287,26 +290,11 @@ class Suites:
             self.context.build_data_docs(site_names=["streamflow"])
 
 
-def docs_dir_ready(docs_dir: Path) -> Path:
-    """GX_DOCS_DIR, created if need be: checked before the run, not found out by GX later."""
-    try:
-        docs_dir.mkdir(parents=True, exist_ok=True)
-        if not os.access(docs_dir, os.W_OK | os.X_OK):
-            raise PermissionError(13, "Permission denied")
-    except OSError as exc:
-        raise InputError(
-            f"GX_DOCS_DIR {str(docs_dir)!r} cannot be written: {exc.strerror or exc}"
-        ) from None
-    return docs_dir
-
-
-def _staged_rows(database_url: str, spec: TableSpec) -> int:
-    import psycopg
+def _staged_rows(conn, spec: TableSpec) -> int:  # conn: a psycopg connection
     from psycopg import sql
 
-    with psycopg.connect(database_url) as conn:
-        count = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier("staging", spec.name))
-        return conn.execute(count).fetchone()[0]  # type: ignore[index]
+    count = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier("staging", spec.name))
+    return conn.execute(count).fetchone()[0]
 
 
 def prepare_suites(
@@ -349,7 +337,7 @@ def _add_row_examples(database_url: str, outcomes: list[SuiteOutcome]) -> None:
     with psycopg.connect(database_url) as conn:
         for e in failed:
             ids: dict[str, sql.Composable] = {"batch": sql.Identifier("staging", e.table)}
-            if e.column and e.expectation not in ("orphans", "missing_users"):
+            if e.column and e.expectation != "orphans":
                 ids["column"] = sql.Identifier(e.column)
             text = queries("validation")[_ROW_CHECKS[e.expectation]]
             rows = conn.execute(sql.SQL(text + " LIMIT 5").format(**ids)).fetchall()
@@ -360,8 +348,8 @@ def _add_row_examples(database_url: str, outcomes: list[SuiteOutcome]) -> None:
             e.example_user_ids = [row[0] for row in rows]
             e.examples = [_shown(row[1]) for row in rows if len(row) > 1]
             if e.expectation == "missing_users":  # users.csv may have failed too: say both
-                rows_here = _staged_rows(database_url, BY_NAME[e.table])
-                users = _staged_rows(database_url, PARENT)
+                rows_here = _staged_rows(conn, BY_NAME[e.table])
+                users = _staged_rows(conn, PARENT)
                 e.detail = f"{rows_here} row(s) for the {users} of {PARENT.file_name}"
 
 

@@ -18,7 +18,7 @@ import psycopg
 
 from .db import queries, schema_present
 from .embedded import resolve_database_url
-from .errors import IngestError
+from .errors import IngestError, first_line
 from .settings import load_settings
 
 
@@ -28,12 +28,6 @@ class NoSchema(Exception):
 
 class VerifyFailed(Exception):
     """The counts could not be read; ``str(err)`` is one line, for people."""
-
-
-def first_line(exc: BaseException) -> str:
-    """psycopg's messages run over several lines (hints, details): the first says what."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def connect(url: str) -> psycopg.Connection:
