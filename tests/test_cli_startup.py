@@ -137,6 +137,11 @@ def test_a_failed_month_is_recorded_failed_and_leaves_nothing_behind(db_url, mon
         m for (m,) in _prefect_db(home, "SELECT message FROM log WHERE flow_run_id = ?", run_id)
     ]
     assert any(m.startswith("ingest failed: validation failed") for m in logs), logs[-5:]
+    # Prefect still logs each failure, in the UI and on the terminal, without the
+    # stack of an error whose message says what is wrong.
+    assert any(m.startswith("Task run failed with exception: ValidationFailed(") for m in logs)
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not any("Traceback" in m for m in logs), [m for m in logs if "Traceback" in m][:1]
     assert _processes_with(f"PREFECT_HOME={home}") == []
     assert "usage_agg_30d_suite" in _validated_suites(home / "gx_docs")
 
@@ -335,3 +340,32 @@ def test_an_unexpected_error_is_still_one_line(monkeypatch, capsys, months):
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "ingest failed: unexpected RuntimeError: first part second part"
     )
+
+
+def test_only_errors_that_explain_themselves_lose_their_traceback():
+    """The flow's filter on Prefect's run loggers: a bug keeps its stack."""
+    import logging
+
+    import ingest_flow  # noqa: F401 - installs the filter
+    from streamflow.errors import ValidationFailed
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("prefect.task_runs")
+    prefects = logger.handlers[:]  # its API handler wants a flow run
+    logger.handlers[:] = [handler]
+    try:
+        for exc in (ValidationFailed("validation failed: labels.csv …"), RuntimeError("a bug")):
+            try:
+                raise exc
+            except Exception:
+                logger.error("Task run failed with exception: %r", exc, exc_info=True)
+    finally:
+        logger.handlers[:] = prefects
+
+    explained, bug = records
+    assert explained.exc_info is None
+    assert "ValidationFailed('validation failed: labels.csv …')" in explained.getMessage()
+    assert bug.exc_info is not None and isinstance(bug.exc_info[1], RuntimeError)
+    assert "Traceback" in logging.Formatter().format(bug)

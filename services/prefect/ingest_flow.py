@@ -43,7 +43,13 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from streamflow import db, ledger, loading, publishing, validation  # noqa: E402
 from streamflow.embedded import resolve_database_url  # noqa: E402
-from streamflow.errors import IngestError, MonthConflict, NotPublished, first_line  # noqa: E402
+from streamflow.errors import (  # noqa: E402
+    IngestError,
+    MonthConflict,
+    NotPublished,
+    WithoutTraceback,
+    first_line,
+)
 from streamflow.inputs import check_run, cli_parser  # noqa: E402
 from streamflow.ledger import Mode  # noqa: E402
 from streamflow.registry import BY_NAME  # noqa: E402
@@ -52,6 +58,11 @@ from streamflow.settings import load_settings  # noqa: E402
 from streamflow.verdict import Verdict  # noqa: E402
 
 DEPLOYMENT_NAME = "ingest-month"
+
+# A failed month is reported in one line; Prefect's run loggers (terminal and UI) would
+# add the traceback of each failed task and of the flow: ~90 lines for one bad value.
+for _run_logger in ("prefect.flow_runs", "prefect.task_runs"):
+    logging.getLogger(_run_logger).addFilter(WithoutTraceback())
 
 
 def _only_connection_errors(task, task_run, state) -> bool:

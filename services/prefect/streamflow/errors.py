@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 
 class IngestError(Exception):
     """A failure the operator can act on; ``str(err)`` is one line, printed as is."""
@@ -13,6 +15,22 @@ def first_line(exc: BaseException) -> str:
     """The first line of an error's message: libpq's run on with hints and details."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+class WithoutTraceback(logging.Filter):
+    """Drops the traceback from a log record of an ``IngestError``.
+
+    Prefect logs every task and flow failure with its traceback, ~30 lines each; an
+    ``IngestError``'s message already names the file, row or column, and the stack
+    says nothing more to the person reading it. Any other exception is a bug and
+    keeps its traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], IngestError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
 
 
 class InputError(IngestError):
