@@ -202,6 +202,7 @@ def test_the_clis_server_has_time_for_a_first_start_unless_prefect_says_otherwis
         ("missing file", "ingest failed: {month}: missing file labels.csv (a month folder holds"),
         ("bad as_of", "ingest failed: AS_OF '2024-02-30' is not a valid date; expected YYYY-MM-DD"),
         ("bad setting", "ingest failed: LOCK_WAIT_SECONDS 'soon' is not a number of seconds"),
+        ("bad REPLACE", "ingest failed: REPLACE 'maybe' is neither yes nor no"),
         ("bad docs dir", "ingest failed: GX_DOCS_DIR '{docs}' cannot be written: Not a directory"),
     ],
 )
@@ -217,6 +218,8 @@ def test_bad_inputs_are_answered_before_prefect_starts(db_url, months, tmp_path,
         month, as_of = months / "month_000", "2024-02-30"
     elif case == "bad setting":
         month, env = months / "month_000", {"LOCK_WAIT_SECONDS": "soon"}
+    elif case == "bad REPLACE":
+        month, env = months / "month_000", {"REPLACE": "maybe"}
     elif case == "bad docs dir":  # under a file: the GX process could never write there
         (tmp_path / "a_file").write_text("")
         month, env = months / "month_000", {"GX_DOCS_DIR": str(tmp_path / "a_file" / "docs")}
@@ -297,6 +300,17 @@ def test_a_missing_run_parameter_is_named(monkeypatch, capsys, tmp_path):
     assert ingest_flow.main([]) == 2
     assert capsys.readouterr().err.strip() == (
         "ingest failed: set SEED_DIR (or --seed-dir) and AS_OF (or --as-of)"
+    )
+
+
+def test_a_replace_that_is_neither_yes_nor_no_is_refused_in_process(monkeypatch, capsys, months):
+    """main() as a deployment's wrapper or a test calls it: one line, exit 1, no run."""
+    import ingest_flow
+
+    monkeypatch.setenv("REPLACE", "maybe")
+    assert ingest_flow.main(["--seed-dir", str(months / "month_000"), "--as-of", JAN]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "ingest failed: REPLACE 'maybe' is neither yes nor no (1/true/yes/on or 0/false/no/off)"
     )
 
 

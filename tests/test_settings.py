@@ -7,7 +7,7 @@ import os
 import pytest
 from streamflow.errors import InputError
 from streamflow.inputs import complete_run
-from streamflow.settings import APP_DIR, load_settings
+from streamflow.settings import APP_DIR, flag, load_settings
 
 
 def test_empty_variables_mean_the_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path):
@@ -68,3 +68,27 @@ def test_the_run_parameters_may_come_from_dotenv(monkeypatch: pytest.MonkeyPatch
 def test_the_dotenv_test_left_nothing_behind():
     """Runs after the test above (same module, same process): no REPLACE=1 for the rest."""
     assert not {"SEED_DIR", "AS_OF", "REPLACE"} & set(os.environ)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("1", True),
+        ("YES", True),
+        (" on ", True),
+        ("y", True),
+        ("", False),
+        ("0", False),
+        ("No", False),
+        ("off", False),
+    ],
+)
+def test_a_yes_no_setting_reads_the_usual_spellings(raw: str, expected: bool):
+    assert flag("REPLACE", {"REPLACE": raw}) is expected
+
+
+def test_a_yes_no_setting_refuses_anything_else():
+    """REPLACE=maybe must not quietly mean "no": the run would be refused and tell the
+    user to set the REPLACE they believe they set."""
+    with pytest.raises(InputError, match=r"^REPLACE 'maybe' is neither yes nor no \(1/true"):
+        flag("REPLACE", {"REPLACE": "maybe"})

@@ -297,7 +297,11 @@ class Stopwatch:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cli_parser(__doc__).parse_args(argv)
+    try:
+        args = cli_parser(__doc__).parse_args(argv)
+    except IngestError as exc:  # a setting its defaults come from (REPLACE)
+        print(f"ingest failed: {exc}", file=sys.stderr)
+        return 1
     if args.command == "serve":
         ingest_month.serve(name=DEPLOYMENT_NAME)
         return 0

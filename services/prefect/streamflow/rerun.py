@@ -57,10 +57,10 @@ def unchanged_month(seed_dir: str, as_of: str) -> RunSummary | None:
 def exit_if_unchanged(argv: list[str]) -> None:
     """For ``python ingest_flow.py``: print the no-op line and exit 0, or the input
     error and exit 1, or return."""
-    args = complete_run(argv)
-    if args is None:
-        return
     try:
+        args = complete_run(argv)  # reads REPLACE, which may be neither yes nor no
+        if args is None:
+            return
         if args.replace:  # never a no-op: its inputs are checked now, not after Prefect
             check_run(args.seed_dir, args.as_of, load_settings())
             return

@@ -23,7 +23,8 @@ def _app_dir() -> Path:
 APP_DIR = _app_dir()
 SQL_DIR = APP_DIR / "db"
 
-_TRUE = {"1", "true", "yes", "on"}
+_TRUE = {"1", "true", "yes", "y", "on"}
+_FALSE = {"", "0", "false", "no", "n", "off"}
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,13 @@ def database_url_from_env(env: os._Environ[str] | dict[str, str] = os.environ) -
 
 
 def flag(name: str, env: os._Environ[str] | dict[str, str] = os.environ) -> bool:
-    return env.get(name, "").strip().lower() in _TRUE
+    """A yes/no variable; anything else is refused rather than read as "no" (for REPLACE,
+    a misspelt yes would otherwise end in a refusal that says to set it)."""
+    raw = env.get(name, "")
+    value = raw.strip().lower()
+    if value in _TRUE or value in _FALSE:
+        return value in _TRUE
+    raise InputError(f"{name} {raw!r} is neither yes nor no (1/true/yes/on or 0/false/no/off)")
 
 
 def _seconds(env: os._Environ[str] | dict[str, str], name: str, default: str) -> float:
