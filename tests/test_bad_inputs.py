@@ -278,7 +278,13 @@ CORPUS = [
     Bad(
         "value_outside_set",
         set_cell("subscriptions", 8, "contract_type", "Lifetime"),
-        ["subscriptions.csv", "column contract_type", "Lifetime", "Month-to-month"],
+        [
+            "subscriptions.csv",
+            "column contract_type",
+            "'Lifetime' (user_id {uid:8})",
+            "Month-to-month",
+        ],
+        expect_user_ids_of={"uid:8": ("subscriptions", 8)},
     ),
     Bad(
         "row_missing_a_field",

@@ -34,3 +34,8 @@ WHERE b.{column} IN ('NaN', 'Infinity', '-Infinity')
 -- The rows behind a failed ">= 0" expectation, to name them in the error.
 SELECT b.user_id, b.{column} FROM (SELECT user_id, {column} FROM {batch}) AS b
 WHERE b.{column} < 0
+
+-- name: outside_set
+-- The rows behind a failed value-set expectation; "allowed" is the registry's set.
+SELECT b.user_id, b.{column} FROM (SELECT user_id, {column} FROM {batch}) AS b
+WHERE b.{column} <> ALL (%(allowed)s)

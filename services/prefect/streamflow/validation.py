@@ -318,6 +318,7 @@ _ROW_CHECKS = {
     "unique": "duplicates",
     "not_numbers": "not_numbers",
     "expect_column_values_to_be_between": "negatives",
+    "expect_column_values_to_be_in_set": "outside_set",
 }
 
 
@@ -340,7 +341,10 @@ def _add_row_examples(database_url: str, outcomes: list[SuiteOutcome]) -> None:
             if e.column and e.expectation != "orphans":
                 ids["column"] = sql.Identifier(e.column)
             text = queries("validation")[_ROW_CHECKS[e.expectation]]
-            rows = conn.execute(sql.SQL(text + " LIMIT 5").format(**ids)).fetchall()
+            params = None
+            if e.expectation == "expect_column_values_to_be_in_set":
+                params = {"allowed": list(BY_NAME[e.table].column(e.column).value_set or ())}
+            rows = conn.execute(sql.SQL(text + " LIMIT 5").format(**ids), params).fetchall()
             if e.expectation in ("unique", "missing_users"):  # GX did not count these rows
                 rows_q = sql.SQL(text).format(**ids)
                 count = sql.SQL("SELECT count(*) FROM ({}) AS d").format(rows_q)
