@@ -155,3 +155,37 @@ def test_a_run_past_a_minute_shows_all_its_seconds(db_url):
     assert proc.returncode == 0, proc.stderr
     [_, _, row] = block(proc.stdout, "ledger")
     assert row.split("|")[4].strip() == "75.000 s", row
+
+
+def test_the_embedded_default_starts_without_a_word_on_stderr(tmp_path):
+    """No DATABASE_URL nor POSTGRES_HOST: the embedded PostgreSQL (pgserver) in
+    STREAMFLOW_PGDATA. Without XDG_RUNTIME_DIR (containers, CI) its import used to
+    print a platformdirs warning on every run; now the only line is verify's own."""
+    import pgserver
+
+    pgdata = tmp_path / "pgdata"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("POSTGRES_") and k not in ("DATABASE_URL", "XDG_RUNTIME_DIR")
+    }
+    env.update(PYTHONPATH=str(FLOW_DIR), STREAMFLOW_PGDATA=str(pgdata))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "streamflow.verify"],
+            cwd=tmp_path,  # no .env here
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:  # the embedded server outlives the run by design: stop this one
+        if (pgdata / "postmaster.pid").exists():
+            pgserver.get_server(pgdata, cleanup_mode="stop").cleanup()
+
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [
+        'verify: database "postgres" has no StreamFlow schema yet (run a month first)'
+    ], proc.stderr[-2000:]
+    assert (pgdata / "PG_VERSION").is_file()  # a real server was initialised there

@@ -7,6 +7,7 @@ keeps running after the flow exits, like a local service, and is reused next tim
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from .errors import IngestError
@@ -15,7 +16,12 @@ from .settings import Settings
 
 def embedded_database_url(pgdata: Path) -> str:
     try:
-        import pgserver
+        with warnings.catch_warnings():
+            # pgserver asks platformdirs for a runtime dir at import; without
+            # XDG_RUNTIME_DIR (containers, CI, su) that warns on every run, and the
+            # fallback it names (/tmp/runtime-<uid>) is what pgserver then uses.
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            import pgserver
     except ImportError as exc:
         raise IngestError(
             "no database configured (set DATABASE_URL or POSTGRES_HOST/...) and the embedded "
