@@ -310,7 +310,7 @@ def test_a_replace_that_is_neither_yes_nor_no_is_refused_in_process(monkeypatch,
     monkeypatch.setenv("REPLACE", "maybe")
     assert ingest_flow.main(["--seed-dir", str(months / "month_000"), "--as-of", JAN]) == 1
     assert capsys.readouterr().err.strip() == (
-        "ingest failed: REPLACE 'maybe' is neither yes nor no (1/true/yes/on or 0/false/no/off)"
+        "ingest failed: REPLACE 'maybe' is neither yes nor no (1/true/yes/y/on or 0/false/no/n/off)"
     )
 
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 from streamflow.errors import InputError
-from streamflow.inputs import complete_run
+from streamflow.inputs import cli_parser, complete_run
 from streamflow.settings import APP_DIR, flag, load_settings
 
 
@@ -92,3 +92,17 @@ def test_a_yes_no_setting_refuses_anything_else():
     user to set the REPLACE they believe they set."""
     with pytest.raises(InputError, match=r"^REPLACE 'maybe' is neither yes nor no \(1/true"):
         flag("REPLACE", {"REPLACE": "maybe"})
+
+
+def test_a_bad_replace_stops_only_a_run_that_reads_it(monkeypatch: pytest.MonkeyPatch):
+    """serve and --help never use REPLACE, and --replace overrides it: a stray
+    REPLACE=maybe in .env must not stop them."""
+    monkeypatch.setenv("REPLACE", "maybe")
+    month = ["--seed-dir", "months/month_001", "--as-of", "2024-02-29"]
+
+    assert complete_run(["serve"]) is None
+    assert complete_run([*month, "--help"]) is None
+    assert cli_parser(None).parse_args(["serve"]).command == "serve"
+    assert complete_run([*month, "--replace"]).replace is True  # type: ignore[union-attr]
+    with pytest.raises(InputError, match="REPLACE 'maybe'"):
+        complete_run(month)

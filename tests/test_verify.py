@@ -169,7 +169,10 @@ def test_the_embedded_default_starts_without_a_word_on_stderr(tmp_path):
         for k, v in os.environ.items()
         if not k.startswith("POSTGRES_") and k not in ("DATABASE_URL", "XDG_RUNTIME_DIR")
     }
-    env.update(PYTHONPATH=str(FLOW_DIR), STREAMFLOW_PGDATA=str(pgdata))
+    # Empty, not absent: a developer's .env (read from the repo too) must not name a server.
+    env.update(
+        PYTHONPATH=str(FLOW_DIR), STREAMFLOW_PGDATA=str(pgdata), DATABASE_URL="", POSTGRES_HOST=""
+    )
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "streamflow.verify"],

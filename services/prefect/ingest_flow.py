@@ -50,7 +50,7 @@ from streamflow.errors import (  # noqa: E402
     WithoutTraceback,
     first_line,
 )
-from streamflow.inputs import check_run, cli_parser  # noqa: E402
+from streamflow.inputs import check_run, cli_parser, replace_wanted  # noqa: E402
 from streamflow.ledger import Mode  # noqa: E402
 from streamflow.registry import BY_NAME  # noqa: E402
 from streamflow.reporting import RunSummary, publish_artifacts  # noqa: E402
@@ -297,11 +297,7 @@ class Stopwatch:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = cli_parser(__doc__).parse_args(argv)
-    except IngestError as exc:  # a setting its defaults come from (REPLACE)
-        print(f"ingest failed: {exc}", file=sys.stderr)
-        return 1
+    args = cli_parser(__doc__).parse_args(argv)
     if args.command == "serve":
         ingest_month.serve(name=DEPLOYMENT_NAME)
         return 0
@@ -317,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ingest failed: set {' and '.join(missing)}", file=sys.stderr)
         return 2
     try:
-        result = ingest_month(seed_dir=args.seed_dir, as_of=args.as_of, replace=args.replace)
+        replace = replace_wanted(args)
+        result = ingest_month(seed_dir=args.seed_dir, as_of=args.as_of, replace=replace)
     except IngestError as exc:
         print(f"ingest failed: {exc}", file=sys.stderr)
         return 1

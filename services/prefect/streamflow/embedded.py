@@ -17,10 +17,11 @@ from .settings import Settings
 def embedded_database_url(pgdata: Path) -> str:
     try:
         with warnings.catch_warnings():
-            # pgserver asks platformdirs for a runtime dir at import; without
-            # XDG_RUNTIME_DIR (containers, CI, su) that warns on every run, and the
-            # fallback it names (/tmp/runtime-<uid>) is what pgserver then uses.
-            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            # pgserver asks platformdirs for a runtime dir at import; without a usable
+            # XDG_RUNTIME_DIR (unset in containers and CI, another user's after su)
+            # that warns on every run, and the fallback it names (/tmp/runtime-<uid>)
+            # is what pgserver then uses.
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
             import pgserver
     except ImportError as exc:
         raise IngestError(

@@ -74,13 +74,20 @@ def cli_parser(description: str | None, *, add_help: bool = True) -> argparse.Ar
         "--seed-dir", default=os.environ.get("SEED_DIR"), help="month folder (env SEED_DIR)"
     )
     parser.add_argument("--as-of", default=os.environ.get("AS_OF"), help="YYYY-MM-DD (env AS_OF)")
+    # Not read from REPLACE here: serve and --help never use it, and a bad value must
+    # not stop them (replace_wanted reads it for a run).
     parser.add_argument(
         "--replace",
         action="store_true",
-        default=flag("REPLACE"),
+        default=None,
         help="replace an as_of already published from other files (env REPLACE=1)",
     )
     return parser
+
+
+def replace_wanted(args: argparse.Namespace) -> bool:
+    """--replace, else REPLACE (InputError if it is neither yes nor no)."""
+    return bool(args.replace) or flag("REPLACE")
 
 
 def complete_run(argv: list[str]) -> argparse.Namespace | None:
@@ -94,4 +101,5 @@ def complete_run(argv: list[str]) -> argparse.Namespace | None:
         return None
     if any(a in ("-h", "--help") for a in argv):
         return None
+    args.replace = replace_wanted(args)
     return args

@@ -76,7 +76,7 @@ def flag(name: str, env: os._Environ[str] | dict[str, str] = os.environ) -> bool
     value = raw.strip().lower()
     if value in _TRUE or value in _FALSE:
         return value in _TRUE
-    raise InputError(f"{name} {raw!r} is neither yes nor no (1/true/yes/on or 0/false/no/off)")
+    raise InputError(f"{name} {raw!r} is neither yes nor no (1/true/yes/y/on or 0/false/no/n/off)")
 
 
 def _seconds(env: os._Environ[str] | dict[str, str], name: str, default: str) -> float:
