@@ -214,7 +214,8 @@ CORPUS = [
     Bad(
         "duplicate_user_id",
         edit("users", _dup_users),
-        ["users.csv", "column user_id", "duplicated", "{uid:10}"],
+        # Row 10 is file line 11; its copy was appended after the 200 rows: line 202.
+        ["users.csv", "column user_id", "duplicated", "{uid:10} (2 rows: lines 11, 202)"],
         expect_user_ids_of={"uid:10": ("users", 10)},
     ),
     Bad(
@@ -468,3 +469,24 @@ def test_same_month_in_another_shape_gives_the_same_database(
     assert dump(jan_db, DATA_TABLES) == clean_feb
     # The clean month has empty cells; they must still be NULL, not '' or an error.
     assert scalar(jan_db, "SELECT count(*) FROM subscriptions WHERE plan_stream_tv IS NULL") > 0
+
+
+def test_duplicate_lines_are_counted_as_an_editor_shows_them(tmp_path):
+    """key_lines reads the file as COPY did: BOM, CRLF, columns in any order, quoted
+    fields (one spanning two lines) and an empty user_id."""
+    from streamflow.loading import key_lines
+
+    path = tmp_path / "labels.csv"
+    path.write_bytes(
+        b"\xef\xbb\xbfchurn_label,user_id\r\n"
+        b"true,A\r\n"
+        b'"fal\r\nse",B\r\n'  # one record, lines 3-4
+        b'true,"A"\r\n'
+        b"false,\r\n"
+        b"true,B\r\n"
+    )
+    assert key_lines(BY_NAME["labels"], path, ["A", "B", "C"]) == {
+        "A": [2, 5],
+        "B": [3, 7],
+        "C": [],
+    }

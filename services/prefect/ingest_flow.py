@@ -92,9 +92,12 @@ def upsert_csv(database_url: str, table: str, path: str) -> loading.StagedFile:
 
 
 @task(name="validate_with_ge", cache_policy=NO_CACHE)
-def validate_with_ge(suites: validation.SuitesProcess) -> list[validation.SuiteOutcome]:
+def validate_with_ge(
+    suites: validation.SuitesProcess, files: dict[str, Path]
+) -> list[validation.SuiteOutcome]:
     """Run the six GX suites inside PostgreSQL; raise ValidationFailed on any failure."""
     outcomes, site = suites.run()
+    validation.locate_duplicates(outcomes, files)
     logger = get_run_logger()
     for suite in outcomes:
         logger.info("suite %s: %d passed, %d failed", suite.table, suite.passed, suite.failed)
@@ -228,7 +231,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
                 )
                 try:
                     with clock("validate_with_ge"):
-                        summary.suites = validate_with_ge(suites)
+                        summary.suites = validate_with_ge(suites, files)
                         summary.data_docs = str(settings.gx_docs_dir / "index.html")
                 except BaseException:
                     verdict.reject()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -21,7 +22,7 @@ from psycopg import sql
 
 from .db import ident_list, query
 from .errors import InputError
-from .registry import TableSpec
+from .registry import KEY, TableSpec
 
 CHUNK_BYTES = 1 << 20
 _BOM = b"\xef\xbb\xbf"
@@ -192,3 +193,24 @@ def _blank_line(shown: str | None, path: Path | None, line: int) -> bool:
             if n == line:
                 return not text.strip()
     return False
+
+
+def key_lines(spec: TableSpec, path: Path, keys: Collection[str]) -> dict[str, list[int]]:
+    """The file lines (the header is line 1) whose user_id is one of ``keys``.
+
+    Staging keeps no line numbers; a duplicated user_id is named by the lines that
+    hold it, so the file is read again, only when validation found one.
+    """
+    header, _ = read_header(spec, path)
+    column = header.index(KEY)
+    found: dict[str, list[int]] = {k: [] for k in keys}
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        next(reader, None)
+        end = reader.line_num
+        for row in reader:
+            # A quoted field may span lines: a row is named by the line it starts on.
+            start, end = end + 1, reader.line_num
+            if len(row) > column and row[column] in found:
+                found[row[column]].append(start)
+    return found

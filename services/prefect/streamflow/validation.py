@@ -36,11 +36,15 @@ class ExpectationOutcome:
     examples: list[str] = field(default_factory=list)
     """Values as written in a file: 'Lifetime' quoted, -2.5 or NaN bare."""
     example_user_ids: list[Any] = field(default_factory=list)
+    example_lines: list[list[int]] = field(default_factory=list)
+    """For duplicated user_ids: the file lines of each example, in its order."""
     detail: str = ""
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["example_user_ids"] = [_jsonable(v) for v in self.example_user_ids]
+        if not self.example_lines:  # only duplicates have them: keep the ledger's JSON short
+            del d["example_lines"]
         return d
 
 
@@ -409,8 +413,10 @@ def describe_failure(o: ExpectationOutcome) -> str:
         case "expect_column_values_to_not_be_null":
             what = f"{n} empty value(s); every row needs a {o.column}"
         case "unique":
+            lines = o.example_lines or [[] for _ in o.example_user_ids]
             copies = ", ".join(
-                f"{uid} ({c} rows)" for uid, c in zip(o.example_user_ids, o.examples, strict=False)
+                f"{uid} ({c} rows" + (f": lines {', '.join(map(str, at))})" if at else ")")
+                for uid, c, at in zip(o.example_user_ids, o.examples, lines, strict=False)
             )
             what = f"{n} duplicated {o.column} value(s), e.g. {copies or eg_ids}"
         case "not_numbers":
@@ -430,6 +436,17 @@ def describe_failure(o: ExpectationOutcome) -> str:
         case _:
             what = f"{o.expectation} failed {o.detail}".strip()
     return f"{where}: {what}"
+
+
+def locate_duplicates(outcomes: list[SuiteOutcome], files: dict[str, Path]) -> None:
+    """Add the file lines of each duplicated user_id shown as an example."""
+    from .loading import key_lines
+
+    for e in (e for s in outcomes for e in s.expectations):
+        if e.expectation == "unique" and not e.success and e.example_user_ids:
+            ids = [str(v) for v in e.example_user_ids]
+            at = key_lines(BY_NAME[e.table], files[e.table], ids)
+            e.example_lines = [at[i] for i in ids]
 
 
 def check(outcomes: list[SuiteOutcome]) -> None:
