@@ -333,6 +333,18 @@ CORPUS = [
         ["support_agg_90d.csv", "no data rows"],
     ),
     Bad(
+        # The line names the first failure and where the others are: one rerun, not two.
+        "two_files_broken",
+        lambda month: (
+            set_cell("subscriptions", 8, "contract_type", "Lifetime")(month),
+            set_cell("usage_agg_30d", 3, "skips_7d", "-1")(month),
+        ),
+        [
+            "subscriptions.csv, column contract_type",
+            "(+1 more failed expectation(s), in usage_agg_30d.csv)",
+        ],
+    ),
+    Bad(
         "duplicated_header_column",
         rename_column("subscriptions", "net_service", "total_paid"),
         ["subscriptions.csv", "total_paid", "twice"],

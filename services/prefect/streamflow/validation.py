@@ -453,7 +453,14 @@ def check(outcomes: list[SuiteOutcome]) -> None:
     failures = [e for s in outcomes for e in s.expectations if not e.success]
     if failures:
         first = describe_failure(failures[0])
-        more = f" (+{len(failures) - 1} more failed expectation(s))" if len(failures) > 1 else ""
+        # The line names one failure; say where the others are, so that a month with
+        # several broken files is not fixed one rerun at a time.
+        files = dict.fromkeys(BY_NAME[f.table].file_name for f in failures[1:])
+        more = (
+            f" (+{len(failures) - 1} more failed expectation(s), in {', '.join(files)})"
+            if len(failures) > 1
+            else ""
+        )
         raise ValidationFailed(f"validation failed: {first}{more}", [f.as_dict() for f in failures])
 
 
