@@ -10,6 +10,7 @@ month_000 is already published.
 
 from __future__ import annotations
 
+import csv
 import itertools
 import os
 import shutil
@@ -166,6 +167,8 @@ class Bad:
     as_of: str = AS_OF["month_001"]
     seed_dir: str | None = None
     expect_user_ids_of: dict[str, tuple[str, int]] = field(default_factory=dict)
+    absent: tuple[str, ...] = ()
+    """Substrings the last stderr line must not hold."""
 
 
 def _dup_users(rows: list[list[str]]) -> None:
@@ -217,6 +220,8 @@ CORPUS = [
         # Row 10 is file line 11; its copy was appended after the 200 rows: line 202.
         ["users.csv", "column user_id", "duplicated", "{uid:10} (2 rows: lines 11, 202)"],
         expect_user_ids_of={"uid:10": ("users", 10)},
+        # users.csv's 201 rows are 200 users: no other file lacks one.
+        absent=("more failed",),
     ),
     Bad(
         "user_id_not_in_users",
@@ -382,6 +387,7 @@ def test_bad_month_is_refused_and_changes_nothing(case: Bad, months, jan_db, run
     assert message.startswith("ingest failed: "), err[-3000:]
     missing = [e for e in expect if e not in message]
     assert not missing, f"{missing} not in: {message}"
+    assert not [a for a in case.absent if a in message], message
     assert "Traceback" not in message and len(message) < 600, message
     assert dump(jan_db) == before
     assert scalar(jan_db, "SELECT to_regclass('public.users') IS NOT NULL") is True
@@ -484,8 +490,9 @@ def test_same_month_in_another_shape_gives_the_same_database(
 
 
 def test_duplicate_lines_are_counted_as_an_editor_shows_them(tmp_path):
-    """key_lines reads the file as COPY did: BOM, CRLF, columns in any order, quoted
-    fields (one spanning two lines) and an empty user_id."""
+    """key_lines counts lines through a BOM, CRLF, columns in any order, quoted fields
+    (one spanning two lines) and an empty user_id (rows COPY may refuse for other
+    reasons: only the line counting is under test here)."""
     from streamflow.loading import key_lines
 
     path = tmp_path / "labels.csv"
@@ -496,9 +503,35 @@ def test_duplicate_lines_are_counted_as_an_editor_shows_them(tmp_path):
         b'true,"A"\r\n'
         b"false,\r\n"
         b"true,B\r\n"
+        + b"true,"
+        + b"x" * 200_000  # past the csv module's field size limit
+        + b"\r\n"
     )
-    assert key_lines(BY_NAME["labels"], path, ["A", "B", "C"]) == {
-        "A": [2, 5],
-        "B": [3, 7],
-        "C": [],
-    }
+    # Reading stops once every copy is found, before the oversized line 8.
+    assert key_lines(BY_NAME["labels"], path, {"A": 2, "B": 2}) == {"A": [2, 5], "B": [3, 7]}
+    with pytest.raises(csv.Error):  # a key without its second copy: read to the end
+        key_lines(BY_NAME["labels"], path, {"A": 2, "C": 2})
+
+
+def test_duplicate_lines_that_cannot_be_read_leave_the_failure_as_it_was(tmp_path):
+    """key_lines failing (a field the csv module refuses, a file gone) must not turn a
+    validation failure into another error: the message keeps the ids, without lines."""
+    from streamflow.validation import (
+        ExpectationOutcome,
+        SuiteOutcome,
+        describe_failure,
+        locate_duplicates,
+    )
+
+    path = tmp_path / "labels.csv"
+    path.write_bytes(b"user_id,churn_label\nA,true\nA," + b"x" * 200_000 + b"\n")
+    unique = ExpectationOutcome(
+        "labels", "unique", "user_id", False, 1, examples=["2"], example_user_ids=["A"]
+    )
+    outcomes = [SuiteOutcome("labels", 5, 1, [unique])]
+
+    locate_duplicates(outcomes, {"labels": path})
+    assert unique.example_lines == []
+    locate_duplicates(outcomes, {"labels": tmp_path / "gone.csv"})
+    assert unique.example_lines == []
+    assert describe_failure(unique).endswith("e.g. A (2 rows)")

@@ -10,9 +10,10 @@ conversion, and an empty cell stays NULL.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
-from collections.abc import Collection
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -195,22 +196,29 @@ def _blank_line(shown: str | None, path: Path | None, line: int) -> bool:
     return False
 
 
-def key_lines(spec: TableSpec, path: Path, keys: Collection[str]) -> dict[str, list[int]]:
-    """The file lines (the header is line 1) whose user_id is one of ``keys``.
+def key_lines(spec: TableSpec, path: Path, copies: Mapping[str, int]) -> dict[str, list[int]]:
+    """The file lines (the header is line 1) whose user_id is one of ``copies``' keys.
 
     Staging keeps no line numbers; a duplicated user_id is named by the lines that
-    hold it, so the file is read again, only when validation found one.
+    hold it, so the file is read again, only when validation found one, and only
+    until every copy is found. Python's csv module may read an odd row otherwise
+    than COPY did: the caller trusts the lines only if it finds every copy.
     """
-    header, _ = read_header(spec, path)
+    header, offset = read_header(spec, path)
     column = header.index(KEY)
-    found: dict[str, list[int]] = {k: [] for k in keys}
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        next(reader, None)
-        end = reader.line_num
+    found: dict[str, list[int]] = {k: [] for k in copies}
+    left = sum(copies.values())
+    with path.open("rb") as raw:
+        raw.seek(offset)  # past the header (and its BOM), as COPY was sent the file
+        reader = csv.reader(io.TextIOWrapper(raw, encoding="utf-8", newline=""))
+        end = 1
         for row in reader:
             # A quoted field may span lines: a row is named by the line it starts on.
-            start, end = end + 1, reader.line_num
-            if len(row) > column and row[column] in found:
-                found[row[column]].append(start)
+            start, end = end + 1, 1 + reader.line_num
+            key = row[column] if len(row) > column else None
+            if key in found:
+                found[key].append(start)
+                left -= 1
+                if left <= 0:
+                    break
     return found
