@@ -177,7 +177,9 @@ def _validation_children() -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
-def test_the_gx_process_does_not_outlive_a_failed_staging(run_flow, db_url, months, tmp_path):
+def test_the_gx_process_does_not_outlive_a_failed_staging(
+    real_gx_process, run_flow, db_url, months, tmp_path
+):
     """GX starts with staging; when a file is refused it is stopped, not left importing."""
     bad = tmp_path / "month_000"
     shutil.copytree(months / "month_000", bad)

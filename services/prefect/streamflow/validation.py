@@ -495,6 +495,15 @@ _CONNECT = "connect"
 _GO = "validate"
 
 
+def child_command() -> list[str]:
+    """The command that starts the GX process; it reads ``_child_main``'s protocol.
+
+    One place, so that the test suite can fork its ~80 in-process validations from one
+    interpreter that has already imported GX (tests/gx_forkserver.py).
+    """
+    return [sys.executable, "-m", "streamflow.validation"]
+
+
 class SuitesProcess:
     """The GX suites in a child process, started before the month is staged.
 
@@ -514,7 +523,7 @@ class SuitesProcess:
     def __init__(self, database_url: str, docs_dir: Path | None) -> None:
         self.key = (database_url, docs_dir)
         env = dict(os.environ, **{_URL_ENV: database_url})
-        cmd = [sys.executable, "-m", "streamflow.validation"]
+        cmd = child_command()
         if docs_dir is not None:
             cmd += ["--docs-dir", str(docs_dir.resolve())]
         # -m finds the package from the working directory: the folder that holds it.
