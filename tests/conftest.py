@@ -56,7 +56,7 @@ def with_database(url: str, dbname: str) -> str:
 def gx_template() -> Iterator[gx_forkserver.Template]:
     """In-process flows fork their GX process from one warm interpreter (see
     gx_forkserver.py): ~4 s of CPU saved per flow run. Started on first use."""
-    template = gx_forkserver.Template()
+    template = gx_forkserver.Template(dict(os.environ))
     sfvalidation.child_command = template.command
     yield template
     sfvalidation.child_command = _REAL_CHILD_COMMAND

@@ -39,9 +39,16 @@ _LENGTH = 8  # bytes of the request's length, sent with the three descriptors
 
 
 class Template:
-    """The warm interpreter, started on first use; ``command()`` is the client's."""
+    """The warm interpreter, started on first use; ``command()`` is the client's.
 
-    def __init__(self) -> None:
+    It starts with the environment it is created with, not that of the test that
+    happens to run the first flow (workers take their client's, but GX reads some of
+    its settings at import time). It stops when its stdin closes: with ``stop()``, or
+    when the process that started it dies without a teardown.
+    """
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self._env = dict(env)
         self._dir: str | None = None
         self._proc: subprocess.Popen[str] | None = None
 
@@ -51,6 +58,8 @@ class Template:
         return os.path.join(self._dir, "gx.sock")
 
     def command(self) -> list[str]:
+        if self._proc is not None and self._proc.poll() is not None:
+            self.stop()  # it died (its log says why): the next flow gets a new one
         if self._proc is None:
             self._start()
         return [sys.executable, "-S", __file__, "client", self.socket_path]
@@ -59,7 +68,9 @@ class Template:
         self._dir = tempfile.mkdtemp(prefix="sf-gx-")  # a short path: AF_UNIX allows ~100
         self._proc = subprocess.Popen(
             [sys.executable, __file__, "serve", self.socket_path],
-            stdin=subprocess.DEVNULL,
+            env=self._env,
+            cwd=FLOW_DIR,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=open(os.path.join(self._dir, "template.log"), "w"),  # noqa: SIM115
             text=True,
@@ -76,8 +87,13 @@ class Template:
 
     def stop(self) -> None:
         if self._proc is not None:
-            self._proc.terminate()
-            self._proc.wait(timeout=30)
+            with suppress(OSError):
+                self._proc.stdin.close()  # type: ignore[union-attr]
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
             self._proc = None
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
@@ -97,14 +113,27 @@ def _serve(socket_path: str) -> None:
     listener.listen(64)
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ, ("listener", None))
+    sel.register(0, selectors.EVENT_READ, ("parent", None))
     print(_READY, flush=True)
-    # One thread: forking a process with other threads could copy a held lock.
+    # The loop is this process's only Python thread, so a fork copies no lock of ours
+    # held by another (OpenBLAS's idle pool, started by GX's numpy, quiesces on fork).
     while True:
         for key, _ in sel.select():
             kind, worker = key.data
+            if kind == "parent":  # stdin closed: stop() or the test process died
+                for other in list(sel.get_map().values()):
+                    if other.data[0] == "exited" and not other.data[1]["reaped"]:
+                        with suppress(OSError):
+                            os.kill(other.data[1]["pid"], signal.SIGKILL)
+                            os.waitpid(other.data[1]["pid"], 0)
+                return
             if kind == "listener":
                 conn, _ = listener.accept()
-                _start_worker(conn, listener, sel, validation._child_main)
+                try:
+                    _start_worker(conn, listener, sel, validation._child_main)
+                except Exception as exc:  # e.g. a client killed before its request
+                    print(f"gx template: request dropped: {exc!r}", file=sys.stderr, flush=True)
+                    conn.close()
             elif kind == "exited":  # the worker's pidfd is readable: it ended
                 _, status = os.waitpid(worker["pid"], 0)
                 worker["reaped"] = True
@@ -134,27 +163,31 @@ def _start_worker(
     child_main: Callable[[list[str]], int],
 ) -> None:
     header, fds, _, _ = socket.recv_fds(conn, _LENGTH, 3)
-    size = int.from_bytes(header, "big")
-    body = b""
-    while len(body) < size:
-        chunk = conn.recv(size - len(body))
-        if not chunk:
-            break
-        body += chunk
-    request = json.loads(body)
-    pid = os.fork()
-    if pid == 0:
-        for key in list(sel.get_map().values()):
-            if key.fileobj is not listener and key.data[0] == "exited":
-                os.close(key.data[1]["pidfd"])
-            elif key.fileobj is not listener:
-                key.fileobj.close()
-        sel.close()
-        listener.close()
-        conn.close()
-        _run_worker(fds, request, child_main)
-    for fd in fds:
-        os.close(fd)
+    try:
+        size = int.from_bytes(header, "big")
+        body = b""
+        while len(header) == _LENGTH and len(body) < size:
+            chunk = conn.recv(size - len(body))
+            if not chunk:
+                break
+            body += chunk
+        if len(header) != _LENGTH or len(fds) != 3 or len(body) != size:
+            raise ValueError(f"incomplete request: {len(header)} {len(fds)} {len(body)}/{size}")
+        request = json.loads(body)
+        pid = os.fork()
+        if pid == 0:
+            for key in list(sel.get_map().values()):
+                if key.data[0] == "exited":
+                    os.close(key.data[1]["pidfd"])
+                elif key.data[0] == "client":
+                    key.fileobj.close()
+            sel.close()
+            listener.close()
+            conn.close()
+            _run_worker(fds, request, child_main)
+    finally:
+        for fd in fds:
+            os.close(fd)
     worker = {"pid": pid, "pidfd": os.pidfd_open(pid), "conn": conn, "reaped": False}
     sel.register(worker["pidfd"], selectors.EVENT_READ, ("exited", worker))
     sel.register(conn, selectors.EVENT_READ, ("client", worker))

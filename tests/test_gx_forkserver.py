@@ -3,10 +3,13 @@ the worker's exit code and stderr reach the flow, and a killed client leaves not
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import time
 from pathlib import Path
 
+import gx_forkserver
 import pytest
 from streamflow import validation
 
@@ -60,3 +63,38 @@ def test_a_killed_client_takes_its_worker_with_it(gx_template, db_url):
         assert _children(gx_template.pid) == []
     finally:
         suites.close()
+
+
+def test_a_client_gone_before_its_request_leaves_the_template_serving(gx_template):
+    gx_template.command()  # started
+    pid = gx_template.pid
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(gx_template.socket_path)  # and closed without a request
+
+    test_the_workers_exit_code_and_stderr_reach_the_caller(gx_template)
+    assert gx_template.pid == pid
+
+
+def test_the_template_and_its_workers_end_with_the_process_that_started_it():
+    """Its stdin is the only thing left open by a test process killed without teardown."""
+    template = gx_forkserver.Template(dict(os.environ))
+    client = subprocess.Popen(
+        template.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not _children(template.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (worker,) = _children(template.pid)  # waiting for its first order
+
+        template._proc.stdin.close()  # what the kernel does when the test process dies
+
+        assert template._proc.wait(timeout=10) == 0
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{worker}").exists()
+    finally:
+        client.kill()
+        client.communicate()
+        template.stop()
