@@ -267,6 +267,8 @@ def _describe(e) -> str:
         return ", ".join(kw["column_set"])
     if e.expectation_type == "expect_table_row_count_to_be_between":
         return f"min_value={kw['min_value']}"
+    if e.expectation_type == "expect_column_values_to_be_between" and kw.get("max_value"):
+        return f"{kw['column']} <= {kw['max_value']} (the run's as_of)"
     if e.expectation_type == "expect_column_values_to_be_between":
         return f"{kw['column']} >= {kw['min_value']:g}"
     if e.expectation_type == "expect_column_proportion_of_unique_values_to_be_between":

@@ -282,6 +282,19 @@ CORPUS = [
         ["subscriptions.csv", "line 41", "column months_active", "99999999999", "integer"],
     ),
     Bad(
+        # The month is as of 2024-02-29: a user who signed up later is the future, an
+        # export taken after its as_of, and would leak into the month's snapshot.
+        "signup_after_as_of",
+        set_cell("users", 12, "signup_date", "2024-03-01"),
+        [
+            "users.csv",
+            "column signup_date",
+            "1 date(s) after the month's as_of 2024-02-29",
+            "2024-03-01 (user_id {uid:12})",
+        ],
+        expect_user_ids_of={"uid:12": ("users", 12)},
+    ),
+    Bad(
         "value_outside_set",
         set_cell("subscriptions", 8, "contract_type", "Lifetime"),
         [

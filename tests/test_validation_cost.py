@@ -17,6 +17,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
 
 import psycopg
@@ -60,7 +61,7 @@ def _stage(url: str, month: Path) -> None:
 def test_a_passing_month_costs_one_query_per_sql_check(db_url, months, statements):
     _stage(db_url, months / "month_000")
 
-    outcomes, _ = validation.prepare_suites(db_url, None)()
+    outcomes, _ = validation.prepare_suites(db_url, None)(date.fromisoformat(JAN))
 
     assert all(s.success for s in outcomes), outcomes
     orphan_marker = queries("validation")["orphans"].splitlines()[-1].strip()
@@ -82,15 +83,17 @@ def test_validation_runs_without_loading_scipy_stats(db_url, months):
     _stage(db_url, months / "month_000")
     script = (
         "import json, sys\n"
+        "from datetime import date\n"
         "from streamflow import validation\n"
-        "outcomes, _ = validation.prepare_suites(sys.argv[1], None)()\n"
+        "validate = validation.prepare_suites(sys.argv[1], None)\n"
+        "outcomes, _ = validate(date.fromisoformat(sys.argv[2]))\n"
         "loaded = 'scipy.stats._stats_py' in sys.modules\n"
         "from scipy import stats\n"
         "print(json.dumps([all(o.success for o in outcomes), loaded,\n"
         "                  round(float(stats.entropy([0.5, 0.5])), 4)]))\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", script, db_url], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script, db_url, JAN], capture_output=True, text=True, timeout=300
     )
 
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -109,7 +112,7 @@ def _failures(
     with psycopg.connect(url) as conn:
         for statement in edits:
             conn.execute(statement)  # type: ignore[arg-type]
-    outcomes, _ = validation.prepare_suites(url, None)()
+    outcomes, _ = validation.prepare_suites(url, None)(date.fromisoformat(JAN))
     failed = [e for s in outcomes for e in s.expectations if not e.success]
     return outcomes, {(e.table, e.expectation): e for e in failed}
 

@@ -39,3 +39,9 @@ WHERE b.{column} < 0
 -- The rows behind a failed value-set expectation; "allowed" is the registry's set.
 SELECT b.user_id, b.{column} FROM (SELECT user_id, {column} FROM {batch}) AS b
 WHERE b.{column} <> ALL (%(allowed)s)
+
+-- name: after_as_of
+-- The rows behind a failed "no later than the as_of" expectation; "as_of" is the
+-- run's, {column} a date column of the registry.
+SELECT b.user_id, b.{column} FROM (SELECT user_id, {column} FROM {batch}) AS b
+WHERE b.{column} > %(as_of)s

@@ -93,10 +93,10 @@ def upsert_csv(database_url: str, table: str, path: str) -> loading.StagedFile:
 
 @task(name="validate_with_ge", cache_policy=NO_CACHE)
 def validate_with_ge(
-    suites: validation.SuitesProcess, files: dict[str, Path]
+    suites: validation.SuitesProcess, files: dict[str, Path], as_of: date
 ) -> list[validation.SuiteOutcome]:
     """Run the six GX suites inside PostgreSQL; raise ValidationFailed on any failure."""
-    outcomes, site = suites.run()
+    outcomes, site = suites.run(as_of)
     validation.locate_duplicates(outcomes, files)
     logger = get_run_logger()
     for suite in outcomes:
@@ -231,7 +231,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
                 )
                 try:
                     with clock("validate_with_ge"):
-                        summary.suites = validate_with_ge(suites, files)
+                        summary.suites = validate_with_ge(suites, files, as_of_date)
                         summary.data_docs = str(settings.gx_docs_dir / "index.html")
                 except BaseException:
                     verdict.reject()

@@ -19,6 +19,9 @@ class Column:
     value_set: tuple[str, ...] | None = None
     required: bool = False
     """An empty cell is refused (the key, and the label a model is trained on)."""
+    until_as_of: bool = False
+    """A date no later than the month's as_of: a later one is the future, leaking into
+    the snapshot of what was known then (an export taken after its as_of)."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ TABLES: tuple[TableSpec, ...] = (
         "users",
         (
             _key,
-            Column("signup_date", "date"),
+            Column("signup_date", "date", until_as_of=True),
             Column("user_gender", "text", value_set=_gender),
             Column("user_is_senior", "boolean"),
             Column("has_family", "boolean"),

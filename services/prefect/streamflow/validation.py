@@ -16,6 +16,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import date
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,14 @@ def build_suite(spec: TableSpec):  # -> gx.ExpectationSuite
             suite.add_expectation(
                 gxe.ExpectColumnValuesToBeInSet(column=col.name, value_set=list(col.value_set))
             )
+        if col.until_as_of:
+            suite.add_expectation(
+                gxe.ExpectColumnValuesToBeBetween(
+                    column=col.name,
+                    max_value={"$PARAMETER": AS_OF},
+                    meta={"check": "after_as_of"},
+                )
+            )
     if spec is not PARENT:
         suite.add_expectation(
             counted_rows_expectation()(
@@ -151,7 +160,9 @@ def build_suite(spec: TableSpec):  # -> gx.ExpectationSuite
     return suite
 
 
-USERS_ROWS = "users_rows"  # the expectation parameter: rows staged from users.csv
+# Expectation parameters, given at run time: rows staged from users.csv, the run's as_of.
+USERS_ROWS = "users_rows"
+AS_OF = "as_of"
 
 
 @cache
@@ -236,7 +247,9 @@ class Suites:
             self.site = docs_dir / "index.html"
         self.suites = [context.suites.add(build_suite(spec)) for spec in TABLES]
 
-    def connect(self, database_url: str) -> Callable[[], tuple[list[SuiteOutcome], Path | None]]:
+    def connect(
+        self, database_url: str
+    ) -> Callable[[date], tuple[list[SuiteOutcome], Path | None]]:
         """Returns the call that validates ``staging.*`` as it is when called.
 
         It does not build the Data Docs (``build_docs``): the verdict comes first.
@@ -268,11 +281,11 @@ class Suites:
             )
         )
 
-        def validate() -> tuple[list[SuiteOutcome], Path | None]:
+        def validate(as_of: date) -> tuple[list[SuiteOutcome], Path | None]:
             import psycopg
 
             with psycopg.connect(database_url) as conn:
-                parameters = {USERS_ROWS: _staged_rows(conn, PARENT)}
+                parameters = {USERS_ROWS: _staged_rows(conn, PARENT), AS_OF: as_of}
             runs = list(checkpoint.run(expectation_parameters=parameters).run_results.values())
             for i, run in enumerate(runs):
                 if not run.success:
@@ -281,7 +294,7 @@ class Suites:
                         expectation_parameters=parameters,
                     )
             outcomes = [_suite_outcome(spec, run) for spec, run in zip(TABLES, runs, strict=True)]
-            _add_row_examples(database_url, outcomes)
+            _add_row_examples(database_url, outcomes, as_of)
             return outcomes, site
 
         return validate
@@ -303,13 +316,13 @@ def _staged_rows(conn, spec: TableSpec) -> int:  # conn: a psycopg connection
 
 def prepare_suites(
     database_url: str, docs_dir: Path | None
-) -> Callable[[], tuple[list[SuiteOutcome], Path | None]]:
+) -> Callable[[date], tuple[list[SuiteOutcome], Path | None]]:
     """Build the suites and connect them: the call that validates ``staging.*``."""
     suites = Suites(docs_dir)
     validate = suites.connect(database_url)
 
-    def validate_and_document() -> tuple[list[SuiteOutcome], Path | None]:
-        result = validate()
+    def validate_and_document(as_of: date) -> tuple[list[SuiteOutcome], Path | None]:
+        result = validate(as_of)
         suites.build_docs()
         return result
 
@@ -323,10 +336,11 @@ _ROW_CHECKS = {
     "not_numbers": "not_numbers",
     "expect_column_values_to_be_between": "negatives",
     "expect_column_values_to_be_in_set": "outside_set",
+    "after_as_of": "after_as_of",
 }
 
 
-def _add_row_examples(database_url: str, outcomes: list[SuiteOutcome]) -> None:
+def _add_row_examples(database_url: str, outcomes: list[SuiteOutcome], as_of: date) -> None:
     """GX's SUMMARY format counts unexpected rows without showing any: fetch a few."""
     import psycopg
     from psycopg import sql
@@ -348,6 +362,9 @@ def _add_row_examples(database_url: str, outcomes: list[SuiteOutcome]) -> None:
             params = None
             if e.expectation == "expect_column_values_to_be_in_set":
                 params = {"allowed": list(BY_NAME[e.table].column(e.column).value_set or ())}
+            elif e.expectation == "after_as_of":
+                params = {"as_of": as_of}
+                e.detail = as_of.isoformat()
             rows = conn.execute(sql.SQL(text + " LIMIT 5").format(**ids), params).fetchall()
             if e.expectation in ("unique", "missing_users"):  # GX did not count these rows
                 rows_q = sql.SQL(text).format(**ids)
@@ -431,6 +448,11 @@ def describe_failure(o: ExpectationOutcome) -> str:
         case "expect_column_values_to_be_in_set":
             allowed = "/".join(spec.column(o.column).value_set or ())
             what = f"{n} value(s) outside {allowed}, e.g. {eg_values}{rows}"
+        case "after_as_of":
+            what = (
+                f"{n} date(s) after the month's as_of {o.detail}, e.g. {eg_values}{rows}; "
+                "a month's files hold what was known on its as_of"
+            )
         case "expect_table_row_count_to_be_between":
             what = "no data rows; expected at least one"
         case "orphans":
@@ -578,9 +600,9 @@ class SuitesProcess:
         """The staging tables exist: the child may add them to its data source."""
         self._send(_CONNECT)
 
-    def run(self) -> tuple[list[SuiteOutcome], Path | None]:
+    def run(self, as_of: date) -> tuple[list[SuiteOutcome], Path | None]:
         self._asked = True
-        self._send(_GO)
+        self._send(f"{_GO} {as_of.isoformat()}")
         assert self._proc.stdout is not None
         for line in self._proc.stdout:
             if line.startswith(_MARKER):
@@ -635,9 +657,10 @@ def _child_main(argv: list[str] | None = None) -> int:
     if sys.stdin.readline().strip() != _CONNECT:
         return 0
     validate = suites.connect(os.environ[_URL_ENV])
-    if sys.stdin.readline().strip() != _GO:
+    order = sys.stdin.readline().split()
+    if len(order) != 2 or order[0] != _GO:
         return 0
-    outcomes, site = validate()
+    outcomes, site = validate(date.fromisoformat(order[1]))
     suites_out = [
         {
             "table": o.table,
