@@ -28,7 +28,7 @@ from month_files import (
     small_months,
     write_rows,
 )
-from streamflow.registry import BY_NAME, LIVE_TABLES, SNAPSHOT_TABLES, TABLES
+from streamflow.registry import BY_NAME, LIVE_TABLES, PARENT, SNAPSHOT_TABLES, TABLES
 
 _names = itertools.count()
 
@@ -175,6 +175,18 @@ def _dup_users(rows: list[list[str]]) -> None:
     rows.append(list(rows[10]))
 
 
+def _pad_a_user_everywhere(month: Path) -> None:
+    """Data row 14's user as ' <id>' in all six files: they agree, no other check sees it."""
+    uid = read_rows(month / PARENT.file_name)[14][0]
+    for spec in TABLES:
+        path = month / spec.file_name
+        rows = read_rows(path)
+        for row in rows[1:]:
+            if row[0] == uid:
+                row[0] = " " + uid
+        write_rows(path, rows)
+
+
 def _orphan(rows: list[list[str]]) -> None:
     rows[5][0] = "0000-NOTAUSER"
 
@@ -221,6 +233,14 @@ CORPUS = [
         ["users.csv", "column user_id", "duplicated", "{uid:10} (2 rows: lines 11, 202)"],
         expect_user_ids_of={"uid:10": ("users", 10)},
         # users.csv's 201 rows are 200 users: no other file lacks one.
+        absent=("more failed",),
+    ),
+    Bad(
+        # Published, it would be a second user in every table: live and snapshots.
+        "user_id_padded_with_a_space",
+        _pad_a_user_everywhere,
+        ["users.csv", "column user_id", "1 value(s) blank or with a space", "' {uid:14}'"],
+        expect_user_ids_of={"uid:14": ("users", 14)},
         absent=("more failed",),
     ),
     Bad(

@@ -65,12 +65,20 @@ def test_a_passing_month_costs_one_query_per_sql_check(db_url, months, statement
 
     assert all(s.success for s in outcomes), outcomes
     orphan_marker = queries("validation")["orphans"].splitlines()[-1].strip()
+    padded_marker = queries("validation")["padded_key"].splitlines()[-1].strip()
     runs = Counter(
-        "orphans" if orphan_marker in q else "not_numbers" if "'NaN'" in q else "other"
+        "orphans"
+        if orphan_marker in q
+        else "not_numbers"
+        if "'NaN'" in q
+        else "padded_key"
+        if padded_marker in q
+        else "other"
         for q in statements
     )
     assert runs["orphans"] == len(TABLES) - 1  # once per child table, a count
     assert runs["not_numbers"] == NUMERIC_COLUMNS
+    assert runs["padded_key"] == 1  # users.csv only
     assert not [q for q in statements if "unexpected_values" in q]  # no example hunting
 
 

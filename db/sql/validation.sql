@@ -45,3 +45,10 @@ WHERE b.{column} <> ALL (%(allowed)s)
 -- run's, {column} a date column of the registry.
 SELECT b.user_id, b.{column} FROM (SELECT user_id, {column} FROM {batch}) AS b
 WHERE b.{column} > %(as_of)s
+
+-- name: padded_key
+-- user_ids that start or end with a space, a tab or another control character
+-- (ascii() <= 32), blank ones included: ' 7590-VHVEG' is not '7590-VHVEG'. An empty
+-- one is already NULL (staging's FORCE_NULL), refused by loading.
+SELECT b.user_id, b.user_id FROM (SELECT user_id FROM {batch}) AS b
+WHERE ascii(b.user_id) <= 32 OR ascii(right(b.user_id, 1)) <= 32
