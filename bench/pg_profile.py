@@ -62,6 +62,7 @@ KINDS = (
     ),
     ("validate: GX counts of unexpected values", r"UnexpectedCountSubquery|^SELECT sum\(CASE"),
     ("validate: NaN/Infinity rows", r"'NaN'"),
+    ("validate: padded user_id (since 3e89e02)", r"ascii\(right\(user_id"),
     ("validate: orphan rows (anti-join)", r"unexpected_row_count|^SELECT o\.user_id FROM"),
     ("validate: GX other", r"AS unexpected_values|anon_|substituted_batch_subquery"),
     ("publish: live INSERT", r"^INSERT INTO \"(" + _LIVE + r")\""),

@@ -147,6 +147,32 @@ def test_a_failing_table_still_gets_counts_and_examples(db_url, months, statemen
     )
 
 
+def test_a_user_id_with_invisible_characters_around_it_is_named(db_url, months):
+    """Spreadsheets pad with no-break spaces, editors add byte-order marks: each is a
+    different user_id to PostgreSQL, so each is refused, not only ASCII spaces."""
+    padded = {
+        "nbsp_after": "user_id || U&'\\00A0'",
+        "bom_before": "U&'\\FEFF' || user_id",
+        "tab_after": "user_id || E'\\t'",
+        "zero_width_before": "U&'\\200B' || user_id",
+    }
+    edits = [
+        f"UPDATE staging.users SET user_id = {expr} "  # noqa: S608 - the test's own SQL
+        f"WHERE user_id = (SELECT user_id FROM staging.users ORDER BY user_id OFFSET {i} LIMIT 1)"
+        for i, expr in enumerate(padded.values())
+    ]
+    edits.append("UPDATE staging.users SET user_id = 'É-' || user_id WHERE user_id LIKE '9%'")
+
+    _, failed = _failures(db_url, months / "month_000", *edits)
+
+    found = failed["users", "padded_key"]
+    assert found.unexpected_count == len(padded)  # 'É' (U+00C9) is a character like any other
+    assert validation.describe_failure(found).startswith(
+        f"users.csv, column user_id: {len(padded)} value(s) blank or with a space or invisible "
+        "character before or after, e.g. "
+    )
+
+
 def test_every_file_has_a_row_for_every_user_of_users_csv(db_url, months):
     """A file that misses a user is refused, and so is a row for a user who is only in
     the live table: each file of a month lists the users of its users.csv."""

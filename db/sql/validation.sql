@@ -47,8 +47,19 @@ SELECT b.user_id, b.{column} FROM (SELECT user_id, {column} FROM {batch}) AS b
 WHERE b.{column} > %(as_of)s
 
 -- name: padded_key
--- user_ids that start or end with a space, a tab or another control character
--- (ascii() <= 32), blank ones included: ' 7590-VHVEG' is not '7590-VHVEG'. An empty
--- one is already NULL (staging's FORCE_NULL), refused by loading.
+-- user_ids whose first or last character is white space or invisible, blank ones
+-- included: ' 7590-VHVEG' is not '7590-VHVEG'. The characters, by code point: controls
+-- and space (1-32), DEL, C1 controls and no-break space (127-160), Unicode's other
+-- spaces and zero-width characters (U+1680, U+2000-U+200D, U+2028, U+2029, U+202F,
+-- U+205F, U+2060, U+3000) and the byte-order mark (U+FEFF); each end is one lookup in
+-- a hash of them. An empty user_id is already NULL (staging's FORCE_NULL), refused by
+-- loading.
+WITH invisible (c) AS (
+  SELECT generate_series(1, 32)
+  UNION ALL SELECT generate_series(127, 160)
+  UNION ALL SELECT generate_series(8192, 8205)
+  UNION ALL SELECT unnest(ARRAY[5760, 8232, 8233, 8239, 8287, 8288, 12288, 65279])
+)
 SELECT b.user_id, b.user_id FROM (SELECT user_id FROM {batch}) AS b
-WHERE ascii(b.user_id) <= 32 OR ascii(right(b.user_id, 1)) <= 32
+WHERE ascii(b.user_id) IN (SELECT c FROM invisible)
+   OR ascii(right(b.user_id, 1)) IN (SELECT c FROM invisible)

@@ -116,12 +116,12 @@ def build_suite(spec: TableSpec):  # -> gx.ExpectationSuite
     if spec is PARENT:
         # user_ids are matched exactly: ' 7590-VHVEG' would be a new user in every table
         # and snapshot. A child's ids must be users.csv's (the orphans check), so
-        # users.csv is the one file to look at. In SQL: GX's regex expectation costs
-        # twice as much (0.26 s against 0.14 s at 1M rows).
+        # users.csv is the one file to look at. In SQL: a regex's \s costs more at 1M
+        # rows and misses no-break spaces and byte-order marks (docs/performance.md, 24).
         suite.add_expectation(
             counted_rows_expectation()(
                 unexpected_rows_query=rows_query("padded_key"),
-                description=f"{KEY} has no space or control character before or after it",
+                description=f"{KEY} has no space or invisible character before or after it",
                 meta={"check": "padded_key", "column": KEY},
             )
         )
@@ -463,7 +463,7 @@ def describe_failure(o: ExpectationOutcome) -> str:
             what = f"{n} value(s) outside {allowed}, e.g. {eg_values}{rows}"
         case "padded_key":
             what = (
-                f"{n} value(s) blank or with a space or control character before or after, "
+                f"{n} value(s) blank or with a space or invisible character before or after, "
                 f"e.g. {eg_values}; a user_id is matched exactly, so each would be another user"
             )
         case "after_as_of":
