@@ -31,6 +31,20 @@ AS_OF = {"month_000": "2024-01-31", "month_001": "2024-02-29"}
 HISTORY_TABLES = LIVE_TABLES + SNAPSHOT_TABLES + ("ingest_months",)
 
 
+def child_processes(parent: int) -> dict[int, list[bytes]]:
+    """The live processes whose parent is ``parent``, with their argv (from /proc)."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent:
+            found[int(pid)] = argv
+    return found
+
+
 def small_months(root: Path, users: int = 200) -> Path:
     """``root/month_000`` and ``root/month_001`` with ``users`` users each; returns ``root``."""
     root.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from month_files import (
     small_months,
     write_rows,
 )
-from streamflow.registry import BY_NAME, LIVE_TABLES, PARENT, SNAPSHOT_TABLES, TABLES
+from streamflow.registry import BY_NAME, KEY, LIVE_TABLES, PARENT, SNAPSHOT_TABLES, TABLES
 
 _names = itertools.count()
 
@@ -178,13 +178,15 @@ def _dup_users(rows: list[list[str]]) -> None:
 def _pad_a_user_everywhere(month: Path) -> None:
     """Data row 14's user as ' <id>' in all six files: they agree, no other check sees it."""
     uid = read_rows(month / PARENT.file_name)[14][0]
-    for spec in TABLES:
-        path = month / spec.file_name
-        rows = read_rows(path)
+
+    def change(path: Path, rows: list[list[str]]) -> None:
+        key = rows[0].index(KEY)
         for row in rows[1:]:
-            if row[0] == uid:
-                row[0] = " " + uid
+            if row[key] == uid:
+                row[key] = " " + uid
         write_rows(path, rows)
+
+    _all_files(month, change)
 
 
 def _orphan(rows: list[list[str]]) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from month_files import AS_OF, read_rows, small_months, write_rows
+from month_files import AS_OF, child_processes, read_rows, small_months, write_rows
 from streamflow import loading, validation
 from streamflow.db import queries
 from streamflow.registry import PARENT, TABLES
@@ -201,16 +201,8 @@ def test_every_file_has_a_row_for_every_user_of_users_csv(db_url, months):
 
 def _validation_children() -> list[int]:
     """Processes of ``python -m streamflow.validation`` started by this process."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == os.getpid() and b"streamflow.validation" in cmdline:
-            found.append(int(pid))
-    return found
+    children = child_processes(os.getpid()).items()
+    return [pid for pid, argv in children if b"streamflow.validation" in argv]
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
