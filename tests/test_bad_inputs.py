@@ -374,6 +374,12 @@ CORPUS = [
         absent=("more failed",),  # not "unique" nor "missing users" of an empty file
     ),
     Bad(
+        "users_header_only",
+        write_bytes("users", lambda d: d.split(b"\n")[0] + b"\n"),
+        ["users.csv", "no data rows"],
+        absent=("more failed", "subscriptions.csv"),  # not five files of orphans
+    ),
+    Bad(
         # The line names the first failure and where the others are: one rerun, not two.
         "two_files_broken",
         lambda month: (
