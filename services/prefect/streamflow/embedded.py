@@ -3,18 +3,26 @@
 Uses the ``pgserver`` wheel (real PostgreSQL binaries, no system install). The data
 directory persists between runs so month_001 lands on top of month_000; the server
 keeps running after the flow exits, like a local service, and is reused next time.
+
+``python -m streamflow.embedded uri|psql [ARGS]|stop`` prints its connection URI, opens
+the wheel's own psql on it, or stops it (the data stays; delete the folder to reset).
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 from .errors import IngestError
-from .settings import Settings
+from .settings import Settings, load_settings
 
 
-def embedded_database_url(pgdata: Path) -> str:
+def _pgserver() -> ModuleType:
     try:
         with warnings.catch_warnings():
             # pgserver asks platformdirs for a runtime dir at import; without a usable
@@ -28,6 +36,11 @@ def embedded_database_url(pgdata: Path) -> str:
             "no database configured (set DATABASE_URL or POSTGRES_HOST/...) and the embedded "
             "PostgreSQL is not installed: pip install -r requirements/embedded.txt"
         ) from exc
+    return pgserver
+
+
+def embedded_database_url(pgdata: Path) -> str:
+    pgserver = _pgserver()
     pgdata.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(pgdata, cleanup_mode=None)
     return server.get_uri()
@@ -36,3 +49,65 @@ def embedded_database_url(pgdata: Path) -> str:
 def resolve_database_url(settings: Settings) -> str:
     """The configured server, or else the embedded one (started if needed)."""
     return settings.database_url or embedded_database_url(settings.embedded_pgdata)
+
+
+def _bin(name: str) -> str:
+    _pgserver()
+    from pgserver._commands import POSTGRES_BIN_PATH
+
+    return str(POSTGRES_BIN_PATH / name)
+
+
+def stop(pgdata: Path) -> bool:
+    """Stop the server of ``pgdata`` if it runs; False if it was not running."""
+    if not (pgdata / "PG_VERSION").is_file():
+        return False
+
+    def pg_ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        # pg_ctl refuses to run as root; pgserver runs the server as its own user then.
+        owner = pgdata.stat().st_uid if os.geteuid() == 0 else None
+        command = [_bin("pg_ctl"), "-D", str(pgdata), *args]
+        return subprocess.run(command, capture_output=True, text=True, user=owner, check=False)
+
+    if pg_ctl("status").returncode == 3:  # not running (a stale postmaster.pid included)
+        return False
+    proc = pg_ctl("-w", "-m", "fast", "stop")
+    if proc.returncode != 0:
+        raise IngestError(f"pg_ctl could not stop the server of {pgdata}: {proc.stderr.strip()}")
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m streamflow.embedded",
+        description="The embedded PostgreSQL of runs with no DATABASE_URL nor POSTGRES_HOST "
+        "(data in STREAMFLOW_PGDATA, default .pgdata at the repository root).",
+    )
+    parser.add_argument("command", choices=["uri", "psql", "stop"])
+    parser.add_argument("psql_args", nargs=argparse.REMAINDER, help="passed to psql")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        pgdata = settings.embedded_pgdata
+        if args.command == "stop":
+            print(f"stopped {pgdata}" if stop(pgdata) else f"not running: {pgdata}")
+            return 0
+        if settings.database_url:
+            # Counts read on the embedded server while runs write elsewhere would mislead.
+            raise IngestError(
+                "DATABASE_URL or POSTGRES_HOST is set, so runs use that server, "
+                "not the embedded one: connect to it instead"
+            )
+        url = embedded_database_url(pgdata)
+    except IngestError as exc:
+        print(f"embedded: {exc}", file=sys.stderr)
+        return 1
+    if args.command == "uri":
+        print(url)
+        return 0
+    psql = _bin("psql")
+    os.execv(psql, [psql, url, *args.psql_args])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

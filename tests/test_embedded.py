@@ -1,0 +1,75 @@
+"""``python -m streamflow.embedded``: the embedded default server, for people with psql.
+
+Runs as a subprocess, as people run it, on a real pgserver PostgreSQL in a temporary
+STREAMFLOW_PGDATA (no DATABASE_URL nor POSTGRES_HOST, so the flow would use it too).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import psycopg
+import pytest
+from conftest import FLOW_DIR
+
+
+def embedded(pgdata, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTGRES_")}
+    # Empty, not absent: a developer's .env (read from the repo too) must not name a server.
+    env.update(PYTHONPATH=str(FLOW_DIR), STREAMFLOW_PGDATA=str(pgdata), DATABASE_URL="")
+    env.update(POSTGRES_HOST="", **extra)
+    return subprocess.run(
+        [sys.executable, "-m", "streamflow.embedded", *args],
+        cwd=pgdata.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_uri_psql_and_stop_reach_the_server_the_flow_would_use(tmp_path):
+    pgdata = tmp_path / "pgdata"
+    try:
+        uri = embedded(pgdata, "uri")
+        assert uri.returncode == 0, uri.stderr
+        url = uri.stdout.strip()
+        with psycopg.connect(url) as conn:
+            conn.execute("CREATE TABLE counted (n int); INSERT INTO counted VALUES (41), (1)")
+
+        psql = embedded(pgdata, "psql", "-At", "-c", "SELECT sum(n) FROM counted")
+        assert (psql.returncode, psql.stdout.strip()) == (0, "42"), psql.stderr
+
+        stop = embedded(pgdata, "stop")
+        assert (stop.returncode, stop.stdout.strip()) == (0, f"stopped {pgdata}"), stop.stderr
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(url, connect_timeout=5).close()
+    finally:
+        embedded(pgdata, "stop")
+
+    again = embedded(pgdata, "stop")
+    assert (again.returncode, again.stdout.strip()) == (0, f"not running: {pgdata}")
+
+    # The data stayed: the next uri starts the same server with the same table.
+    try:
+        url = embedded(pgdata, "uri").stdout.strip()
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT sum(n) FROM counted").fetchone() == (42,)
+    finally:
+        embedded(pgdata, "stop")
+
+
+def test_psql_is_refused_when_runs_use_another_server(tmp_path):
+    """With DATABASE_URL set the flow never writes to the embedded server: counts read
+    there would mislead, so no embedded server is started."""
+    pgdata = tmp_path / "pgdata"
+    proc = embedded(pgdata, "psql", DATABASE_URL="postgresql://postgres@127.0.0.1:9/x")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "embedded: DATABASE_URL or POSTGRES_HOST is set, so runs use that server, "
+        "not the embedded one: connect to it instead"
+    )
+    assert not pgdata.exists()
