@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job, outside Docker: ingest month_000 (as of 2024-01-31) then month_001
 # (as of 2024-02-29) into PostgreSQL and print the verification counts.
-# Database: DATABASE_URL or POSTGRES_* when set (e.g. in .env), else an embedded
-# PostgreSQL kept in .pgdata/.
+# Database: DATABASE_URL, or POSTGRES_HOST with the other POSTGRES_*, when set (e.g. in
+# .env), else an embedded PostgreSQL kept in .pgdata/ (python -m streamflow.embedded stop).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_venv.sh services/prefect/requirements.txt requirements/embedded.txt
