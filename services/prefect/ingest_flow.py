@@ -69,10 +69,8 @@ def _only_connection_errors(task, task_run, state) -> bool:
     """Retry a lost connection; never retry bad data or failed expectations."""
     try:
         state.result()
-    except psycopg.OperationalError:
-        return True
-    except BaseException:
-        return False
+    except BaseException as exc:
+        return db.connection_lost(exc)
     return False
 
 
@@ -323,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except psycopg.OperationalError as exc:
         reason = first_line(exc)  # libpq's message runs on with hints
-        print(f"ingest failed: the database could not be reached: {reason}", file=sys.stderr)
+        if db.connection_lost(exc):
+            print(f"ingest failed: the database could not be reached: {reason}", file=sys.stderr)
+        else:
+            print(f"ingest failed: PostgreSQL refused the work: {reason}", file=sys.stderr)
         return 1
     except Exception as exc:  # still one line for people; the traceback is in the run logs
         line = " ".join(str(exc).split())

@@ -20,6 +20,20 @@ LOCK_KEY = 0x5F1_0E_1A  # arbitrary constant, shared by every writer
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 
 
+# Connection exceptions (class 08) and a server going away (57P01-57P03): worth a retry,
+# and "could not be reached" is true of them. Other OperationalErrors are the
+# server refusing the work (an index row too big, a disk full, a cancelled query).
+_CONNECTION_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """True for a failure to reach or keep the server, not for an error it reported."""
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    state = exc.sqlstate
+    return state is None or state.startswith(_CONNECTION_SQLSTATES)
+
+
 @cache
 def queries(file: str, sql_dir: Path = SQL_DIR) -> dict[str, str]:
     """Named queries of ``db/sql/<file>.sql``: each block starts with ``-- name: <name>``."""
