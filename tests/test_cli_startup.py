@@ -201,6 +201,7 @@ def test_the_clis_server_has_time_for_a_first_start_unless_prefect_says_otherwis
         ("no folder, --replace", "ingest failed: SEED_DIR '{month}' is not a directory"),
         ("missing file", "ingest failed: {month}: missing file labels.csv (a month folder holds"),
         ("bad as_of", "ingest failed: AS_OF '2024-02-30' is not a valid date; expected YYYY-MM-DD"),
+        ("future as_of", "ingest failed: AS_OF 2204-02-29 is after today ("),
         ("bad setting", "ingest failed: LOCK_WAIT_SECONDS 'soon' is not a number of seconds"),
         ("bad REPLACE", "ingest failed: REPLACE 'maybe' is neither yes nor no"),
         ("bad docs dir", "ingest failed: GX_DOCS_DIR '{docs}' cannot be written: Not a directory"),
@@ -216,6 +217,8 @@ def test_bad_inputs_are_answered_before_prefect_starts(db_url, months, tmp_path,
         (month / "labels.csv").unlink()
     elif case == "bad as_of":
         month, as_of = months / "month_000", "2024-02-30"
+    elif case == "future as_of":  # 2204 for 2024: it would make every later month a backfill
+        month, as_of = months / "month_000", "2204-02-29"
     elif case == "bad setting":
         month, env = months / "month_000", {"LOCK_WAIT_SECONDS": "soon"}
     elif case == "bad REPLACE":

@@ -14,13 +14,23 @@ from .registry import TABLES
 from .settings import Settings, flag, load_dotenv_if_present
 
 
-def parse_as_of(value: str) -> date:
+def parse_as_of(value: str, today: date | None = None) -> date:
     try:
-        return date.fromisoformat(value.strip())
+        as_of = date.fromisoformat(value.strip())
     except (ValueError, AttributeError):
         raise InputError(
             f"AS_OF {value!r} is not a valid date; expected YYYY-MM-DD, e.g. 2024-01-31"
         ) from None
+    today = today or date.today()
+    # A month is known once it has happened. A mistyped future as_of (2204 for 2024) would
+    # become the latest month, and every real month after it a backfill that never
+    # reaches the live tables.
+    if as_of > today:
+        raise InputError(
+            f"AS_OF {as_of} is after today ({today}); a month's files describe what was "
+            "known on its as_of, so it cannot be in the future"
+        )
+    return as_of
 
 
 def month_files(seed_dir: Path) -> dict[str, Path]:
