@@ -155,6 +155,12 @@ def remove(table: str) -> Callable[[Path], None]:
     return lambda month: (month / BY_NAME[table].file_name).unlink()
 
 
+def _quote_line(lines: list[bytes], line: int) -> list[bytes]:
+    """A stray quote at the start of file line ``line`` (1 = header)."""
+    lines[line - 1] = b'"' + lines[line - 1]
+    return lines
+
+
 # --------------------------------------------------------------------------- corpus
 
 
@@ -175,18 +181,23 @@ def _dup_users(rows: list[list[str]]) -> None:
     rows.append(list(rows[10]))
 
 
-def _pad_a_user_everywhere(month: Path) -> None:
-    """Data row 14's user as ' <id>' in all six files: they agree, no other check sees it."""
-    uid = read_rows(month / PARENT.file_name)[14][0]
+def _user_everywhere_as(row: int, new_id: Callable[[str], str]) -> Callable[[Path], None]:
+    """Data row ``row``'s user renamed in all six files: they agree, so only a check of
+    the id itself can see it."""
 
-    def change(path: Path, rows: list[list[str]]) -> None:
-        key = rows[0].index(KEY)
-        for row in rows[1:]:
-            if row[key] == uid:
-                row[key] = " " + uid
-        write_rows(path, rows)
+    def mutate(month: Path) -> None:
+        uid = read_rows(month / PARENT.file_name)[row][0]
 
-    _all_files(month, change)
+        def change(path: Path, rows: list[list[str]]) -> None:
+            key = rows[0].index(KEY)
+            for r in rows[1:]:
+                if r[key] == uid:
+                    r[key] = new_id(uid)
+            write_rows(path, rows)
+
+        _all_files(month, change)
+
+    return mutate
 
 
 def _orphan(rows: list[list[str]]) -> None:
@@ -240,7 +251,7 @@ CORPUS = [
     Bad(
         # Published, it would be a second user in every table: live and snapshots.
         "user_id_padded_with_a_space",
-        _pad_a_user_everywhere,
+        _user_everywhere_as(14, lambda uid: " " + uid),
         ["users.csv", "column user_id", "1 value(s) blank or with a space", "' {uid:14}'"],
         expect_user_ids_of={"uid:14": ("users", 14)},
         absent=("more failed",),
@@ -282,6 +293,20 @@ CORPUS = [
         "infinite_number",
         set_cell("subscriptions", 25, "monthly_fee", "Infinity"),
         ["subscriptions.csv", "monthly_fee", "Infinity"],
+    ),
+    Bad(
+        # numeric takes it; a float (the feature store, pandas) would read Infinity
+        "number_beyond_double",
+        set_cell("usage_agg_30d", 26, "watch_hours_30d", "1e400"),
+        ["usage_agg_30d.csv", "watch_hours_30d", "not a finite", "1E+400 (user_id {uid:26})"],
+        expect_user_ids_of={"uid:26": ("usage_agg_30d", 26)},
+        absent=("None", "below 0"),
+    ),
+    Bad(
+        "user_id_too_long",
+        _user_everywhere_as(27, lambda uid: uid + "X" * 3990),
+        ["users.csv", "column user_id", "longer than 64 characters", "(4000 characters)"],
+        absent=("X" * 100,),  # the line shows the start of the id, not all of it
     ),
     Bad(
         "bad_boolean",
@@ -361,6 +386,31 @@ CORPUS = [
         "crlf_blank_line_in_lf_file",
         insert_line("users", 7, b"\r"),
         ["users.csv", "line 7: blank line"],
+    ),
+    Bad(
+        # An old Mac export: the whole file is one "line" to a reader looking for LF.
+        "cr_line_ends",
+        write_bytes("labels", lambda d: d.replace(b"\n", b"\r")),
+        ["labels.csv", "carriage return alone", "expected LF or CRLF"],
+        absent=("unexpected",),
+    ),
+    Bad(
+        "header_too_long",
+        write_bytes("users", lambda d: b"user_id," + b"x" * 70_000 + d[d.index(b"\n") :]),
+        ["users.csv", "first line is over 64 KB", "expected a header line: user_id,"],
+        absent=("unexpected",),
+    ),
+    Bad(
+        # COPY sees the field run to the end of the file, and says so at line 7,045.
+        "quote_never_closed",
+        write_bytes("labels", lambda d: b"\n".join(_quote_line(d.split(b"\n"), 101))),
+        ["labels.csv, line 101: a quoted field opens on this line and is never closed"],
+    ),
+    Bad(
+        "huge_bad_value",
+        set_cell("usage_agg_30d", 30, "skips_7d", "9" * 100_000 + "x"),
+        ["usage_agg_30d.csv, line 31, column skips_7d", '"9999', "(100001 characters)"],
+        absent=("9" * 100,),
     ),
     Bad(
         "empty_file",

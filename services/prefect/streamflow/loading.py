@@ -26,6 +26,9 @@ from .errors import InputError
 from .registry import KEY, TableSpec
 
 CHUNK_BYTES = 1 << 20
+# A header of the registry's names is well under 1 KB; a first line past this is not
+# a header (a file whose lines end in CR alone, a binary file), and is not read whole.
+MAX_HEADER_BYTES = 1 << 16
 _BOM = b"\xef\xbb\xbf"
 _BLANK = b" \t\r\n"
 # What COPY says of a blank line: one empty field where the table has several, or,
@@ -47,11 +50,23 @@ class StagedFile:
 
 def read_header(spec: TableSpec, path: Path) -> tuple[list[str], int]:
     """The file's columns, checked against the registry, and the byte offset of row 1."""
-    with path.open("rb") as f:
-        first = f.readline()
+    try:
+        with path.open("rb") as f:
+            first = f.readline(MAX_HEADER_BYTES + 1)
+    except OSError as exc:
+        raise InputError(f"{path.name}: cannot be read ({exc.strerror or exc})") from exc
+    expected = ",".join(spec.column_names)
     if not first.strip(b"\r\n\t " + _BOM):
+        raise InputError(f"{path.name}: file is empty; expected a header line: {expected}")
+    if b"\r" in first.rstrip(b"\r\n"):
         raise InputError(
-            f"{path.name}: file is empty; expected a header line: {','.join(spec.column_names)}"
+            f"{path.name}: lines end in a carriage return alone (CR, as old Mac exports "
+            "write them); expected LF or CRLF line ends"
+        )
+    if len(first) > MAX_HEADER_BYTES:
+        raise InputError(
+            f"{path.name}: the first line is over {MAX_HEADER_BYTES // 1024} KB; "
+            f"expected a header line: {expected}"
         )
     offset = len(first)
     line = first[len(_BOM) :] if first.startswith(_BOM) else first
@@ -59,7 +74,12 @@ def read_header(spec: TableSpec, path: Path) -> tuple[list[str], int]:
         text = line.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as exc:
         raise InputError(f"{path.name}: header line is not UTF-8 text ({exc.reason})") from exc
-    header = next(csv.reader([text]))
+    try:
+        header = next(csv.reader([text]))
+    except csv.Error as exc:
+        raise InputError(
+            f"{path.name}: header line is not CSV ({exc}); expected {expected}"
+        ) from exc
     _check_header(spec, path.name, header)
     return header, offset
 
@@ -111,6 +131,9 @@ def stage_file(conn: psycopg.Connection, spec: TableSpec, path: Path) -> StagedF
     except psycopg.errors.IntegrityError as exc:  # NOT NULL on user_id
         conn.rollback()
         raise InputError(explain_copy_error(spec, path.name, exc, path)) from exc
+    except OSError as exc:  # the COPY was abandoned: nothing of the file is staged
+        conn.rollback()
+        raise InputError(f"{path.name}: cannot be read ({exc.strerror or exc})") from exc
     return StagedFile(spec.name, str(path), rows)
 
 
@@ -150,8 +173,15 @@ def explain_copy_error(
     PostgreSQL's error does not show the line.
     """
     diag = exc.diag
-    primary = (diag.message_primary or str(exc)).strip()
+    primary = _QUOTED.sub(_clip_quoted, (diag.message_primary or str(exc)).strip())
     match = _COPY_CONTEXT.search(diag.context or "")
+    if primary.startswith("unterminated CSV quoted field") and path is not None:
+        opened = _unclosed_quote_line(path)
+        if opened is not None:
+            return (
+                f"{file}, line {opened}: a quoted field opens on this line and is never "
+                'closed (a quote inside a field is written "")'
+            )
     where = file
     expected = ""
     if match:
@@ -176,6 +206,32 @@ def explain_copy_error(
         where = where if ", column" in where else f"{where}, column {column}"
         return f"{where}: empty {column}; every row needs one"
     return f"{where}: {primary}{expected}"
+
+
+_QUOTED = re.compile(r'"(.*)"', re.DOTALL)
+
+
+def _clip_quoted(m: re.Match[str]) -> str:
+    """PostgreSQL quotes the whole bad value: a 100 KB cell must not become the line."""
+    value = m.group(1)
+    return f'"{value}"' if len(value) <= 60 else f'"{value[:40]}..." ({len(value)} characters)'
+
+
+def _unclosed_quote_line(path: Path) -> int | None:
+    """The file line where a quoted field that never closes opens, if one does.
+
+    In CSV a quote inside a field is doubled, so the quotes seen so far are odd exactly
+    while a field is open; the field left open at the end opened where the count last
+    turned odd. Read only after COPY refused the file.
+    """
+    odd, opened = False, None
+    with path.open("rb") as f:
+        for n, line in enumerate(f, 1):
+            if line.count(b'"') % 2:
+                odd = not odd
+                if odd:
+                    opened = n
+    return opened if odd else None
 
 
 def _blank_line(shown: str | None, path: Path | None, line: int) -> bool:

@@ -53,6 +53,7 @@ class TableSpec:
 
 
 KEY = "user_id"
+KEY_MAX_LENGTH = 64  # characters; a UUID has 36
 _key = Column(KEY, "text", required=True)
 _gender = ("Male", "Female")
 _contracts = ("Month-to-month", "One year", "Two year")

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import date
+from decimal import Decimal
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from urllib.parse import quote
 
 from .db import queries
 from .errors import IngestError, ValidationFailed
-from .registry import BY_NAME, KEY, PARENT, TABLES, TableSpec
+from .registry import BY_NAME, KEY, KEY_MAX_LENGTH, PARENT, TABLES, TableSpec
 
 
 @dataclass
@@ -40,12 +41,16 @@ class ExpectationOutcome:
     example_lines: list[list[int]] = field(default_factory=list)
     """For duplicated user_ids: the file lines of each example, in its order."""
     detail: str = ""
+    error: str = ""
+    """GX could not evaluate the expectation (its exception's first line)."""
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["example_user_ids"] = [_jsonable(v) for v in self.example_user_ids]
         if not self.example_lines:  # only duplicates have them: keep the ledger's JSON short
             del d["example_lines"]
+        if not self.error:
+            del d["error"]
         return d
 
 
@@ -61,8 +66,34 @@ class SuiteOutcome:
         return self.failed == 0
 
 
+_SHOWN_CHARS = 40
+
+
 def _shown(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else str(value)
+    """A value as written in a file, cut short: a 100 KB cell must not become the line."""
+    text = repr(value) if isinstance(value, str) else str(value)
+    if len(text) <= _SHOWN_CHARS:
+        return text
+    if isinstance(value, Decimal) and value.is_finite():
+        return str(value.normalize())  # PostgreSQL writes 1e400 out in 401 digits
+    size = len(value) if isinstance(value, str) else len(text)
+    return f"{text[:_SHOWN_CHARS]}... ({size} characters)"
+
+
+def _gx_error(exception_info: dict | None) -> str:
+    """The first line of the exception GX caught while computing an expectation, if any.
+
+    GX 1.x keeps either one record or one per metric that failed.
+    """
+    if not exception_info:
+        return ""
+    records = [exception_info] if "raised_exception" in exception_info else []
+    records += [v for v in exception_info.values() if isinstance(v, dict)]
+    for record in records:
+        if record.get("raised_exception"):
+            message = str(record.get("exception_message") or "").strip()
+            return message.splitlines()[0] if message else "an exception"
+    return ""
 
 
 def _jsonable(value: Any) -> Any:
@@ -125,6 +156,14 @@ def build_suite(spec: TableSpec):  # -> gx.ExpectationSuite
                 meta={"check": "padded_key", "column": KEY},
             )
         )
+        # An id is a short code (the lab's have 10 characters). A longer one is an export
+        # error, and past ~2,700 bytes no primary key can index it: the publish would
+        # fail on the index, far from the file. GX folds this into its aggregates.
+        suite.add_expectation(
+            gxe.ExpectColumnValueLengthsToBeBetween(
+                column=KEY, max_value=KEY_MAX_LENGTH, meta={"check": "key_length"}
+            )
+        )
     for col in spec.columns:
         if col.required:
             suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=col.name))
@@ -136,7 +175,7 @@ def build_suite(spec: TableSpec):  # -> gx.ExpectationSuite
             suite.add_expectation(
                 counted_rows_expectation()(
                     unexpected_rows_query=rows_query("not_numbers", col.name),
-                    description=f"{col.name} holds numbers, never NaN or Infinity",
+                    description=f"{col.name} holds finite numbers: no NaN, Infinity, 1e400",
                     meta={"check": "not_numbers", "column": col.name},
                 )
             )
@@ -432,6 +471,7 @@ def _suite_outcome(spec: TableSpec, run) -> SuiteOutcome:
                 examples=examples,
                 example_user_ids=ids,
                 detail=detail,
+                error="" if r.success else _gx_error(r.exception_info),
             )
         )
     failed = sum(not i.success for i in items)
@@ -446,6 +486,8 @@ def describe_failure(o: ExpectationOutcome) -> str:
     eg_values = ", ".join(dict.fromkeys(o.examples))  # each example once
     eg_ids = ", ".join(str(v) for v in o.example_user_ids if v is not None)
     rows = f" (user_id {eg_ids})" if eg_ids else ""
+    if o.error:
+        return f"{where}: {o.expectation} could not be evaluated: {o.error}"
     match o.expectation:
         case "expect_column_values_to_be_between":
             what = f"{n} value(s) below 0, expected >= 0, e.g. {eg_values}{rows}"
@@ -459,10 +501,18 @@ def describe_failure(o: ExpectationOutcome) -> str:
             )
             what = f"{n} duplicated {o.column} value(s), e.g. {copies or eg_ids}"
         case "not_numbers":
-            what = f"{n} value(s) that are not a number, e.g. {eg_values}{rows}"
+            what = (
+                f"{n} value(s) that are not a finite number (NaN, Infinity, or beyond "
+                f"1.8e308, which no float holds), e.g. {eg_values}{rows}"
+            )
         case "expect_column_values_to_be_in_set":
             allowed = "/".join(spec.column(o.column).value_set or ())
             what = f"{n} value(s) outside {allowed}, e.g. {eg_values}{rows}"
+        case "key_length":
+            what = (
+                f"{n} value(s) longer than {KEY_MAX_LENGTH} characters, e.g. {eg_values}; "
+                "a user_id is a short code"
+            )
         case "padded_key":
             what = (
                 f"{n} value(s) blank or with a space or invisible character before or after, "
@@ -518,6 +568,10 @@ def check(outcomes: list[SuiteOutcome]) -> None:
         if e.expectation == _NO_ROWS
         or not (e.table in empty or (PARENT.name in empty and e.expectation == _ORPHANS))
     ]
+    # GX raises on values it cannot hold (1e400 as a float); the SQL check of the same
+    # column says what the value is, so that failure is the one to show.
+    explained = {(e.table, e.column) for e in failures if not e.error}
+    failures = [e for e in failures if not (e.error and (e.table, e.column) in explained)]
     if failures:
         first = describe_failure(failures[0])
         # The line names one failure; say where the others are, so that a month with
