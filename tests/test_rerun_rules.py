@@ -190,6 +190,29 @@ def test_a_later_month_adds_new_users_and_counts_them(run_flow, db_url, months, 
     assert live == new_usage[1]
 
 
+def test_users_a_month_leaves_out_stay_live_and_are_counted(run_flow, db_url, months, tmp_path):
+    """Users are never deleted: one missing from every file of month 2 keeps its month-1
+    values live, is left out of month 2's snapshots, and the run says how many."""
+    ok(run_flow(db_url, months / "month_000", JAN))
+    gone = read_rows(months / "month_001" / "users.csv")[7][0]
+    feb = tmp_path / "month_001"
+    shutil.copytree(months / "month_001", feb)
+    for spec in TABLES:
+        rows = read_rows(feb / spec.file_name)
+        write_rows(feb / spec.file_name, [r for r in rows if r[0] != gone])
+    jan_label = scalar(db_url, "SELECT churn_label FROM labels WHERE user_id = %s", (gone,))
+
+    out = ok(run_flow(db_url, feb, FEB))
+
+    stats = {s["table"]: s for s in runs(db_url)[-1]["table_stats"]}
+    for spec in TABLES:
+        assert (stats[spec.name]["read"], stats[spec.name]["absent"]) == (199, 1), stats
+        assert f"{spec.name} +0 " in out and "(1 absent, kept)" in out, out
+    assert scalar(db_url, "SELECT churn_label FROM labels WHERE user_id = %s", (gone,)) == jan_label
+    in_feb = "SELECT count(*) FROM labels_snapshots WHERE user_id = %s AND as_of = %s"
+    assert scalar(db_url, in_feb, (gone, FEB)) == 0
+
+
 # --------------------------------------------------------------------------- same files
 
 

@@ -25,6 +25,8 @@ class TableStats:
     inserted: int = 0
     updated: int = 0
     unchanged: int = 0
+    absent: int = 0
+    """Live rows of users this month does not list: kept, with their last values."""
     snapshot_table: str | None = None
     snapshot_inserted: int = 0
     snapshot_updated: int = 0
@@ -38,8 +40,8 @@ def _staged(spec: TableSpec) -> sql.Identifier:
     return sql.Identifier("staging", spec.name)
 
 
-def upsert_live(cur: psycopg.Cursor, spec: TableSpec) -> tuple[int, int]:
-    """Returns (inserted, updated); unchanged rows are not touched."""
+def upsert_live(cur: psycopg.Cursor, spec: TableSpec) -> tuple[int, int, int]:
+    """Returns (inserted, updated, live rows after); unchanged rows are not touched."""
     values = spec.value_columns
     names = {
         "live": sql.Identifier(spec.name),
@@ -56,17 +58,18 @@ def upsert_live(cur: psycopg.Cursor, spec: TableSpec) -> tuple[int, int]:
         cur.execute(query("publish", "append_live", **names))
         inserted = cur.rowcount
         cur.execute(q["restore_live_key"], params)  # type: ignore[arg-type]
-        return inserted, 0
+        return inserted, 0, inserted
     if cur.execute(query("publish", "live_is_empty", **names)).fetchone()[0]:
         cur.execute(query("publish", "insert_live", **names))
-        return cur.rowcount, 0
+        return cur.rowcount, 0, cur.rowcount
     # MERGE reports one count for inserts and updates together (RETURNING
     # merge_action() is PostgreSQL 17+): the table's growth tells them apart.
     before = cur.execute(query("publish", "live_rows", **names)).fetchone()[0]
     cur.execute(query("publish", "merge_live", **names))
     changed = cur.rowcount
-    inserted = cur.execute(query("publish", "live_rows", **names)).fetchone()[0] - before
-    return inserted, changed - inserted
+    after = cur.execute(query("publish", "live_rows", **names)).fetchone()[0]
+    inserted = after - before
+    return inserted, changed - inserted, after
 
 
 def build_history(conn: psycopg.Connection, as_of: date) -> dict[str, int]:
@@ -153,7 +156,11 @@ def publish_month(
             cur.execute(query("publish", "staged_rows", staged=_staged(spec)))
             s = TableStats(spec.name, read=cur.fetchone()[0], snapshot_table=spec.snapshot_table)
             if update_live:
-                s.inserted, s.updated = upsert_live(cur, spec)
+                s.inserted, s.updated, live_rows = upsert_live(cur, spec)
+                # Users are never deleted: those this month does not list stay live with
+                # their last values (its snapshot says who was in it). The month's users
+                # are all live now, once each (validated unique): the rest are absent.
+                s.absent = live_rows - s.read
                 s.unchanged = s.read - s.inserted - s.updated
             # A backfill leaves the live tables to the newer month: nothing was compared
             # with them, so nothing is counted unchanged either.

@@ -41,6 +41,7 @@ class RunSummary:
                     "inserted": t.inserted if t else 0,
                     "updated": t.updated if t else 0,
                     "unchanged": t.unchanged if t else 0,
+                    "absent, kept live": t.absent if t else 0,
                     "snapshot rows written": (t.snapshot_inserted + t.snapshot_updated) if t else 0,
                     "expectations passed": s.passed if s else "-",
                     "expectations failed": s.failed if s else "-",
@@ -62,7 +63,9 @@ class RunSummary:
             )
         else:
             changes = ", ".join(
-                f"{t.table} +{t.inserted} ~{t.updated} ={t.unchanged}" for t in self.tables
+                f"{t.table} +{t.inserted} ~{t.updated} ={t.unchanged}"
+                + (f" ({t.absent} absent, kept)" if t.absent else "")
+                for t in self.tables
             )
         what = "history only (backfill)" if self.mode == "backfill" else "live + history"
         verb = "replaced" if self.replacing else "published"
