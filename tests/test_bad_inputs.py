@@ -329,6 +329,15 @@ CORPUS = [
         ["subscriptions.csv", "line 41", "column months_active", "99999999999", "integer"],
     ),
     Bad(
+        # PostgreSQL reads all of these as dates; none is a signup date
+        "signup_not_a_real_date",
+        lambda month: [
+            set_cell("users", row, "signup_date", value)(month)
+            for row, value in ((12, "-infinity"), (13, "0001-01-01"), (14, "0044-03-15 BC"))
+        ],
+        ["users.csv", "column signup_date", "3 date(s) before 1900-01-01", "-infinity"],
+    ),
+    Bad(
         # The month is as of 2024-02-29: a user who signed up later is the future, an
         # export taken after its as_of, and would leak into the month's snapshot.
         "signup_after_as_of",
@@ -336,7 +345,7 @@ CORPUS = [
         [
             "users.csv",
             "column signup_date",
-            "1 date(s) after the month's as_of 2024-02-29",
+            "1 date(s) before 1900-01-01 or after the month's as_of 2024-02-29",
             "2024-03-01 (user_id {uid:12})",
         ],
         expect_user_ids_of={"uid:12": ("users", 12)},

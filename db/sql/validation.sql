@@ -42,11 +42,12 @@ WHERE b.{column} < 0
 SELECT b.user_id, b.{column} FROM (SELECT user_id, {column} FROM {batch}) AS b
 WHERE b.{column} <> ALL (%(allowed)s)
 
--- name: after_as_of
--- The rows behind a failed "no later than the as_of" expectation; "as_of" is the
--- run's, {column} a date column of the registry.
-SELECT b.user_id, b.{column} FROM (SELECT user_id, {column} FROM {batch}) AS b
-WHERE b.{column} > %(as_of)s
+-- name: outside_dates
+-- The rows behind a failed "from the earliest date to the as_of" expectation; "as_of"
+-- is the run's, "earliest" the registry's, {column} a date column of the registry. As
+-- text: -infinity and BC dates have no Python date.
+SELECT b.user_id, b.{column}::text FROM (SELECT user_id, {column} FROM {batch}) AS b
+WHERE b.{column} > %(as_of)s OR b.{column} < %(earliest)s
 
 -- name: padded_key
 -- user_ids whose first or last character is white space or invisible, blank ones

@@ -8,6 +8,7 @@ derived from these specs, so adding a column is a one-line change plus its DDL.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import date
 
 
 @dataclass(frozen=True)
@@ -20,8 +21,9 @@ class Column:
     required: bool = False
     """An empty cell is refused (the key, and the label a model is trained on)."""
     until_as_of: bool = False
-    """A date no later than the month's as_of: a later one is the future, leaking into
-    the snapshot of what was known then (an export taken after its as_of)."""
+    """A date from EARLIEST_DATE to the month's as_of: a later one is the future, leaking
+    into the snapshot of what was known then (an export taken after its as_of); an
+    earlier one is no real date (-infinity, 0001-01-01, a BC date all parse)."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class TableSpec:
         raise KeyError(name)
 
 
+EARLIEST_DATE = date(1900, 1, 1)
 KEY = "user_id"
 KEY_MAX_LENGTH = 64  # characters; a UUID has 36
 _key = Column(KEY, "text", required=True)

@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 from .db import queries
 from .errors import IngestError, ValidationFailed
-from .registry import BY_NAME, KEY, KEY_MAX_LENGTH, PARENT, TABLES, TableSpec
+from .registry import BY_NAME, EARLIEST_DATE, KEY, KEY_MAX_LENGTH, PARENT, TABLES, TableSpec
 
 
 @dataclass
@@ -187,8 +187,9 @@ def build_suite(spec: TableSpec):  # -> gx.ExpectationSuite
             suite.add_expectation(
                 gxe.ExpectColumnValuesToBeBetween(
                     column=col.name,
+                    min_value=EARLIEST_DATE.isoformat(),
                     max_value={"$PARAMETER": AS_OF},
-                    meta={"check": "after_as_of"},
+                    meta={"check": "date_range"},
                 )
             )
     if spec is not PARENT:
@@ -389,7 +390,7 @@ _ROW_CHECKS = {
     "not_numbers": "not_numbers",
     "expect_column_values_to_be_between": "negatives",
     "expect_column_values_to_be_in_set": "outside_set",
-    "after_as_of": "after_as_of",
+    "date_range": "outside_dates",
     "padded_key": "padded_key",
 }
 
@@ -416,16 +417,21 @@ def _add_row_examples(database_url: str, outcomes: list[SuiteOutcome], as_of: da
             params = None
             if e.expectation == "expect_column_values_to_be_in_set":
                 params = {"allowed": list(BY_NAME[e.table].column(e.column).value_set or ())}
-            elif e.expectation == "after_as_of":
-                params = {"as_of": as_of}
+            elif e.expectation == "date_range":
+                params = {"earliest": EARLIEST_DATE, "as_of": as_of}
                 e.detail = as_of.isoformat()
             rows = conn.execute(sql.SQL(text + " LIMIT 5").format(**ids), params).fetchall()
-            if e.expectation in ("unique", "missing_users"):  # GX did not count these rows
+            # GX did not count these rows, or raised on a value Python cannot hold (a
+            # -infinity date): the SQL check counts them, and its rows explain the failure.
+            if e.expectation in ("unique", "missing_users") or (e.error and rows):
+                e.error = ""
                 rows_q = sql.SQL(text).format(**ids)
                 count = sql.SQL("SELECT count(*) FROM ({}) AS d").format(rows_q)
-                e.unexpected_count = conn.execute(count).fetchone()[0]
+                e.unexpected_count = conn.execute(count, params).fetchone()[0]
             e.example_user_ids = [row[0] for row in rows]
-            e.examples = [_shown(row[1]) for row in rows if len(row) > 1]
+            # Dates come as text (see outside_dates) and are shown bare, like numbers.
+            show = str if e.expectation == "date_range" else _shown
+            e.examples = [show(row[1]) for row in rows if len(row) > 1]
             if e.expectation == "missing_users" and e.unexpected_count == 0:
                 # The row count stands in for "no user missing"; the exact anti-join says
                 # none is (users.csv repeats a user: its own "unique" check fails).
@@ -518,10 +524,10 @@ def describe_failure(o: ExpectationOutcome) -> str:
                 f"{n} value(s) blank or with a space or invisible character before or after, "
                 f"e.g. {eg_values}; a user_id is matched exactly, so each would be another user"
             )
-        case "after_as_of":
+        case "date_range":
             what = (
-                f"{n} date(s) after the month's as_of {o.detail}, e.g. {eg_values}{rows}; "
-                "a month's files hold what was known on its as_of"
+                f"{n} date(s) before {EARLIEST_DATE} or after the month's as_of {o.detail}, "
+                f"e.g. {eg_values}{rows}; a month's files hold what was known on its as_of"
             )
         case "expect_table_row_count_to_be_between":
             what = "no data rows; expected at least one"
