@@ -329,6 +329,13 @@ CORPUS = [
         ["subscriptions.csv", "line 41", "column months_active", "99999999999", "integer"],
     ),
     Bad(
+        # An empty cell is NULL; a whole column of them is an export that lost it.
+        "column_emptied",
+        edit("subscriptions", lambda rows: [r.__setitem__(6, "") for r in rows[1:]]),
+        ["subscriptions.csv, column monthly_fee: empty in every row"],
+        absent=("more failed",),
+    ),
+    Bad(
         # PostgreSQL reads all of these as dates; none is a signup date
         "signup_not_a_real_date",
         lambda month: [

@@ -167,6 +167,15 @@ def build_suite(spec: TableSpec):  # -> gx.ExpectationSuite
     for col in spec.columns:
         if col.required:
             suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=col.name))
+        else:
+            # An empty cell may be NULL, but a column empty in every row is an export that
+            # lost it (the header kept): its NULLs would be published over every user.
+            # GX counts the non-null values among the table's aggregates: no extra scan.
+            suite.add_expectation(
+                gxe.ExpectColumnProportionOfNonNullValuesToBeBetween(
+                    column=col.name, min_value=0, strict_min=True, meta={"check": "all_empty"}
+                )
+            )
         if col.non_negative:
             suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column=col.name, min_value=0))
         if col.pg_type == "numeric":
@@ -514,6 +523,8 @@ def describe_failure(o: ExpectationOutcome) -> str:
         case "expect_column_values_to_be_in_set":
             allowed = "/".join(spec.column(o.column).value_set or ())
             what = f"{n} value(s) outside {allowed}, e.g. {eg_values}{rows}"
+        case "all_empty":
+            what = "empty in every row; a month's export that lost this column's values"
         case "key_length":
             what = (
                 f"{n} value(s) longer than {KEY_MAX_LENGTH} characters, e.g. {eg_values}; "
