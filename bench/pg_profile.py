@@ -61,7 +61,7 @@ KINDS = (
         r"count\(DISTINCT user_id\)",
     ),
     ("validate: GX counts of unexpected values", r"UnexpectedCountSubquery|^SELECT sum\(CASE"),
-    ("validate: NaN/Infinity rows", r"'NaN'"),
+    ("validate: NaN/Infinity/beyond-float rows", r"'NaN'|e308"),
     ("validate: padded user_id (since 3e89e02)", r"ascii\(right\(\w*\.?user_id"),
     ("validate: orphan rows (anti-join)", r"unexpected_row_count|^SELECT o\.user_id FROM"),
     ("validate: GX other", r"AS unexpected_values|anon_|substituted_batch_subquery"),
