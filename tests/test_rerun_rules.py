@@ -379,6 +379,27 @@ def test_same_as_of_other_files_is_refused_without_replace(run_flow, db_url, mon
     assert dump(db_url, ALL_TABLES) == before
 
 
+def test_the_same_files_under_another_as_of_are_refused_without_replace(run_flow, db_url, months):
+    """month_000's files again, as of February: a copied folder or a wrong AS_OF. Refused,
+    nothing changed, the refusal in the ledger; --replace publishes them anyway."""
+    ok(run_flow(db_url, months / "month_000", JAN))
+    before = dump(db_url, ALL_TABLES)
+
+    rc, _, err = run_flow(db_url, months / "month_000", FEB)
+
+    assert rc == 1
+    message = err.strip().splitlines()[-1]
+    assert message.startswith(
+        f"ingest failed: as_of {FEB}: these files were already published as as_of {JAN} (run 1)"
+    ), message
+    assert "--replace" in message
+    assert dump(db_url, ALL_TABLES) == before
+    assert (runs(db_url)[-1]["status"], runs(db_url)[-1]["mode"]) == ("failed", "refused")
+
+    ok(run_flow(db_url, months / "month_000", FEB, "--replace"))
+    assert scalar(db_url, "SELECT count(DISTINCT as_of) FROM labels_snapshots") == 2
+
+
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_replace_rewrites_that_month_only(
     how, run_flow, db_url, new_db, months, tmp_path, monkeypatch

@@ -20,6 +20,13 @@ WHERE r.as_of = %(as_of)s AND r.status IN ('succeeded', 'noop')
 ORDER BY r.run_id DESC
 LIMIT 1;
 
+-- name: same_files_elsewhere
+-- Another as_of published from byte-identical files: a month copied under a new date.
+SELECT as_of, run_id FROM ingest_months
+WHERE fingerprint = %(fingerprint)s AND as_of <> %(as_of)s
+ORDER BY as_of
+LIMIT 1;
+
 -- name: latest_published
 SELECT max(as_of) FROM ingest_months;
 

@@ -178,6 +178,16 @@ def decide_mode(
                 "that month"
             )
         replacing = True
+    same = conn.execute(q["same_files_elsewhere"], {"fingerprint": fingerprint, "as_of": as_of})
+    if (copied := same.fetchone()) is not None and not replace:
+        # A month's files describe what was known on its as_of: the same bytes under two
+        # dates is a folder copied or a wrong AS_OF, and would duplicate that month.
+        raise MonthConflict(
+            f"as_of {as_of.isoformat()}: these files were already published as as_of "
+            f"{copied[0].isoformat()} (run {copied[1]}); a month's files describe what was "
+            "known on its as_of. Check SEED_DIR and AS_OF, or rerun with --replace (or "
+            "REPLACE=1) to publish them for this as_of too"
+        )
     latest = conn.execute(q["latest_published"]).fetchone()[0]
     if latest is not None and as_of < latest:
         return Mode.BACKFILL, replacing
@@ -247,7 +257,8 @@ def record_refusal(
     timings: dict[str, float],
     error: str,
 ) -> int:
-    """A run the rerun rules refused (other files for a published as_of, no --replace)."""
+    """A run the rerun rules refused without --replace: other files for a published as_of,
+    or the files of another published as_of."""
     run_id = start_run(
         conn,
         as_of=as_of,
