@@ -111,15 +111,20 @@ def write_bytes(table: str, content: Callable[[bytes], bytes]) -> Callable[[Path
     return apply
 
 
-def replace_line(table: str, line: int, new: bytes) -> Callable[[Path], None]:
-    """Replace file line ``line`` (1 = header) with raw bytes."""
+def edit_line(table: str, line: int, change: Callable[[bytes], bytes]) -> Callable[[Path], None]:
+    """Change file line ``line`` (1 = header) as raw bytes."""
 
     def content(data: bytes) -> bytes:
         lines = data.split(b"\n")
-        lines[line - 1] = new
+        lines[line - 1] = change(lines[line - 1])
         return b"\n".join(lines)
 
     return write_bytes(table, content)
+
+
+def replace_line(table: str, line: int, new: bytes) -> Callable[[Path], None]:
+    """Replace file line ``line`` (1 = header) with raw bytes."""
+    return edit_line(table, line, lambda _: new)
 
 
 def insert_line(table: str, line: int, new: bytes, *, crlf: bool = False) -> Callable[[Path], None]:
@@ -153,12 +158,6 @@ def line_of(month: Path, table: str, line: int) -> str:
 
 def remove(table: str) -> Callable[[Path], None]:
     return lambda month: (month / BY_NAME[table].file_name).unlink()
-
-
-def _quote_line(lines: list[bytes], line: int) -> list[bytes]:
-    """A stray quote at the start of file line ``line`` (1 = header)."""
-    lines[line - 1] = b'"' + lines[line - 1]
-    return lines
 
 
 # --------------------------------------------------------------------------- corpus
@@ -384,6 +383,12 @@ CORPUS = [
         ["users.csv", "line 50", "UTF8"],
     ),
     Bad(
+        "nul_byte",
+        edit_line("labels", 9, lambda b: b.replace(b",", b"\x00,")),
+        ["labels.csv", "line 9", "a NUL byte (0x00)"],
+        absent=("UTF-8",),
+    ),
+    Bad(
         "latin1_data_row",
         latin1_cell("users", 30, "user_gender", "Fémale"),
         ["users.csv", "line 30", "0xe9", "(the file must be UTF-8 text)"],
@@ -419,7 +424,7 @@ CORPUS = [
     Bad(
         # COPY sees the field run to the end of the file, and says so at line 7,045.
         "quote_never_closed",
-        write_bytes("labels", lambda d: b"\n".join(_quote_line(d.split(b"\n"), 101))),
+        edit_line("labels", 101, lambda b: b'"' + b),
         ["labels.csv, line 101: a quoted field opens on this line and is never closed"],
     ),
     Bad(
@@ -463,6 +468,11 @@ CORPUS = [
         ["subscriptions.csv", "total_paid", "twice"],
     ),
     Bad("missing_file", remove("payments_agg_90d"), ["payments_agg_90d.csv", "missing file"]),
+    Bad(
+        "folder_instead_of_file",
+        lambda month: [remove("users")(month), (month / "users.csv").mkdir()],
+        ["users.csv is not a regular file"],
+    ),
     Bad("seed_dir_does_not_exist", None, ["SEED_DIR", "no_such_month"], seed_dir="no_such_month"),
     Bad("invalid_as_of", None, ["AS_OF", "2024-02-30", "YYYY-MM-DD"], as_of="2024-02-30"),
     Bad(

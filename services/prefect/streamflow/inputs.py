@@ -37,6 +37,9 @@ def month_files(seed_dir: Path) -> dict[str, Path]:
     if not seed_dir.is_dir():
         raise InputError(f"SEED_DIR {str(seed_dir)!r} is not a directory")
     files = expected_files(seed_dir)
+    for path in files.values():
+        if path.exists() and not path.is_file():  # a folder, a device: "missing" would mislead
+            raise InputError(f"{seed_dir}: {path.name} is not a regular file")
     missing = [p.name for p in files.values() if not p.is_file()]
     if missing:
         raise InputError(

@@ -200,6 +200,8 @@ def explain_copy_error(
         elif primary.startswith(_BLANK_LINE_ERRORS) and _blank_line(match.group(3), path, line):
             return f"{where}: blank line (every line after the header is one user's row)"
     if isinstance(exc, psycopg.errors.CharacterNotInRepertoire):
+        if primary.endswith(": 0x00"):  # valid UTF-8, but no PostgreSQL text holds it
+            return f"{where}: a NUL byte (0x00), which no text value can hold"
         return f"{where}: {primary} (the file must be UTF-8 text)"
     if isinstance(exc, psycopg.errors.NotNullViolation):
         column = diag.column_name or "user_id"
