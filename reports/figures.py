@@ -268,7 +268,11 @@ def _describe(e) -> str:
     if e.expectation_type == "expect_table_row_count_to_be_between":
         return f"min_value={kw['min_value']}"
     if e.expectation_type == "expect_column_values_to_be_between" and kw.get("max_value"):
-        return f"{kw['column']} <= {kw['max_value']} (the run's as_of)"
+        return f"{kw['min_value']} <= {kw['column']} <= {kw['max_value']} (the run's as_of)"
+    if e.expectation_type == "expect_column_value_lengths_to_be_between":
+        return f"{kw['column']}: at most {kw['max_value']} characters"
+    if e.expectation_type == "expect_column_proportion_of_non_null_values_to_be_between":
+        return f"{kw['column']}: not empty in every row"
     if e.expectation_type == "expect_column_values_to_be_between":
         return f"{kw['column']} >= {kw['min_value']:g}"
     if e.expectation_type == "expect_column_proportion_of_unique_values_to_be_between":

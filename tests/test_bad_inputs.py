@@ -199,6 +199,18 @@ def _user_everywhere_as(row: int, new_id: Callable[[str], str]) -> Callable[[Pat
     return mutate
 
 
+PROC_MEM = "/proc/self/mem"  # a regular file to stat(); reading it at offset 0 fails
+
+
+def _empty_column(column: str) -> Callable[[list[list[str]]], None]:
+    def change(rows: list[list[str]]) -> None:
+        at = rows[0].index(column)
+        for row in rows[1:]:
+            row[at] = ""
+
+    return change
+
+
 def _orphan(rows: list[list[str]]) -> None:
     rows[5][0] = "0000-NOTAUSER"
 
@@ -299,7 +311,7 @@ CORPUS = [
         set_cell("usage_agg_30d", 26, "watch_hours_30d", "1e400"),
         ["usage_agg_30d.csv", "watch_hours_30d", "not a finite", "1E+400 (user_id {uid:26})"],
         expect_user_ids_of={"uid:26": ("usage_agg_30d", 26)},
-        absent=("None", "below 0"),
+        absent=("None", "below 0", "could not be evaluated", "more failed"),
     ),
     Bad(
         "user_id_too_long",
@@ -330,7 +342,7 @@ CORPUS = [
     Bad(
         # An empty cell is NULL; a whole column of them is an export that lost it.
         "column_emptied",
-        edit("subscriptions", lambda rows: [r.__setitem__(6, "") for r in rows[1:]]),
+        edit("subscriptions", _empty_column("monthly_fee")),
         ["subscriptions.csv, column monthly_fee: empty in every row"],
         absent=("more failed",),
     ),
@@ -468,6 +480,12 @@ CORPUS = [
         ["subscriptions.csv", "total_paid", "twice"],
     ),
     Bad("missing_file", remove("payments_agg_90d"), ["payments_agg_90d.csv", "missing file"]),
+    Bad(
+        # A read error after the file was found (here EIO): named, not "unexpected".
+        "unreadable_file",
+        lambda month: [remove("labels")(month), (month / "labels.csv").symlink_to(PROC_MEM)],
+        ["labels.csv: cannot be read"],
+    ),
     Bad(
         "folder_instead_of_file",
         lambda month: [remove("users")(month), (month / "users.csv").mkdir()],

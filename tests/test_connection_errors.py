@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-from streamflow.db import connection_lost
+from streamflow.db import connection_lost, worth_retrying
 
 UNREACHABLE = "postgresql://postgres@127.0.0.1:9/x"  # nothing listens on port 9
 
@@ -43,3 +43,40 @@ def test_an_index_row_too_big_is_not_a_lost_connection(empty_db_url):
 def test_data_errors_are_not_lost_connections():
     assert not connection_lost(psycopg.errors.InvalidTextRepresentation("bad"))
     assert not connection_lost(ValueError("not a database error"))
+    assert not worth_retrying(psycopg.errors.InvalidTextRepresentation("bad"))
+
+
+def test_a_deadlock_is_retried_but_not_called_unreachable(empty_db_url):
+    """Two sessions locking two rows in opposite orders: PostgreSQL breaks the deadlock by
+    rolling one back (40P01). The same work may pass again: worth a retry, yet the
+    database was reached."""
+    import threading
+
+    with psycopg.connect(empty_db_url, autocommit=True) as setup:
+        setup.execute("CREATE TABLE IF NOT EXISTS pair (id int PRIMARY KEY); DELETE FROM pair")
+        setup.execute("INSERT INTO pair VALUES (1), (2)")
+    a, b = psycopg.connect(empty_db_url), psycopg.connect(empty_db_url)
+    errors: list[BaseException] = []
+    both_locked = threading.Barrier(2)
+
+    def lock(conn: psycopg.Connection, first: int, second: int) -> None:
+        try:
+            conn.execute("SET deadlock_timeout = '100ms'")
+            conn.execute("SELECT * FROM pair WHERE id = %s FOR UPDATE", (first,))
+            both_locked.wait(10)
+            conn.execute("SELECT * FROM pair WHERE id = %s FOR UPDATE", (second,))
+        except psycopg.Error as exc:
+            errors.append(exc)
+        finally:
+            conn.rollback()
+
+    threads = [threading.Thread(target=lock, args=a_args) for a_args in ((a, 1, 2), (b, 2, 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    a.close()
+    b.close()
+    [deadlock] = errors
+    assert deadlock.sqlstate == "40P01"
+    assert worth_retrying(deadlock) and not connection_lost(deadlock)

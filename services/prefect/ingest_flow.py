@@ -66,11 +66,11 @@ for _run_logger in ("prefect.flow_runs", "prefect.task_runs"):
 
 
 def _only_connection_errors(task, task_run, state) -> bool:
-    """Retry a lost connection; never retry bad data or failed expectations."""
+    """Retry a lost connection or a deadlock; never bad data or failed expectations."""
     try:
         state.result()
     except BaseException as exc:
-        return db.connection_lost(exc)
+        return db.worth_retrying(exc)
     return False
 
 

@@ -34,6 +34,20 @@ def connection_lost(exc: BaseException) -> bool:
     return state is None or state.startswith(_CONNECTION_SQLSTATES)
 
 
+# A deadlock, a serialization failure (class 40) or a lock not granted in time: the
+# server undid the transaction, and the same work may pass when run again.
+_RETRY_SQLSTATES = ("40", "55P03")
+
+
+def worth_retrying(exc: BaseException) -> bool:
+    """A lost connection, or a transaction the server rolled back for another's sake."""
+    if connection_lost(exc):
+        return True
+    if not isinstance(exc, psycopg.Error) or exc.sqlstate is None:
+        return False
+    return exc.sqlstate.startswith(_RETRY_SQLSTATES)
+
+
 @cache
 def queries(file: str, sql_dir: Path = SQL_DIR) -> dict[str, str]:
     """Named queries of ``db/sql/<file>.sql``: each block starts with ``-- name: <name>``."""

@@ -65,9 +65,19 @@ def stop(pgdata: Path) -> bool:
 
     def pg_ctl(*args: str) -> subprocess.CompletedProcess[str]:
         # pg_ctl refuses to run as root; pgserver runs the server as its own user then.
-        owner = pgdata.stat().st_uid if os.geteuid() == 0 else None
         command = [_bin("pg_ctl"), "-D", str(pgdata), *args]
-        return subprocess.run(command, capture_output=True, text=True, user=owner, check=False)
+        if os.geteuid() != 0:
+            return subprocess.run(command, capture_output=True, text=True, check=False)
+        owner = pgdata.stat()
+        return subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            user=owner.st_uid,
+            group=owner.st_gid,
+            extra_groups=[],
+            check=False,
+        )
 
     if pg_ctl("status").returncode == 3:  # not running (a stale postmaster.pid included)
         return False
@@ -86,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["uri", "psql", "stop"])
     parser.add_argument("psql_args", nargs=argparse.REMAINDER, help="passed to psql")
     args = parser.parse_args(argv)
+    if args.psql_args and args.command != "psql":
+        parser.error(f"{args.command} takes no arguments (only psql passes them on)")
     try:
         settings = load_settings()
         pgdata = settings.embedded_pgdata
@@ -105,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "uri":
         print(url)
         return 0
-    psql = _bin("psql")
-    os.execv(psql, [psql, url, *args.psql_args])
+    # A child, not exec: pgserver's exit handler then forgets this process's handle.
+    return subprocess.run([_bin("psql"), url, *args.psql_args], check=False).returncode
 
 
 if __name__ == "__main__":

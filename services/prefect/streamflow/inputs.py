@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 from .errors import InputError
 from .ledger import expected_files
-from .registry import TABLES
+from .registry import EARLIEST_DATE, TABLES
 from .settings import Settings, flag, load_dotenv_if_present
 
 
@@ -24,12 +24,15 @@ def parse_as_of(value: str, today: date | None = None) -> date:
     today = today or date.today()
     # A month is known once it has happened. A mistyped future as_of (2204 for 2024) would
     # become the latest month, and every real month after it a backfill that never
-    # reaches the live tables.
-    if as_of > today:
+    # reaches the live tables. One day of slack: this machine's date may still be
+    # yesterday where the month has already ended (a zone ahead of its clock).
+    if as_of > today + timedelta(days=1):
         raise InputError(
             f"AS_OF {as_of} is after today ({today}); a month's files describe what was "
             "known on its as_of, so it cannot be in the future"
         )
+    if as_of < EARLIEST_DATE:  # no signup date could be on or before it
+        raise InputError(f"AS_OF {as_of} is before {EARLIEST_DATE}; expected a recent month end")
     return as_of
 
 
@@ -93,7 +96,8 @@ def cli_parser(description: str | None, *, add_help: bool = True) -> argparse.Ar
         "--replace",
         action="store_true",
         default=None,
-        help="replace an as_of already published from other files (env REPLACE=1)",
+        help="replace an as_of already published from other files, or publish files "
+        "already published under another as_of (env REPLACE=1)",
     )
     return parser
 

@@ -14,7 +14,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from .db import queries
-from .errors import MonthConflict
+from .errors import InputError, MonthConflict
 from .registry import TABLES
 
 
@@ -53,10 +53,13 @@ def fingerprint_file(table: str, path: Path) -> FileFingerprint:
     before = path.stat()
     digest = hashlib.sha256()
     size = 0
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+    except OSError as exc:  # the first read of the month: name the file here
+        raise InputError(f"{path.name}: cannot be read ({exc.strerror or exc})") from exc
     after = path.stat()
     stat = _stat(path, after) if _stat(path, before) == _stat(path, after) else None
     if stat is not None:
@@ -160,24 +163,18 @@ def decide_mode(
     *,
     replace: bool,
 ) -> tuple[Mode, bool]:
-    """The rerun rules, for the month of these files. Returns (mode, replacing)."""
+    """The rerun rules, for the month of these files. Returns (mode, replacing).
+
+    ``replacing`` is also True for files of another published as_of let through by
+    --replace, so that the ledger records the override.
+    """
     fingerprint = month_fingerprint(prints)
     q = queries("ledger")
     row = conn.execute(q["published_month"], {"as_of": as_of}).fetchone()
-    replacing = False
-    if row is not None:
-        if row[0] == fingerprint and not replace:
-            return Mode.NOOP, False
-        if row[0] != fingerprint and not replace:
-            # Byte for byte: a re-export with other quoting or line ends is "different".
-            changed = changed_files(published_files(conn, as_of), prints)
-            which = f"; {', '.join(changed)} changed" if changed else ""
-            raise MonthConflict(
-                f"as_of {as_of.isoformat()} was already published from different files "
-                f"(run {row[1]}{which}); rerun with --replace (or REPLACE=1) to replace "
-                "that month"
-            )
-        replacing = True
+    if row is not None and row[0] == fingerprint and not replace:
+        return Mode.NOOP, False
+    # Before the "other files" refusal: another month's files are named as such (that
+    # refusal's advice, --replace, would put them in place of this month unannounced).
     same = conn.execute(q["same_files_elsewhere"], {"fingerprint": fingerprint, "as_of": as_of})
     if (copied := same.fetchone()) is not None and not replace:
         # A month's files describe what was known on its as_of: the same bytes under two
@@ -188,6 +185,18 @@ def decide_mode(
             "known on its as_of. Check SEED_DIR and AS_OF, or rerun with --replace (or "
             "REPLACE=1) to publish them for this as_of too"
         )
+    replacing = copied is not None
+    if row is not None:
+        if row[0] != fingerprint and not replace:
+            # Byte for byte: a re-export with other quoting or line ends is "different".
+            changed = changed_files(published_files(conn, as_of), prints)
+            which = f"; {', '.join(changed)} changed" if changed else ""
+            raise MonthConflict(
+                f"as_of {as_of.isoformat()} was already published from different files "
+                f"(run {row[1]}{which}); rerun with --replace (or REPLACE=1) to replace "
+                "that month"
+            )
+        replacing = True
     latest = conn.execute(q["latest_published"]).fetchone()[0]
     if latest is not None and as_of < latest:
         return Mode.BACKFILL, replacing

@@ -58,6 +58,11 @@ def read_header(spec: TableSpec, path: Path) -> tuple[list[str], int]:
     expected = ",".join(spec.column_names)
     if not first.strip(b"\r\n\t " + _BOM):
         raise InputError(f"{path.name}: file is empty; expected a header line: {expected}")
+    if b"\x00" in first:  # UTF-16 (Excel's "Unicode text"), or not text at all
+        raise InputError(
+            f"{path.name}: header line is not UTF-8 text (it holds NUL bytes: UTF-16, or a "
+            f"binary file); expected a header line: {expected}"
+        )
     if b"\r" in first.rstrip(b"\r\n"):
         raise InputError(
             f"{path.name}: lines end in a carriage return alone (CR, as old Mac exports "
@@ -210,13 +215,15 @@ def explain_copy_error(
     return f"{where}: {primary}{expected}"
 
 
-_QUOTED = re.compile(r'"(.*)"', re.DOTALL)
+# A long quoted value in PostgreSQL's message (it quotes the bad value whole, wherever
+# the message puts it); quoted names are short, and a value is never split at its quotes.
+_QUOTED = re.compile(r'"([^"]{61,})"')
 
 
 def _clip_quoted(m: re.Match[str]) -> str:
-    """PostgreSQL quotes the whole bad value: a 100 KB cell must not become the line."""
+    """A 100 KB cell must not become the line."""
     value = m.group(1)
-    return f'"{value}"' if len(value) <= 60 else f'"{value[:40]}..." ({len(value)} characters)'
+    return f'"{value[:40]}..." ({len(value)} characters)'
 
 
 def _unclosed_quote_line(path: Path) -> int | None:

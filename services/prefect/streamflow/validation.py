@@ -75,7 +75,13 @@ def _shown(value: Any) -> str:
     if len(text) <= _SHOWN_CHARS:
         return text
     if isinstance(value, Decimal) and value.is_finite():
-        return str(value.normalize())  # PostgreSQL writes 1e400 out in 401 digits
+        # PostgreSQL writes 1e400 out in 401 digits. Scientific notation from the digits
+        # themselves (normalize() would round to 28 of them): 1E+400, -9.99…E+44.
+        sign, digits, exponent = value.as_tuple()
+        kept = "".join(map(str, digits)).rstrip("0") or "0"
+        mantissa = kept[0] + (f".{kept[1 : _SHOWN_CHARS // 2]}" if len(kept) > 1 else "")
+        mantissa += "…" if len(kept) > _SHOWN_CHARS // 2 else ""
+        return f"{'-' if sign else ''}{mantissa}E{len(digits) + int(exponent) - 1:+d}"
     size = len(value) if isinstance(value, str) else len(text)
     return f"{text[:_SHOWN_CHARS]}... ({size} characters)"
 
@@ -92,7 +98,8 @@ def _gx_error(exception_info: dict | None) -> str:
     for record in records:
         if record.get("raised_exception"):
             message = str(record.get("exception_message") or "").strip()
-            return message.splitlines()[0] if message else "an exception"
+            line = message.splitlines()[0] if message else "an exception"
+            return line if len(line) <= 200 else f"{line[:200]}..."  # it may quote a value
     return ""
 
 
@@ -587,7 +594,7 @@ def check(outcomes: list[SuiteOutcome]) -> None:
     ]
     # GX raises on values it cannot hold (1e400 as a float); the SQL check of the same
     # column says what the value is, so that failure is the one to show.
-    explained = {(e.table, e.column) for e in failures if not e.error}
+    explained = {(e.table, e.column) for e in failures if not e.error and e.column}
     failures = [e for e in failures if not (e.error and (e.table, e.column) in explained)]
     if failures:
         first = describe_failure(failures[0])
