@@ -428,6 +428,12 @@ CORPUS = [
         absent=("unexpected",),
     ),
     Bad(
+        # Excel's "Unicode text": UTF-16 with CRLF line ends (not "CR alone")
+        "utf16_file",
+        write_bytes("labels", lambda d: d.replace(b"\n", b"\r\n").decode().encode("utf-16")),
+        ["labels.csv: header line is not UTF-8 text (it holds NUL bytes: UTF-16"],
+    ),
+    Bad(
         "header_too_long",
         write_bytes("users", lambda d: b"user_id," + b"x" * 70_000 + d[d.index(b"\n") :]),
         ["users.csv", "first line is over 64 KB", "expected a header line: user_id,"],
