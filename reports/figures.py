@@ -271,8 +271,6 @@ def _describe(e) -> str:
         return f"{kw['min_value']} <= {kw['column']} <= {kw['max_value']} (the run's as_of)"
     if e.expectation_type == "expect_column_value_lengths_to_be_between":
         return f"{kw['column']}: at most {kw['max_value']} characters"
-    if e.expectation_type == "expect_column_proportion_of_non_null_values_to_be_between":
-        return f"{kw['column']}: not empty in every row"
     if e.expectation_type == "expect_column_values_to_be_between":
         return f"{kw['column']} >= {kw['min_value']:g}"
     if e.expectation_type == "expect_column_proportion_of_unique_values_to_be_between":

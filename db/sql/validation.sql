@@ -49,6 +49,14 @@ WHERE b.{column} <> ALL (%(allowed)s)
 SELECT b.user_id, b.{column}::text FROM (SELECT user_id, {column} FROM {batch}) AS b
 WHERE b.{column} > %(as_of)s OR b.{column} < %(earliest)s
 
+-- name: empty_columns
+-- The columns that may be empty but are empty in every row: an export that lost them.
+-- Each registry column's name is paired with EXISTS (a non-null value), which stops at
+-- the first one: a passing month reads a few rows, not the table. A file with no rows
+-- is left to its own check.
+SELECT NULL::text AS user_id, e.name FROM (VALUES {filled}) AS e (name, filled)
+WHERE NOT e.filled AND EXISTS (SELECT 1 FROM {batch})
+
 -- name: padded_key
 -- user_ids whose first or last character is white space or invisible, blank ones
 -- included: ' 7590-VHVEG' is not '7590-VHVEG'. The characters, by code point: controls
