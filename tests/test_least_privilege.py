@@ -132,6 +132,8 @@ IDENTIFIER_SOURCES = {
     "n": "db.ident_list: each of the names its callers pass (checked below)",
     "prefix": "db.ident_list: a table alias, a string literal at every call (checked below)",
     "column": "validation.rows_query: col.name of a registry column (checked below)",
+    "c": "validation.empty_columns_query: each of the registry column names its callers "
+    "pass (checked below)",
     "e.table": "ExpectationOutcome.table = spec.name of the suite's TableSpec",
     "e.column": "ExpectationOutcome.column = the column of an expectation built from the registry",
 }
@@ -147,6 +149,7 @@ LITERAL_IDENTIFIERS = {"staging", "excluded", "live", "h", "s", "t"}  # schema, 
 # Local names used above, and the only value each may be assigned.
 ALIASES = {
     "history": {"spec.snapshot_table"},
+    "optional": {"[c.name for c in spec.columns if not c.required]"},
     "values": {"spec.value_columns"},
     "cols": {"spec.snapshot_columns"},
     "partition": {"cur.execute(q['new_month_partition'], params).fetchone()[0]"},
@@ -199,6 +202,11 @@ def test_identifiers_come_from_the_registry():
         for call in _calls(tree, "rows_query"):
             if len(call.args) > 1:
                 assert ast.unparse(call.args[1]) == "col.name", f"{file}:{call.lineno}"
+        for call in _calls(tree, "empty_columns_query"):
+            assert ast.unparse(call.args[0]) in {
+                "optional",
+                "[c.name for c in spec.columns if not c.required]",
+            }, f"{file}:{call.lineno}"
     assert seen >= {"spec.name", "n"}  # the scan found the real call sites
     # Registry names are plain lower-case words: nothing to quote, nothing to inject.
     for spec in TABLES:
