@@ -202,6 +202,7 @@ def test_the_clis_server_has_time_for_a_first_start_unless_prefect_says_otherwis
         ("missing file", "ingest failed: {month}: missing file labels.csv (a month folder holds"),
         ("bad as_of", "ingest failed: AS_OF '2024-02-30' is not a valid date; expected YYYY-MM-DD"),
         ("future as_of", "ingest failed: AS_OF 2204-02-29 is after today ("),
+        ("as_of before 1900", "ingest failed: AS_OF 1899-12-31 is before 1900-01-01"),
         ("bad setting", "ingest failed: LOCK_WAIT_SECONDS 'soon' is not a number of seconds"),
         ("bad REPLACE", "ingest failed: REPLACE 'maybe' is neither yes nor no"),
         ("bad docs dir", "ingest failed: GX_DOCS_DIR '{docs}' cannot be written: Not a directory"),
@@ -219,6 +220,8 @@ def test_bad_inputs_are_answered_before_prefect_starts(db_url, months, tmp_path,
         month, as_of = months / "month_000", "2024-02-30"
     elif case == "future as_of":  # 2204 for 2024: it would make every later month a backfill
         month, as_of = months / "month_000", "2204-02-29"
+    elif case == "as_of before 1900":  # below every signup date the checks accept
+        month, as_of = months / "month_000", "1899-12-31"
     elif case == "bad setting":
         month, env = months / "month_000", {"LOCK_WAIT_SECONDS": "soon"}
     elif case == "bad REPLACE":
@@ -386,3 +389,17 @@ def test_only_errors_that_explain_themselves_lose_their_traceback():
     assert "ValidationFailed('validation failed: labels.csv …')" in explained.getMessage()
     assert bug.exc_info is not None and isinstance(bug.exc_info[1], RuntimeError)
     assert "Traceback" in logging.Formatter().format(bug)
+
+
+def test_as_of_may_be_tomorrow_for_a_zone_ahead_of_this_machine():
+    """The machine's date may still be yesterday where the month has ended: one day of
+    slack, not two."""
+    from datetime import date
+
+    from streamflow.errors import InputError
+    from streamflow.inputs import parse_as_of
+
+    today = date(2024, 1, 30)
+    assert parse_as_of("2024-01-31", today=today) == date(2024, 1, 31)
+    with pytest.raises(InputError, match="AS_OF 2024-02-01 is after today"):
+        parse_as_of("2024-02-01", today=today)

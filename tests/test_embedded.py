@@ -62,6 +62,16 @@ def test_uri_psql_and_stop_reach_the_server_the_flow_would_use(tmp_path):
         embedded(pgdata, "stop")
 
 
+def test_only_psql_takes_arguments(tmp_path):
+    """`stop now` or `uri x` is a mistake, not a stop or a uri: a usage error, nothing run."""
+    pgdata = tmp_path / "pgdata"
+    for command in ("uri", "stop"):
+        proc = embedded(pgdata, command, "now")
+        assert proc.returncode == 2, proc.stderr
+        assert f"{command} takes no arguments" in proc.stderr
+    assert not pgdata.exists()
+
+
 def test_psql_is_refused_when_runs_use_another_server(tmp_path):
     """With DATABASE_URL set the flow never writes to the embedded server: counts read
     there would mislead, so no embedded server is started."""

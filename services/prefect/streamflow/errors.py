@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 
 class IngestError(Exception):
     """A failure the operator can act on; ``str(err)`` is one line, printed as is."""
 
     retryable = False
+
+
+def clipped(text: str, keep: int = 40) -> str:
+    """``text``, or its start and its length: a 100 KB cell must not become the line."""
+    return text if len(text) <= keep + 20 else f"{text[:keep]}... ({len(text)} characters)"
 
 
 def first_line(exc: BaseException) -> str:
@@ -35,6 +41,11 @@ class WithoutTraceback(logging.Filter):
 
 class InputError(IngestError):
     """The month folder, a file, or a run parameter is wrong."""
+
+
+def unreadable(path: Path, exc: OSError) -> InputError:
+    """A month file the system would not let us read, named."""
+    return InputError(f"{path.name}: cannot be read ({exc.strerror or exc})")
 
 
 class ValidationFailed(IngestError):

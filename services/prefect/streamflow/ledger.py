@@ -14,7 +14,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from .db import queries
-from .errors import InputError, MonthConflict
+from .errors import MonthConflict, unreadable
 from .registry import TABLES
 
 
@@ -59,7 +59,7 @@ def fingerprint_file(table: str, path: Path) -> FileFingerprint:
                 digest.update(chunk)
                 size += len(chunk)
     except OSError as exc:  # the first read of the month: name the file here
-        raise InputError(f"{path.name}: cannot be read ({exc.strerror or exc})") from exc
+        raise unreadable(path, exc) from exc
     after = path.stat()
     stat = _stat(path, after) if _stat(path, before) == _stat(path, after) else None
     if stat is not None:

@@ -22,7 +22,7 @@ import psycopg
 from psycopg import sql
 
 from .db import ident_list, query
-from .errors import InputError
+from .errors import InputError, clipped, unreadable
 from .registry import KEY, TableSpec
 
 CHUNK_BYTES = 1 << 20
@@ -54,7 +54,7 @@ def read_header(spec: TableSpec, path: Path) -> tuple[list[str], int]:
         with path.open("rb") as f:
             first = f.readline(MAX_HEADER_BYTES + 1)
     except OSError as exc:
-        raise InputError(f"{path.name}: cannot be read ({exc.strerror or exc})") from exc
+        raise unreadable(path, exc) from exc
     expected = ",".join(spec.column_names)
     if not first.strip(b"\r\n\t " + _BOM):
         raise InputError(f"{path.name}: file is empty; expected a header line: {expected}")
@@ -101,14 +101,10 @@ def _check_header(spec: TableSpec, file: str, header: list[str]) -> None:
     if missing or unknown:
         parts = []
         if unknown:
-            parts.append("unexpected column " + ", ".join(repr(_clip(c)) for c in unknown))
+            parts.append("unexpected column " + ", ".join(repr(clipped(c)) for c in unknown))
         if missing:
             parts.append("missing column " + ", ".join(repr(c) for c in missing))
         raise InputError(f"{file}: {'; '.join(parts)} (expected columns: {','.join(expected)})")
-
-
-def _clip(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def stage_file(conn: psycopg.Connection, spec: TableSpec, path: Path) -> StagedFile:
@@ -138,7 +134,7 @@ def stage_file(conn: psycopg.Connection, spec: TableSpec, path: Path) -> StagedF
         raise InputError(explain_copy_error(spec, path.name, exc, path)) from exc
     except OSError as exc:  # the COPY was abandoned: nothing of the file is staged
         conn.rollback()
-        raise InputError(f"{path.name}: cannot be read ({exc.strerror or exc})") from exc
+        raise unreadable(path, exc) from exc
     return StagedFile(spec.name, str(path), rows)
 
 
@@ -221,9 +217,7 @@ _QUOTED = re.compile(r'"([^"]{61,})"')
 
 
 def _clip_quoted(m: re.Match[str]) -> str:
-    """A 100 KB cell must not become the line."""
-    value = m.group(1)
-    return f'"{value[:40]}..." ({len(value)} characters)'
+    return f'"{clipped(m.group(1))}"'
 
 
 def _unclosed_quote_line(path: Path) -> int | None:

@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .db import queries
-from .errors import IngestError, ValidationFailed
+from .errors import IngestError, ValidationFailed, clipped
 from .registry import BY_NAME, EARLIEST_DATE, KEY, KEY_MAX_LENGTH, PARENT, TABLES, TableSpec
 
 
@@ -43,6 +43,8 @@ class ExpectationOutcome:
     detail: str = ""
     error: str = ""
     """GX could not evaluate the expectation (its exception's first line)."""
+    rows_query: str = ""
+    """A SQL check's own query (``{batch}`` left in), which finds its rows on failure."""
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -51,6 +53,7 @@ class ExpectationOutcome:
             del d["example_lines"]
         if not self.error:
             del d["error"]
+        del d["rows_query"]  # the registry rebuilds it; the ledger keeps what was found
         return d
 
 
@@ -70,8 +73,10 @@ _SHOWN_CHARS = 40
 
 
 def _shown(value: Any) -> str:
-    """A value as written in a file, cut short: a 100 KB cell must not become the line."""
-    text = repr(value) if isinstance(value, str) else str(value)
+    """A value as written in a file (strings quoted), cut short."""
+    if isinstance(value, str):
+        return repr(clipped(value, _SHOWN_CHARS))
+    text = str(value)
     if len(text) <= _SHOWN_CHARS:
         return text
     if isinstance(value, Decimal) and value.is_finite():
@@ -82,8 +87,7 @@ def _shown(value: Any) -> str:
         mantissa = kept[0] + (f".{kept[1 : _SHOWN_CHARS // 2]}" if len(kept) > 1 else "")
         mantissa += "…" if len(kept) > _SHOWN_CHARS // 2 else ""
         return f"{'-' if sign else ''}{mantissa}E{len(digits) + int(exponent) - 1:+d}"
-    size = len(value) if isinstance(value, str) else len(text)
-    return f"{text[:_SHOWN_CHARS]}... ({size} characters)"
+    return clipped(text, _SHOWN_CHARS)
 
 
 def _gx_error(exception_info: dict | None) -> str:
@@ -99,7 +103,7 @@ def _gx_error(exception_info: dict | None) -> str:
         if record.get("raised_exception"):
             message = str(record.get("exception_message") or "").strip()
             line = message.splitlines()[0] if message else "an exception"
-            return line if len(line) <= 200 else f"{line[:200]}..."  # it may quote a value
+            return clipped(line, 200)  # it may quote a value
     return ""
 
 
@@ -417,16 +421,13 @@ def prepare_suites(
     return validate_and_document
 
 
+# The rows behind a failed GX expectation (the SQL checks carry their own query).
 _ROW_CHECKS = {
-    "orphans": "orphans",
     "missing_users": "missing_users",
     "unique": "duplicates",
-    "not_numbers": "not_numbers",
     "expect_column_values_to_be_between": "negatives",
     "expect_column_values_to_be_in_set": "outside_set",
     "date_range": "outside_dates",
-    "padded_key": "padded_key",
-    "all_empty": "empty_columns",
 }
 
 
@@ -439,19 +440,18 @@ def _add_row_examples(database_url: str, outcomes: list[SuiteOutcome], as_of: da
         e
         for s in outcomes
         for e in s.expectations
-        if e.expectation in _ROW_CHECKS and not e.success
+        if (e.rows_query or e.expectation in _ROW_CHECKS) and not e.success
     ]
     if not failed:
         return
     with psycopg.connect(database_url) as conn:
         for e in failed:
             ids: dict[str, sql.Composable] = {"batch": sql.Identifier("staging", e.table)}
-            if e.column and e.expectation != "orphans":
-                ids["column"] = sql.Identifier(e.column)
-            text = queries("validation")[_ROW_CHECKS[e.expectation]]
-            if e.expectation == "all_empty":
-                spec = BY_NAME[e.table]
-                text = empty_columns_query([c.name for c in spec.columns if not c.required])
+            text = e.rows_query
+            if not text:
+                text = queries("validation")[_ROW_CHECKS[e.expectation]]
+                if e.column:
+                    ids["column"] = sql.Identifier(e.column)
             params = None
             if e.expectation == "expect_column_values_to_be_in_set":
                 params = {"allowed": list(BY_NAME[e.table].column(e.column).value_set or ())}
@@ -517,6 +517,7 @@ def _suite_outcome(spec: TableSpec, run) -> SuiteOutcome:
                 example_user_ids=ids,
                 detail=detail,
                 error="" if r.success else _gx_error(r.exception_info),
+                rows_query=kwargs.get("unexpected_rows_query") or "",  # the SQL checks
             )
         )
     failed = sum(not i.success for i in items)
