@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
 import pytest
 from conftest import dump, scalar
 from month_files import (
@@ -28,6 +29,7 @@ from month_files import (
     small_months,
     write_rows,
 )
+from psycopg.conninfo import conninfo_to_dict
 from streamflow.registry import BY_NAME, KEY, LIVE_TABLES, PARENT, SNAPSHOT_TABLES, TABLES
 
 _names = itertools.count()
@@ -335,6 +337,13 @@ CORPUS = [
         ["users.csv", "line 31", "column signup_date", '"2023-02-30"', "date"],
     ),
     Bad(
+        # The postgres image's server reads 04/03/2023 as April 3, a French one as
+        # 4 March: only YYYY-MM-DD means one day everywhere.
+        "date_month_first",
+        set_cell("users", 30, "signup_date", "04/03/2023"),
+        ["users.csv", "line 31", "column signup_date", '"04/03/2023"', "a date as YYYY-MM-DD"],
+    ),
+    Bad(
         "integer_overflow",
         set_cell("subscriptions", 40, "months_active", "99999999999"),
         ["subscriptions.csv", "line 41", "column months_active", "99999999999", "integer"],
@@ -629,6 +638,42 @@ def test_same_month_in_another_shape_gives_the_same_database(
     assert dump(jan_db, DATA_TABLES) == clean_feb
     # The clean month has empty cells; they must still be NULL, not '' or an error.
     assert scalar(jan_db, "SELECT count(*) FROM subscriptions WHERE plan_stream_tv IS NULL") > 0
+
+
+@pytest.mark.parametrize("datestyle", ["ISO, DMY", "SQL, DMY"])
+def test_the_servers_datestyle_does_not_change_what_a_file_means(
+    datestyle, months, jan_db, run_flow, pg_admin_url, tmp_path, clean_feb
+):
+    """initdb takes DateStyle from the server's locale ("ISO, DMY" under fr_FR)."""
+    dbname = conninfo_to_dict(jan_db)["dbname"]
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE \"{dbname}\" SET DateStyle = '{datestyle}'")
+    month = tmp_path / "month_001"
+    shutil.copytree(months / "month_001", month)
+    set_cell("users", 7, "signup_date", "13/04/2023")(month)  # 13 April to this server
+
+    rc, _, err = run_flow(jan_db, month, AS_OF["month_001"])
+
+    assert rc != 0
+    message = err.strip().splitlines()[-1]
+    for part in ("users.csv, line 8, column signup_date", "13/04/2023", "YYYY-MM-DD"):
+        assert part in message, message
+
+    rc, _, err = run_flow(jan_db, months / "month_001", AS_OF["month_001"])
+
+    assert rc == 0, err
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{dbname}" RESET DateStyle')
+    assert dump(jan_db, DATA_TABLES) == clean_feb
+
+
+def test_a_database_url_keeps_its_own_session_options(jan_db):
+    from streamflow import db
+
+    url = jan_db + ("&" if "?" in jan_db else "?") + "options=-c%20work_mem%3D7MB"
+    with db.connect(url) as conn:
+        assert conn.execute("SHOW work_mem").fetchone() == ("7MB",)
+        assert conn.execute("SHOW DateStyle").fetchone() == ("ISO, YMD",)
 
 
 def test_duplicate_lines_are_counted_as_an_editor_shows_them(tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from .errors import LockTimeout, SchemaOutdated
 from .settings import SQL_DIR
@@ -68,8 +69,20 @@ def ident_list(names: Sequence[str], prefix: str | None = None) -> sql.Composed:
     return sql.SQL(", ").join(sql.Identifier(prefix, n) for n in names)
 
 
+# COPY reads the files' dates under the session's DateStyle, which a server takes from
+# its locale at initdb ("ISO, MDY" in the postgres image, "ISO, DMY" under fr_FR): the
+# same 03/04/2024 would be March 4 on one server and 3 April on another. Under YMD,
+# PostgreSQL refuses a day- or month-first date whatever the server's setting.
+SESSION_OPTIONS = "-c DateStyle=ISO,YMD"
+
+
 def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
-    return psycopg.connect(url, autocommit=autocommit, application_name="streamflow-ingest")
+    """A pipeline session: the URL's own ``options`` kept, SESSION_OPTIONS added."""
+    own = conninfo_to_dict(url).get("options")
+    options = f"{own} {SESSION_OPTIONS}" if own else SESSION_OPTIONS
+    return psycopg.connect(
+        url, autocommit=autocommit, application_name="streamflow-ingest", options=options
+    )
 
 
 def schema_present(conn: psycopg.Connection) -> bool:

@@ -194,7 +194,7 @@ def explain_copy_error(
             where += f", column {column}"
             try:
                 col = spec.column(column)
-                expected = f" (expected {col.pg_type}"
+                expected = f" (expected {_SPELLED.get(col.pg_type, col.pg_type)}"
                 expected += ", required)" if col.required else ", empty for NULL)"
             except KeyError:
                 pass
@@ -209,6 +209,10 @@ def explain_copy_error(
         where = where if ", column" in where else f"{where}, column {column}"
         return f"{where}: empty {column}; every row needs one"
     return f"{where}: {primary}{expected}"
+
+
+# Only ISO dates are read the same by every server (db.SESSION_OPTIONS).
+_SPELLED = {"date": "a date as YYYY-MM-DD"}
 
 
 # A long quoted value in PostgreSQL's message (it quotes the bad value whole, wherever
