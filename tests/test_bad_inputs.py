@@ -667,13 +667,19 @@ def test_the_servers_datestyle_does_not_change_what_a_file_means(
     assert dump(jan_db, DATA_TABLES) == clean_feb
 
 
-def test_a_database_url_keeps_its_own_session_options(jan_db):
+def test_a_database_url_with_its_own_options_runs_a_month(jan_db, months, run_flow, clean_feb):
+    """Each connection (the flow's and GX's) keeps the URL's options and adds its own."""
     from streamflow import db
 
-    url = jan_db + ("&" if "?" in jan_db else "?") + "options=-c%20work_mem%3D7MB"
+    url = jan_db + ("&" if "?" in jan_db else "?") + "options=-c%20lock_timeout%3D7min"
     with db.connect(url) as conn:
-        assert conn.execute("SHOW work_mem").fetchone() == ("7MB",)
+        assert conn.execute("SHOW lock_timeout").fetchone() == ("7min",)
         assert conn.execute("SHOW DateStyle").fetchone() == ("ISO, YMD",)
+
+    rc, _, err = run_flow(url, months / "month_001", AS_OF["month_001"])
+
+    assert rc == 0, err
+    assert dump(jan_db, DATA_TABLES) == clean_feb
 
 
 def test_duplicate_lines_are_counted_as_an_editor_shows_them(tmp_path):

@@ -21,9 +21,9 @@ from decimal import Decimal
 from functools import cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
-from .db import queries
+from .db import SESSION_OPTIONS, queries
 from .errors import IngestError, ValidationFailed, clipped
 from .registry import BY_NAME, EARLIEST_DATE, KEY, KEY_MAX_LENGTH, PARENT, TABLES, TableSpec
 
@@ -294,7 +294,7 @@ def rows_query(name: str, column: str | None = None) -> str:
 
 # GX's unique and cross-table checks are hash aggregates and anti-joins over the
 # whole month: with the 4MB default work_mem they spill to disk at 1M rows.
-GX_SESSION_OPTIONS = "-c work_mem=256MB"
+GX_SESSION_OPTIONS = f"-c work_mem=256MB {SESSION_OPTIONS}"
 
 
 def _sqlalchemy_url(database_url: str) -> str:
@@ -302,7 +302,13 @@ def _sqlalchemy_url(database_url: str) -> str:
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
             url = "postgresql+psycopg://" + url[len(prefix) :]
-    url += ("&" if "?" in url else "?") + "options=" + quote(GX_SESSION_OPTIONS)
+    # One options parameter: SQLAlchemy turns a repeated one into a tuple, which
+    # libpq sends as a single malformed argument and the server refuses.
+    parts = urlsplit(url)
+    params = parse_qsl(parts.query, keep_blank_values=True)
+    options = [v for k, v in params if k == "options"] + [GX_SESSION_OPTIONS]
+    params = [(k, v) for k, v in params if k != "options"] + [("options", " ".join(options))]
+    url = urlunsplit(parts._replace(query=urlencode(params, quote_via=quote)))
     return url.replace("$", r"\$")  # GX reads ${VAR} in config strings
 
 
