@@ -29,7 +29,7 @@ from month_files import (
     small_months,
     write_rows,
 )
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from streamflow.registry import BY_NAME, KEY, LIVE_TABLES, PARENT, SNAPSHOT_TABLES, TABLES
 
 _names = itertools.count()
@@ -667,11 +667,19 @@ def test_the_servers_datestyle_does_not_change_what_a_file_means(
     assert dump(jan_db, DATA_TABLES) == clean_feb
 
 
-def test_a_database_url_with_its_own_options_runs_a_month(jan_db, months, run_flow, clean_feb):
-    """Each connection (the flow's and GX's) keeps the URL's options and adds its own."""
+@pytest.mark.parametrize("form", ["url", "key=value"])
+def test_a_database_url_with_its_own_options_runs_a_month(
+    form, jan_db, months, run_flow, clean_feb
+):
+    """Each connection (the flow's and GX's) keeps the URL's options and adds its own;
+    libpq's key=value form is a DATABASE_URL too (GX could not parse it)."""
     from streamflow import db
 
-    url = jan_db + ("&" if "?" in jan_db else "?") + "options=-c%20lock_timeout%3D7min"
+    if form == "url":
+        url = jan_db + ("&" if "?" in jan_db else "?") + "options=-c%20lock_timeout%3D7min"
+    else:
+        url = make_conninfo("", **conninfo_to_dict(jan_db), options="-c lock_timeout=7min")
+        assert "://" not in url
     with db.connect(url) as conn:
         assert conn.execute("SHOW lock_timeout").fetchone() == ("7min",)
         assert conn.execute("SHOW DateStyle").fetchone() == ("ISO, YMD",)

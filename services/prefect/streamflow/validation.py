@@ -21,7 +21,6 @@ from decimal import Decimal
 from functools import cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from .db import SESSION_OPTIONS, queries
 from .errors import IngestError, ValidationFailed, clipped
@@ -298,17 +297,27 @@ GX_SESSION_OPTIONS = f"-c work_mem=256MB {SESSION_OPTIONS}"
 
 
 def _sqlalchemy_url(database_url: str) -> str:
-    url = database_url
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            url = "postgresql+psycopg://" + url[len(prefix) :]
+    """DATABASE_URL (a URL or libpq's key=value form) as SQLAlchemy's psycopg URL.
+
+    The user, password and database go where SQLAlchemy masks the password in its
+    messages; every other libpq parameter (host, port, sslmode, ...) rides in the query
+    string, which the psycopg dialect hands to libpq as is.
+    """
+    from psycopg.conninfo import conninfo_to_dict
+    from sqlalchemy.engine import URL
+
+    params = {k: str(v) for k, v in conninfo_to_dict(database_url).items()}
     # One options parameter: SQLAlchemy turns a repeated one into a tuple, which
     # libpq sends as a single malformed argument and the server refuses.
-    parts = urlsplit(url)
-    params = parse_qsl(parts.query, keep_blank_values=True)
-    options = [v for k, v in params if k == "options"] + [GX_SESSION_OPTIONS]
-    params = [(k, v) for k, v in params if k != "options"] + [("options", " ".join(options))]
-    url = urlunsplit(parts._replace(query=urlencode(params, quote_via=quote)))
+    own = params.pop("options", None)
+    params["options"] = f"{own} {GX_SESSION_OPTIONS}" if own else GX_SESSION_OPTIONS
+    url = URL.create(
+        "postgresql+psycopg",
+        username=params.pop("user", None),
+        password=params.pop("password", None),
+        database=params.pop("dbname", None),
+        query=params,
+    ).render_as_string(hide_password=False)
     return url.replace("$", r"\$")  # GX reads ${VAR} in config strings
 
 
