@@ -206,6 +206,7 @@ def test_the_clis_server_has_time_for_a_first_start_unless_prefect_says_otherwis
         ("bad setting", "ingest failed: LOCK_WAIT_SECONDS 'soon' is not a number of seconds"),
         ("bad REPLACE", "ingest failed: REPLACE 'maybe' is neither yes nor no"),
         ("bad docs dir", "ingest failed: GX_DOCS_DIR '{docs}' cannot be written: Not a directory"),
+        ("bad DATABASE_URL", "ingest failed: DATABASE_URL is not a PostgreSQL connection string"),
     ],
 )
 def test_bad_inputs_are_answered_before_prefect_starts(db_url, months, tmp_path, case, expected):
@@ -229,10 +230,13 @@ def test_bad_inputs_are_answered_before_prefect_starts(db_url, months, tmp_path,
     elif case == "bad docs dir":  # under a file: the GX process could never write there
         (tmp_path / "a_file").write_text("")
         month, env = months / "month_000", {"GX_DOCS_DIR": str(tmp_path / "a_file" / "docs")}
+    elif case == "bad DATABASE_URL":  # libpq would quote it, password and all
+        month, env = months / "month_000", {"DATABASE_URL": "mysql://u:s3cret@h/db"}
     elif case == "no folder, --replace":
         extra = ["--replace"]
     python, *script = flow_command(month, as_of, *extra)
-    full_env = flow_env(db_url, PREFECT_HOME=str(home), **env)
+    full_env = flow_env(db_url, PREFECT_HOME=str(home))
+    full_env.update(env)
     full_env.pop("PREFECT_API_URL", None)
     proc = subprocess.run(
         [python, *script], env=full_env, capture_output=True, text=True, timeout=120
@@ -244,6 +248,7 @@ def test_bad_inputs_are_answered_before_prefect_starts(db_url, months, tmp_path,
         -2000:
     ]
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert "s3cret" not in proc.stderr + proc.stdout
     assert not home.exists() or not any(home.iterdir())
     assert scalar(db_url, "SELECT count(*) FROM ingest_runs") == 0
     assert _processes_with(f"PREFECT_HOME={home}") == []

@@ -57,7 +57,7 @@ def database_url_from_env(env: os._Environ[str] | dict[str, str] = os.environ) -
     """``DATABASE_URL`` first, then the ``POSTGRES_*`` names of ``.env``; None if neither."""
     url = env.get("DATABASE_URL")
     if url:
-        return url
+        return _checked_conninfo(url)
     host = env.get("POSTGRES_HOST")
     if not host:
         return None
@@ -67,6 +67,24 @@ def database_url_from_env(env: os._Environ[str] | dict[str, str] = os.environ) -
     port = env.get("POSTGRES_PORT", "5432")
     db = quote(env.get("POSTGRES_DB", "postgres"), safe="")
     return f"postgresql://{auth}@{host}:{port}/{db}"
+
+
+def _checked_conninfo(url: str) -> str:
+    """DATABASE_URL, once libpq can parse it: found out before the run starts, and
+    never echoed (libpq's parse error quotes the string, password and all, into the
+    run's logs)."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(url)
+    except ProgrammingError:
+        raise InputError(
+            "DATABASE_URL is not a PostgreSQL connection string; expected "
+            "postgresql://user:password@host:port/dbname or key=value pairs "
+            "(host=... dbname=...); its value is not shown, as it may hold a password"
+        ) from None
+    return url
 
 
 def flag(name: str, env: os._Environ[str] | dict[str, str] = os.environ) -> bool:
