@@ -76,12 +76,18 @@ def ident_list(names: Sequence[str], prefix: str | None = None) -> sql.Composed:
 SESSION_OPTIONS = "-c DateStyle=ISO,YMD"
 
 
-def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
-    """A pipeline session: the URL's own ``options`` kept, SESSION_OPTIONS added."""
+def session_options(url: str, *extra: str) -> str:
+    """The URL's own ``options`` (kept: a URL carries one), then ``extra``, then ours."""
     own = conninfo_to_dict(url).get("options")
-    options = f"{own} {SESSION_OPTIONS}" if own else SESSION_OPTIONS
+    return " ".join(o for o in (own, *extra, SESSION_OPTIONS) if o)
+
+
+def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
     return psycopg.connect(
-        url, autocommit=autocommit, application_name="streamflow-ingest", options=options
+        url,
+        autocommit=autocommit,
+        application_name="streamflow-ingest",
+        options=session_options(url),
     )
 
 

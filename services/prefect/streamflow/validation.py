@@ -22,7 +22,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .db import SESSION_OPTIONS, queries
+from .db import queries, session_options
 from .errors import IngestError, ValidationFailed, clipped
 from .registry import BY_NAME, EARLIEST_DATE, KEY, KEY_MAX_LENGTH, PARENT, TABLES, TableSpec
 
@@ -293,7 +293,7 @@ def rows_query(name: str, column: str | None = None) -> str:
 
 # GX's unique and cross-table checks are hash aggregates and anti-joins over the
 # whole month: with the 4MB default work_mem they spill to disk at 1M rows.
-GX_SESSION_OPTIONS = f"-c work_mem=256MB {SESSION_OPTIONS}"
+GX_SESSION_OPTIONS = "-c work_mem=256MB"
 
 
 def _sqlalchemy_url(database_url: str) -> str:
@@ -309,8 +309,7 @@ def _sqlalchemy_url(database_url: str) -> str:
     params = {k: str(v) for k, v in conninfo_to_dict(database_url).items()}
     # One options parameter: SQLAlchemy turns a repeated one into a tuple, which
     # libpq sends as a single malformed argument and the server refuses.
-    own = params.pop("options", None)
-    params["options"] = f"{own} {GX_SESSION_OPTIONS}" if own else GX_SESSION_OPTIONS
+    params["options"] = session_options(database_url, GX_SESSION_OPTIONS)
     url = URL.create(
         "postgresql+psycopg",
         username=params.pop("user", None),
