@@ -265,8 +265,22 @@ CORPUS = [
         # Published, it would be a second user in every table: live and snapshots.
         "user_id_padded_with_a_space",
         _user_everywhere_as(14, lambda uid: " " + uid),
-        ["users.csv", "column user_id", "1 value(s) blank or with a space", "' {uid:14}'"],
+        ["users.csv", "column user_id", "1 value(s) with a space", "' {uid:14}'"],
         expect_user_ids_of={"uid:14": ("users", 14)},
+        absent=("more failed",),
+    ),
+    Bad(
+        # Invisible, and in the middle: a second user that looks like the first.
+        "user_id_with_a_direction_mark",
+        _user_everywhere_as(15, lambda uid: uid[:4] + "\u200e" + uid[4:]),
+        ["users.csv", "column user_id", "1 value(s) with a space, control or invisible", "\\u200e"],
+        absent=("more failed",),
+    ),
+    Bad(
+        # pandas' read_csv reads NA as missing: the training jobs would lose that key.
+        "user_id_read_as_missing",
+        _user_everywhere_as(16, lambda uid: "NA"),
+        ["users.csv", "column user_id", "or a word read as missing", "e.g. 'NA'"],
         absent=("more failed",),
     ),
     Bad(

@@ -65,7 +65,7 @@ def test_a_passing_month_costs_one_query_per_sql_check(db_url, months, statement
 
     assert all(s.success for s in outcomes), outcomes
     orphan_marker = queries("validation")["orphans"].splitlines()[-1].strip()
-    padded_marker = queries("validation")["padded_key"].splitlines()[-1].strip()
+    key_marker = queries("validation")["key_spelling"].splitlines()[-1].strip()
     # its last line around the column's name, which is filled in quoted
     number_marker = queries("validation")["not_numbers"].splitlines()[-1].strip().split("{column}")
     empty_marker = queries("validation")["empty_columns"].splitlines()[-1].split("{batch}")[0]
@@ -76,14 +76,14 @@ def test_a_passing_month_costs_one_query_per_sql_check(db_url, months, statement
         if orphan_marker in q
         else "not_numbers"
         if all(part in q for part in number_marker)
-        else "padded_key"
-        if padded_marker in q
+        else "key_spelling"
+        if key_marker in q
         else "other"
         for q in statements
     )
     assert runs["orphans"] == len(TABLES) - 1  # once per child table, a count
     assert runs["not_numbers"] == NUMERIC_COLUMNS
-    assert runs["padded_key"] == 1  # users.csv only
+    assert runs["key_spelling"] == 1  # users.csv only
     # one scan per table with columns that may be empty (labels has none)
     assert runs["empty_columns"] == sum(any(not c.required for c in t.columns) for t in TABLES)
     assert not [q for q in statements if "unexpected_values" in q]  # no example hunting
@@ -154,30 +154,41 @@ def test_a_failing_table_still_gets_counts_and_examples(db_url, months, statemen
     )
 
 
-def test_a_user_id_with_invisible_characters_around_it_is_named(db_url, months):
-    """Spreadsheets pad with no-break spaces, editors add byte-order marks: each is a
-    different user_id to PostgreSQL, so each is refused, not only ASCII spaces."""
-    padded = {
+def test_a_user_id_that_is_not_a_plain_code_is_named(db_url, months):
+    """Spreadsheets pad with no-break spaces, editors add byte-order marks and direction
+    marks, a join adds a space: each is a different user_id to PostgreSQL that looks the
+    same to people, wherever it sits in the id. And pandas reads 'NA' as a missing key."""
+    bad = {
         "nbsp_after": "user_id || U&'\\00A0'",
         "bom_before": "U&'\\FEFF' || user_id",
         "tab_after": "user_id || E'\\t'",
         "zero_width_before": "U&'\\200B' || user_id",
+        "direction_mark_after": "user_id || U&'\\200E'",
+        "space_inside": "replace(user_id, '-', ' ')",
+        "word_joiner_inside": "replace(user_id, '-', U&'-\\2060')",
+        "hangul_filler_alone": "U&'\\3164'",
+        "pandas_missing_word": "'NA'",
+        "null_word": "'NULL'",
     }
     edits = [
         f"UPDATE staging.users SET user_id = {expr} "  # noqa: S608 - the test's own SQL
         f"WHERE user_id = (SELECT user_id FROM staging.users ORDER BY user_id OFFSET {i} LIMIT 1)"
-        for i, expr in enumerate(padded.values())
+        for i, expr in enumerate(bad.values())
     ]
+    # letters of any script are characters like any other
     edits.append("UPDATE staging.users SET user_id = 'É-' || user_id WHERE user_id LIKE '9%'")
+    edits.append("UPDATE staging.users SET user_id = 'na-' || user_id WHERE user_id LIKE '8%'")
 
     _, failed = _failures(db_url, months / "month_000", *edits)
 
-    found = failed["users", "padded_key"]
-    assert found.unexpected_count == len(padded)  # 'É' (U+00C9) is a character like any other
-    assert validation.describe_failure(found).startswith(
-        f"users.csv, column user_id: {len(padded)} value(s) blank or with a space or invisible "
-        "character before or after, e.g. "
-    )
+    found = failed["users", "key_spelling"]
+    assert found.unexpected_count == len(bad)
+    message = validation.describe_failure(found)
+    assert message.startswith(
+        f"users.csv, column user_id: {len(bad)} value(s) with a space, control or invisible "
+        "character, or a word read as missing (NA, NULL, None, nan), e.g. "
+    ), message
+    assert "'NA'" in message or "'NULL'" in message or "\\u200e" in message, message
 
 
 def test_every_file_has_a_row_for_every_user_of_users_csv(db_url, months):

@@ -157,13 +157,16 @@ def build_suite(spec: TableSpec):  # -> gx.ExpectationSuite
     if spec is PARENT:
         # user_ids are matched exactly: ' 7590-VHVEG' would be a new user in every table
         # and snapshot. A child's ids must be users.csv's (the orphans check), so
-        # users.csv is the one file to look at. In SQL: a regex's \s costs more at 1M
-        # rows and misses no-break spaces and byte-order marks (docs/performance.md, 24).
+        # users.csv is the one file to look at. In SQL: a regex's \s misses no-break
+        # spaces and byte-order marks, and "C" collation classes know only ASCII.
         suite.add_expectation(
             counted_rows_expectation()(
-                unexpected_rows_query=rows_query("padded_key"),
-                description=f"{KEY} has no space or invisible character before or after it",
-                meta={"check": "padded_key", "column": KEY},
+                unexpected_rows_query=rows_query("key_spelling"),
+                description=(
+                    f"{KEY} holds no space, control or invisible character and is not a "
+                    "word read as missing (NA, NULL, None, nan)"
+                ),
+                meta={"check": "key_spelling", "column": KEY},
             )
         )
         # An id is a short code (the lab's have 10 characters). A longer one is an export
@@ -576,10 +579,11 @@ def describe_failure(o: ExpectationOutcome) -> str:
                 f"{n} value(s) longer than {KEY_MAX_LENGTH} characters, e.g. {eg_values}; "
                 "a user_id is a short code"
             )
-        case "padded_key":
+        case "key_spelling":
             what = (
-                f"{n} value(s) blank or with a space or invisible character before or after, "
-                f"e.g. {eg_values}; a user_id is matched exactly, so each would be another user"
+                f"{n} value(s) with a space, control or invisible character, or a word read "
+                f"as missing (NA, NULL, None, nan), e.g. {eg_values}; a user_id is matched "
+                "exactly, and CSV readers drop those words: each would be another user"
             )
         case "date_range":
             what = (
