@@ -330,6 +330,13 @@ CORPUS = [
         absent=("None", "below 0", "could not be evaluated", "more failed"),
     ),
     Bad(
+        # numeric holds it, a float cannot (it would be 0): GX's ">= 0" fails on it, and
+        # the reason must survive the 400-digit value being clipped.
+        "number_below_double",
+        set_cell("usage_agg_30d", 26, "watch_hours_30d", "1E-400"),
+        ["usage_agg_30d.csv", "watch_hours_30d", "(402 characters)", "is out of range for type"],
+    ),
+    Bad(
         "user_id_too_long",
         _user_everywhere_as(27, lambda uid: uid + "X" * 3990),
         ["users.csv", "column user_id", "longer than 64 characters", "(4000 characters)"],

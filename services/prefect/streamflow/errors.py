@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 
@@ -15,6 +16,16 @@ class IngestError(Exception):
 def clipped(text: str, keep: int = 40) -> str:
     """``text``, or its start and its length: a 100 KB cell must not become the line."""
     return text if len(text) <= keep + 20 else f"{text[:keep]}... ({len(text)} characters)"
+
+
+# A long quoted value in PostgreSQL's message (it quotes the bad value whole, wherever
+# the message puts it); quoted names are short, and a value is never split at its quotes.
+_QUOTED = re.compile(r'"([^"]{61,})"')
+
+
+def clipped_quotes(message: str) -> str:
+    """``message`` with each long quoted value clipped, and the words around it kept."""
+    return _QUOTED.sub(lambda m: f'"{clipped(m.group(1))}"', message)
 
 
 def first_line(exc: BaseException) -> str:

@@ -22,7 +22,7 @@ import psycopg
 from psycopg import sql
 
 from .db import ident_list, query
-from .errors import InputError, clipped, unreadable
+from .errors import InputError, clipped, clipped_quotes, unreadable
 from .registry import KEY, TableSpec
 
 CHUNK_BYTES = 1 << 20
@@ -174,7 +174,7 @@ def explain_copy_error(
     PostgreSQL's error does not show the line.
     """
     diag = exc.diag
-    primary = _QUOTED.sub(_clip_quoted, (diag.message_primary or str(exc)).strip())
+    primary = clipped_quotes((diag.message_primary or str(exc)).strip())
     match = _COPY_CONTEXT.search(diag.context or "")
     if primary.startswith("unterminated CSV quoted field") and path is not None:
         opened = _unclosed_quote_line(path)
@@ -213,15 +213,6 @@ def explain_copy_error(
 
 # Only ISO dates are read the same by every server (db.SESSION_OPTIONS).
 _SPELLED = {"date": "a date as YYYY-MM-DD"}
-
-
-# A long quoted value in PostgreSQL's message (it quotes the bad value whole, wherever
-# the message puts it); quoted names are short, and a value is never split at its quotes.
-_QUOTED = re.compile(r'"([^"]{61,})"')
-
-
-def _clip_quoted(m: re.Match[str]) -> str:
-    return f'"{clipped(m.group(1))}"'
 
 
 def _unclosed_quote_line(path: Path) -> int | None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .db import queries, session_options
-from .errors import IngestError, ValidationFailed, clipped
+from .errors import IngestError, ValidationFailed, clipped, clipped_quotes
 from .registry import BY_NAME, EARLIEST_DATE, KEY, KEY_MAX_LENGTH, PARENT, TABLES, TableSpec
 
 
@@ -102,7 +102,7 @@ def _gx_error(exception_info: dict | None) -> str:
         if record.get("raised_exception"):
             message = str(record.get("exception_message") or "").strip()
             line = message.splitlines()[0] if message else "an exception"
-            return clipped(line, 200)  # it may quote a value
+            return clipped(clipped_quotes(line), 200)  # the reason follows a quoted value
     return ""
 
 
