@@ -106,3 +106,60 @@ def test_a_bad_replace_stops_only_a_run_that_reads_it(monkeypatch: pytest.Monkey
     assert complete_run([*month, "--replace"]).replace is True  # type: ignore[union-attr]
     with pytest.raises(InputError, match="REPLACE 'maybe'"):
         complete_run(month)
+
+
+SECRET = "p@ss:w/rd%$#x ' \\ ${HOME}"
+
+
+def test_postgres_variables_reach_the_server_as_written(pg_admin_url: str):
+    """A socket folder or an IPv6 address as POSTGRES_HOST, a password with URL
+    characters: the flow's connections and GX's reach the server they name."""
+    import sqlalchemy
+    from psycopg.conninfo import conninfo_to_dict
+    from streamflow import db
+    from streamflow.settings import database_url_from_env
+    from streamflow.validation import _sqlalchemy_url
+
+    server = conninfo_to_dict(pg_admin_url)
+    env = {
+        "POSTGRES_HOST": server.get("host", "localhost"),
+        "POSTGRES_PORT": str(server.get("port") or 5432),
+        "POSTGRES_USER": server["user"],
+        "POSTGRES_PASSWORD": server.get("password") or SECRET,
+        "POSTGRES_DB": server.get("dbname", "postgres"),
+    }
+
+    url = database_url_from_env(env)
+
+    assert conninfo_to_dict(url)["password"] == env["POSTGRES_PASSWORD"]
+    with db.connect(url) as conn:
+        row = conn.execute("SELECT current_user, current_database()").fetchone()
+    assert row == (env["POSTGRES_USER"], env["POSTGRES_DB"])
+    gx_url = _sqlalchemy_url(url).replace(r"\$", "$")  # GX undoes the escape
+    engine = sqlalchemy.create_engine(gx_url)
+    with engine.connect() as conn:
+        assert conn.execute(sqlalchemy.text("SELECT current_database()")).scalar() == row[1]
+        assert conn.execute(sqlalchemy.text("SHOW DateStyle")).scalar() == "ISO, YMD"
+    engine.dispose()
+    # libpq's form of what the URL used to mangle
+    ipv6 = conninfo_to_dict(database_url_from_env({**env, "POSTGRES_HOST": "::1"}))
+    assert (ipv6["host"], ipv6["port"], ipv6["dbname"]) == ("::1", env["POSTGRES_PORT"], row[1])
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "70000", "54 32", "-1"])
+def test_a_bad_postgres_port_is_named(value: str):
+    from streamflow.settings import database_url_from_env
+
+    with pytest.raises(InputError) as err:
+        database_url_from_env({"POSTGRES_HOST": "db", "POSTGRES_PORT": value})
+
+    assert str(err.value) == f"POSTGRES_PORT {value!r} is not a port number (1-65535, e.g. 5432)"
+
+
+def test_blank_connection_variables_are_unset():
+    """' ' is no server: the embedded one is used, not libpq's defaults (PGHOST...)."""
+    from streamflow.settings import database_url_from_env
+
+    assert database_url_from_env({"DATABASE_URL": " ", "POSTGRES_HOST": " \t"}) is None
+    url = database_url_from_env({"DATABASE_URL": " host=db dbname=x\n"})
+    assert url == "host=db dbname=x"

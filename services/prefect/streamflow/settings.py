@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
+
+from psycopg import ProgrammingError
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .errors import InputError
 
@@ -54,28 +56,38 @@ def load_dotenv_if_present() -> None:
 
 
 def database_url_from_env(env: os._Environ[str] | dict[str, str] = os.environ) -> str | None:
-    """``DATABASE_URL`` first, then the ``POSTGRES_*`` names of ``.env``; None if neither."""
-    url = env.get("DATABASE_URL")
+    """libpq's connection string: ``DATABASE_URL`` first, then the ``POSTGRES_*`` names
+    of ``.env``; None if neither. White space around a value is dropped: ' ' is unset."""
+    url = env.get("DATABASE_URL", "").strip()
     if url:
         return _checked_conninfo(url)
-    host = env.get("POSTGRES_HOST")
+    host = env.get("POSTGRES_HOST", "").strip()
     if not host:
         return None
-    user = quote(env.get("POSTGRES_USER", "postgres"), safe="")
-    password = env.get("POSTGRES_PASSWORD")
-    auth = f"{user}:{quote(password, safe='')}" if password else user
-    port = env.get("POSTGRES_PORT", "5432")
-    db = quote(env.get("POSTGRES_DB", "postgres"), safe="")
-    return f"postgresql://{auth}@{host}:{port}/{db}"
+    # key=value pairs, each value quoted by libpq's rules: a socket folder, an IPv6
+    # address or a password holding @ or / is taken as written. Pasted into a URL, they
+    # changed which server or database was meant, and a host libpq could not parse had
+    # its URL, password and all, quoted in the error.
+    return make_conninfo(
+        host=host,
+        port=_port(env),
+        user=env.get("POSTGRES_USER") or "postgres",
+        password=env.get("POSTGRES_PASSWORD") or None,
+        dbname=env.get("POSTGRES_DB") or "postgres",
+    )
+
+
+def _port(env: os._Environ[str] | dict[str, str]) -> str:
+    raw = env.get("POSTGRES_PORT", "").strip() or "5432"
+    if not (raw.isascii() and raw.isdigit() and 0 < int(raw) < 65536):
+        raise InputError(f"POSTGRES_PORT {raw!r} is not a port number (1-65535, e.g. 5432)")
+    return raw
 
 
 def _checked_conninfo(url: str) -> str:
     """DATABASE_URL, once libpq can parse it: found out before the run starts, and
     never echoed (libpq's parse error quotes the string, password and all, into the
     run's logs)."""
-    from psycopg import ProgrammingError
-    from psycopg.conninfo import conninfo_to_dict
-
     try:
         conninfo_to_dict(url)
     except ProgrammingError:
