@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 from conftest import scalar
-from month_files import AS_OF, flow_command, flow_env, read_rows, small_months, write_rows
+from month_files import (
+    AS_OF,
+    flow_command,
+    flow_env,
+    ingest,
+    read_rows,
+    small_months,
+    write_rows,
+)
 from streamflow import validation, warmup
 from streamflow.registry import TABLES
 
@@ -269,6 +277,24 @@ def test_help_is_the_full_help_and_starts_nothing(db_url, months, tmp_path):
     assert "StreamFlow monthly ingestion, as a Prefect flow." in proc.stdout
     assert not (home / "prefect.db").exists()
     assert scalar(db_url, "SELECT count(*) FROM ingest_runs") == 0
+    assert _processes_with(f"PREFECT_HOME={home}") == []
+
+
+def test_a_mistyped_flag_is_a_usage_error_even_for_a_published_month(db_url, months, tmp_path):
+    """``--replce`` for ``--replace``: refused at once (exit 2), not answered "nothing to
+    do" because the month happens to be unchanged, and no server or GX process."""
+    assert ingest(db_url, months / "month_000", JAN) == 0
+    home = tmp_path / "prefect"
+    python, *script = flow_command(months / "month_000", JAN, "--replce")
+    env = flow_env(db_url, PREFECT_HOME=str(home))
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([python, *script], env=env, capture_output=True, text=True, timeout=120)
+
+    assert proc.returncode == 2, proc.stdout + proc.stderr[-2000:]
+    assert "unrecognized arguments: --replce" in proc.stderr
+    assert "nothing to do" not in proc.stdout
+    assert scalar(db_url, "SELECT count(*) FROM ingest_runs") == 1  # no no-op recorded
+    assert not (home / "prefect.db").exists()
     assert _processes_with(f"PREFECT_HOME={home}") == []
 
 

@@ -110,11 +110,12 @@ def replace_wanted(args: argparse.Namespace) -> bool:
 def complete_run(argv: list[str]) -> argparse.Namespace | None:
     """The arguments of a complete ``run``, for the CLI's looks before the flow starts.
 
-    None for ``serve``, a command without its seed dir or as_of, or a request for
-    help: the full parser answers those, with the module's description.
+    None for ``serve``, a command without its seed dir or as_of, a request for help,
+    or an argument it does not know (``--replce``): the full parser answers those, with
+    the module's description or its usage error.
     """
-    args, _ = cli_parser(None, add_help=False).parse_known_args(argv)
-    if args.command != "run" or not args.seed_dir or not args.as_of:
+    args, unknown = cli_parser(None, add_help=False).parse_known_args(argv)
+    if unknown or args.command != "run" or not args.seed_dir or not args.as_of:
         return None
     if any(a in ("-h", "--help") for a in argv):
         return None
