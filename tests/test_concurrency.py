@@ -175,3 +175,24 @@ def test_lock_wait_timeout_says_another_ingestion_is_running(db_url, months, tmp
     assert elapsed < TIMEOUT
     assert dump(db_url, ALL_TABLES) == before
     assert ledger(db_url) == []
+
+
+def test_the_early_noop_check_does_not_wait_for_the_lock(db_url, months, monkeypatch):
+    """The CLI's look for an unchanged month, before Prefect starts, gives way at once
+    to a running ingestion: the flow then waits LOCK_WAIT_SECONDS, once (it waited
+    twice, the first time without a word)."""
+    from streamflow import rerun
+    from streamflow.errors import LockTimeout
+
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    monkeypatch.setenv("LOCK_WAIT_SECONDS", "8")
+    with psycopg.connect(db_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+        started = time.monotonic()
+        with pytest.raises(LockTimeout) as err:
+            rerun.unchanged_month(str(months / "month_000"), JAN)
+        elapsed = time.monotonic() - started
+
+    assert elapsed < 4, elapsed
+    assert "waited 0s" in str(err.value)
+    assert ledger(db_url) == []

@@ -147,7 +147,7 @@ def writer_lock(conn: psycopg.Connection, wait_seconds: float) -> Iterator[None]
             ).fetchone()
             who = f" (held by backend pid {holder[0]})" if holder else ""
             raise LockTimeout(
-                f"another ingestion is running{who}; waited {wait_seconds:.0f}s for it "
+                f"another ingestion is running{who}; waited {wait_seconds:g}s for it "
                 "(set LOCK_WAIT_SECONDS to wait longer)"
             )
         time.sleep(0.2)

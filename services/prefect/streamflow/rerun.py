@@ -33,7 +33,9 @@ def unchanged_month(seed_dir: str, as_of: str) -> RunSummary | None:
     with db.connect(url, autocommit=True) as control:
         if not db.schema_present(control):
             return None
-        with db.writer_lock(control, settings.lock_wait_seconds):
+        # No waiting here: a busy lock means a run in progress, and the flow waits for
+        # it, LOCK_WAIT_SECONDS once, in a run people can see in Prefect.
+        with db.writer_lock(control, 0):
             prints, fingerprint = ledger.fingerprint_month(
                 control, as_of_date, files, summary.timings, remember=True
             )
