@@ -3,11 +3,20 @@ which are the server refusing the work: psycopg files both under OperationalErro
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import psycopg
 import pytest
+from conftest import scalar
+from month_files import small_months
 from streamflow.db import connection_lost, worth_retrying
 
 UNREACHABLE = "postgresql://postgres@127.0.0.1:9/x"  # nothing listens on port 9
+
+
+@pytest.fixture(scope="module")
+def months(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return small_months(tmp_path_factory.mktemp("small"))
 
 
 def test_a_refused_connection_is_lost():
@@ -80,3 +89,50 @@ def test_a_deadlock_is_retried_but_not_called_unreachable(empty_db_url):
     [deadlock] = errors
     assert deadlock.sqlstate == "40P01"
     assert worth_retrying(deadlock) and not connection_lost(deadlock)
+
+
+def test_a_refused_login_is_neither_lost_nor_retried(empty_db_url):
+    """The server answers FATAL (no such database, wrong password): it was reached, and
+    will refuse the same login again."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    from streamflow.db import login_refused
+
+    params = conninfo_to_dict(empty_db_url)
+    params["dbname"] = "sf_no_such_database"
+    with pytest.raises(psycopg.OperationalError) as caught:
+        psycopg.connect(make_conninfo("", **params))
+    assert login_refused(caught.value)
+    assert not connection_lost(caught.value)
+    assert not worth_retrying(caught.value)
+    with pytest.raises(psycopg.OperationalError) as unreachable:
+        psycopg.connect(UNREACHABLE, connect_timeout=5)
+    assert not login_refused(unreachable.value)
+
+
+@pytest.mark.parametrize("case", ["no such database", "no privileges", "read-only server"])
+def test_a_database_that_refuses_the_run_says_what_it_lacks(case, db_url, months, run_flow):
+    """Configuration, not bugs: one line that says what the login or server lacks, not
+    "could not be reached" nor "unexpected"."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(db_url)
+    if case == "no such database":
+        params["dbname"] = "sf_no_such_database"
+        expected = ["the database refused the login", 'database "sf_no_such_database"']
+    elif case == "no privileges":
+        with psycopg.connect(db_url, autocommit=True) as admin:
+            admin.execute("DROP ROLE IF EXISTS sf_no_privileges")
+            admin.execute("CREATE ROLE sf_no_privileges LOGIN")
+        params["user"] = "sf_no_privileges"
+        expected = ["PostgreSQL refused the work: permission denied", "streamflow_ingest role"]
+    else:
+        params["options"] = "-c default_transaction_read_only=on"
+        expected = ["PostgreSQL refused the work", "read-only", "the server takes no writes"]
+
+    rc, _, err = run_flow(make_conninfo("", **params), months / "month_000", "2024-01-31")
+
+    assert rc == 1
+    message = err.strip().splitlines()[-1]
+    assert all(e in message for e in expected), message
+    assert "unexpected" not in message and "could not be reached" not in message, message
+    assert scalar(db_url, "SELECT count(*) FROM ingest_runs") == 0

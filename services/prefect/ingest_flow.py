@@ -321,10 +321,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except psycopg.OperationalError as exc:
         reason = first_line(exc)  # libpq's message runs on with hints
-        if db.connection_lost(exc):
+        if db.login_refused(exc):
+            print(f"ingest failed: the database refused the login: {reason}", file=sys.stderr)
+        elif db.connection_lost(exc):
             print(f"ingest failed: the database could not be reached: {reason}", file=sys.stderr)
         else:
             print(f"ingest failed: PostgreSQL refused the work: {reason}", file=sys.stderr)
+        return 1
+    except (psycopg.errors.InsufficientPrivilege, psycopg.errors.ReadOnlySqlTransaction) as exc:
+        # Configuration, not a bug: say what the login or the server lacks.
+        needs = (
+            "the login needs the streamflow_ingest role (GRANT streamflow_ingest TO it), "
+            "or to own the database on the first run, which creates the schema"
+            if isinstance(exc, psycopg.errors.InsufficientPrivilege)
+            else "the server takes no writes: a standby, or default_transaction_read_only"
+        )
+        print(
+            f"ingest failed: PostgreSQL refused the work: {first_line(exc)}; {needs}",
+            file=sys.stderr,
+        )
         return 1
     except Exception as exc:  # still one line for people; the traceback is in the run logs
         line = " ".join(str(exc).split())

@@ -29,10 +29,27 @@ _CONNECTION_SQLSTATES = ("08", "57P01", "57P02", "57P03")
 
 def connection_lost(exc: BaseException) -> bool:
     """True for a failure to reach or keep the server, not for an error it reported."""
-    if not isinstance(exc, psycopg.OperationalError):
+    if not isinstance(exc, psycopg.OperationalError) or login_refused(exc):
         return False
     state = exc.sqlstate
     return state is None or state.startswith(_CONNECTION_SQLSTATES)
+
+
+# A server starting up, shutting down or full also answers a login with FATAL, and
+# may take it a moment later.
+_BUSY = ("the database system is", "too many clients", "remaining connection slots")
+
+
+def login_refused(exc: BaseException) -> bool:
+    """The server answered the login with a refusal (wrong password, no such database
+    or role, pg_hba): it was reached, and will refuse the same login again.
+
+    psycopg gives connect-time errors no SQLSTATE: libpq's text is all there is.
+    """
+    if not isinstance(exc, psycopg.OperationalError) or exc.sqlstate is not None:
+        return False
+    text = str(exc)
+    return "FATAL:" in text and not any(busy in text for busy in _BUSY)
 
 
 # A deadlock, a serialization failure (class 40) or a lock not granted in time: the
