@@ -135,7 +135,8 @@ def test_postgres_variables_reach_the_server_as_written(pg_admin_url: str):
     with db.connect(url) as conn:
         row = conn.execute("SELECT current_user, current_database()").fetchone()
     assert row == (env["POSTGRES_USER"], env["POSTGRES_DB"])
-    gx_url = _sqlalchemy_url(url).replace(r"\$", "$")  # GX undoes the escape
+    gx_url = _sqlalchemy_url(url)
+    assert "$" not in gx_url  # nothing for GX's ${VAR} substitution to read
     engine = sqlalchemy.create_engine(gx_url)
     with engine.connect() as conn:
         assert conn.execute(sqlalchemy.text("SELECT current_database()")).scalar() == row[1]
@@ -163,3 +164,28 @@ def test_blank_connection_variables_are_unset():
     assert database_url_from_env({"DATABASE_URL": " ", "POSTGRES_HOST": " \t"}) is None
     url = database_url_from_env({"DATABASE_URL": " host=db dbname=x\n"})
     assert url == "host=db dbname=x"
+
+
+def test_gx_connects_with_the_urls_options_and_one_port_per_host():
+    """What SQLAlchemy hands psycopg for GX: the URL's options then the pipeline's, and
+    libpq's one port for several hosts spelled once per host (SQLAlchemy refused it)."""
+    import sqlalchemy
+    from streamflow.validation import _sqlalchemy_url
+
+    url = sqlalchemy.engine.make_url(
+        _sqlalchemy_url("host=h1,h2 port=5433 dbname=d user=u options='-c lock_timeout=7min'")
+    )
+    args = sqlalchemy.create_engine(url).dialect.create_connect_args(url)[1]
+
+    assert args["options"] == "-c lock_timeout=7min -c work_mem=256MB -c DateStyle=ISO,YMD"
+    assert (args["host"], args["port"], args["dbname"]) == ("h1,h2", "5433,5433", "d")
+
+
+def test_pgoptions_is_kept_when_the_url_has_no_options(monkeypatch: pytest.MonkeyPatch):
+    """libpq reads PGOPTIONS only when no options are given, and the pipeline gives some."""
+    from streamflow.db import session_options
+
+    monkeypatch.setenv("PGOPTIONS", "-c statement_timeout=1234")
+
+    assert session_options("host=h") == "-c statement_timeout=1234 -c DateStyle=ISO,YMD"
+    assert session_options("host=h options='-c a=b'") == "-c a=b -c DateStyle=ISO,YMD"

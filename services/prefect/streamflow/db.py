@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -94,8 +95,13 @@ SESSION_OPTIONS = "-c DateStyle=ISO,YMD"
 
 
 def session_options(url: str, *extra: str) -> str:
-    """The URL's own ``options`` (kept: a URL carries one), then ``extra``, then ours."""
-    own = conninfo_to_dict(url).get("options")
+    """The connection's own options, then ``extra``, then SESSION_OPTIONS (last wins).
+
+    libpq reads PGOPTIONS only when no options are given, and we always give some: the
+    URL's options, else PGOPTIONS, are kept by passing them on. (A service file's
+    options, read by libpq after, would be replaced: set them in the URL instead.)
+    """
+    own = conninfo_to_dict(url).get("options") or os.environ.get("PGOPTIONS")
     return " ".join(o for o in (own, *extra, SESSION_OPTIONS) if o)
 
 

@@ -19,7 +19,8 @@ def clipped(text: str, keep: int = 40) -> str:
 
 
 # A long quoted value in PostgreSQL's message (it quotes the bad value whole, wherever
-# the message puts it); quoted names are short, and a value is never split at its quotes.
+# the message puts it); quoted names are short. A value that holds a quote itself is
+# left whole: the pattern cannot tell where it ends.
 _QUOTED = re.compile(r'"([^"]{61,})"')
 
 

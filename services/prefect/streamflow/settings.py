@@ -90,11 +90,12 @@ def _checked_conninfo(url: str) -> str:
     run's logs)."""
     try:
         conninfo_to_dict(url)
-    except ProgrammingError:
+    except (ProgrammingError, ValueError):  # ValueError: bytes that are no text
         raise InputError(
             "DATABASE_URL is not a PostgreSQL connection string; expected "
-            "postgresql://user:password@host:port/dbname or key=value pairs "
-            "(host=... dbname=...); its value is not shown, as it may hold a password"
+            "postgresql://user:password@host:port/dbname (a % in the password written "
+            "%25, an @ %40) or key=value pairs (host=... dbname=...); its value is not "
+            "shown, as it may hold a password"
         ) from None
     return url
 

@@ -22,6 +22,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from . import db
 from .db import queries, session_options
 from .errors import IngestError, ValidationFailed, clipped, clipped_quotes
 from .registry import BY_NAME, EARLIEST_DATE, KEY, KEY_MAX_LENGTH, PARENT, TABLES, TableSpec
@@ -304,7 +305,8 @@ def _sqlalchemy_url(database_url: str) -> str:
 
     The user, password and database go where SQLAlchemy masks the password in its
     messages; every other libpq parameter (host, port, sslmode, ...) rides in the query
-    string, which the psycopg dialect hands to libpq as is.
+    string, which the psycopg dialect hands to libpq as is. Every value is
+    percent-encoded, so no ``$`` is left for GX's ``${VAR}`` substitution to read.
     """
     from psycopg.conninfo import conninfo_to_dict
     from sqlalchemy.engine import URL
@@ -313,14 +315,17 @@ def _sqlalchemy_url(database_url: str) -> str:
     # One options parameter: SQLAlchemy turns a repeated one into a tuple, which
     # libpq sends as a single malformed argument and the server refuses.
     params["options"] = session_options(database_url, GX_SESSION_OPTIONS)
-    url = URL.create(
+    # libpq gives every host of a list the one port; SQLAlchemy wants one port per host.
+    hosts = params.get("host", "").split(",")
+    if len(hosts) > 1 and "," not in params.get("port", ","):
+        params["port"] = ",".join([params["port"]] * len(hosts))
+    return URL.create(
         "postgresql+psycopg",
         username=params.pop("user", None),
         password=params.pop("password", None),
         database=params.pop("dbname", None),
         query=params,
     ).render_as_string(hide_password=False)
-    return url.replace("$", r"\$")  # GX reads ${VAR} in config strings
 
 
 class Suites:
@@ -391,9 +396,7 @@ class Suites:
         )
 
         def validate(as_of: date) -> tuple[list[SuiteOutcome], Path | None]:
-            import psycopg
-
-            with psycopg.connect(database_url) as conn:
+            with db.connect(database_url) as conn:
                 parameters = {USERS_ROWS: _staged_rows(conn, PARENT), AS_OF: as_of}
             runs = list(checkpoint.run(expectation_parameters=parameters).run_results.values())
             for i, run in enumerate(runs):
@@ -450,7 +453,6 @@ _ROW_CHECKS = {
 
 def _add_row_examples(database_url: str, outcomes: list[SuiteOutcome], as_of: date) -> None:
     """GX's SUMMARY format counts unexpected rows without showing any: fetch a few."""
-    import psycopg
     from psycopg import sql
 
     failed = [
@@ -461,7 +463,7 @@ def _add_row_examples(database_url: str, outcomes: list[SuiteOutcome], as_of: da
     ]
     if not failed:
         return
-    with psycopg.connect(database_url) as conn:
+    with db.connect(database_url) as conn:  # dates quoted in ISO, whatever the server's
         for e in failed:
             ids: dict[str, sql.Composable] = {"batch": sql.Identifier("staging", e.table)}
             text = e.rows_query
@@ -583,7 +585,8 @@ def describe_failure(o: ExpectationOutcome) -> str:
             what = (
                 f"{n} value(s) with a space, control or invisible character, or a word read "
                 f"as missing (NA, NULL, None, nan), e.g. {eg_values}; a user_id is matched "
-                "exactly, and CSV readers drop those words: each would be another user"
+                "exactly, so each would be another user, and pandas' read_csv reads those "
+                "words as no user_id at all"
             )
         case "date_range":
             what = (
