@@ -7,8 +7,11 @@ STREAMFLOW_PGDATA (no DATABASE_URL nor POSTGRES_HOST, so the flow would use it t
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -83,3 +86,42 @@ def test_psql_is_refused_when_runs_use_another_server(tmp_path):
         "not the embedded one: connect to it instead"
     )
     assert not pgdata.exists()
+
+
+@pytest.mark.parametrize("name", ["with space & co", "pg%41data"])
+def test_a_data_folder_with_shell_or_url_characters_works(tmp_path, name):
+    """A checkout under 'My Projects' put the default .pgdata in a path pg_ctl's shell
+    splits (an empty AssertionError); a '%41' in it made the URI name another folder."""
+    # Short, as a checkout's: pgserver keeps the socket in the data folder only while
+    # the socket's path fits (108 bytes), and pytest's folders are longer than that.
+    root = Path(tempfile.mkdtemp(prefix="sf-"))
+    pgdata = root / name / ".pgdata"
+    pgdata.parent.mkdir()
+    try:
+        uri = embedded(pgdata, "uri")
+        assert uri.returncode == 0, uri.stderr
+        with psycopg.connect(uri.stdout.strip()) as conn:
+            assert conn.execute("SHOW data_directory").fetchone()[0]
+        psql = embedded(pgdata, "psql", "-At", "-c", "SELECT 41 + 1")
+        assert (psql.returncode, psql.stdout.strip()) == (0, "42"), psql.stderr
+        assert (pgdata / "PG_VERSION").is_file()  # the data is in the folder named
+    finally:
+        stop = embedded(pgdata, "stop")
+        shutil.rmtree(root, ignore_errors=True)
+    assert (stop.returncode, stop.stdout.strip()) == (0, f"stopped {pgdata}"), stop.stderr
+
+
+def test_a_data_folder_that_is_not_one_is_named(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("")
+
+    for path, expected in (
+        (afile, f"embedded: STREAMFLOW_PGDATA {str(afile)!r} is a file; expected a folder"),
+        (other, f"embedded: STREAMFLOW_PGDATA {str(other)!r} holds files but no PostgreSQL"),
+    ):
+        proc = embedded(path, "uri")
+        assert proc.returncode == 1
+        assert proc.stderr.strip().startswith(expected), proc.stderr

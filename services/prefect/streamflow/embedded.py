@@ -11,12 +11,16 @@ the wheel's own psql on it, or stops it (the data stays; delete the folder to re
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from types import ModuleType
+from urllib.parse import quote
 
 from .errors import IngestError
 from .settings import Settings, load_settings
@@ -41,9 +45,52 @@ def _pgserver() -> ModuleType:
 
 def embedded_database_url(pgdata: Path) -> str:
     pgserver = _pgserver()
+    if pgdata.exists() and not pgdata.is_dir():
+        raise IngestError(f"STREAMFLOW_PGDATA {str(pgdata)!r} is a file; expected a folder")
     pgdata.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(pgdata, cleanup_mode=None)
-    return server.get_uri()
+    if any(pgdata.iterdir()) and not (pgdata / "PG_VERSION").is_file():
+        raise IngestError(
+            f"STREAMFLOW_PGDATA {str(pgdata)!r} holds files but no PostgreSQL data; "
+            "expected an empty or new folder, or one the embedded server created"
+        )
+    server = _server(pgserver, pgdata)
+    socket_dir = server.get_postmaster_info().socket_dir
+    if socket_dir is None:  # a TCP server (not what pgserver starts on Linux)
+        return server.get_uri()
+    # pgserver's own URI pastes the folder in unencoded: a '%41' in it named another one.
+    return f"postgresql://postgres@/postgres?host={quote(str(socket_dir), safe='/')}"
+
+
+# pgserver hands its socket folder (the data folder) to pg_ctl -o '-k <folder>', which a
+# shell reads: a space, '&' or '$' in a checkout's path broke the default server with an
+# empty AssertionError. Such a folder is run through a plain-named link to it instead.
+_PLAIN = re.compile(r"[\w./+-]+", re.ASCII)
+
+
+def _server(pgserver: ModuleType, pgdata: Path):  # -> pgserver.PostgresServer
+    if _PLAIN.fullmatch(str(pgdata)):
+        return pgserver.get_server(pgdata, cleanup_mode=None)
+    # get_server() resolves links, so the server is made from the link directly.
+    from pgserver.postgres_server import PostgresServer
+
+    link = _plain_link(pgdata)
+    if os.geteuid() == 0:  # the server runs as pgserver's own user: let it reach the folder
+        from pgserver.utils import ensure_prefix_permissions
+
+        ensure_prefix_permissions(pgdata)
+    return PostgresServer(link, cleanup_mode=None)
+
+
+def _plain_link(pgdata: Path) -> Path:
+    links = Path(tempfile.gettempdir()) / f"streamflow-pgdata-{os.getuid()}"
+    links.mkdir(mode=0o755, exist_ok=True)
+    if links.is_symlink() or links.stat().st_uid != os.getuid():
+        raise IngestError(f"{links} is not this user's own folder; remove it and run again")
+    link = links / hashlib.sha256(str(pgdata).encode()).hexdigest()[:16]
+    if not (link.is_symlink() and link.resolve() == pgdata.resolve()):
+        link.unlink(missing_ok=True)
+        link.symlink_to(pgdata, target_is_directory=True)
+    return link
 
 
 def resolve_database_url(settings: Settings) -> str:
