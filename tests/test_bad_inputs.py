@@ -711,6 +711,25 @@ def test_a_database_url_with_its_own_options_runs_a_month(
     assert dump(jan_db, DATA_TABLES) == clean_feb
 
 
+def test_relative_paths_of_the_connection_resolve_where_the_run_started(
+    jan_db, months, run_flow, clean_feb, tmp_path, monkeypatch
+):
+    """libpq reads a relative PGSERVICEFILE (or passfile, sslrootcert) from the working
+    directory: GX's process worked in the package's folder, so the month was staged,
+    then GX could not connect."""
+    server = conninfo_to_dict(jan_db)
+    (tmp_path / "services.conf").write_text(
+        "[streamflow]\n" + "".join(f"{k}={v}\n" for k, v in server.items())
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PGSERVICEFILE", "services.conf")
+
+    rc, _, err = run_flow("service=streamflow", months / "month_001", AS_OF["month_001"])
+
+    assert rc == 0, err
+    assert dump(jan_db, DATA_TABLES) == clean_feb
+
+
 def test_duplicate_lines_are_counted_as_an_editor_shows_them(tmp_path):
     """key_lines counts lines through a BOM, CRLF, columns in any order, quoted fields
     (one spanning two lines) and an empty user_id (rows COPY may refuse for other

@@ -698,8 +698,12 @@ class SuitesProcess:
         cmd = child_command()
         if docs_dir is not None:
             cmd += ["--docs-dir", str(docs_dir.resolve())]
-        # -m finds the package from the working directory: the folder that holds it.
-        package_root = Path(__file__).resolve().parents[1]
+        # The run's working directory, for libpq's relative paths (passfile, sslrootcert,
+        # PGSERVICEFILE); the package found on PYTHONPATH, and nothing imported from
+        # that directory (PYTHONSAFEPATH: no ./streamflow or ./great_expectations).
+        package_root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (package_root, env.get("PYTHONPATH"))))
+        env["PYTHONSAFEPATH"] = "1"
         # stderr in a file, not a pipe: stdout is read line by line while the child
         # runs, and a full stderr pipe would block it.
         self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed by finish/close
@@ -707,7 +711,6 @@ class SuitesProcess:
         self._proc = subprocess.Popen(
             cmd,
             env=env,
-            cwd=package_root,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
