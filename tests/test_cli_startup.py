@@ -215,6 +215,11 @@ def test_the_clis_server_has_time_for_a_first_start_unless_prefect_says_otherwis
         ("bad REPLACE", "ingest failed: REPLACE 'maybe' is neither yes nor no"),
         ("bad docs dir", "ingest failed: GX_DOCS_DIR '{docs}' cannot be written: Not a directory"),
         ("bad DATABASE_URL", "ingest failed: DATABASE_URL is not a PostgreSQL connection string"),
+        (
+            "bad Prefect setting",  # Prefect itself would stop in a pydantic traceback
+            "ingest failed: PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS 'abc' is not a "
+            "whole number of seconds",
+        ),
     ],
 )
 def test_bad_inputs_are_answered_before_prefect_starts(db_url, months, tmp_path, case, expected):
@@ -240,6 +245,9 @@ def test_bad_inputs_are_answered_before_prefect_starts(db_url, months, tmp_path,
         month, env = months / "month_000", {"GX_DOCS_DIR": str(tmp_path / "a_file" / "docs")}
     elif case == "bad DATABASE_URL":  # libpq would quote it, password and all
         month, env = months / "month_000", {"DATABASE_URL": "mysql://u:s3cret@h/db"}
+    elif case == "bad Prefect setting":
+        month = months / "month_000"
+        env = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "abc"}
     elif case == "no folder, --replace":
         extra = ["--replace"]
     python, *script = flow_command(month, as_of, *extra)
@@ -296,6 +304,20 @@ def test_a_mistyped_flag_is_a_usage_error_even_for_a_published_month(db_url, mon
     assert scalar(db_url, "SELECT count(*) FROM ingest_runs") == 1  # no no-op recorded
     assert not (home / "prefect.db").exists()
     assert _processes_with(f"PREFECT_HOME={home}") == []
+
+
+def test_a_prefect_api_url_with_no_server_is_named(db_url, months, tmp_path):
+    home = tmp_path / "prefect"
+    python, *script = flow_command(months / "month_000", JAN)
+    env = flow_env(db_url, PREFECT_HOME=str(home), PREFECT_API_URL="http://127.0.0.1:9/api")
+    proc = subprocess.run([python, *script], env=env, capture_output=True, text=True, timeout=120)
+
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "ingest failed: Failed to reach API at http://127.0.0.1:9/api/ (PREFECT_API_URL); "
+        "is that server up?"
+    ), proc.stderr[-2000:]
+    assert scalar(db_url, "SELECT count(*) FROM ingest_runs") == 0
 
 
 def test_the_flow_takes_the_gx_process_started_for_its_database(db_url, tmp_path):

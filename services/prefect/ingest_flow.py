@@ -342,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     except Exception as exc:  # still one line for people; the traceback is in the run logs
+        if isinstance(exc, RuntimeError) and str(exc).startswith("Failed to reach API"):
+            # Prefect's words name the address; say where it came from.
+            print(f"ingest failed: {exc} (PREFECT_API_URL); is that server up?", file=sys.stderr)
+            return 1
         line = " ".join(str(exc).split())
         print(f"ingest failed: unexpected {type(exc).__name__}: {line}", file=sys.stderr)
         return 1
