@@ -214,6 +214,7 @@ def test_the_clis_server_has_time_for_a_first_start_unless_prefect_says_otherwis
         ("bad setting", "ingest failed: LOCK_WAIT_SECONDS 'soon' is not a number of seconds"),
         ("bad REPLACE", "ingest failed: REPLACE 'maybe' is neither yes nor no"),
         ("bad docs dir", "ingest failed: GX_DOCS_DIR '{docs}' cannot be written: Not a directory"),
+        ("docs dir a file", "ingest failed: GX_DOCS_DIR '{afile}' is a file; expected a folder"),
         ("bad DATABASE_URL", "ingest failed: DATABASE_URL is not a PostgreSQL connection string"),
         (
             "bad Prefect setting",  # Prefect itself would stop in a pydantic traceback
@@ -245,6 +246,9 @@ def test_bad_inputs_are_answered_before_prefect_starts(db_url, months, tmp_path,
         month, env = months / "month_000", {"GX_DOCS_DIR": str(tmp_path / "a_file" / "docs")}
     elif case == "bad DATABASE_URL":  # libpq would quote it, password and all
         month, env = months / "month_000", {"DATABASE_URL": "mysql://u:s3cret@h/db"}
+    elif case == "docs dir a file":
+        (tmp_path / "a_file").write_text("")
+        month, env = months / "month_000", {"GX_DOCS_DIR": str(tmp_path / "a_file")}
     elif case == "bad Prefect setting":
         month = months / "month_000"
         env = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "abc"}
@@ -260,9 +264,10 @@ def test_bad_inputs_are_answered_before_prefect_starts(db_url, months, tmp_path,
 
     assert proc.returncode == 1, proc.stderr[-2000:]
     docs = tmp_path / "a_file" / "docs"
-    assert proc.stderr.strip().startswith(expected.format(month=month, docs=docs)), proc.stderr[
-        -2000:
-    ]
+    afile = tmp_path / "a_file"
+    assert proc.stderr.strip().startswith(expected.format(month=month, docs=docs, afile=afile)), (
+        proc.stderr[-2000:]
+    )
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
     assert "s3cret" not in proc.stderr + proc.stdout
     assert not home.exists() or not any(home.iterdir())
@@ -456,3 +461,19 @@ def test_as_of_may_be_tomorrow_for_a_zone_ahead_of_this_machine():
     assert parse_as_of("2024-01-31", today=today) == date(2024, 1, 31)
     with pytest.raises(InputError, match="AS_OF 2024-02-01 is after today"):
         parse_as_of("2024-02-01", today=today)
+
+
+@pytest.mark.parametrize(
+    "value", ["20240131", "2024-W05-3", "2024W053", "2024-1-31", "2024-01-31T00"]
+)
+def test_as_of_is_written_yyyy_mm_dd_and_nothing_else(value):
+    """Python's fromisoformat takes compact and week dates too; the message promised
+    YYYY-MM-DD, and a week date in the ledger reads as no date anyone wrote."""
+    from streamflow.errors import InputError
+    from streamflow.inputs import parse_as_of
+
+    with pytest.raises(InputError) as err:
+        parse_as_of(value)
+    assert str(err.value) == (
+        f"AS_OF {value!r} is not a valid date; expected YYYY-MM-DD, e.g. 2024-01-31"
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -13,9 +14,14 @@ from .ledger import expected_files
 from .registry import EARLIEST_DATE, TABLES
 from .settings import Settings, flag, load_dotenv_if_present
 
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
 
 def parse_as_of(value: str, today: date | None = None) -> date:
     try:
+        # fromisoformat alone also takes 20240131 and week dates (2024-W05-3)
+        if not _ISO_DATE.fullmatch(value.strip()):
+            raise ValueError(value)
         as_of = date.fromisoformat(value.strip())
     except (ValueError, AttributeError):
         raise InputError(
@@ -54,6 +60,8 @@ def month_files(seed_dir: Path) -> dict[str, Path]:
 
 def docs_dir_ready(docs_dir: Path) -> Path:
     """GX_DOCS_DIR, created if need be: checked before the run, not found out by GX later."""
+    if docs_dir.exists() and not docs_dir.is_dir():
+        raise InputError(f"GX_DOCS_DIR {str(docs_dir)!r} is a file; expected a folder")
     try:
         docs_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(docs_dir, os.W_OK | os.X_OK):
