@@ -311,6 +311,24 @@ def test_a_mistyped_flag_is_a_usage_error_even_for_a_published_month(db_url, mon
     assert _processes_with(f"PREFECT_HOME={home}") == []
 
 
+@pytest.mark.parametrize("command", [["serve"], ["--as-of", JAN]])
+def test_a_bad_prefect_setting_is_named_for_every_command(command, tmp_path):
+    """Prefect refuses it at import, whatever the command: serve (the Docker runner's)
+    and an incomplete run included."""
+    env = flow_env("", PREFECT_HOME=str(tmp_path / "prefect"))
+    env.update(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="abc")
+    python, script = flow_command("x", JAN)[:2]
+    proc = subprocess.run(
+        [python, script, *command], env=env, capture_output=True, text=True, timeout=120
+    )
+
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (
+        "ingest failed: PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS 'abc' is not a whole "
+        "number of seconds (e.g. PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120)"
+    )
+
+
 def test_a_prefect_api_url_with_no_server_is_named(db_url, months, tmp_path):
     home = tmp_path / "prefect"
     python, *script = flow_command(months / "month_000", JAN)
@@ -319,8 +337,8 @@ def test_a_prefect_api_url_with_no_server_is_named(db_url, months, tmp_path):
 
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
-        "ingest failed: Failed to reach API at http://127.0.0.1:9/api/ (PREFECT_API_URL); "
-        "is that server up?"
+        "ingest failed: Failed to reach API at http://127.0.0.1:9/api/ (PREFECT_API_URL, or "
+        "the CLI's temporary server): is that server up, and does the URL end in /api?"
     ), proc.stderr[-2000:]
     assert scalar(db_url, "SELECT count(*) FROM ingest_runs") == 0
 

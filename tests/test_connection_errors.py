@@ -136,3 +136,21 @@ def test_a_database_that_refuses_the_run_says_what_it_lacks(case, db_url, months
     assert all(e in message for e in expected), message
     assert "unexpected" not in message and "could not be reached" not in message, message
     assert scalar(db_url, "SELECT count(*) FROM ingest_runs") == 0
+
+
+def test_a_role_out_of_connections_is_busy_not_refused(empty_db_url):
+    """'too many connections for role' is FATAL too, and passes once a session ends:
+    worth a retry, not a refused login."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    from streamflow.db import login_refused
+
+    with psycopg.connect(empty_db_url, autocommit=True) as admin:
+        admin.execute("DROP ROLE IF EXISTS sf_no_slots")
+        admin.execute("CREATE ROLE sf_no_slots LOGIN CONNECTION LIMIT 0")
+    params = conninfo_to_dict(empty_db_url)
+    params["user"] = "sf_no_slots"
+    with pytest.raises(psycopg.OperationalError) as caught:
+        psycopg.connect(make_conninfo("", **params))
+    assert "too many connections" in str(caught.value)
+    assert not login_refused(caught.value)
+    assert worth_retrying(caught.value)

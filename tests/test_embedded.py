@@ -125,3 +125,14 @@ def test_a_data_folder_that_is_not_one_is_named(tmp_path):
         proc = embedded(path, "uri")
         assert proc.returncode == 1
         assert proc.stderr.strip().startswith(expected), proc.stderr
+
+
+def test_the_uri_encodes_its_socket_folder():
+    """A server started at a '%41' path before such paths went through a link: libpq
+    decodes the URI's host, so it must be encoded."""
+    from psycopg.conninfo import conninfo_to_dict
+    from streamflow.embedded import socket_uri
+
+    uri = socket_uri(Path("/tmp/pg%41data x/.pgdata"))
+
+    assert conninfo_to_dict(uri)["host"] == "/tmp/pg%41data x/.pgdata"

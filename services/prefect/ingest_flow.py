@@ -27,6 +27,14 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 if __name__ == "__main__":
+    from streamflow.errors import InputError
+    from streamflow.settings import check_prefect_settings
+
+    try:
+        check_prefect_settings()
+    except InputError as exc:
+        print(f"ingest failed: {exc}", file=sys.stderr)
+        sys.exit(1)
     # An unchanged month needs neither Prefect nor GX: answer it before importing them.
     from streamflow.rerun import exit_if_unchanged
 
@@ -343,8 +351,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as exc:  # still one line for people; the traceback is in the run logs
         if isinstance(exc, RuntimeError) and str(exc).startswith("Failed to reach API"):
-            # Prefect's words name the address; say where it came from.
-            print(f"ingest failed: {exc} (PREFECT_API_URL); is that server up?", file=sys.stderr)
+            # Prefect's words name the address, not where it came from, nor that an HTTP
+            # error (a URL without /api) reads the same.
+            print(
+                f"ingest failed: {exc} (PREFECT_API_URL, or the CLI's temporary server): is "
+                "that server up, and does the URL end in /api?",
+                file=sys.stderr,
+            )
             return 1
         line = " ".join(str(exc).split())
         print(f"ingest failed: unexpected {type(exc).__name__}: {line}", file=sys.stderr)

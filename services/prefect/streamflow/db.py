@@ -36,9 +36,17 @@ def connection_lost(exc: BaseException) -> bool:
     return state is None or state.startswith(_CONNECTION_SQLSTATES)
 
 
-# A server starting up, shutting down or full also answers a login with FATAL, and
-# may take it a moment later.
-_BUSY = ("the database system is", "too many clients", "remaining connection slots")
+# What a server says when it refuses a login for good (libpq's English; a translated
+# server's refusal reads as a lost connection: retried, then reported with its words).
+# A server starting up, shutting down or out of connection slots also answers FATAL,
+# and may take the same login a moment later: those are not in the list.
+_REFUSALS = (
+    "authentication failed",  # password, scram, peer, ident
+    "does not exist",  # database, role
+    "pg_hba.conf",
+    "not permitted to log in",
+    "permission denied for database",
+)
 
 
 def login_refused(exc: BaseException) -> bool:
@@ -50,7 +58,7 @@ def login_refused(exc: BaseException) -> bool:
     if not isinstance(exc, psycopg.OperationalError) or exc.sqlstate is not None:
         return False
     text = str(exc)
-    return "FATAL:" in text and not any(busy in text for busy in _BUSY)
+    return "FATAL:" in text and any(refusal in text for refusal in _REFUSALS)
 
 
 # A deadlock, a serialization failure (class 40) or a lock not granted in time: the

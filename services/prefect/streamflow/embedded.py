@@ -57,13 +57,20 @@ def embedded_database_url(pgdata: Path) -> str:
     socket_dir = server.get_postmaster_info().socket_dir
     if socket_dir is None:  # a TCP server (not what pgserver starts on Linux)
         return server.get_uri()
-    # pgserver's own URI pastes the folder in unencoded: a '%41' in it named another one.
+    return socket_uri(socket_dir)
+
+
+def socket_uri(socket_dir: Path) -> str:
+    """The server's URI, its socket folder percent-encoded: pgserver's own pastes the path
+    in as it is, and libpq decodes a '%41' in it to another folder (a server started
+    at such a path before they were run through a link)."""
     return f"postgresql://postgres@/postgres?host={quote(str(socket_dir), safe='/')}"
 
 
 # pgserver hands its socket folder (the data folder) to pg_ctl -o '-k <folder>', which a
 # shell reads: a space, '&' or '$' in a checkout's path broke the default server with an
-# empty AssertionError. Such a folder is run through a plain-named link to it instead.
+# empty AssertionError. Any folder whose path is not plain ASCII letters, digits and
+# ./+-_ (a '%', an accented letter too) is run through a plain-named link to it instead.
 _PLAIN = re.compile(r"[\w./+-]+", re.ASCII)
 
 
@@ -82,14 +89,24 @@ def _server(pgserver: ModuleType, pgdata: Path):  # -> pgserver.PostgresServer
 
 
 def _plain_link(pgdata: Path) -> Path:
-    links = Path(tempfile.gettempdir()) / f"streamflow-pgdata-{os.getuid()}"
+    base = Path(tempfile.gettempdir())
+    if not _PLAIN.fullmatch(str(base)):  # a TMPDIR with a space would bring it all back
+        base = Path("/tmp")
+    links = base / f"streamflow-pgdata-{os.getuid()}"
     links.mkdir(mode=0o755, exist_ok=True)
     if links.is_symlink() or links.stat().st_uid != os.getuid():
         raise IngestError(f"{links} is not this user's own folder; remove it and run again")
+    for old in links.iterdir():  # links to folders deleted since (tests, reset checkouts)
+        if old.is_symlink() and not old.exists():
+            old.unlink(missing_ok=True)
     link = links / hashlib.sha256(str(pgdata).encode()).hexdigest()[:16]
     if not (link.is_symlink() and link.resolve() == pgdata.resolve()):
-        link.unlink(missing_ok=True)
-        link.symlink_to(pgdata, target_is_directory=True)
+        # Made under another name and renamed over: two runs starting at once each see
+        # a whole link, never a missing one.
+        fresh = links / f".{link.name}.{os.getpid()}"
+        fresh.unlink(missing_ok=True)
+        fresh.symlink_to(pgdata, target_is_directory=True)
+        os.replace(fresh, link)
     return link
 
 

@@ -126,14 +126,20 @@ def _seconds(env: os._Environ[str] | dict[str, str], name: str, default: str) ->
 _PREFECT_WHOLE_SECONDS = ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",)
 
 
+def check_prefect_settings() -> None:
+    """InputError for a documented Prefect setting Prefect would refuse at import; for
+    the flow's CLI, before it imports Prefect, whatever the command (serve included)."""
+    load_dotenv_if_present()
+    for name in _PREFECT_WHOLE_SECONDS:
+        raw = os.environ.get(name, "").strip()
+        if raw and not (raw.isascii() and raw.isdigit()):
+            raise InputError(f"{name} {raw!r} is not a whole number of seconds (e.g. {name}=120)")
+
+
 def load_settings() -> Settings:
     """The run's configuration; an unusable value raises InputError naming the variable."""
     load_dotenv_if_present()
     env = os.environ
-    for name in _PREFECT_WHOLE_SECONDS:
-        raw = env.get(name, "").strip()
-        if raw and not (raw.isascii() and raw.isdigit()):
-            raise InputError(f"{name} {raw!r} is not a whole number of seconds (e.g. {name}=120)")
     return Settings(
         database_url=database_url_from_env(env),
         # An empty value (``GX_DOCS_DIR=`` in .env) means the default, not the cwd.

@@ -699,8 +699,8 @@ class SuitesProcess:
         if docs_dir is not None:
             cmd += ["--docs-dir", str(docs_dir.resolve())]
         # The run's working directory, for libpq's relative paths (passfile, sslrootcert,
-        # PGSERVICEFILE); the package found on PYTHONPATH, and nothing imported from
-        # that directory (PYTHONSAFEPATH: no ./streamflow or ./great_expectations).
+        # PGSERVICEFILE); the package found on PYTHONPATH, and PYTHONSAFEPATH so that
+        # -m does not put that directory first on the path (a ./streamflow there).
         package_root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, (package_root, env.get("PYTHONPATH"))))
         env["PYTHONSAFEPATH"] = "1"
