@@ -329,6 +329,31 @@ def test_a_bad_prefect_setting_is_named_for_every_command(command, tmp_path):
     )
 
 
+def test_serve_refuses_the_flags_of_a_run(tmp_path):
+    """``serve --as-of ...`` started serving and ignored them: each deployment run
+    brings its own parameters."""
+    env = flow_env("", PREFECT_HOME=str(tmp_path / "prefect"))
+    python, script = flow_command("x", JAN)[:2]
+    proc = subprocess.run(
+        [python, script, "serve", "--as-of=2024-01-31", "--replace"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "serve takes no --as-of=2024-01-31, --replace: a deployment run gets seed_dir, as_of "
+            "and replace as its parameters"
+        )
+    ), proc.stderr[-2000:]
+    assert not (tmp_path / "prefect" / "prefect.db").exists()
+
+
 def test_a_prefect_api_url_with_no_server_is_named(db_url, months, tmp_path):
     home = tmp_path / "prefect"
     python, *script = flow_command(months / "month_000", JAN)

@@ -305,9 +305,19 @@ class Stopwatch:
             self.timings[step] = round(time.perf_counter() - start, 3)
 
 
+_RUN_FLAGS = ("--seed-dir", "--as-of", "--replace")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = cli_parser(__doc__).parse_args(argv)
+    parser = cli_parser(__doc__)
+    args = parser.parse_args(argv)
     if args.command == "serve":
+        given = [a for a in (argv or sys.argv[1:]) if a.split("=")[0] in _RUN_FLAGS]
+        if given:  # they would be ignored without a word: each run brings its own
+            parser.error(
+                f"serve takes no {', '.join(given)}: a deployment run gets seed_dir, as_of "
+                "and replace as its parameters"
+            )
         ingest_month.serve(name=DEPLOYMENT_NAME)
         return 0
     missing = [
