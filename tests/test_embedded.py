@@ -45,6 +45,11 @@ def test_uri_psql_and_stop_reach_the_server_the_flow_would_use(tmp_path):
 
         psql = embedded(pgdata, "psql", "-At", "-c", "SELECT sum(n) FROM counted")
         assert (psql.returncode, psql.stdout.strip()) == (0, "42"), psql.stderr
+        # psql's own -d names another database on the same server (it replaced the URI)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE DATABASE other")
+        other = embedded(pgdata, "psql", "-d", "other", "-At", "-c", "SELECT current_database()")
+        assert (other.returncode, other.stdout.strip()) == (0, "other"), other.stderr
 
         stop = embedded(pgdata, "stop")
         assert (stop.returncode, stop.stdout.strip()) == (0, f"stopped {pgdata}"), stop.stderr

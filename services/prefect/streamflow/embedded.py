@@ -181,8 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "uri":
         print(url)
         return 0
+    # The server through libpq's variables, not a URI argument, which psql's own -d
+    # (another database) would replace whole, socket folder included.
+    from psycopg.conninfo import conninfo_to_dict
+
+    env = dict(os.environ)
+    for key, value in conninfo_to_dict(url).items():
+        env[f"PG{key.upper().replace('DBNAME', 'DATABASE')}"] = str(value)
     # A child, not exec: pgserver's exit handler then forgets this process's handle.
-    return subprocess.run([_bin("psql"), url, *args.psql_args], check=False).returncode
+    return subprocess.run([_bin("psql"), *args.psql_args], env=env, check=False).returncode
 
 
 if __name__ == "__main__":
