@@ -45,7 +45,6 @@ if __name__ == "__main__":
 
     WARMUP = warm_up(sys.argv[1:])
 
-import psycopg  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
@@ -56,7 +55,6 @@ from streamflow.errors import (  # noqa: E402
     MonthConflict,
     NotPublished,
     WithoutTraceback,
-    first_line,
 )
 from streamflow.inputs import check_run, cli_parser, replace_wanted  # noqa: E402
 from streamflow.ledger import Mode  # noqa: E402
@@ -312,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli_parser(__doc__)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        given = [a for a in (argv or sys.argv[1:]) if a.split("=")[0] in _RUN_FLAGS]
+        given = [
+            a for a in (sys.argv[1:] if argv is None else argv) if a.split("=")[0] in _RUN_FLAGS
+        ]
         if given:  # they would be ignored without a word: each run brings its own
             parser.error(
                 f"serve takes no {', '.join(given)}: a deployment run gets seed_dir, as_of "
@@ -337,29 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     except IngestError as exc:
         print(f"ingest failed: {exc}", file=sys.stderr)
         return 1
-    except psycopg.OperationalError as exc:
-        reason = first_line(exc)  # libpq's message runs on with hints
-        if db.login_refused(exc):
-            print(f"ingest failed: the database refused the login: {reason}", file=sys.stderr)
-        elif db.connection_lost(exc):
-            print(f"ingest failed: the database could not be reached: {reason}", file=sys.stderr)
-        else:
-            print(f"ingest failed: PostgreSQL refused the work: {reason}", file=sys.stderr)
-        return 1
-    except (psycopg.errors.InsufficientPrivilege, psycopg.errors.ReadOnlySqlTransaction) as exc:
-        # Configuration, not a bug: say what the login or the server lacks.
-        needs = (
-            "the login needs the streamflow_ingest role (GRANT streamflow_ingest TO it), "
-            "or to own the database on the first run, which creates the schema"
-            if isinstance(exc, psycopg.errors.InsufficientPrivilege)
-            else "the server takes no writes: a standby, or default_transaction_read_only"
-        )
-        print(
-            f"ingest failed: PostgreSQL refused the work: {first_line(exc)}; {needs}",
-            file=sys.stderr,
-        )
-        return 1
     except Exception as exc:  # still one line for people; the traceback is in the run logs
+        explained = db.explain_failure(exc)
+        if explained is not None:
+            print(f"ingest failed: {explained}", file=sys.stderr)
+            return 1
         if isinstance(exc, RuntimeError) and str(exc).startswith("Failed to reach API"):
             # Prefect's words name the address, not where it came from, nor that an HTTP
             # error (a URL without /api) reads the same.

@@ -14,7 +14,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from .errors import LockTimeout, SchemaOutdated
+from .errors import LockTimeout, SchemaOutdated, first_line
 from .settings import SQL_DIR
 
 # One key for the whole pipeline: months are published strictly one at a time.
@@ -73,6 +73,34 @@ def worth_retrying(exc: BaseException) -> bool:
     if not isinstance(exc, psycopg.Error) or exc.sqlstate is None:
         return False
     return exc.sqlstate.startswith(_RETRY_SQLSTATES)
+
+
+# What a login or a server lacks, when PostgreSQL refuses the pipeline's work for it.
+_NEEDS = {
+    psycopg.errors.InsufficientPrivilege: (
+        "the login needs the streamflow_ingest role (GRANT streamflow_ingest TO it), "
+        "or to own the database on the first run, which creates the schema"
+    ),
+    psycopg.errors.ReadOnlySqlTransaction: (
+        "the server takes no writes: a standby, or default_transaction_read_only"
+    ),
+}
+
+
+def explain_failure(exc: BaseException) -> str | None:
+    """One line for people on a database error that is configuration or the server's
+    state, not a bug; None for any other error."""
+    if not isinstance(exc, psycopg.Error):
+        return None
+    reason = first_line(exc)  # libpq's message runs on with hints
+    if login_refused(exc):
+        return f"the database refused the login: {reason}"
+    if connection_lost(exc):
+        return f"the database could not be reached: {reason}"
+    if isinstance(exc, psycopg.OperationalError):
+        return f"PostgreSQL refused the work: {reason}"
+    needs = _NEEDS.get(type(exc))
+    return None if needs is None else f"PostgreSQL refused the work: {reason}; {needs}"
 
 
 @cache
