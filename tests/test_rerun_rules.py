@@ -525,6 +525,54 @@ def test_failed_replace_changes_nothing(run_flow, db_url, months, tmp_path):
     assert dump(db_url, ALL_TABLES) == before
 
 
+def test_a_file_rewritten_after_it_was_hashed_is_refused(
+    run_flow, db_url, months, tmp_path, monkeypatch
+):
+    """The ledger records the month's sha256 before the files are staged: a file written
+    in between (an export still being copied in) must not be published under the hash
+    of its earlier bytes. Here labels.csv is rewritten, same size, once the flow has
+    fingerprinted the month; without the check the flipped labels were published and
+    the ledger vouched for the original file."""
+    from streamflow import ledger
+
+    ok(run_flow(db_url, months / "month_000", JAN))
+    before = dump(db_url, ALL_TABLES)
+    month = tmp_path / "month"
+    shutil.copytree(months / "month_001", month)
+    rows = read_rows(month / "labels.csv")
+    churned = next(r for r in rows[1:] if r[1] == "True")
+    stayed = next(r for r in rows[1:] if r[1] == "False")
+    churned[1], stayed[1] = "False", "True"  # two labels swapped: the same size
+    flipped = tmp_path / "labels.csv"
+    write_rows(flipped, rows)
+    assert flipped.stat().st_size == (month / "labels.csv").stat().st_size
+    real = ledger.fingerprint_month
+
+    def then_rewrite(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if not kwargs.get("remember"):  # the flow's own fingerprint, under its lock
+            (month / "labels.csv").write_bytes(flipped.read_bytes())
+        return result
+
+    monkeypatch.setattr(ledger, "fingerprint_month", then_rewrite)
+    rc, _, err = run_flow(db_url, month, FEB)
+
+    assert rc == 1
+    assert err.strip().splitlines()[-1] == (
+        "ingest failed: labels.csv: changed while the run was reading it (it is not the "
+        "file whose sha256 the run recorded); nothing was published: rerun once the "
+        "export is complete"
+    )
+    assert dump(db_url, ALL_TABLES) == before
+    assert runs(db_url)[-1]["status"] == "failed"
+    monkeypatch.setattr(ledger, "fingerprint_month", real)
+    ok(run_flow(db_url, month, FEB))  # the file as it is now, hashed and staged alike
+    published = scalar(
+        db_url, "SELECT files->'labels'->>'sha256' FROM ingest_runs ORDER BY run_id DESC LIMIT 1"
+    )
+    assert published == sha256(flipped)
+
+
 # --------------------------------------------------------------------------- backfill
 
 

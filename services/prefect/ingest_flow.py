@@ -87,10 +87,15 @@ def _only_connection_errors(task, task_run, state) -> bool:
     retry_condition_fn=_only_connection_errors,
     cache_policy=NO_CACHE,
 )
-def upsert_csv(database_url: str, table: str, path: str) -> loading.StagedFile:
-    """COPY one CSV into its staging table; published later by snapshot_month."""
+def upsert_csv(
+    database_url: str, table: str, path: str, hashed: dict | None = None
+) -> loading.StagedFile:
+    """COPY one CSV into its staging table; published later by snapshot_month.
+
+    ``hashed``: the file as the run fingerprinted it, which the staged bytes must be.
+    """
     with db.connect(database_url) as conn:
-        staged = loading.stage_file(conn, BY_NAME[table], Path(path))
+        staged = loading.stage_file(conn, BY_NAME[table], Path(path), hashed)
     get_run_logger().info("%s: %d rows staged", Path(path).name, staged.rows)
     return staged
 
@@ -217,7 +222,10 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
             try:
                 with clock("upsert_csv"):
                     # Two COPY streams at once: one per core of a small machine.
-                    futures = [upsert_csv.submit(url, t, str(p)) for t, p in files.items()]
+                    hashed = {p.table: p.as_json() for p in prints}
+                    futures = [
+                        upsert_csv.submit(url, t, str(p), hashed[t]) for t, p in files.items()
+                    ]
                     for future in futures:
                         staged = future.result()
                         summary.rows_read[staged.table] = staged.rows

@@ -67,6 +67,23 @@ def fingerprint_file(table: str, path: Path) -> FileFingerprint:
     return FileFingerprint(table, path.name, digest.hexdigest(), size, stat)
 
 
+def is_hashed_file(hashed: dict, st: os.stat_result) -> bool:
+    """Whether an open file (its fstat) is the very file ``hashed`` describes, unwritten.
+
+    ``hashed`` is a ``FileFingerprint.as_json()``; a file that changed while it was
+    being hashed has no stat there, and is never the hashed file.
+    """
+    seen = hashed.get("stat")
+    return (
+        bool(seen)
+        and st.st_size == hashed["bytes"]
+        and (
+            (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+            == (seen["device"], seen["inode"], seen["mtime_ns"], seen["ctime_ns"])
+        )
+    )
+
+
 # A file still at the same place, with the size and times recorded when it was hashed,
 # holds the same bytes: every write moves a file's ctime, which no tool can set back
 # (git's index relies on the same). Two writes within one tick of the filesystem's

@@ -23,6 +23,7 @@ from psycopg import sql
 
 from .db import ident_list, query
 from .errors import InputError, clipped, clipped_quotes, unreadable
+from .ledger import is_hashed_file
 from .registry import KEY, TableSpec
 
 CHUNK_BYTES = 1 << 20
@@ -107,8 +108,16 @@ def _check_header(spec: TableSpec, file: str, header: list[str]) -> None:
         raise InputError(f"{file}: {'; '.join(parts)} (expected columns: {','.join(expected)})")
 
 
-def stage_file(conn: psycopg.Connection, spec: TableSpec, path: Path) -> StagedFile:
-    """Replace ``staging.<table>`` with the rows of ``path``, in one committed transaction."""
+def stage_file(
+    conn: psycopg.Connection, spec: TableSpec, path: Path, hashed: dict | None = None
+) -> StagedFile:
+    """Replace ``staging.<table>`` with the rows of ``path``, in one committed transaction.
+
+    ``hashed`` is the file's fingerprint (``FileFingerprint.as_json()``): the ledger
+    records that hash for the month, so the bytes staged must be those bytes. A file
+    rewritten or replaced since it was hashed (an export still being written, a copy
+    over it) is refused, and nothing of it is staged.
+    """
     header, offset = read_header(spec, path)
     staged = sql.Identifier("staging", spec.name)
     # The column list is the registry's names in the file's order: header text is
@@ -124,6 +133,13 @@ def stage_file(conn: psycopg.Connection, spec: TableSpec, path: Path) -> StagedF
                 while left > 0 and (chunk := f.read(min(CHUNK_BYTES, left))):
                     cp.write(chunk)
                     left -= len(chunk)
+                # Inside the COPY: raising here abandons it.
+                if hashed is not None and not is_hashed_file(hashed, os.fstat(f.fileno())):
+                    raise InputError(
+                        f"{path.name}: changed while the run was reading it (it is not the "
+                        "file whose sha256 the run recorded); nothing was published: rerun "
+                        "once the export is complete"
+                    )
             rows = cur.rowcount
         conn.commit()
     except psycopg.errors.DataError as exc:
