@@ -573,6 +573,36 @@ def test_a_file_rewritten_after_it_was_hashed_is_refused(
     assert published == sha256(flipped)
 
 
+def test_a_run_that_dies_after_its_commit_still_reads_as_published(
+    run_flow, db_url, months, monkeypatch
+):
+    """The month commits, then the Data Docs are built and the run's row finished on
+    another connection: a process killed in between (0.7-0.9 s a run) left a published
+    month whose run the next run marked 'abandoned'. Here finish_run dies instead."""
+    from streamflow import ledger
+
+    real = ledger.finish_run
+
+    def dies_when_succeeding(conn, run_id, *, status, **kwargs):
+        if status == "succeeded":
+            raise SystemExit(137)  # what a kill leaves: no finish_run, no cleanup
+        return real(conn, run_id, status=status, **kwargs)
+
+    monkeypatch.setattr(ledger, "finish_run", dies_when_succeeding)
+    with pytest.raises(SystemExit):
+        run_flow(db_url, months / "month_000", JAN)
+    monkeypatch.setattr(ledger, "finish_run", real)
+    (run,) = runs(db_url)
+    published_by = scalar(db_url, "SELECT run_id FROM ingest_months WHERE as_of = %s", (JAN,))
+    assert published_by == run["run_id"]
+    assert run["status"] == "succeeded"
+    assert [t["table"] for t in run["table_stats"]] == list(LIVE_TABLES)
+
+    ok(run_flow(db_url, months / "month_000", JAN))  # the no-op cleans up stale runs too
+    ok(run_flow(db_url, months / "month_001", FEB))
+    assert [r["status"] for r in runs(db_url)] == ["succeeded", "noop", "succeeded"]
+
+
 # --------------------------------------------------------------------------- backfill
 
 

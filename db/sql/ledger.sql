@@ -41,6 +41,12 @@ SET status = %(status)s, table_stats = %(table_stats)s, validation = %(validatio
     timings = %(timings)s, error = %(error)s, finished_at = now()
 WHERE run_id = %(run_id)s;
 
+-- name: mark_published
+-- In the publishing transaction: the run is known to have published the month the
+-- moment the month is, whatever happens to the process before finish_run.
+UPDATE ingest_runs SET status = 'succeeded', table_stats = %(table_stats)s
+WHERE run_id = %(run_id)s;
+
 -- name: record_month
 INSERT INTO ingest_months AS m (as_of, fingerprint, run_id)
 VALUES (%(as_of)s, %(fingerprint)s, %(run_id)s)

@@ -148,7 +148,7 @@ def snapshot_month(
         stats = publishing.publish_month(
             conn, as_of, update_live=update_live, history=history_build
         )
-        ledger.record_month(conn, as_of, fingerprint, run_id)
+        ledger.record_month(conn, as_of, fingerprint, run_id, [s.as_dict() for s in stats])
         written = time.perf_counter() - start
         if not verdict.wait():
             raise NotPublished("validation failed: the month was rolled back, nothing published")

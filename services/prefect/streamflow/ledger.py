@@ -298,11 +298,21 @@ def record_refusal(
     return run_id
 
 
-def record_month(conn: psycopg.Connection, as_of: date, fingerprint: str, run_id: int) -> None:
-    conn.execute(
-        queries("ledger")["record_month"],
-        {"as_of": as_of, "fingerprint": fingerprint, "run_id": run_id},
-    )
+def record_month(
+    conn: psycopg.Connection,
+    as_of: date,
+    fingerprint: str,
+    run_id: int,
+    table_stats: list[dict],
+) -> None:
+    """In the publishing transaction: the month's files, and its run marked succeeded.
+
+    The Data Docs and finish_run come after the commit; a run killed in between has
+    still published its month, and must not read as abandoned.
+    """
+    q = queries("ledger")
+    conn.execute(q["record_month"], {"as_of": as_of, "fingerprint": fingerprint, "run_id": run_id})
+    conn.execute(q["mark_published"], {"run_id": run_id, "table_stats": Jsonb(table_stats)})
 
 
 def expected_files(seed_dir: Path) -> dict[str, Path]:

@@ -36,6 +36,7 @@ def unchanged_month(seed_dir: str, as_of: str) -> RunSummary | None:
         # No waiting here: a busy lock means a run in progress, and the flow waits for
         # it, LOCK_WAIT_SECONDS once, in a run people can see in Prefect.
         with db.writer_lock(control, 0):
+            ledger.abandon_stale_runs(control)  # the lock is ours: no run is alive
             prints, fingerprint = ledger.fingerprint_month(
                 control, as_of_date, files, summary.timings, remember=True
             )
