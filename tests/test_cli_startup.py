@@ -211,8 +211,14 @@ def test_the_clis_server_has_time_for_a_first_start_unless_prefect_says_otherwis
         ("bad as_of", "ingest failed: AS_OF '2024-02-30' is not a valid date; expected YYYY-MM-DD"),
         ("future as_of", "ingest failed: AS_OF 2204-02-29 is after today ("),
         ("as_of before 1900", "ingest failed: AS_OF 1899-12-31 is before 1900-01-01"),
+        (
+            "mid-month as_of",
+            "ingest failed: AS_OF 2024-01-15 is not the last day of its month; a month is "
+            "published as of its end (2024-01-31)",
+        ),
         ("bad setting", "ingest failed: LOCK_WAIT_SECONDS 'soon' is not a number of seconds"),
         ("bad REPLACE", "ingest failed: REPLACE 'maybe' is neither yes nor no"),
+        ("bad ALLOW_GAP", "ingest failed: ALLOW_GAP 'sure' is neither yes nor no"),
         ("bad docs dir", "ingest failed: GX_DOCS_DIR '{docs}' cannot be written: Not a directory"),
         ("docs dir a file", "ingest failed: GX_DOCS_DIR '{afile}' is a file; expected a folder"),
         ("bad DATABASE_URL", "ingest failed: DATABASE_URL is not a PostgreSQL connection string"),
@@ -241,6 +247,10 @@ def test_bad_inputs_are_answered_before_prefect_starts(db_url, months, tmp_path,
         month, env = months / "month_000", {"LOCK_WAIT_SECONDS": "soon"}
     elif case == "bad REPLACE":
         month, env = months / "month_000", {"REPLACE": "maybe"}
+    elif case == "bad ALLOW_GAP":
+        month, env = months / "month_000", {"ALLOW_GAP": "sure"}
+    elif case == "mid-month as_of":  # a second snapshot of January, under another date
+        month, as_of = months / "month_000", "2024-01-15"
     elif case == "bad docs dir":  # under a file: the GX process could never write there
         (tmp_path / "a_file").write_text("")
         month, env = months / "month_000", {"GX_DOCS_DIR": str(tmp_path / "a_file" / "docs")}
@@ -335,7 +345,7 @@ def test_serve_refuses_the_flags_of_a_run(tmp_path):
     env = flow_env("", PREFECT_HOME=str(tmp_path / "prefect"))
     python, script = flow_command("x", JAN)[:2]
     proc = subprocess.run(
-        [python, script, "serve", "--as-of=2024-01-31", "--replace"],
+        [python, script, "serve", "--as-of=2024-01-31", "--replace", "--allow-gap"],
         env=env,
         capture_output=True,
         text=True,
@@ -347,8 +357,8 @@ def test_serve_refuses_the_flags_of_a_run(tmp_path):
         proc.stderr.strip()
         .splitlines()[-1]
         .endswith(
-            "serve takes no --as-of=2024-01-31, --replace: a deployment run gets seed_dir, as_of "
-            "and replace as its parameters"
+            "serve takes no --as-of=2024-01-31, --replace, --allow-gap: a deployment run gets "
+            "seed_dir, as_of, replace and allow_gap as its parameters"
         )
     ), proc.stderr[-2000:]
     assert not (tmp_path / "prefect" / "prefect.db").exists()

@@ -603,6 +603,28 @@ def test_a_run_that_dies_after_its_commit_still_reads_as_published(
     assert [r["status"] for r in runs(db_url)] == ["succeeded", "noop", "succeeded"]
 
 
+def test_a_month_after_a_gap_is_refused_unless_allowed(run_flow, db_url, months):
+    """A mistyped year (2025-02-28 for 2024-02-29) became the live tables' month for good:
+    every real month after it ran as a backfill, and no run can take an as_of back. A
+    new latest month is the one after the latest published, unless --allow-gap."""
+    ok(run_flow(db_url, months / "month_000", JAN))
+    before = dump(db_url, ALL_TABLES)
+
+    rc, _, err = run_flow(db_url, months / "month_001", "2025-02-28")
+
+    assert rc == 1
+    assert err.strip().splitlines()[-1] == (
+        "ingest failed: as_of 2025-02-28 is 13 months after the latest published month "
+        "(2024-01-31), whose next is 2024-02-29: the months in between could then only be "
+        "backfilled into history, never reach the live tables. Check AS_OF, or rerun with "
+        "--allow-gap (or ALLOW_GAP=1) if those months will never be published"
+    )
+    assert dump(db_url, ALL_TABLES) == before
+    assert (runs(db_url)[-1]["mode"], runs(db_url)[-1]["status"]) == ("refused", "failed")
+    ok(run_flow(db_url, months / "month_001", "2024-03-31", "--allow-gap"))
+    assert scalar(db_url, "SELECT max(as_of)::text FROM ingest_months") == "2024-03-31"
+
+
 # --------------------------------------------------------------------------- backfill
 
 

@@ -56,7 +56,12 @@ from streamflow.errors import (  # noqa: E402
     NotPublished,
     WithoutTraceback,
 )
-from streamflow.inputs import check_run, cli_parser, replace_wanted  # noqa: E402
+from streamflow.inputs import (  # noqa: E402
+    allow_gap_wanted,
+    check_run,
+    cli_parser,
+    replace_wanted,
+)
 from streamflow.ledger import Mode  # noqa: E402
 from streamflow.registry import BY_NAME  # noqa: E402
 from streamflow.reporting import RunSummary, publish_artifacts  # noqa: E402
@@ -171,7 +176,7 @@ def snapshot_month(
 
 
 @flow(name="ingest_month", task_runner=ThreadPoolTaskRunner(max_workers=2))
-def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
+def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bool = False) -> dict:
     """Ingest one month folder as of ``as_of``: all of it, validated, or nothing."""
     settings = load_settings()
     as_of_date, files = check_run(seed_dir, as_of, settings)
@@ -188,7 +193,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False) -> dict:
         prints, fingerprint = ledger.fingerprint_month(control, as_of_date, files, summary.timings)
         try:
             mode, summary.replacing = ledger.decide_mode(
-                control, as_of_date, prints, replace=replace
+                control, as_of_date, prints, replace=replace, allow_gap=allow_gap
             )
         except MonthConflict as exc:  # a refusal is a decision: the ledger keeps it too
             ledger.record_refusal(
@@ -311,7 +316,7 @@ class Stopwatch:
             self.timings[step] = round(time.perf_counter() - start, 3)
 
 
-_RUN_FLAGS = ("--seed-dir", "--as-of", "--replace")
+_RUN_FLAGS = ("--seed-dir", "--as-of", "--replace", "--allow-gap")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if given:  # they would be ignored without a word: each run brings its own
             parser.error(
-                f"serve takes no {', '.join(given)}: a deployment run gets seed_dir, as_of "
-                "and replace as its parameters"
+                f"serve takes no {', '.join(given)}: a deployment run gets seed_dir, as_of, "
+                "replace and allow_gap as its parameters"
             )
         ingest_month.serve(name=DEPLOYMENT_NAME)
         return 0
@@ -340,8 +345,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ingest failed: set {' and '.join(missing)}", file=sys.stderr)
         return 2
     try:
-        replace = replace_wanted(args)
-        result = ingest_month(seed_dir=args.seed_dir, as_of=args.as_of, replace=replace)
+        result = ingest_month(
+            seed_dir=args.seed_dir,
+            as_of=args.as_of,
+            replace=replace_wanted(args),
+            allow_gap=allow_gap_wanted(args),
+        )
     except IngestError as exc:
         print(f"ingest failed: {exc}", file=sys.stderr)
         return 1

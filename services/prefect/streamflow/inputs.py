@@ -10,7 +10,7 @@ from datetime import date, timedelta
 from pathlib import Path
 
 from .errors import InputError
-from .ledger import expected_files
+from .ledger import expected_files, month_end
 from .registry import EARLIEST_DATE, TABLES
 from .settings import Settings, flag, load_dotenv_if_present
 
@@ -39,6 +39,13 @@ def parse_as_of(value: str, today: date | None = None) -> date:
         )
     if as_of < EARLIEST_DATE:  # no signup date could be on or before it
         raise InputError(f"AS_OF {as_of} is before {EARLIEST_DATE}; expected a recent month end")
+    # A month's files describe what was known at its end; a mid-month as_of (a day
+    # typed for another) would be a second snapshot of that month.
+    if as_of != (end := month_end(as_of)):
+        raise InputError(
+            f"AS_OF {as_of} is not the last day of its month; a month is published as of "
+            f"its end ({end})"
+        )
     return as_of
 
 
@@ -107,12 +114,23 @@ def cli_parser(description: str | None, *, add_help: bool = True) -> argparse.Ar
         help="replace an as_of already published from other files, or publish files "
         "already published under another as_of (env REPLACE=1)",
     )
+    parser.add_argument(
+        "--allow-gap",
+        action="store_true",
+        default=None,
+        help="publish a month more than one month after the latest published one (env ALLOW_GAP=1)",
+    )
     return parser
 
 
 def replace_wanted(args: argparse.Namespace) -> bool:
     """--replace, else REPLACE (InputError if it is neither yes nor no)."""
     return bool(args.replace) or flag("REPLACE")
+
+
+def allow_gap_wanted(args: argparse.Namespace) -> bool:
+    """--allow-gap, else ALLOW_GAP (InputError if it is neither yes nor no)."""
+    return bool(args.allow_gap) or flag("ALLOW_GAP")
 
 
 def complete_run(argv: list[str]) -> argparse.Namespace | None:
@@ -128,4 +146,5 @@ def complete_run(argv: list[str]) -> argparse.Namespace | None:
     if any(a in ("-h", "--help") for a in argv):
         return None
     args.replace = replace_wanted(args)
+    args.allow_gap = allow_gap_wanted(args)
     return args

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import os
 import time
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from enum import StrEnum
 from pathlib import Path
 
@@ -179,11 +180,13 @@ def decide_mode(
     prints: list[FileFingerprint],
     *,
     replace: bool,
+    allow_gap: bool = False,
 ) -> tuple[Mode, bool]:
     """The rerun rules, for the month of these files. Returns (mode, replacing).
 
     ``replacing`` is also True for files of another published as_of let through by
-    --replace, so that the ledger records the override.
+    --replace, so that the ledger records the override. A new latest month more than
+    one month after the latest published one is refused unless ``allow_gap``.
     """
     fingerprint = month_fingerprint(prints)
     q = queries("ledger")
@@ -217,7 +220,31 @@ def decide_mode(
     latest = conn.execute(q["latest_published"]).fetchone()[0]
     if latest is not None and as_of < latest:
         return Mode.BACKFILL, replacing
+    if latest is not None and as_of > (expected := next_month_end(latest)) and not allow_gap:
+        # The latest month is the live tables' month: once a mistyped year (2025 for
+        # 2024) is published, every real month after it is a backfill that never
+        # reaches them, and no run can take that as_of back.
+        raise MonthConflict(
+            f"as_of {as_of.isoformat()} is {months_between(latest, as_of)} months after "
+            f"the latest published month ({latest.isoformat()}), whose next is "
+            f"{expected.isoformat()}: the months in between could then only be "
+            "backfilled into history, never reach the live tables. Check AS_OF, or rerun "
+            "with --allow-gap (or ALLOW_GAP=1) if those months will never be published"
+        )
     return Mode.PUBLISH, replacing
+
+
+def month_end(day: date) -> date:
+    return day.replace(day=calendar.monthrange(day.year, day.month)[1])
+
+
+def next_month_end(day: date) -> date:
+    """The last day of the month after ``day``'s."""
+    return month_end(month_end(day) + timedelta(days=1))
+
+
+def months_between(earlier: date, later: date) -> int:
+    return (later.year - earlier.year) * 12 + later.month - earlier.month
 
 
 def abandon_stale_runs(conn: psycopg.Connection) -> int:
