@@ -58,7 +58,7 @@ def explain(url: str, month2: Path, as_of: date) -> list[tuple[str, float, str]]
             # build commits its partitions in staging, where the next build drops them.
             done: Future[dict[str, int]] = Future()
             done.set_result(publishing.build_history(conn, as_of))
-            publishing.publish_month(conn, as_of, update_live=True, history=done)
+            publishing.publish_month(conn, as_of, newest=True, history=done)
         finally:
             psycopg.Cursor.execute = original  # type: ignore[method-assign]
         conn.rollback()

@@ -1,6 +1,6 @@
 """The rerun rules and the ledger: every run recorded; same files -> no-op; other files
 -> refused unless --replace (then replaced in one transaction); an older as_of ->
-history only (backfill), live tables keep the newer month.
+history, and live rows only for the users no later month lists (backfill).
 """
 
 from __future__ import annotations
@@ -433,6 +433,10 @@ def test_replace_rewrites_that_month_only(
         monkeypatch.setenv("REPLACE", "1")
     out = ok(run_flow(db_url, other, FEB, *extra))
     assert "replac" in out.lower()
+    # The line says what became of the month's history too: 200 labels flipped, one
+    # user's row removed from each history table.
+    assert "; history: subscriptions_profile_snapshots +0 ~" in out, out
+    assert "labels_snapshots +0 ~199 -1]" in out, out
 
     # February's history is exactly what a clean ingest of the new files writes.
     reference = new_db()
@@ -653,6 +657,42 @@ def test_backfill_writes_history_and_keeps_live_tables(run_flow, db_url, new_db,
     assert _history(db_url, JAN) == _history(forward, JAN)
     for table in SNAPSHOT_TABLES:
         assert scalar(db_url, f'SELECT count(*) FROM "{table}" WHERE as_of = %s', (JAN,)) == 200  # noqa: S608
+
+
+def test_backfills_give_live_tables_what_calendar_order_would(
+    run_flow, db_url, new_db, months, tmp_path
+):
+    """Live tables hold each user's values from the latest month that lists the user.
+    A user in January and February but not in March, published March first: the
+    backfills left that user out of the live tables altogether (history in five tables,
+    no users row), and then with January's values instead of February's."""
+    jan, feb = months / "month_000", months / "month_001"
+    mar, march = changed_copy(feb, tmp_path / "month_002", drop_user_row=7), "2024-03-31"
+    gone = read_rows(feb / "users.csv")[7][0]
+    assert gone not in {r[0] for r in read_rows(mar / "users.csv")}
+    ok(run_flow(db_url, mar, march))
+
+    out_jan = ok(run_flow(db_url, jan, JAN))
+    ok(run_flow(db_url, feb, FEB))
+
+    forward = new_db()
+    for month, as_of in ((jan, JAN), (feb, FEB), (mar, march)):
+        ok(run_flow(forward, month, as_of))
+    assert dump(db_url, DATA_TABLES) == dump(forward, DATA_TABLES)
+    feb_usage = scalar(
+        db_url,
+        "SELECT watch_hours_30d FROM usage_agg_30d_snapshots WHERE as_of = %s AND user_id = %s",
+        (FEB, gone),
+    )
+    assert (
+        scalar(db_url, "SELECT watch_hours_30d FROM usage_agg_30d WHERE user_id = %s", (gone,))
+        == feb_usage
+    )
+    # January's line says the live rows it wrote, after its history.
+    assert (
+        "labels_snapshots +200 ~0; live: users +1 ~0, subscriptions +1 ~0, usage_agg_30d +1 ~0, "
+        "payments_agg_90d +1 ~0, support_agg_90d +1 ~0, labels +1 ~0]"
+    ) in out_jan
 
 
 def _without(tables: dict[str, list[tuple]], user_id: str) -> dict[str, list[tuple]]:

@@ -41,6 +41,24 @@ WHEN MATCHED AND ({live_values}) IS DISTINCT FROM ({staged_values}) THEN
 WHEN NOT MATCHED THEN
   INSERT ({columns}) VALUES ({staged_columns});
 
+-- name: merge_live_unless_listed_later
+-- A backfill: the live tables hold each user's latest listed month, so only the users
+-- no later published month lists take this month's values (a user who left before
+-- the newer months, or who appears only here). Every published month lists all its
+-- users in labels_snapshots (validated: each file lists the users of users.csv).
+MERGE INTO {live} AS t
+USING (
+  SELECT s.* FROM {staged} AS s
+  WHERE NOT EXISTS (
+    SELECT 1 FROM labels_snapshots AS later
+    WHERE later.as_of > %(as_of)s AND later.user_id = s.user_id
+  )
+) AS s ON t.user_id = s.user_id
+WHEN MATCHED AND ({live_values}) IS DISTINCT FROM ({staged_values}) THEN
+  UPDATE SET ({value_columns}) = ROW({staged_values})
+WHEN NOT MATCHED THEN
+  INSERT ({columns}) VALUES ({staged_columns});
+
 -- name: insert_live
 -- A first load into an empty table: the whole month, in key order, so the primary
 -- key index is appended to rather than split at random pages.

@@ -133,7 +133,7 @@ def snapshot_month(
     as_of: date,
     run_id: int,
     fingerprint: str,
-    update_live: bool,
+    newest: bool,
     verdict: Verdict,
 ) -> list[publishing.TableStats]:
     """Publish the staged month in one transaction, committed only if validation passes.
@@ -150,9 +150,7 @@ def snapshot_month(
         # The history partitions are built on a second connection meanwhile: a third
         # stream of work for the cores that validation and the live upserts leave idle.
         history_build = builder.submit(publishing.build_history, history_conn, as_of)
-        stats = publishing.publish_month(
-            conn, as_of, update_live=update_live, history=history_build
-        )
+        stats = publishing.publish_month(conn, as_of, newest=newest, history=history_build)
         ledger.record_month(conn, as_of, fingerprint, run_id, [s.as_dict() for s in stats])
         written = time.perf_counter() - start
         if not verdict.wait():
@@ -243,7 +241,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                     as_of_date,
                     summary.run_id,
                     fingerprint,
-                    update_live=mode is Mode.PUBLISH,
+                    newest=mode is Mode.PUBLISH,
                     verdict=verdict,
                 )
                 try:

@@ -1,8 +1,9 @@
 """Load: publish a validated, staged month in the caller's transaction.
 
-Live tables get the month's rows (unless the month is a backfill, which must never
-rewind them); history tables get the month frozen under its ``as_of``. The caller
-commits once, so either all of it lands or none of it does.
+Live tables hold each user's values from the latest month that lists the user: the
+newest month's rows all go in; a backfill's only for the users no later month lists
+(it must never rewind the others). History tables get the month frozen under its
+``as_of``. The caller commits once, so either all of it lands or none of it does.
 """
 
 from __future__ import annotations
@@ -40,8 +41,14 @@ def _staged(spec: TableSpec) -> sql.Identifier:
     return sql.Identifier("staging", spec.name)
 
 
-def upsert_live(cur: psycopg.Cursor, spec: TableSpec) -> tuple[int, int, int]:
-    """Returns (inserted, updated, live rows after); unchanged rows are not touched."""
+def upsert_live(
+    cur: psycopg.Cursor, spec: TableSpec, backfill_of: date | None = None
+) -> tuple[int, int, int]:
+    """Returns (inserted, updated, live rows after); unchanged rows are not touched.
+
+    ``backfill_of``: the month is older than the latest published one; only the users
+    no later month lists are written.
+    """
     values = spec.value_columns
     names = {
         "live": sql.Identifier(spec.name),
@@ -54,6 +61,14 @@ def upsert_live(cur: psycopg.Cursor, spec: TableSpec) -> tuple[int, int, int]:
     }
     q = queries("publish")
     params = {"live": spec.name}
+    if backfill_of is not None:
+        before = cur.execute(query("publish", "live_rows", **names)).fetchone()[0]
+        cur.execute(
+            query("publish", "merge_live_unless_listed_later", **names), {"as_of": backfill_of}
+        )
+        changed = cur.rowcount
+        after = cur.execute(query("publish", "live_rows", **names)).fetchone()[0]
+        return after - before, changed - (after - before), after
     if spec is not PARENT and cur.execute(q["drop_empty_live_key"], params).fetchone()[0]:  # type: ignore[arg-type]
         cur.execute(query("publish", "append_live", **names))
         inserted = cur.rowcount
@@ -142,10 +157,11 @@ def snapshot(
 
 
 def publish_month(
-    conn: psycopg.Connection, as_of: date, *, update_live: bool, history: Future[dict[str, int]]
+    conn: psycopg.Connection, as_of: date, *, newest: bool, history: Future[dict[str, int]]
 ) -> list[TableStats]:
     """Upsert live tables (parents first), then write the as_of snapshots; no commit.
 
+    ``newest``: no later month is published (else a backfill, see ``upsert_live``).
     ``history`` is ``build_history``'s result, being built meanwhile: it is needed only
     once the live tables are done.
     """
@@ -155,15 +171,17 @@ def publish_month(
         for spec in TABLES:
             cur.execute(query("publish", "staged_rows", staged=_staged(spec)))
             s = TableStats(spec.name, read=cur.fetchone()[0], snapshot_table=spec.snapshot_table)
-            if update_live:
+            if newest:
                 s.inserted, s.updated, live_rows = upsert_live(cur, spec)
                 # Users are never deleted: those this month does not list stay live with
                 # their last values (its snapshot says who was in it). The month's users
                 # are all live now, once each (validated unique): the rest are absent.
                 s.absent = live_rows - s.read
                 s.unchanged = s.read - s.inserted - s.updated
-            # A backfill leaves the live tables to the newer month: nothing was compared
-            # with them, so nothing is counted unchanged either.
+            else:
+                # A backfill leaves the newer months' users alone: those rows were not
+                # compared, so nothing is counted unchanged or absent.
+                s.inserted, s.updated, _ = upsert_live(cur, spec, backfill_of=as_of)
             stats.append(s)
         built = history.result()
         for spec, s in zip(TABLES, stats, strict=True):

@@ -55,19 +55,29 @@ class RunSummary:
                 f"{self.seed_dir} as_of {self.as_of}: already published from the same files; "
                 "nothing to do"
             )
-        if self.mode == "backfill":  # the live tables were left alone: show what was written
-            changes = ", ".join(
-                f"{t.snapshot_table} +{t.snapshot_inserted} ~{t.snapshot_updated}"
+        history = [
+            f"{t.snapshot_table} +{t.snapshot_inserted} ~{t.snapshot_updated}"
+            + (f" -{t.snapshot_removed}" if t.snapshot_removed else "")
+            for t in self.tables
+            if t.snapshot_table
+        ]
+        if self.mode == "backfill":  # what was written: history, and the live rows of
+            # the users no later month lists, if any
+            live = [
+                f"{t.table} +{t.inserted} ~{t.updated}"
                 for t in self.tables
-                if t.snapshot_table
-            )
+                if t.inserted or t.updated
+            ]
+            changes = ", ".join(history) + (f"; live: {', '.join(live)}" if live else "")
         else:
             changes = ", ".join(
                 f"{t.table} +{t.inserted} ~{t.updated} ={t.unchanged}"
                 + (f" ({t.absent} absent, kept)" if t.absent else "")
                 for t in self.tables
             )
-        what = "history only (backfill)" if self.mode == "backfill" else "live + history"
+            if self.replacing:  # a replaced month's history is rewritten row by row
+                changes += f"; history: {', '.join(history)}"
+        what = "history (backfill)" if self.mode == "backfill" else "live + history"
         verb = "replaced" if self.replacing else "published"
         return (
             f"{self.seed_dir} as_of {self.as_of}: {verb} {what} in {self.duration:.1f}s [{changes}]"
