@@ -25,7 +25,7 @@ os.environ.setdefault("GX_DOCS_DIR", str(_STATE / "gx_docs"))
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # The temporary Prefect server gets 20 s to start by default: too short on a busy box.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-for _name in ("DATABASE_URL", "POSTGRES_HOST", "SEED_DIR", "AS_OF", "REPLACE"):
+for _name in ("DATABASE_URL", "POSTGRES_HOST", "SEED_DIR", "AS_OF", "REPLACE", "ALLOW_GAP"):
     os.environ.pop(_name, None)  # a developer's shell must not steer the tests
 
 import psycopg  # noqa: E402

@@ -77,7 +77,11 @@ def write_rows(path: Path, rows: list[list[str]], lineterminator: str = "\n", **
 
 def flow_env(url: str, **extra: str) -> dict[str, str]:
     """Environment for a flow subprocess: this interpreter's env, the DB, nothing else steering."""
-    env = {k: v for k, v in os.environ.items() if k not in ("SEED_DIR", "AS_OF", "REPLACE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("SEED_DIR", "AS_OF", "REPLACE", "ALLOW_GAP")
+    }
     env.update(DATABASE_URL=url, PYTHONPATH=str(FLOW_DIR), PYTHONUNBUFFERED="1", **extra)
     return env
 

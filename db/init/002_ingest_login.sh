@@ -32,14 +32,24 @@ if [[ "$group_exists" != "1" ]]; then
     exit 1
 fi
 
-# The heredoc is quoted ('SQL'): the shell expands nothing inside it; psql
+# The heredocs are quoted ('SQL'): the shell expands nothing inside them; psql
 # substitutes :'name' with a correctly quoted literal.
+# The cluster is new: a role of that name is another one (PREFECT_DB_USER's, say),
+# which would keep its own password and privileges and gain the pipeline's.
+login_exists="$("${psql_app[@]}" --tuples-only --no-align --set=ingest_user="$INGEST_DB_USER" <<'SQL'
+SELECT count(*) FROM pg_catalog.pg_roles WHERE rolname = :'ingest_user'
+SQL
+)"
+if [[ "$login_exists" != "0" ]]; then
+    echo "002_ingest_login.sh: role \"$INGEST_DB_USER\" already exists; INGEST_DB_USER must name a new login, other than PREFECT_DB_USER and POSTGRES_USER" >&2
+    exit 1
+fi
+
 "${psql_app[@]}" \
     --set=ingest_user="$INGEST_DB_USER" \
     --set=ingest_password="$INGEST_DB_PASSWORD" <<'SQL'
 SELECT format('CREATE ROLE %I LOGIN PASSWORD %L NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT',
               :'ingest_user', :'ingest_password')
-WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = :'ingest_user')
 \gexec
 
 SELECT format('GRANT streamflow_ingest TO %I', :'ingest_user')

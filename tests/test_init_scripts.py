@@ -1,0 +1,131 @@
+"""db/init run the way the postgres image runs it, on a new cluster: its entrypoint
+creates POSTGRES_DB, then executes each executable ``*.sh`` and feeds each ``*.sql`` to
+psql as POSTGRES_USER, in name order, with the container's environment. No Docker
+here: the cluster is the pgserver wheel's PostgreSQL 16 and psql, the scripts the
+real ones. Then the runner's login publishes a month as the flow would in the stack.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from conftest import REPO
+from month_files import AS_OF, small_months
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+INIT_DIR = REPO / "db" / "init"
+
+
+@pytest.fixture(scope="module")
+def months(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return small_months(tmp_path_factory.mktemp("small"))
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A new cluster, like an empty pgdata volume: (superuser conninfo parts, bin dir)."""
+    import pgserver
+
+    server = pgserver.get_server(tmp_path / "pgdata", cleanup_mode="delete")
+    try:
+        parts = conninfo_to_dict(server.get_uri())
+        parts["bin"] = str(Path(pgserver.__file__).parent / "pginstall" / "bin")
+        yield {k: str(v) for k, v in parts.items()}
+    finally:
+        server.cleanup()
+
+
+def run_init(cluster: dict[str, str], **env: str) -> subprocess.CompletedProcess[str]:
+    """The entrypoint's init phase: POSTGRES_DB, then db/init/* in order. Stops at the
+    first failure, as the entrypoint does (set -e)."""
+    container = {
+        "PATH": f"{cluster['bin']}:{os.environ['PATH']}",
+        "PGHOST": cluster["host"],
+        "PGPORT": cluster.get("port", "5432"),
+        "POSTGRES_USER": cluster["user"],
+        "POSTGRES_DB": "streamflow",
+        "PREFECT_DB_USER": "prefect",
+        "PREFECT_DB_PASSWORD": "pw-prefect",
+        "INGEST_DB_USER": "streamflow_app",
+        "INGEST_DB_PASSWORD": "pw-ingest",
+        **env,
+    }
+    psql = ["psql", "-v", "ON_ERROR_STOP=1", "--username", cluster["user"], "--no-password"]
+    steps = [[*psql, "--dbname", "postgres", "-c", 'CREATE DATABASE "streamflow"']]
+    for script in sorted(INIT_DIR.iterdir()):
+        if script.suffix == ".sh":
+            steps.append([str(script)])
+        elif script.suffix == ".sql":
+            steps.append([*psql, "--no-psqlrc", "--dbname", "streamflow", "-q", "-f", str(script)])
+    result = None
+    for step in steps:
+        result = subprocess.run(step, env=container, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            break
+    assert result is not None
+    return result
+
+
+def login_url(cluster: dict[str, str], user: str, dbname: str = "streamflow") -> str:
+    return make_conninfo(host=cluster["host"], port=cluster.get("port"), user=user, dbname=dbname)
+
+
+def test_the_init_scripts_make_a_database_the_runners_login_can_publish_to(
+    cluster, run_flow, months
+):
+    result = run_init(cluster)
+
+    assert result.returncode == 0, result.stderr
+    assert 'login role "streamflow_app" is a member of streamflow_ingest' in result.stdout
+    with psycopg.connect(login_url(cluster, cluster["user"], "postgres")) as admin:
+        owner = admin.execute(
+            "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'prefect'"
+        ).fetchone()
+        assert owner == ("prefect",)
+        login = admin.execute(
+            "SELECT rolsuper, rolcreaterole, rolcreatedb, "
+            "pg_has_role('streamflow_app', 'streamflow_ingest', 'MEMBER') "
+            "FROM pg_roles WHERE rolname = 'streamflow_app'"
+        ).fetchone()
+        assert login == (False, False, False, True)
+    url = login_url(cluster, "streamflow_app")
+    rc, out, err = run_flow(url, months / "month_000", AS_OF["month_000"])
+    assert rc == 0, err[-2000:]
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT count(*) FROM labels_snapshots").fetchone()[0] > 0
+
+
+def test_an_ingest_login_named_like_the_prefect_role_stops_the_init(cluster):
+    """002 kept the existing role (WHERE NOT EXISTS) and said all was well: the runner's
+    password was then refused, and Prefect's role held the pipeline's privileges."""
+    result = run_init(cluster, INGEST_DB_USER="prefect")
+
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        '002_ingest_login.sh: role "prefect" already exists; INGEST_DB_USER must name a new '
+        "login, other than PREFECT_DB_USER and POSTGRES_USER"
+    )
+    with psycopg.connect(login_url(cluster, cluster["user"], "postgres")) as admin:
+        member = admin.execute("SELECT pg_has_role('prefect', 'streamflow_ingest', 'MEMBER')")
+        assert member.fetchone() == (False,)
+
+
+def test_shell_scripts_are_checked_out_with_lf_line_ends():
+    """Git for Windows checks text out with CRLF by default: the image then fails on
+    '/usr/bin/env: bash\\r', and a restarted container looks healthy, half initialised."""
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    scripts = [str(p.relative_to(REPO)) for p in sorted(INIT_DIR.glob("*.sh"))]
+    scripts += [".ci/run", "scripts/demo.sh", "scripts/test.sh"]
+    out = subprocess.run(
+        ["git", "-C", str(REPO), "check-attr", "eol", "--", *scripts],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.splitlines() == [f"{s}: eol: lf" for s in scripts]
