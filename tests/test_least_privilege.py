@@ -119,6 +119,56 @@ def test_ingest_role_cannot(statement, ingest_url):
         )
 
 
+# --------------------------------------------------------------------------- the readers
+
+READER_FORBIDDEN = {
+    "insert_history": "INSERT INTO labels_snapshots VALUES ('x', DATE '2024-01-31', true)",
+    "update_history": "UPDATE labels_snapshots SET churn_label = NOT churn_label",
+    "delete_history": "DELETE FROM usage_agg_30d_snapshots",
+    "update_labels": "UPDATE labels SET churn_label = true",
+    "forge_ledger": "UPDATE ingest_months SET fingerprint = 'forged'",
+    "read_staging": "SELECT count(*) FROM staging.labels",
+    "build_partition": "SELECT streamflow_new_month_partition('labels_snapshots', '2030-01-31')",
+    "skip_fk_checks": "SET session_replication_role = replica",
+}
+
+
+@pytest.fixture
+def reader_url(db_url: str, pg_admin_url: str) -> Iterator[str]:
+    """A LOGIN role whose only privilege is membership in streamflow_reader."""
+    role = f"sf_reader_login_{os.getpid()}_{next(_names)}"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'pw' IN ROLE streamflow_reader").format(
+                sql.Identifier(role)
+            )
+        )
+    yield as_user(db_url, role, "pw")
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,)
+        )
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_a_reader_reads_a_training_set_and_changes_nothing(run_flow, db_url, reader_url, months):
+    """The feature store's login: history, labels and the ledger to read; nothing to write,
+    no staging (a month there is not validated), no switch off the key checks."""
+    assert run_flow(db_url, months / "month_000", JAN)[0] == 0
+    training_set = (
+        "SELECT count(*) FROM usage_agg_30d_snapshots AS u "
+        "JOIN labels_snapshots AS l USING (user_id, as_of) "
+        "JOIN ingest_months AS m USING (as_of) WHERE as_of = %s"
+    )
+    assert scalar(reader_url, training_set, (JAN,)) == 200
+    assert scalar(reader_url, "SELECT count(*) FROM labels") == 200
+    with psycopg.connect(reader_url, autocommit=True) as conn:
+        for name, statement in READER_FORBIDDEN.items():
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)  # type: ignore[arg-type]
+                pytest.fail(f"{name}: allowed")
+
+
 # --------------------------------------------------------------------------- source scan
 
 SOURCES = sorted((FLOW_DIR / "streamflow").glob("*.py")) + [FLOW_DIR / "ingest_flow.py"]

@@ -385,3 +385,25 @@ GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON
     staging.users, staging.subscriptions, staging.usage_agg_30d,
     staging.payments_agg_90d, staging.support_agg_90d, staging.labels
     TO streamflow_ingest;
+
+-- ---------------------------------------------------------------------------
+-- The readers: the feature store and training jobs read history and labels,
+-- and the ledger to know which months are published; they write nothing and
+-- never see staging (a month there is not validated). Logins are made per
+-- consumer: CREATE ROLE feature_store LOGIN PASSWORD '…' IN ROLE streamflow_reader.
+-- ---------------------------------------------------------------------------
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'streamflow_reader') THEN
+        CREATE ROLE streamflow_reader NOLOGIN;
+    END IF;
+END
+$$;
+
+GRANT USAGE ON SCHEMA public TO streamflow_reader;
+GRANT SELECT ON
+    users, subscriptions, usage_agg_30d, payments_agg_90d, support_agg_90d, labels,
+    subscriptions_profile_snapshots, usage_agg_30d_snapshots, payments_agg_90d_snapshots,
+    support_agg_90d_snapshots, labels_snapshots,
+    ingest_runs, ingest_months
+    TO streamflow_reader;
