@@ -439,6 +439,15 @@ def test_runner_service():
     assert "gx_docs:/app/var/gx_docs" in runner["volumes"]
 
 
+def test_runner_healthcheck_asks_for_the_served_deployment():
+    """Run for real in tests/test_topology.py; here: the image can run it (its module
+    is in the image's /app, which `python -m` finds from the WORKDIR)."""
+    assert _healthcheck_text("runner") == "CMD python -m streamflow.served"
+    assert (ROOT / "services" / "prefect" / "streamflow" / "served.py").is_file()
+    dockerfile = (ROOT / "services" / "prefect" / "Dockerfile").read_text(encoding="utf-8")
+    assert "WORKDIR /app" in dockerfile and "COPY services/prefect/ /app/" in dockerfile
+
+
 def test_runner_never_gets_superuser_credentials():
     runner_text = yaml.safe_dump(_services()["runner"])
     assert "${POSTGRES_PASSWORD" not in runner_text
@@ -645,7 +654,7 @@ def test_ingest_login_script_grants_only_the_group_role():
 def test_stack_doc_has_the_user_commands():
     text = STACK_DOC.read_text(encoding="utf-8")
     for snippet in (
-        "docker compose up -d",
+        "docker compose up -d --wait",
         "prefect deployment run ingest_month/ingest-month",
         "--param seed_dir=/data/seeds/month_000 --param as_of=2024-01-31 --watch",
         "docker compose run --rm -e SEED_DIR=",

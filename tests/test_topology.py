@@ -97,7 +97,7 @@ def clean_env(prefect_home: Path, **extra: str) -> dict[str, str]:
     """The machine's environment without anything that steers Prefect, the flow or libpq."""
     drop = ("PREFECT_", "POSTGRES_", "GX_", "PG")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    for name in ("DATABASE_URL", "SEED_DIR", "AS_OF", "REPLACE", "TEST_DATABASE_URL"):
+    for name in ("DATABASE_URL", "SEED_DIR", "AS_OF", "REPLACE", "ALLOW_GAP", "TEST_DATABASE_URL"):
         env.pop(name, None)
     env.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
@@ -123,7 +123,7 @@ class Proc:
         log: Path,
         user: pwd.struct_passwd | None = None,
     ) -> None:
-        self.name, self.log = name, log
+        self.name, self.log, self.env, self.cwd = name, log, env, cwd
         self._out = log.open("wb")
         kwargs = {}
         if user is not None:
@@ -714,6 +714,42 @@ def bad_run(stack: Stack, good_run: Triggered, bad_month: Path) -> Triggered:
 
 
 # --------------------------------------------------------------------------- tests
+
+
+def test_the_runners_healthcheck_passes_once_the_deployment_is_served(stack: Stack):
+    """docker-compose.yml's runner healthcheck, run as the image would (cwd /app, the
+    runner's environment): healthy once `serve` has registered the deployment, so that
+    `docker compose up -d --wait` returns when `prefect deployment run` can work."""
+    import yaml
+
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text(encoding="utf-8"))
+    kind, program, *args = compose["services"]["runner"]["healthcheck"]["test"]
+    assert (kind, program) == ("CMD", "python")
+    command = [sys.executable, *args]
+
+    served = subprocess.run(
+        command, env=stack.runner.env, cwd=stack.runner.cwd, capture_output=True, text=True
+    )
+    assert served.returncode == 0, served.stderr
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/api"
+        down = subprocess.run(
+            command,
+            env={**stack.runner.env, "PREFECT_API_URL": closed},
+            cwd=stack.runner.cwd,
+            capture_output=True,
+            text=True,
+        )
+    assert down.returncode == 1
+    assert down.stderr.startswith(f"Prefect API at {closed} not reachable")
+    # A deployment not (yet) served is a 404: unhealthy too.
+    from streamflow import served
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(served, "DEPLOYMENT_NAME", "not-served")
+        mp.setenv("PREFECT_API_URL", stack.api_url)
+        assert served.main() == 1
 
 
 def test_served_month_is_recorded_completed(stack: Stack, good_run: Triggered, month_000: Path):

@@ -65,10 +65,9 @@ from streamflow.inputs import (  # noqa: E402
 from streamflow.ledger import Mode  # noqa: E402
 from streamflow.registry import BY_NAME  # noqa: E402
 from streamflow.reporting import RunSummary, publish_artifacts  # noqa: E402
+from streamflow.served import DEPLOYMENT_NAME, FLOW_NAME  # noqa: E402
 from streamflow.settings import load_settings  # noqa: E402
 from streamflow.verdict import Verdict  # noqa: E402
-
-DEPLOYMENT_NAME = "ingest-month"
 
 # A failed month is reported in one line; Prefect's run loggers (terminal and UI) would
 # add the traceback of each failed task and of the flow: ~90 lines for one bad value.
@@ -173,7 +172,7 @@ def snapshot_month(
     return stats
 
 
-@flow(name="ingest_month", task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name=FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=2))
 def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bool = False) -> dict:
     """Ingest one month folder as of ``as_of``: all of it, validated, or nothing."""
     settings = load_settings()
