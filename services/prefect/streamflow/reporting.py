@@ -55,7 +55,7 @@ class RunSummary:
                 f"{self.seed_dir} as_of {self.as_of}: already published from the same files; "
                 "nothing to do"
             )
-        history = [
+        history_lines = [
             f"{t.snapshot_table} +{t.snapshot_inserted} ~{t.snapshot_updated}"
             + (f" -{t.snapshot_removed}" if t.snapshot_removed else "")
             for t in self.tables
@@ -68,7 +68,7 @@ class RunSummary:
                 for t in self.tables
                 if t.inserted or t.updated
             ]
-            changes = ", ".join(history) + (f"; live: {', '.join(live)}" if live else "")
+            changes = ", ".join(history_lines) + (f"; live: {', '.join(live)}" if live else "")
         else:
             changes = ", ".join(
                 f"{t.table} +{t.inserted} ~{t.updated} ={t.unchanged}"
@@ -76,7 +76,7 @@ class RunSummary:
                 for t in self.tables
             )
             if self.replacing:  # a replaced month's history is rewritten row by row
-                changes += f"; history: {', '.join(history)}"
+                changes += f"; history: {', '.join(history_lines)}"
         what = "history (backfill)" if self.mode == "backfill" else "live + history"
         verb = "replaced" if self.replacing else "published"
         return (
