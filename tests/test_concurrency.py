@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -196,3 +197,60 @@ def test_the_early_noop_check_does_not_wait_for_the_lock(db_url, months, monkeyp
     assert elapsed < 4, elapsed
     assert "waited 0s" in str(err.value)
     assert ledger(db_url) == []
+
+
+@pytest.mark.parametrize("when", ["staging", "validation"])
+def test_a_run_that_loses_its_writer_lock_publishes_nothing(
+    run_flow, db_url, months, monkeypatch, when
+):
+    """The lock is a session lock of the run's control connection: if that connection
+    ends (network cut, idle_session_timeout, pg_terminate_backend), the lock goes with
+    it and a waiting run takes it and rewrites staging. The audit had a second run's
+    January published as February that way. The run must notice before any commit:
+    here its control backend is terminated while it stages (the COPY's commit checks)
+    or validates (the publishing transaction checks, while waiting and before its
+    COMMIT); nothing is published either way."""
+    from streamflow import loading, validation
+
+    assert run_flow(db_url, months / "month_000", JAN)[0] == 0
+    before = dump(db_url)
+
+    def end_control_connection() -> None:
+        with psycopg.connect(db_url, autocommit=True) as admin:
+            ended = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND granted AND objid = %s",
+                (LOCK_KEY,),
+            ).fetchall()
+        assert ended == [(True,)]
+
+    if when == "staging":
+        real_stage = loading.stage_file
+        first = threading.Lock()  # two files are staged at once: cut once
+
+        def stage_then_cut(*args, **kwargs):
+            if first.acquire(blocking=False):
+                end_control_connection()
+            return real_stage(*args, **kwargs)
+
+        monkeypatch.setattr(loading, "stage_file", stage_then_cut)
+    else:
+        real_check = validation.check
+
+        def check_after_cut(outcomes):
+            end_control_connection()
+            return real_check(outcomes)
+
+        monkeypatch.setattr(validation, "check", check_after_cut)
+
+    rc, _, err = run_flow(db_url, months / "month_001", FEB)
+
+    assert rc == 1
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(
+            "ingest failed: the run lost the pipeline's writer lock (its control connection"
+        )
+    ), err[-2000:]
+    assert dump(db_url) == before

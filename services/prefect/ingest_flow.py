@@ -18,9 +18,11 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import date
 from pathlib import Path
+
+import psycopg
 
 # The temporary local Prefect server (no PREFECT_API_URL) is a private one: no
 # telemetry from it, whose failed inserts clutter stderr.
@@ -92,14 +94,19 @@ def _only_connection_errors(task, task_run, state) -> bool:
     cache_policy=NO_CACHE,
 )
 def upsert_csv(
-    database_url: str, table: str, path: str, hashed: dict | None = None
+    database_url: str,
+    table: str,
+    path: str,
+    hashed: dict | None = None,
+    lock_holder: int | None = None,
 ) -> loading.StagedFile:
     """COPY one CSV into its staging table; published later by snapshot_month.
 
     ``hashed``: the file as the run fingerprinted it, which the staged bytes must be.
+    ``lock_holder``: the backend that holds the run's writer lock.
     """
     with db.connect(database_url) as conn:
-        staged = loading.stage_file(conn, BY_NAME[table], Path(path), hashed)
+        staged = loading.stage_file(conn, BY_NAME[table], Path(path), hashed, lock_holder)
     get_run_logger().info("%s: %d rows staged", Path(path).name, staged.rows)
     return staged
 
@@ -134,6 +141,7 @@ def snapshot_month(
     fingerprint: str,
     newest: bool,
     verdict: Verdict,
+    lock_holder: int | None = None,
 ) -> list[publishing.TableStats]:
     """Publish the staged month in one transaction, committed only if validation passes.
 
@@ -148,12 +156,13 @@ def snapshot_month(
     ):
         # The history partitions are built on a second connection meanwhile: a third
         # stream of work for the cores that validation and the live upserts leave idle.
-        history_build = builder.submit(publishing.build_history, history_conn, as_of)
+        history_build = builder.submit(publishing.build_history, history_conn, as_of, lock_holder)
         stats = publishing.publish_month(conn, as_of, newest=newest, history=history_build)
         ledger.record_month(conn, as_of, fingerprint, run_id, [s.as_dict() for s in stats])
         written = time.perf_counter() - start
-        if not verdict.wait():
+        if not verdict.wait(meanwhile=lambda: db.check_writer_lock(conn, lock_holder)):
             raise NotPublished("validation failed: the month was rolled back, nothing published")
+        db.check_writer_lock(conn, lock_holder)
         conn.commit()
     get_run_logger().info(
         "month written in %.1fs alongside validation, then %.1fs waiting for its verdict",
@@ -184,6 +193,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
         db.connect(url, autocommit=True) as control,
         db.writer_lock(control, settings.lock_wait_seconds),
     ):
+        lock_holder = control.info.backend_pid  # checked before every commit of the run
         with clock("schema"):
             db.ensure_schema(control)
             ledger.abandon_stale_runs(control)
@@ -226,7 +236,8 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                     # Two COPY streams at once: one per core of a small machine.
                     hashed = {p.table: p.as_json() for p in prints}
                     futures = [
-                        upsert_csv.submit(url, t, str(p), hashed[t]) for t, p in files.items()
+                        upsert_csv.submit(url, t, str(p), hashed[t], lock_holder)
+                        for t, p in files.items()
                     ]
                     for future in futures:
                         staged = future.result()
@@ -242,6 +253,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                     fingerprint,
                     newest=mode is Mode.PUBLISH,
                     verdict=verdict,
+                    lock_holder=lock_holder,
                 )
                 try:
                     with clock("validate_with_ge"):
@@ -261,14 +273,17 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                 # The same one line the CLI prints, for runs started from the UI.
                 get_run_logger().error("ingest failed: %s", summary.error)
                 failures = getattr(exc, "failures", None)
-                ledger.finish_run(
-                    control,
-                    summary.run_id,
-                    status="failed",
-                    validation=failures,
-                    timings=summary.timings,
-                    error=summary.error,
-                )
+                # A control connection that broke cannot record it (the next run marks
+                # the run abandoned); its error must not hide the run's own.
+                with suppress(psycopg.Error):
+                    ledger.finish_run(
+                        control,
+                        summary.run_id,
+                        status="failed",
+                        validation=failures,
+                        timings=summary.timings,
+                        error=summary.error,
+                    )
                 publish_artifacts(summary)
                 raise
             finally:

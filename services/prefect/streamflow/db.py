@@ -6,7 +6,7 @@ import os
 import re
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import cache
 from pathlib import Path
 
@@ -14,7 +14,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from .errors import LockTimeout, SchemaOutdated, first_line
+from .errors import LockLost, LockTimeout, SchemaOutdated, first_line
 from .settings import SQL_DIR
 
 # One key for the whole pipeline: months are published strictly one at a time.
@@ -213,5 +213,28 @@ def writer_lock(conn: psycopg.Connection, wait_seconds: float) -> Iterator[None]
     try:
         yield
     finally:
-        if not conn.closed:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+        # A connection that broke took its lock with it; its error is not the run's.
+        with suppress(psycopg.Error):
+            if not conn.closed:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+
+
+def check_writer_lock(conn: psycopg.Connection, holder_pid: int | None) -> None:
+    """Raise LockLost unless backend ``holder_pid`` (the run's control connection) still
+    holds the writer lock. Called before each commit: a session lock ends with its
+    session, silently (a network cut, idle_session_timeout, pg_terminate_backend), and
+    a waiting run then takes it and rewrites the staging tables this run reads.
+    """
+    if holder_pid is None:
+        return
+    held = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+        "AND pid = %s AND objid = %s)",
+        (holder_pid, LOCK_KEY),
+    ).fetchone()
+    if not (held and held[0]):
+        raise LockLost(
+            "the run lost the pipeline's writer lock (its control connection to PostgreSQL "
+            "ended: network cut, idle_session_timeout or pg_terminate_backend), so another "
+            "run may be writing the staging tables; nothing of this run was published"
+        )

@@ -76,6 +76,10 @@ class LockTimeout(IngestError):
     """Another ingestion held the lock for too long."""
 
 
+class LockLost(IngestError):
+    """The run's writer lock went with its control connection: another run may write."""
+
+
 class NotPublished(IngestError):
     """The publishing transaction was rolled back because validation failed."""
 

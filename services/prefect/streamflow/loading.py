@@ -21,7 +21,7 @@ from typing import BinaryIO
 import psycopg
 from psycopg import sql
 
-from .db import ident_list, query
+from .db import check_writer_lock, ident_list, query
 from .errors import InputError, clipped, clipped_quotes, unreadable
 from .ledger import is_hashed_file
 from .registry import KEY, TableSpec
@@ -109,7 +109,11 @@ def _check_header(spec: TableSpec, file: str, header: list[str]) -> None:
 
 
 def stage_file(
-    conn: psycopg.Connection, spec: TableSpec, path: Path, hashed: dict | None = None
+    conn: psycopg.Connection,
+    spec: TableSpec,
+    path: Path,
+    hashed: dict | None = None,
+    lock_holder: int | None = None,
 ) -> StagedFile:
     """Replace ``staging.<table>`` with the rows of ``path``, in one committed transaction.
 
@@ -117,6 +121,9 @@ def stage_file(
     records that hash for the month, so the bytes staged must be those bytes. A file
     rewritten or replaced since it was hashed (an export still being written, a copy
     over it) is refused, and nothing of it is staged.
+
+    ``lock_holder``: the backend pid holding the run's writer lock, checked before the
+    commit (``db.check_writer_lock``).
     """
     header, offset = read_header(spec, path)
     staged = sql.Identifier("staging", spec.name)
@@ -141,6 +148,7 @@ def stage_file(
                         "once the export is complete"
                     )
             rows = cur.rowcount
+        check_writer_lock(conn, lock_holder)
         conn.commit()
     except psycopg.errors.DataError as exc:
         conn.rollback()

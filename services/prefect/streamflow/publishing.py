@@ -15,7 +15,7 @@ from datetime import date
 import psycopg
 from psycopg import sql
 
-from .db import ident_list, queries, query
+from .db import check_writer_lock, ident_list, queries, query
 from .registry import PARENT, TABLES, TableSpec
 
 
@@ -87,7 +87,9 @@ def upsert_live(
     return inserted, changed - inserted, after
 
 
-def build_history(conn: psycopg.Connection, as_of: date) -> dict[str, int]:
+def build_history(
+    conn: psycopg.Connection, as_of: date, lock_holder: int | None = None
+) -> dict[str, int]:
     """Build the staged month of each history table that lacks it; commit it in staging.
 
     Runs on its own connection, alongside validation and the live upserts: each new
@@ -122,6 +124,7 @@ def build_history(conn: psycopg.Connection, as_of: date) -> dict[str, int]:
             )
             built[history] = cur.rowcount
             cur.execute(q["index_month_partition"], params)  # type: ignore[arg-type]
+    check_writer_lock(conn, lock_holder)  # the staged months of another run were dropped
     conn.commit()
     return built
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 
 class Verdict:
@@ -28,9 +29,18 @@ class Verdict:
     def reject(self) -> None:
         self._decided.set()
 
-    def wait(self) -> bool:
-        """Block until the flow decides; True if the month may be committed."""
+    def wait(self, meanwhile: Callable[[], None] | None = None, every: float = 1.0) -> bool:
+        """Block until the flow decides; True if the month may be committed.
+
+        ``meanwhile`` is called every ``every`` seconds while waiting: it raises to give
+        up (the run lost its writer lock, and holding the month's locks would only
+        keep the run that took it waiting).
+        """
         start = time.perf_counter()
-        self._decided.wait()
-        self.waited_seconds = time.perf_counter() - start
+        try:
+            while not self._decided.wait(every):
+                if meanwhile is not None:
+                    meanwhile()
+        finally:
+            self.waited_seconds = time.perf_counter() - start
         return self._accepted
