@@ -629,6 +629,61 @@ def test_a_month_after_a_gap_is_refused_unless_allowed(run_flow, db_url, months)
     assert scalar(db_url, "SELECT max(as_of)::text FROM ingest_months") == "2024-03-31"
 
 
+def test_a_refused_month_stops_publishing_at_once(run_flow, db_url, months, tmp_path, monkeypatch):
+    """Publishing writes the whole month alongside validation; a refused month used to
+    finish every write before it looked at the verdict (27 s at 1M rows after Ctrl-C in
+    the audit). Here each live table's write is slowed by 10 s in PostgreSQL: the
+    refusal cancels the statement in progress and starts no other."""
+    from streamflow import publishing
+
+    ok(run_flow(db_url, months / "month_000", JAN))
+    before = dump(db_url, ALL_TABLES)
+    bad = tmp_path / "bad"
+    shutil.copytree(months / "month_001", bad)
+    rows = read_rows(bad / "payments_agg_90d.csv")
+    rows[150][1] = "-1"
+    write_rows(bad / "payments_agg_90d.csv", rows)
+    real = publishing.upsert_live
+
+    def slow_upsert(cur, spec, *args, **kwargs):
+        cur.execute("SELECT pg_sleep(10)")
+        return real(cur, spec, *args, **kwargs)
+
+    monkeypatch.setattr(publishing, "upsert_live", slow_upsert)
+    started = time.monotonic()
+    rc, _, err = run_flow(db_url, bad, FEB)
+    took = time.monotonic() - started
+
+    assert rc == 1 and "failed_payments_90d" in err.strip().splitlines()[-1]
+    assert took < 25, f"{took:.1f} s: the refused month's writes ran on (6 x 10 s)"
+    assert dump(db_url, ALL_TABLES) == before
+
+
+def test_an_interrupt_after_the_verdict_does_not_record_a_published_month_failed(
+    run_flow, db_url, months, monkeypatch
+):
+    """Ctrl-C or SIGTERM once validation has passed: the publishing thread commits
+    anyway, and the ledger said 'failed' (with the interrupt as its error) of a month
+    that landed. Its failure record now waits for the publishing transaction and leaves
+    a committed run succeeded."""
+    from streamflow.verdict import Verdict
+
+    real_accept = Verdict.accept
+
+    def accept_then_interrupt(self):
+        real_accept(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Verdict, "accept", accept_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_flow(db_url, months / "month_000", JAN)
+
+    (run,) = runs(db_url)
+    assert (run["status"], run["error"]) == ("succeeded", None)
+    assert run["finished_at"] is not None
+    assert scalar(db_url, "SELECT run_id FROM ingest_months WHERE as_of = %s", (JAN,)) == 1
+
+
 # --------------------------------------------------------------------------- backfill
 
 

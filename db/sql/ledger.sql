@@ -36,15 +36,18 @@ VALUES (%(as_of)s, %(seed_dir)s, %(status)s, %(mode)s, %(fingerprint)s, %(files)
 RETURNING run_id;
 
 -- name: finish_run
+-- A run whose month committed stays succeeded: an interrupt between the commit (on the
+-- publishing connection) and this update must not record it as failed.
 UPDATE ingest_runs
 SET status = %(status)s, table_stats = %(table_stats)s, validation = %(validation)s,
     timings = %(timings)s, error = %(error)s, finished_at = now()
-WHERE run_id = %(run_id)s;
+WHERE run_id = %(run_id)s AND NOT (status = 'succeeded' AND %(status)s = 'failed');
 
 -- name: mark_published
 -- In the publishing transaction: the run is known to have published the month the
 -- moment the month is, whatever happens to the process before finish_run.
-UPDATE ingest_runs SET status = 'succeeded', table_stats = %(table_stats)s
+UPDATE ingest_runs
+SET status = 'succeeded', table_stats = %(table_stats)s, error = NULL, finished_at = now()
 WHERE run_id = %(run_id)s;
 
 -- name: record_month

@@ -156,8 +156,18 @@ def snapshot_month(
     ):
         # The history partitions are built on a second connection meanwhile: a third
         # stream of work for the cores that validation and the live upserts leave idle.
+        # A refused month stops at once: the statement in progress is cancelled, and
+        # the next one is not started (at 1M rows the writes take tens of seconds).
+        verdict.on_reject(conn.cancel_safe)
+        verdict.on_reject(history_conn.cancel_safe)
         history_build = builder.submit(publishing.build_history, history_conn, as_of, lock_holder)
-        stats = publishing.publish_month(conn, as_of, newest=newest, history=history_build)
+        stats = publishing.publish_month(
+            conn,
+            as_of,
+            newest=newest,
+            history=history_build,
+            keep_going=verdict.stop_if_rejected,
+        )
         ledger.record_month(conn, as_of, fingerprint, run_id, [s.as_dict() for s in stats])
         written = time.perf_counter() - start
         if not verdict.wait(meanwhile=lambda: db.check_writer_lock(conn, lock_holder)):
@@ -231,6 +241,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
             # month is being staged); it adds the staging tables during the COPYs.
             suites = validation.SuitesProcess.take(url, settings.gx_docs_dir)
             suites.connect()
+            verdict = None
             try:
                 with clock("upsert_csv"):
                     # Two COPY streams at once: one per core of a small machine.
@@ -268,6 +279,8 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                     summary.tables = published.result()
                 summary.status = "succeeded"
             except BaseException as exc:
+                if verdict is not None:  # an interrupt: a month not yet accepted is refused
+                    verdict.reject()
                 summary.status = "failed"
                 summary.error = str(exc) if isinstance(exc, IngestError) else repr(exc)
                 # The same one line the CLI prints, for runs started from the UI.

@@ -8,6 +8,7 @@ newest month's rows all go in; a backfill's only for the users no later month li
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from datetime import date
@@ -160,18 +161,25 @@ def snapshot(
 
 
 def publish_month(
-    conn: psycopg.Connection, as_of: date, *, newest: bool, history: Future[dict[str, int]]
+    conn: psycopg.Connection,
+    as_of: date,
+    *,
+    newest: bool,
+    history: Future[dict[str, int]],
+    keep_going: Callable[[], None] = lambda: None,
 ) -> list[TableStats]:
     """Upsert live tables (parents first), then write the as_of snapshots; no commit.
 
     ``newest``: no later month is published (else a backfill, see ``upsert_live``).
     ``history`` is ``build_history``'s result, being built meanwhile: it is needed only
-    once the live tables are done.
+    once the live tables are done. ``keep_going`` is called before each table, and
+    raises to stop (the month was refused meanwhile).
     """
     stats = []
     with conn.cursor() as cur:
         cur.execute(queries("publish")["session"])  # type: ignore[arg-type]
         for spec in TABLES:
+            keep_going()
             cur.execute(query("publish", "staged_rows", staged=_staged(spec)))
             s = TableStats(spec.name, read=cur.fetchone()[0], snapshot_table=spec.snapshot_table)
             if newest:
@@ -188,6 +196,7 @@ def publish_month(
             stats.append(s)
         built = history.result()
         for spec, s in zip(TABLES, stats, strict=True):
+            keep_going()
             if spec.snapshot_table:
                 s.snapshot_inserted, s.snapshot_updated, s.snapshot_removed = snapshot(
                     cur, spec, as_of, built

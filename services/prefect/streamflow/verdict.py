@@ -14,20 +14,50 @@ import time
 from collections.abc import Callable
 
 
+class Rejected(Exception):
+    """The publisher stopped: the verdict came, and it is no."""
+
+
 class Verdict:
     """Set once by the flow (``accept`` or ``reject``), awaited by the publisher."""
 
     def __init__(self) -> None:
         self._decided = threading.Event()
         self._accepted = False
+        self._on_reject: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
         self.waited_seconds = 0.0
 
     def accept(self) -> None:
-        self._accepted = True
-        self._decided.set()
+        with self._lock:
+            if not self._decided.is_set():
+                self._accepted = True
+                self._decided.set()
 
     def reject(self) -> None:
-        self._decided.set()
+        """Refuse the month (a no-op once accepted), and cancel the publisher's work."""
+        with self._lock:
+            if self._decided.is_set():
+                return
+            self._decided.set()
+            hooks = list(self._on_reject)
+        for hook in hooks:
+            hook()
+
+    def on_reject(self, hook: Callable[[], None]) -> None:
+        """``hook`` runs on reject: the publisher cancels its statement in progress
+        (a month's MERGEs and history inserts run tens of seconds at 1M rows)."""
+        with self._lock:
+            self._on_reject.append(hook)
+
+    @property
+    def rejected(self) -> bool:
+        return self._decided.is_set() and not self._accepted
+
+    def stop_if_rejected(self) -> None:
+        """For the publisher, between statements: give up once the month is refused."""
+        if self.rejected:
+            raise Rejected("the month was refused while it was being written")
 
     def wait(self, meanwhile: Callable[[], None] | None = None, every: float = 1.0) -> bool:
         """Block until the flow decides; True if the month may be committed.
