@@ -9,12 +9,15 @@ The month is read once: the flow knows the files the CLI hashed by their stat.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 from conftest import scalar
 from month_files import (
@@ -530,3 +533,108 @@ def test_as_of_is_written_yyyy_mm_dd_and_nothing_else(value):
     assert str(err.value) == (
         f"AS_OF {value!r} is not a valid date; expected YYYY-MM-DD, e.g. 2024-01-31"
     )
+
+
+# --------------------------------------------------------------------------- interrupts
+
+
+@pytest.fixture(scope="module")
+def bigger_month(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Big enough (40,000 users) that a signal lands while the month is in progress."""
+    from streamflow import seeds
+
+    root = tmp_path_factory.mktemp("bigger")
+    seeds.generate(root, users=40_000, months=1, seed=3)
+    return root / "month_000"
+
+
+def _live_servers(home: Path) -> list[int]:
+    """Pids of the temporary API servers of ``PREFECT_HOME=home`` (zombies excluded)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if f"PREFECT_HOME={home}".encode() in environ and b"uvicorn" in cmdline and state != "Z":
+            pids.append(int(proc.name))
+    return pids
+
+
+def _start_mid_run(db_url: str, month: Path, home: Path) -> tuple[subprocess.Popen, list[int]]:
+    """The CLI (its own process group, as a terminal's job), once its run is under way
+    and its temporary API server up: (process, server pids)."""
+    env = flow_env(db_url, PREFECT_HOME=str(home))
+    env.pop("PREFECT_API_URL", None)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        last = conn.execute("SELECT coalesce(max(run_id), 0) FROM ingest_runs").fetchone()[0]
+    proc = subprocess.Popen(
+        flow_command(month, JAN),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        while not conn.execute(
+            "SELECT 1 FROM ingest_runs WHERE run_id > %s AND status = 'running'", (last,)
+        ).fetchone():
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "the run never started"
+            time.sleep(0.05)
+    servers = _live_servers(home)
+    assert len(servers) == 1, servers
+    return proc, servers
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; only its parent's reaping is left
+
+
+def _gone_within(pids: list[int], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while any(_alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_ctrl_c_mid_run_stops_the_run_and_its_server_at_once(db_url, bigger_month, tmp_path):
+    """A terminal's Ctrl-C reaches the whole foreground group: the server died with the
+    CLI, which then retried the dead API for 80-166 s and ended in 'unexpected
+    ConnectError'. Now the server is outside that group: the CLI says it was
+    interrupted, exits 130 at once, and stops its server; nothing is published."""
+    proc, servers = _start_mid_run(db_url, bigger_month, tmp_path / "prefect")
+
+    os.killpg(proc.pid, signal.SIGINT)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+
+    assert (proc.returncode, err.strip().splitlines()[-1]) == (130, "ingest interrupted")
+    assert time.monotonic() - sent < 20
+    assert _gone_within(servers, 10)
+    assert scalar(db_url, "SELECT count(*) FROM ingest_months") == 0
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_the_temporary_server_dies_with_the_cli(db_url, bigger_month, tmp_path, how):
+    """SIGTERM (Prefect turns it into its own exception, then dies of it again) or
+    SIGKILL of the CLI skipped its stopping of the server, which lived on, 190 MB each
+    time. The server now gets SIGTERM when the CLI process ends, however it ends."""
+    proc, servers = _start_mid_run(db_url, bigger_month, tmp_path / "prefect")
+
+    os.kill(proc.pid, how)
+    proc.communicate(timeout=120)
+
+    assert _gone_within(servers, 15), f"server {servers} outlived the CLI"

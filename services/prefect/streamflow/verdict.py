@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 
 
 class Rejected(Exception):
@@ -42,7 +43,10 @@ class Verdict:
             self._decided.set()
             hooks = list(self._on_reject)
         for hook in hooks:
-            hook()
+            # A cancel that cannot be sent leaves the publisher to find the verdict
+            # itself; the refusal must not fail for it.
+            with suppress(Exception):
+                hook()
 
     def on_reject(self, hook: Callable[[], None]) -> None:
         """``hook`` runs on reject: the publisher cancels its statement in progress
