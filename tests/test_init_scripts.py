@@ -129,3 +129,27 @@ def test_shell_scripts_are_checked_out_with_lf_line_ends():
         check=True,
     ).stdout
     assert out.splitlines() == [f"{s}: eol: lf" for s in scripts]
+
+
+@pytest.mark.parametrize("group", ["streamflow_ingest", "streamflow_reader"])
+def test_a_prefect_role_named_like_a_group_role_stops_the_init(cluster, group):
+    """000 made a login of that name, 001 kept it as the group: every script said all
+    was well, the ingest login (or every reader) then owned Prefect's database."""
+    result = run_init(cluster, PREFECT_DB_USER=group)
+
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "000_prefect_db.sh: PREFECT_DB_USER must differ from the group roles "
+        "streamflow_ingest and streamflow_reader"
+    )
+
+
+def test_the_schema_refuses_a_login_in_place_of_a_group_role(cluster):
+    """Outside the image (the schema applied by hand to a cluster that has such a
+    login), 001 itself stops."""
+    with psycopg.connect(login_url(cluster, cluster["user"], "postgres"), autocommit=True) as c:
+        c.execute("CREATE ROLE streamflow_reader LOGIN")
+    result = run_init(cluster)
+
+    assert result.returncode != 0
+    assert "role streamflow_reader exists and can log in" in result.stderr

@@ -19,6 +19,12 @@ if [[ "$PREFECT_DB_USER" == "$POSTGRES_USER" ]]; then
     echo "000_prefect_db.sh: PREFECT_DB_USER must differ from POSTGRES_USER (the superuser)" >&2
     exit 1
 fi
+# 001_schema.sql makes these group roles; under one of their names, Prefect's login
+# would hold the pipeline's privileges, and every member of the group its database.
+if [[ "$PREFECT_DB_USER" == "streamflow_ingest" || "$PREFECT_DB_USER" == "streamflow_reader" ]]; then
+    echo "000_prefect_db.sh: PREFECT_DB_USER must differ from the group roles streamflow_ingest and streamflow_reader" >&2
+    exit 1
+fi
 
 # The heredoc is quoted ('SQL'): the shell expands nothing inside it; psql
 # substitutes :'name' with a correctly quoted literal.

@@ -353,6 +353,10 @@ DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'streamflow_ingest') THEN
         CREATE ROLE streamflow_ingest NOLOGIN;
+    ELSIF (SELECT rolcanlogin FROM pg_roles WHERE rolname = 'streamflow_ingest') THEN
+        -- A login of that name (PREFECT_DB_USER, say) would get the group's grants,
+        -- and its own privileges would reach every member of the group.
+        RAISE EXCEPTION 'role streamflow_ingest exists and can log in: it must be a NOLOGIN group role';
     END IF;
 END
 $$;
@@ -396,6 +400,10 @@ DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'streamflow_reader') THEN
         CREATE ROLE streamflow_reader NOLOGIN;
+    ELSIF (SELECT rolcanlogin FROM pg_roles WHERE rolname = 'streamflow_reader') THEN
+        -- A login of that name (PREFECT_DB_USER, say) would get the group's grants,
+        -- and its own privileges would reach every member of the group.
+        RAISE EXCEPTION 'role streamflow_reader exists and can log in: it must be a NOLOGIN group role';
     END IF;
 END
 $$;

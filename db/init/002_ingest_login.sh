@@ -18,8 +18,8 @@ set -euo pipefail
 : "${POSTGRES_USER:?POSTGRES_USER must be set}"
 : "${POSTGRES_DB:=$POSTGRES_USER}"
 
-if [[ "$INGEST_DB_USER" == "$POSTGRES_USER" || "$INGEST_DB_USER" == "streamflow_ingest" ]]; then
-    echo "002_ingest_login.sh: INGEST_DB_USER must differ from POSTGRES_USER and from the group role streamflow_ingest" >&2
+if [[ "$INGEST_DB_USER" == "$POSTGRES_USER" || "$INGEST_DB_USER" == "streamflow_ingest" || "$INGEST_DB_USER" == "streamflow_reader" ]]; then
+    echo "002_ingest_login.sh: INGEST_DB_USER must differ from POSTGRES_USER and from the group roles streamflow_ingest and streamflow_reader" >&2
     exit 1
 fi
 
