@@ -743,8 +743,21 @@ def test_the_runners_healthcheck_passes_once_the_deployment_is_served(stack: Sta
         )
     assert down.returncode == 1
     assert down.stderr.startswith(f"Prefect API at {closed} not reachable")
-    # A deployment not (yet) served is a 404: unhealthy too.
+    # A deployment not (yet) served is a 404: unhealthy too; so is the record of one
+    # whose runner stopped (serve pauses it on the way out).
     from streamflow import served
+
+    with stack.client() as client:
+        deployment = client.read_deployment_by_name(DEPLOYMENT)
+        client.pause_deployment(deployment.id)
+        try:
+            paused = subprocess.run(
+                command, env=stack.runner.env, cwd=stack.runner.cwd, capture_output=True, text=True
+            )
+        finally:
+            client.resume_deployment(deployment.id)
+    assert paused.returncode == 1
+    assert "is not being served (status READY, paused True)" in paused.stderr
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(served, "DEPLOYMENT_NAME", "not-served")
