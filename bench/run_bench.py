@@ -396,6 +396,7 @@ class Bench:
             "SEED_DIR",
             "AS_OF",
             "REPLACE",
+            "ALLOW_GAP",
             "PREFECT_API_URL",
             "PREFECT_PROFILE",
         ):

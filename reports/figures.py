@@ -495,7 +495,8 @@ class FlowCli:
         env = {
             k: v
             for k, v in os.environ.items()
-            if k not in ("DATABASE_URL", "POSTGRES_HOST", "SEED_DIR", "AS_OF", "REPLACE")
+            if k
+            not in ("DATABASE_URL", "POSTGRES_HOST", "SEED_DIR", "AS_OF", "REPLACE", "ALLOW_GAP")
             and not k.startswith("PREFECT_")
         }
         env.update(

@@ -22,6 +22,7 @@ from month_files import (
     database_copy,
     flow_command,
     flow_env,
+    ingest,
     read_rows,
     small_months,
     write_rows,
@@ -602,9 +603,30 @@ def test_a_run_that_dies_after_its_commit_still_reads_as_published(
     assert run["status"] == "succeeded"
     assert [t["table"] for t in run["table_stats"]] == list(LIVE_TABLES)
 
-    ok(run_flow(db_url, months / "month_000", JAN))  # the no-op cleans up stale runs too
     ok(run_flow(db_url, months / "month_001", FEB))
-    assert [r["status"] for r in runs(db_url)] == ["succeeded", "noop", "succeeded"]
+    assert [r["status"] for r in runs(db_url)] == ["succeeded", "succeeded"]
+
+
+def test_the_clis_noop_look_marks_runs_killed_before_it_abandoned(db_url, months, monkeypatch):
+    """The CLI answers an unchanged month before the flow starts (rerun.unchanged_month,
+    under the writer lock): a 'running' row left by a killed run stayed 'running' past
+    it, until a run that was not a no-op came."""
+    from streamflow import rerun
+
+    ok_rc = ingest(db_url, months / "month_000", JAN)
+    assert ok_rc == 0
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO ingest_runs (as_of, seed_dir, status, mode) "
+            "VALUES (%s, 'killed', 'running', 'publish')",
+            (FEB,),
+        )
+    monkeypatch.setenv("DATABASE_URL", db_url)
+
+    summary = rerun.unchanged_month(str(months / "month_000"), JAN)
+
+    assert summary is not None and summary.status == "noop"
+    assert [r["status"] for r in runs(db_url)] == ["succeeded", "abandoned", "noop"]
 
 
 def test_a_month_after_a_gap_is_refused_unless_allowed(run_flow, db_url, months):
@@ -621,7 +643,8 @@ def test_a_month_after_a_gap_is_refused_unless_allowed(run_flow, db_url, months)
         "ingest failed: as_of 2025-02-28 is 13 months after the latest published month "
         "(2024-01-31), whose next is 2024-02-29: the months in between could then only be "
         "backfilled into history, never reach the live tables. Check AS_OF, or rerun with "
-        "--allow-gap (or ALLOW_GAP=1) if those months will never be published"
+        "--allow-gap (or ALLOW_GAP=1; a deployment run: --param allow_gap=true) if those "
+        "months will never be published"
     )
     assert dump(db_url, ALL_TABLES) == before
     assert (runs(db_url)[-1]["mode"], runs(db_url)[-1]["status"]) == ("refused", "failed")

@@ -47,27 +47,34 @@ def test_an_unusable_setting_is_named(monkeypatch: pytest.MonkeyPatch, value: st
 
 
 def test_the_run_parameters_may_come_from_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path):
-    """.env.example lists SEED_DIR, AS_OF and REPLACE with the other settings: a .env
-    that sets them is a complete command, as the environment is."""
-    for name in ("SEED_DIR", "AS_OF", "REPLACE"):
+    """.env.example lists SEED_DIR, AS_OF, REPLACE and ALLOW_GAP with the other settings:
+    a .env that sets them is a complete command, as the environment is."""
+    for name in ("SEED_DIR", "AS_OF", "REPLACE", "ALLOW_GAP"):
         # Set, then removed: the undo then removes what .env will have set (a bare
         # delenv of an absent name records nothing, and REPLACE=1 would outlive the test).
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
-    (tmp_path / ".env").write_text("SEED_DIR=months/month_001\nAS_OF=2024-02-29\nREPLACE=1\n")
+    (tmp_path / ".env").write_text(
+        "SEED_DIR=months/month_001\nAS_OF=2024-02-29\nREPLACE=1\nALLOW_GAP=yes\n"
+    )
     monkeypatch.chdir(tmp_path)
 
     args = complete_run([])
 
     assert args is not None
-    assert (args.seed_dir, args.as_of, args.replace) == ("months/month_001", "2024-02-29", True)
+    assert (args.seed_dir, args.as_of, args.replace, args.allow_gap) == (
+        "months/month_001",
+        "2024-02-29",
+        True,
+        True,
+    )
     # The command line still wins over .env.
     assert complete_run(["--as-of", "2024-03-31"]).as_of == "2024-03-31"  # type: ignore[union-attr]
 
 
 def test_the_dotenv_test_left_nothing_behind():
     """Runs after the test above (same module, same process): no REPLACE=1 for the rest."""
-    assert not {"SEED_DIR", "AS_OF", "REPLACE"} & set(os.environ)
+    assert not {"SEED_DIR", "AS_OF", "REPLACE", "ALLOW_GAP"} & set(os.environ)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,8 @@ from .registry import TABLES
 
 class Mode(StrEnum):
     PUBLISH = "publish"  # newest month: live tables and history
-    BACKFILL = "backfill"  # older than the latest published month: history only
+    BACKFILL = "backfill"  # older than the latest published month: history, and live
+    # rows only for the users no later month lists
     NOOP = "noop"  # same as_of, same files: nothing to do
 
 
@@ -229,7 +230,8 @@ def decide_mode(
             f"the latest published month ({latest.isoformat()}), whose next is "
             f"{expected.isoformat()}: the months in between could then only be "
             "backfilled into history, never reach the live tables. Check AS_OF, or rerun "
-            "with --allow-gap (or ALLOW_GAP=1) if those months will never be published"
+            "with --allow-gap (or ALLOW_GAP=1; a deployment run: --param allow_gap=true) "
+            "if those months will never be published"
         )
     return Mode.PUBLISH, replacing
 
