@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -149,6 +149,7 @@ def snapshot_month(
     written, then held uncommitted until the verdict.
     """
     start = time.perf_counter()
+    verdict.stop_if_rejected()  # refused before this task started (or a retry of it)
     with (
         db.connect(database_url) as conn,
         db.connect(database_url) as history_conn,
@@ -158,15 +159,23 @@ def snapshot_month(
         # stream of work for the cores that validation and the live upserts leave idle.
         # A refused month stops at once: the statement in progress is cancelled, and
         # the next one is not started (at 1M rows the writes take tens of seconds).
-        verdict.on_reject(conn.cancel_safe)
-        verdict.on_reject(history_conn.cancel_safe)
-        history_build = builder.submit(publishing.build_history, history_conn, as_of, lock_holder)
-        stats = publishing.publish_month(
-            conn,
+        # (A short timeout: an interrupt must not wait on a server that does not answer.)
+        verdict.on_reject(lambda: conn.cancel_safe(timeout=2))
+        verdict.on_reject(lambda: history_conn.cancel_safe(timeout=2))
+
+        def keep_going() -> None:
+            verdict.stop_if_rejected()
+            db.check_writer_lock(conn, lock_holder)
+
+        history_build = builder.submit(
+            publishing.build_history,
+            history_conn,
             as_of,
-            newest=newest,
-            history=history_build,
-            keep_going=verdict.stop_if_rejected,
+            lock_holder,
+            verdict.stop_if_rejected,
+        )
+        stats = publishing.publish_month(
+            conn, as_of, newest=newest, history=history_build, keep_going=keep_going
         )
         ledger.record_month(conn, as_of, fingerprint, run_id, [s.as_dict() for s in stats])
         written = time.perf_counter() - start
@@ -287,8 +296,8 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                 get_run_logger().error("ingest failed: %s", summary.error)
                 failures = getattr(exc, "failures", None)
                 # A control connection that broke cannot record it (the next run marks
-                # the run abandoned); its error must not hide the run's own.
-                with suppress(psycopg.Error):
+                # the run abandoned); that must not hide the run's own error.
+                try:
                     ledger.finish_run(
                         control,
                         summary.run_id,
@@ -296,6 +305,10 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                         validation=failures,
                         timings=summary.timings,
                         error=summary.error,
+                    )
+                except psycopg.Error as not_recorded:
+                    get_run_logger().warning(
+                        "the failure could not be recorded in ingest_runs: %s", not_recorded
                     )
                 publish_artifacts(summary)
                 raise

@@ -89,7 +89,10 @@ def upsert_live(
 
 
 def build_history(
-    conn: psycopg.Connection, as_of: date, lock_holder: int | None = None
+    conn: psycopg.Connection,
+    as_of: date,
+    lock_holder: int | None = None,
+    keep_going: Callable[[], None] = lambda: None,
 ) -> dict[str, int]:
     """Build the staged month of each history table that lacks it; commit it in staging.
 
@@ -104,6 +107,7 @@ def build_history(
     with conn.cursor() as cur:
         cur.execute(q["drop_staged_months"])  # type: ignore[arg-type]
         for spec in TABLES:
+            keep_going()
             if spec.snapshot_table is None:
                 continue
             history = spec.snapshot_table
@@ -160,6 +164,19 @@ def snapshot(
     return cur.rowcount, updated, removed
 
 
+def _built_history(
+    history: Future[dict[str, int]], keep_going: Callable[[], None]
+) -> dict[str, int]:
+    """The history build's result, asking ``keep_going`` every second meanwhile: this
+    transaction holds the staging tables' locks while it waits, which another run
+    (after this one lost its writer lock) may be queued behind."""
+    while True:
+        try:
+            return history.result(timeout=1)
+        except TimeoutError:
+            keep_going()
+
+
 def publish_month(
     conn: psycopg.Connection,
     as_of: date,
@@ -194,7 +211,7 @@ def publish_month(
                 # compared, so nothing is counted unchanged or absent.
                 s.inserted, s.updated, _ = upsert_live(cur, spec, backfill_of=as_of)
             stats.append(s)
-        built = history.result()
+        built = _built_history(history, keep_going)
         for spec, s in zip(TABLES, stats, strict=True):
             keep_going()
             if spec.snapshot_table:

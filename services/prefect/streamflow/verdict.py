@@ -38,8 +38,10 @@ class Verdict:
     def reject(self) -> None:
         """Refuse the month (a no-op once accepted), and cancel the publisher's work."""
         with self._lock:
-            if self._decided.is_set():
+            if self._decided.is_set() and self._accepted:
                 return
+            # An accept cut short by an interrupt (flag set, event not) is no accept.
+            self._accepted = False
             self._decided.set()
             hooks = list(self._on_reject)
         for hook in hooks:
@@ -53,6 +55,10 @@ class Verdict:
         (a month's MERGEs and history inserts run tens of seconds at 1M rows)."""
         with self._lock:
             self._on_reject.append(hook)
+            already = self.rejected
+        if already:  # refused before the publisher got this far
+            with suppress(Exception):
+                hook()
 
     @property
     def rejected(self) -> bool:

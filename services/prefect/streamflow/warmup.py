@@ -75,8 +75,11 @@ def _dies_with(parent: int) -> Callable[[], None]:
     PR_SET_PDEATHSIG; the server is started from the main thread, which lives as long
     as the process)."""
 
+    # Resolved here, in the parent: a dlopen in the forked child could wait for a lock
+    # held by another thread of the parent at the fork.
+    libc = ctypes.CDLL(None, use_errno=True)
+
     def arm() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the parent ended before the signal was armed
             os.kill(os.getpid(), signal.SIGTERM)
