@@ -638,3 +638,39 @@ def test_the_temporary_server_dies_with_the_cli(db_url, bigger_month, tmp_path, 
     proc.communicate(timeout=120)
 
     assert _gone_within(servers, 15), f"server {servers} outlived the CLI"
+
+
+def _catches_sigint(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+    return False
+
+
+def test_ctrl_c_while_starting_is_one_line(db_url, months, tmp_path):
+    """Ctrl-C while Prefect imports printed the import's KeyboardInterrupt traceback;
+    the CLI now says it was interrupted, exits 130, and leaves no server behind."""
+    home = tmp_path / "prefect"
+    env = flow_env(db_url, PREFECT_HOME=str(home))
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen(
+        flow_command(months / "month_000", JAN),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 30
+    while not _catches_sigint(proc.pid):  # the CLI's first lines are running
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    time.sleep(0.3)  # into the no-op look or Prefect's import
+
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == "ingest interrupted"
+    assert _gone_within(_live_servers(home), 10)

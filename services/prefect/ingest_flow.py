@@ -29,6 +29,17 @@ import psycopg
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 if __name__ == "__main__":
+    import signal
+
+    def _interrupted_while_starting(signum: int, frame: object) -> None:
+        # Ctrl-C while Prefect and the flow's modules import: one line, not an import
+        # traceback. Nothing has started that needs stopping: the API server dies with
+        # this process, the GX process when its stdin closes.
+        print("ingest interrupted", file=sys.stderr)
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
     from streamflow.errors import InputError
     from streamflow.settings import check_prefect_settings
 
@@ -419,4 +430,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from here
     WARMUP.run(main)
