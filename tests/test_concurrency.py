@@ -222,7 +222,15 @@ def test_a_run_that_loses_its_writer_lock_publishes_nothing(
                 "AND granted AND objid = %s",
                 (LOCK_KEY,),
             ).fetchall()
-        assert ended == [(True,)]
+            assert ended == [(True,)]
+            # pg_terminate_backend only signals: the lock goes when the backend has exited.
+            deadline = time.monotonic() + 30
+            while admin.execute(
+                "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = %s",
+                (LOCK_KEY,),
+            ).fetchone():
+                assert time.monotonic() < deadline, "the control backend did not exit"
+                time.sleep(0.02)
 
     if when == "staging":
         real_stage = loading.stage_file
