@@ -565,14 +565,12 @@ def _live_servers(home: Path) -> list[int]:
     return pids
 
 
-def _start_mid_run(db_url: str, month: Path, home: Path) -> tuple[subprocess.Popen, list[int]]:
-    """The CLI (its own process group, as a terminal's job), once its run is under way
-    and its temporary API server up: (process, server pids)."""
+def _start_as_a_job(db_url: str, month: Path, home: Path) -> subprocess.Popen:
+    """The CLI in a process group of its own, as a terminal runs a job, with its own
+    temporary API server (no PREFECT_API_URL)."""
     env = flow_env(db_url, PREFECT_HOME=str(home))
     env.pop("PREFECT_API_URL", None)
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        last = conn.execute("SELECT coalesce(max(run_id), 0) FROM ingest_runs").fetchone()[0]
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         flow_command(month, JAN),
         env=env,
         stdout=subprocess.DEVNULL,
@@ -580,6 +578,14 @@ def _start_mid_run(db_url: str, month: Path, home: Path) -> tuple[subprocess.Pop
         text=True,
         start_new_session=True,
     )
+
+
+def _start_mid_run(db_url: str, month: Path, home: Path) -> tuple[subprocess.Popen, list[int]]:
+    """The CLI (its own process group, as a terminal's job), once its run is under way
+    and its temporary API server up: (process, server pids)."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        last = conn.execute("SELECT coalesce(max(run_id), 0) FROM ingest_runs").fetchone()[0]
+    proc = _start_as_a_job(db_url, month, home)
     deadline = time.monotonic() + 120
     with psycopg.connect(db_url, autocommit=True) as conn:
         while not conn.execute(
@@ -651,16 +657,7 @@ def test_ctrl_c_while_starting_is_one_line(db_url, months, tmp_path):
     """Ctrl-C while Prefect imports printed the import's KeyboardInterrupt traceback;
     the CLI now says it was interrupted, exits 130, and leaves no server behind."""
     home = tmp_path / "prefect"
-    env = flow_env(db_url, PREFECT_HOME=str(home))
-    env.pop("PREFECT_API_URL", None)
-    proc = subprocess.Popen(
-        flow_command(months / "month_000", JAN),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = _start_as_a_job(db_url, months / "month_000", home)
     deadline = time.monotonic() + 30
     while not _catches_sigint(proc.pid):  # the CLI's first lines are running
         assert time.monotonic() < deadline and proc.poll() is None

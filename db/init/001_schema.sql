@@ -349,15 +349,20 @@ REVOKE ALL ON FUNCTION streamflow_restore_live_key(text) FROM PUBLIC;
 -- or TRUNCATE live data, nor create roles. Login roles are made per deployment
 -- (db/init/002_ingest_login.sh in Docker).
 -- ---------------------------------------------------------------------------
+-- The group roles: the flow's (streamflow_ingest) and the readers' (streamflow_reader,
+-- below). A login of either name (PREFECT_DB_USER, say) would get the group's grants,
+-- and its own privileges would reach every member of the group: refused.
 DO $$
+DECLARE
+    r text;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'streamflow_ingest') THEN
-        CREATE ROLE streamflow_ingest NOLOGIN;
-    ELSIF (SELECT rolcanlogin FROM pg_roles WHERE rolname = 'streamflow_ingest') THEN
-        -- A login of that name (PREFECT_DB_USER, say) would get the group's grants,
-        -- and its own privileges would reach every member of the group.
-        RAISE EXCEPTION 'role streamflow_ingest exists and can log in: it must be a NOLOGIN group role';
-    END IF;
+    FOREACH r IN ARRAY ARRAY['streamflow_ingest', 'streamflow_reader'] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
+            EXECUTE format('CREATE ROLE %I NOLOGIN', r);
+        ELSIF (SELECT rolcanlogin FROM pg_roles WHERE rolname = r) THEN
+            RAISE EXCEPTION 'role % exists and can log in: it must be a NOLOGIN group role', r;
+        END IF;
+    END LOOP;
 END
 $$;
 
@@ -396,18 +401,6 @@ GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON
 -- never see staging (a month there is not validated). Logins are made per
 -- consumer: CREATE ROLE feature_store LOGIN PASSWORD '…' IN ROLE streamflow_reader.
 -- ---------------------------------------------------------------------------
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'streamflow_reader') THEN
-        CREATE ROLE streamflow_reader NOLOGIN;
-    ELSIF (SELECT rolcanlogin FROM pg_roles WHERE rolname = 'streamflow_reader') THEN
-        -- A login of that name (PREFECT_DB_USER, say) would get the group's grants,
-        -- and its own privileges would reach every member of the group.
-        RAISE EXCEPTION 'role streamflow_reader exists and can log in: it must be a NOLOGIN group role';
-    END IF;
-END
-$$;
-
 GRANT USAGE ON SCHEMA public TO streamflow_reader;
 GRANT SELECT ON
     users, subscriptions, usage_agg_30d, payments_agg_90d, support_agg_90d, labels,
