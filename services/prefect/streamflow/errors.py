@@ -69,7 +69,8 @@ class ValidationFailed(IngestError):
 
 
 class MonthConflict(IngestError):
-    """The as_of was already published from different files."""
+    """A rerun rule refused the month: other files for a published as_of, another as_of's
+    files, or a gap after the latest month."""
 
 
 class LockTimeout(IngestError):

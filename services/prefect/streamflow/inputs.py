@@ -89,7 +89,7 @@ def check_run(seed_dir: str, as_of: str, settings: Settings) -> tuple[date, dict
 
 
 def cli_parser(description: str | None, *, add_help: bool = True) -> argparse.ArgumentParser:
-    """``ingest_flow.py [run|serve] [--seed-dir D] [--as-of YYYY-MM-DD] [--replace]``.
+    """``ingest_flow.py [run|serve] [--seed-dir D] [--as-of YYYY-MM-DD] [--replace] [--allow-gap]``.
 
     ``add_help=False`` for the CLI's early looks at its arguments (``complete_run``).
     The defaults come from the environment, ``.env`` included (.env.example lists them).
@@ -104,7 +104,11 @@ def cli_parser(description: str | None, *, add_help: bool = True) -> argparse.Ar
     parser.add_argument(
         "--seed-dir", default=os.environ.get("SEED_DIR"), help="month folder (env SEED_DIR)"
     )
-    parser.add_argument("--as-of", default=os.environ.get("AS_OF"), help="YYYY-MM-DD (env AS_OF)")
+    parser.add_argument(
+        "--as-of",
+        default=os.environ.get("AS_OF"),
+        help="a month's last day, YYYY-MM-DD (env AS_OF)",
+    )
     # Not read from REPLACE here: serve and --help never use it, and a bad value must
     # not stop them (replace_wanted reads it for a run).
     parser.add_argument(

@@ -1,4 +1,4 @@
-"""The runner's healthcheck: is the deployment registered on the Prefect API?
+"""The runner's healthcheck: is the deployment being served, says the Prefect API?
 
 ``serve`` registers ``ingest_month/ingest-month`` a few seconds after the runner
 starts; a ``prefect deployment run`` sent before that fails with "Deployment not
