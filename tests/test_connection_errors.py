@@ -154,3 +154,40 @@ def test_a_role_out_of_connections_is_busy_not_refused(empty_db_url):
     assert "too many connections" in str(caught.value)
     assert not login_refused(caught.value)
     assert worth_retrying(caught.value)
+
+
+def test_database_errors_explained_to_people_lose_their_traceback_in_the_run_logs():
+    """Prefect logs a failed flow with its traceback: for a database that could not be
+    reached (the audit stopped PostgreSQL mid-run) that was ~50 lines above the one
+    line that says it. A bug keeps its traceback."""
+    import logging
+    import socket
+
+    from streamflow.db import explain_failure
+    from streamflow.errors import WithoutTraceback
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nobody listens once closed
+    try:
+        psycopg.connect(f"host=127.0.0.1 port={port} dbname=x user=x connect_timeout=3")
+    except psycopg.OperationalError as exc:
+        unreachable = exc
+    keep = WithoutTraceback(explained=explain_failure)
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        return logging.LogRecord(
+            "prefect.flow_runs",
+            logging.ERROR,
+            __file__,
+            1,
+            "x",
+            None,
+            (type(exc), exc, exc.__traceback__),
+        )
+
+    explained, bug = record(unreachable), record(ZeroDivisionError("bug"))
+    keep.filter(explained)
+    keep.filter(bug)
+    assert explained.exc_info is None
+    assert bug.exc_info is not None

@@ -607,6 +607,42 @@ def test_a_run_that_dies_after_its_commit_still_reads_as_published(
     assert [r["status"] for r in runs(db_url)] == ["succeeded", "succeeded"]
 
 
+def test_a_connection_lost_after_the_commit_does_not_fail_a_published_month(
+    run_flow, db_url, months, monkeypatch
+):
+    """The month committed, then the control connection went before the run's last
+    ledger update (the audit stopped PostgreSQL there): the CLI said 'could not be
+    reached', exit 1, of a published month. The commit marked the run succeeded; only
+    its timings are lost, and the run says so in a warning."""
+    from streamflow import ledger
+    from streamflow.db import LOCK_KEY
+
+    real = ledger.finish_run
+
+    def connection_gone_first(conn, run_id, *, status, **kwargs):
+        if status == "succeeded":
+            with psycopg.connect(db_url, autocommit=True) as admin:
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks "
+                    "WHERE locktype = 'advisory' AND granted AND objid = %s",
+                    (LOCK_KEY,),
+                )
+                while admin.execute(
+                    "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objid = %s",
+                    (LOCK_KEY,),
+                ).fetchone():
+                    time.sleep(0.02)
+        return real(conn, run_id, status=status, **kwargs)
+
+    monkeypatch.setattr(ledger, "finish_run", connection_gone_first)
+    rc, out, err = run_flow(db_url, months / "month_000", JAN)
+
+    assert rc == 0, err[-2000:]
+    assert "published live + history" in out
+    (run,) = runs(db_url)
+    assert run["status"] == "succeeded" and run["table_stats"] is not None
+
+
 def test_the_clis_noop_look_marks_runs_killed_before_it_abandoned(db_url, months, monkeypatch):
     """The CLI answers an unchanged month before the flow starts (rerun.unchanged_month,
     under the writer lock): a 'running' row left by a killed run stayed 'running' past

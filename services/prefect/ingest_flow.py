@@ -61,7 +61,7 @@ if __name__ == "__main__":
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
-from streamflow import db, ledger, loading, publishing, validation  # noqa: E402
+from streamflow import db, errors, ledger, loading, publishing, validation  # noqa: E402
 from streamflow.embedded import resolve_database_url  # noqa: E402
 from streamflow.errors import (  # noqa: E402
     IngestError,
@@ -85,7 +85,7 @@ from streamflow.verdict import Verdict  # noqa: E402
 # A failed month is reported in one line; Prefect's run loggers (terminal and UI) would
 # add the traceback of each failed task and of the flow: ~90 lines for one bad value.
 for _run_logger in ("prefect.flow_runs", "prefect.task_runs"):
-    logging.getLogger(_run_logger).addFilter(WithoutTraceback())
+    logging.getLogger(_run_logger).addFilter(WithoutTraceback(explained=db.explain_failure))
 
 
 def _only_connection_errors(task, task_run, state) -> bool:
@@ -328,17 +328,27 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                 docs_error = suites.finish()
                 if docs_error:
                     get_run_logger().warning("GX Data Docs not built: %s", docs_error)
-            ledger.finish_run(
-                control,
-                summary.run_id,
-                status="succeeded",
-                table_stats=[t.as_dict() for t in summary.tables],
-                validation=[
-                    {"table": s.table, "passed": s.passed, "failed": s.failed}
-                    for s in summary.suites
-                ],
-                timings=summary.timings,
-            )
+            try:
+                ledger.finish_run(
+                    control,
+                    summary.run_id,
+                    status="succeeded",
+                    table_stats=[t.as_dict() for t in summary.tables],
+                    validation=[
+                        {"table": s.table, "passed": s.passed, "failed": s.failed}
+                        for s in summary.suites
+                    ],
+                    timings=summary.timings,
+                )
+            except psycopg.Error as exc:
+                if not db.connection_lost(exc):
+                    raise
+                # The month is published, and its commit marked the run succeeded: only
+                # the timings and expectation counts are lost with the connection.
+                get_run_logger().warning(
+                    "month published; its timings could not be recorded in ingest_runs: %s",
+                    errors.first_line(exc),
+                )
     publish_artifacts(summary)
     get_run_logger().info(summary.one_line())
     return {

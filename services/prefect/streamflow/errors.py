@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -36,7 +37,8 @@ def first_line(exc: BaseException) -> str:
 
 
 class WithoutTraceback(logging.Filter):
-    """Drops the traceback from a log record of an ``IngestError``.
+    """Drops the traceback from a log record of an ``IngestError``, or of an error
+    ``explained`` words for people (the database's: unreachable, refused login...).
 
     Prefect logs every task and flow failure with its traceback, ~30 lines each; an
     ``IngestError``'s message already names the file, row or column, and the stack
@@ -44,8 +46,16 @@ class WithoutTraceback(logging.Filter):
     keeps its traceback.
     """
 
+    def __init__(self, explained: Callable[[BaseException], object] | None = None) -> None:
+        super().__init__()
+        self._explained = explained
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], IngestError):
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and (
+            isinstance(exc, IngestError)
+            or (self._explained is not None and self._explained(exc) is not None)
+        ):
             record.exc_info = None
             record.exc_text = None
         return True
