@@ -24,6 +24,7 @@ import psycopg
 import pytest
 from conftest import FLOW_DIR, SHARED_SEEDS, with_database
 from psycopg import sql
+from streamflow.db import LOCK_KEY
 from streamflow.registry import LIVE_TABLES, SNAPSHOT_TABLES, TABLES
 
 MONTHS = ("month_000", "month_001")
@@ -205,3 +206,20 @@ def prefect_server(home: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def end_writer_lock_holder(url: str) -> None:
+    """Terminate the backend holding the pipeline's writer lock (a run's control
+    connection), and wait until it has exited: pg_terminate_backend only signals it,
+    and the lock goes with the process."""
+    held = "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = %s"
+    with psycopg.connect(url, autocommit=True) as admin:
+        ended = admin.execute(
+            f"SELECT pg_terminate_backend(pid) FROM ({held}) AS h",  # noqa: S608
+            (LOCK_KEY,),
+        ).fetchall()
+        assert ended == [(True,)]
+        deadline = time.monotonic() + 30
+        while admin.execute(held, (LOCK_KEY,)).fetchone():
+            assert time.monotonic() < deadline, "the control backend did not exit"
+            time.sleep(0.02)

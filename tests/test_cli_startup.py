@@ -41,18 +41,26 @@ def months(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return small_months(tmp_path_factory.mktemp("small"))
 
 
-def _processes_with(marker: str) -> list[str]:
-    """Command lines of live processes whose environment holds ``marker``."""
-    found = []
-    for pid in [p.name for p in Path("/proc").iterdir() if p.name.isdigit()]:
+def _processes_with(marker: str) -> dict[int, str]:
+    """Processes whose environment holds ``marker``: their command lines by pid."""
+    found = {}
+    for pid in [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]:
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
         if marker.encode() in environ:
-            found.append(cmdline.decode(errors="replace"))
+            found[pid] = cmdline.decode(errors="replace")
     return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; only its parent's reaping is left
 
 
 def _cli(db_url: str, seed_dir: Path, home: Path, *python_flags: str, **env: str):
@@ -117,7 +125,7 @@ def test_a_month_runs_against_the_clis_own_server_and_is_recorded(db_url, months
     assert (
         _prefect_db(home, "SELECT count(*) FROM artifact WHERE flow_run_id = ?", run_id)[0][0] >= 1
     )
-    assert _processes_with(f"PREFECT_HOME={home}") == []
+    assert _processes_with(f"PREFECT_HOME={home}") == {}
     # Built after the verdict, alongside the commit, and there when the CLI returns.
     assert _validated_suites(home / "gx_docs") == {f"{t.name}_suite" for t in TABLES}
     # The CLI hashed the files to look for a no-op; the flow knew them by their stat.
@@ -153,7 +161,7 @@ def test_a_failed_month_is_recorded_failed_and_leaves_nothing_behind(db_url, mon
     assert any(m.startswith("Task run failed with exception: ValidationFailed(") for m in logs)
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not any("Traceback" in m for m in logs), [m for m in logs if "Traceback" in m][:1]
-    assert _processes_with(f"PREFECT_HOME={home}") == []
+    assert _processes_with(f"PREFECT_HOME={home}") == {}
     assert "usage_agg_30d_suite" in _validated_suites(home / "gx_docs")
 
 
@@ -165,7 +173,7 @@ def test_no_temporary_server_when_prefect_forbids_one(db_url, months, tmp_path):
 
     assert proc.returncode == 1
     assert "PREFECT_API_URL" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
-    assert _processes_with(f"PREFECT_HOME={home}") == []
+    assert _processes_with(f"PREFECT_HOME={home}") == {}
 
 
 def test_a_server_that_cannot_start_is_reported_with_its_last_words(db_url, months, tmp_path):
@@ -185,7 +193,7 @@ def test_a_server_that_cannot_start_is_reported_with_its_last_words(db_url, mont
     assert "ConnectionRefusedError" in last  # the cause, not uvicorn's "startup failed"
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert scalar(db_url, "SELECT count(*) FROM ingest_runs") == 0
-    assert _processes_with(f"PREFECT_HOME={home}") == []
+    assert _processes_with(f"PREFECT_HOME={home}") == {}
 
 
 def test_the_clis_server_has_time_for_a_first_start_unless_prefect_says_otherwise(
@@ -285,7 +293,7 @@ def test_bad_inputs_are_answered_before_prefect_starts(db_url, months, tmp_path,
     assert "s3cret" not in proc.stderr + proc.stdout
     assert not home.exists() or not any(home.iterdir())
     assert scalar(db_url, "SELECT count(*) FROM ingest_runs") == 0
-    assert _processes_with(f"PREFECT_HOME={home}") == []
+    assert _processes_with(f"PREFECT_HOME={home}") == {}
 
 
 def test_help_is_the_full_help_and_starts_nothing(db_url, months, tmp_path):
@@ -303,7 +311,7 @@ def test_help_is_the_full_help_and_starts_nothing(db_url, months, tmp_path):
     assert "StreamFlow monthly ingestion, as a Prefect flow." in proc.stdout
     assert not (home / "prefect.db").exists()
     assert scalar(db_url, "SELECT count(*) FROM ingest_runs") == 0
-    assert _processes_with(f"PREFECT_HOME={home}") == []
+    assert _processes_with(f"PREFECT_HOME={home}") == {}
 
 
 def test_a_mistyped_flag_is_a_usage_error_even_for_a_published_month(db_url, months, tmp_path):
@@ -321,7 +329,7 @@ def test_a_mistyped_flag_is_a_usage_error_even_for_a_published_month(db_url, mon
     assert "nothing to do" not in proc.stdout
     assert scalar(db_url, "SELECT count(*) FROM ingest_runs") == 1  # no no-op recorded
     assert not (home / "prefect.db").exists()
-    assert _processes_with(f"PREFECT_HOME={home}") == []
+    assert _processes_with(f"PREFECT_HOME={home}") == {}
 
 
 @pytest.mark.parametrize("command", [["serve"], ["--as-of", JAN]])
@@ -550,19 +558,8 @@ def bigger_month(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _live_servers(home: Path) -> list[int]:
     """Pids of the temporary API servers of ``PREFECT_HOME=home`` (zombies excluded)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            cmdline = (proc / "cmdline").read_bytes()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if f"PREFECT_HOME={home}".encode() in environ and b"uvicorn" in cmdline and state != "Z":
-            pids.append(int(proc.name))
-    return pids
+    servers = _processes_with(f"PREFECT_HOME={home}").items()
+    return [pid for pid, cmd in servers if "uvicorn" in cmd and _alive(pid)]
 
 
 def _start_as_a_job(db_url: str, month: Path, home: Path) -> subprocess.Popen:
@@ -597,14 +594,6 @@ def _start_mid_run(db_url: str, month: Path, home: Path) -> tuple[subprocess.Pop
     servers = _live_servers(home)
     assert len(servers) == 1, servers
     return proc, servers
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"  # a zombie has ended; only its parent's reaping is left
 
 
 def _gone_within(pids: list[int], seconds: float) -> bool:

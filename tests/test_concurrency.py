@@ -19,7 +19,14 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import ALL_TABLES, dump, with_database
-from month_files import AS_OF, flow_command, flow_env, prefect_server, small_months
+from month_files import (
+    AS_OF,
+    end_writer_lock_holder,
+    flow_command,
+    flow_env,
+    prefect_server,
+    small_months,
+)
 from streamflow.db import LOCK_KEY
 from streamflow.registry import LIVE_TABLES, SNAPSHOT_TABLES
 
@@ -215,30 +222,13 @@ def test_a_run_that_loses_its_writer_lock_publishes_nothing(
     assert run_flow(db_url, months / "month_000", JAN)[0] == 0
     before = dump(db_url)
 
-    def end_control_connection() -> None:
-        with psycopg.connect(db_url, autocommit=True) as admin:
-            ended = admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
-                "AND granted AND objid = %s",
-                (LOCK_KEY,),
-            ).fetchall()
-            assert ended == [(True,)]
-            # pg_terminate_backend only signals: the lock goes when the backend has exited.
-            deadline = time.monotonic() + 30
-            while admin.execute(
-                "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = %s",
-                (LOCK_KEY,),
-            ).fetchone():
-                assert time.monotonic() < deadline, "the control backend did not exit"
-                time.sleep(0.02)
-
     if when == "staging":
         real_stage = loading.stage_file
         first = threading.Lock()  # two files are staged at once: cut once
 
         def stage_then_cut(*args, **kwargs):
             if first.acquire(blocking=False):
-                end_control_connection()
+                end_writer_lock_holder(db_url)
             return real_stage(*args, **kwargs)
 
         monkeypatch.setattr(loading, "stage_file", stage_then_cut)
@@ -246,7 +236,7 @@ def test_a_run_that_loses_its_writer_lock_publishes_nothing(
         real_check = validation.check
 
         def check_after_cut(outcomes):
-            end_control_connection()
+            end_writer_lock_holder(db_url)
             return real_check(outcomes)
 
         monkeypatch.setattr(validation, "check", check_after_cut)

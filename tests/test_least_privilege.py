@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -37,24 +38,31 @@ def as_user(url: str, user: str, password: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{quote(user)}:{quote(password)}@{host}"))
 
 
-@pytest.fixture
-def ingest_url(db_url: str, pg_admin_url: str) -> Iterator[str]:
-    """A LOGIN role whose only privilege is membership in streamflow_ingest."""
-    role = f"sf_ingest_login_{os.getpid()}_{next(_names)}"
-    password = "s3cret pw'\"$"  # quoting in URLs and SQL must hold
+@contextmanager
+def member_login(db_url: str, admin_url: str, group: str, password: str) -> Iterator[str]:
+    """The URL of a new LOGIN role whose only privilege is membership in ``group``;
+    the role is dropped after."""
+    role = f"sf_{group}_login_{os.getpid()}_{next(_names)}"
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute(
-            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                sql.Identifier(role), sql.Literal(password)
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}").format(
+                sql.Identifier(role), sql.Literal(password), sql.Identifier(group)
             )
         )
-        conn.execute(sql.SQL("GRANT streamflow_ingest TO {}").format(sql.Identifier(role)))
     yield as_user(db_url, role, password)
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,)
         )
         conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+@pytest.fixture
+def ingest_url(db_url: str, pg_admin_url: str) -> Iterator[str]:
+    """A LOGIN role whose only privilege is membership in streamflow_ingest."""
+    # quoting in URLs and SQL must hold
+    with member_login(db_url, pg_admin_url, "streamflow_ingest", "s3cret pw'\"$") as url:
+        yield url
 
 
 def test_ingest_role_publishes_months(run_flow, ingest_url, months, tmp_path):
@@ -136,19 +144,8 @@ READER_FORBIDDEN = {
 @pytest.fixture
 def reader_url(db_url: str, pg_admin_url: str) -> Iterator[str]:
     """A LOGIN role whose only privilege is membership in streamflow_reader."""
-    role = f"sf_reader_login_{os.getpid()}_{next(_names)}"
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'pw' IN ROLE streamflow_reader").format(
-                sql.Identifier(role)
-            )
-        )
-    yield as_user(db_url, role, "pw")
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,)
-        )
-        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    with member_login(db_url, pg_admin_url, "streamflow_reader", "pw") as url:
+        yield url
 
 
 def test_a_reader_reads_a_training_set_and_changes_nothing(run_flow, db_url, reader_url, months):

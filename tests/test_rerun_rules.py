@@ -20,6 +20,7 @@ from conftest import ALL_TABLES, dump, scalar
 from month_files import (
     AS_OF,
     database_copy,
+    end_writer_lock_holder,
     flow_command,
     flow_env,
     ingest,
@@ -93,6 +94,15 @@ def changed_copy(src: Path, dest: Path, *, drop_user_row: int | None = None) -> 
             del rows[drop_user_row]
         write_rows(path, rows)
     return dest
+
+
+def with_a_negative_payment(month: Path) -> Path:
+    """``month`` (a copy) with one failed_payments_90d below 0: refused by validation,
+    after every file was staged."""
+    rows = read_rows(month / "payments_agg_90d.csv")
+    rows[150][1] = "-1"
+    write_rows(month / "payments_agg_90d.csv", rows)
+    return month
 
 
 # --------------------------------------------------------------------------- the ledger
@@ -519,10 +529,7 @@ def test_failed_replace_changes_nothing(run_flow, db_url, months, tmp_path):
     ok(run_flow(db_url, months / "month_000", JAN))
     ok(run_flow(db_url, months / "month_001", FEB))
     before = dump(db_url, ALL_TABLES)
-    other = changed_copy(months / "month_001", tmp_path / "other")
-    rows = read_rows(other / "payments_agg_90d.csv")
-    rows[150][1] = "-1"  # caught by validation, after every file was staged
-    write_rows(other / "payments_agg_90d.csv", rows)
+    other = with_a_negative_payment(changed_copy(months / "month_001", tmp_path / "other"))
 
     rc, _, err = run_flow(db_url, other, FEB, "--replace")
 
@@ -615,23 +622,12 @@ def test_a_connection_lost_after_the_commit_does_not_fail_a_published_month(
     reached', exit 1, of a published month. The commit marked the run succeeded; only
     its timings are lost, and the run says so in a warning."""
     from streamflow import ledger
-    from streamflow.db import LOCK_KEY
 
     real = ledger.finish_run
 
     def connection_gone_first(conn, run_id, *, status, **kwargs):
         if status == "succeeded":
-            with psycopg.connect(db_url, autocommit=True) as admin:
-                admin.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_locks "
-                    "WHERE locktype = 'advisory' AND granted AND objid = %s",
-                    (LOCK_KEY,),
-                )
-                while admin.execute(
-                    "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objid = %s",
-                    (LOCK_KEY,),
-                ).fetchone():
-                    time.sleep(0.02)
+            end_writer_lock_holder(db_url)
         return real(conn, run_id, status=status, **kwargs)
 
     monkeypatch.setattr(ledger, "finish_run", connection_gone_first)
@@ -699,9 +695,7 @@ def test_a_refused_month_stops_publishing_at_once(run_flow, db_url, months, tmp_
     before = dump(db_url, ALL_TABLES)
     bad = tmp_path / "bad"
     shutil.copytree(months / "month_001", bad)
-    rows = read_rows(bad / "payments_agg_90d.csv")
-    rows[150][1] = "-1"
-    write_rows(bad / "payments_agg_90d.csv", rows)
+    with_a_negative_payment(bad)
     real = publishing.upsert_live
 
     def slow_upsert(cur, spec, *args, **kwargs):

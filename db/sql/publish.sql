@@ -33,31 +33,26 @@ SELECT count(*) FROM {live};
 -- One hash join of the month with the live table for both kinds of row: new users
 -- are inserted, users whose values changed are rewritten (IS DISTINCT FROM treats
 -- NULLs as values), unchanged rows are not touched. An UPDATE then an anti-join
--- INSERT would join the two tables twice (~1.4 s per 1M-row table).
+-- INSERT would join the two tables twice (~1.4 s per 1M-row table). The source is
+-- the staged table, or for a backfill the subquery not_listed_later.
 MERGE INTO {live} AS t
-USING {staged} AS s ON t.user_id = s.user_id
+USING {source} AS s ON t.user_id = s.user_id
 WHEN MATCHED AND ({live_values}) IS DISTINCT FROM ({staged_values}) THEN
   UPDATE SET ({value_columns}) = ROW({staged_values})
 WHEN NOT MATCHED THEN
   INSERT ({columns}) VALUES ({staged_columns});
 
--- name: merge_live_unless_listed_later
--- A backfill: the live tables hold each user's latest listed month, so only the users
--- no later published month lists take this month's values (a user who left before
--- the newer months, or who appears only here). Every published month lists all its
--- users in labels_snapshots (validated: each file lists the users of users.csv).
-MERGE INTO {live} AS t
-USING (
-  SELECT s.* FROM {staged} AS s
-  WHERE NOT EXISTS (
-    SELECT 1 FROM labels_snapshots AS later
-    WHERE later.as_of > %(as_of)s AND later.user_id = s.user_id
-  )
-) AS s ON t.user_id = s.user_id
-WHEN MATCHED AND ({live_values}) IS DISTINCT FROM ({staged_values}) THEN
-  UPDATE SET ({value_columns}) = ROW({staged_values})
-WHEN NOT MATCHED THEN
-  INSERT ({columns}) VALUES ({staged_columns});
+-- name: not_listed_later
+-- A backfill's rows for merge_live: the live tables hold each user's latest listed
+-- month, so only the users no later published month lists take this month's values
+-- (a user who left before the newer months, or who appears only here). Every
+-- published month lists all its users in labels_snapshots (validated: each file lists
+-- the users of users.csv).
+(SELECT s.* FROM {staged} AS s
+ WHERE NOT EXISTS (
+   SELECT 1 FROM labels_snapshots AS later
+   WHERE later.as_of > %(as_of)s AND later.user_id = s.user_id
+ ))
 
 -- name: insert_live
 -- A first load into an empty table: the whole month, in key order, so the primary

@@ -174,9 +174,12 @@ def snapshot_month(
         verdict.on_reject(lambda: conn.cancel_safe(timeout=2))
         verdict.on_reject(lambda: history_conn.cancel_safe(timeout=2))
 
+        def lock_still_held() -> None:
+            db.check_writer_lock(conn, lock_holder)
+
         def keep_going() -> None:
             verdict.stop_if_rejected()
-            db.check_writer_lock(conn, lock_holder)
+            lock_still_held()
 
         history_build = builder.submit(
             publishing.build_history,
@@ -190,9 +193,9 @@ def snapshot_month(
         )
         ledger.record_month(conn, as_of, fingerprint, run_id, [s.as_dict() for s in stats])
         written = time.perf_counter() - start
-        if not verdict.wait(meanwhile=lambda: db.check_writer_lock(conn, lock_holder)):
+        if not verdict.wait(meanwhile=lock_still_held):
             raise NotPublished("validation failed: the month was rolled back, nothing published")
-        db.check_writer_lock(conn, lock_holder)
+        lock_still_held()
         conn.commit()
     get_run_logger().info(
         "month written in %.1fs alongside validation, then %.1fs waiting for its verdict",
@@ -209,6 +212,21 @@ def snapshot_month(
             "%s: +%d ~%d =%d%s", s.table, s.inserted, s.updated, s.unchanged, to_history
         )
     return stats
+
+
+def _finish_run(control: psycopg.Connection, run_id: int, **outcome: object) -> None:
+    """ledger.finish_run, unless the control connection is gone: then a warning, and the
+    run's own outcome (its error, or its published month) stands."""
+    try:
+        ledger.finish_run(control, run_id, **outcome)  # type: ignore[arg-type]
+    except psycopg.Error as exc:
+        if not db.connection_lost(exc):
+            raise
+        get_run_logger().warning(
+            "the run's %s outcome could not be recorded in ingest_runs: %s",
+            outcome["status"],
+            errors.first_line(exc),
+        )
 
 
 @flow(name=FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=2))
@@ -306,21 +324,15 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                 # The same one line the CLI prints, for runs started from the UI.
                 get_run_logger().error("ingest failed: %s", summary.error)
                 failures = getattr(exc, "failures", None)
-                # A control connection that broke cannot record it (the next run marks
-                # the run abandoned); that must not hide the run's own error.
-                try:
-                    ledger.finish_run(
-                        control,
-                        summary.run_id,
-                        status="failed",
-                        validation=failures,
-                        timings=summary.timings,
-                        error=summary.error,
-                    )
-                except psycopg.Error as not_recorded:
-                    get_run_logger().warning(
-                        "the failure could not be recorded in ingest_runs: %s", not_recorded
-                    )
+                # (The next run marks it abandoned if the control connection broke.)
+                _finish_run(
+                    control,
+                    summary.run_id,
+                    status="failed",
+                    validation=failures,
+                    timings=summary.timings,
+                    error=summary.error,
+                )
                 publish_artifacts(summary)
                 raise
             finally:
@@ -328,27 +340,19 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                 docs_error = suites.finish()
                 if docs_error:
                     get_run_logger().warning("GX Data Docs not built: %s", docs_error)
-            try:
-                ledger.finish_run(
-                    control,
-                    summary.run_id,
-                    status="succeeded",
-                    table_stats=[t.as_dict() for t in summary.tables],
-                    validation=[
-                        {"table": s.table, "passed": s.passed, "failed": s.failed}
-                        for s in summary.suites
-                    ],
-                    timings=summary.timings,
-                )
-            except psycopg.Error as exc:
-                if not db.connection_lost(exc):
-                    raise
-                # The month is published, and its commit marked the run succeeded: only
-                # the timings and expectation counts are lost with the connection.
-                get_run_logger().warning(
-                    "month published; its timings could not be recorded in ingest_runs: %s",
-                    errors.first_line(exc),
-                )
+            # The commit marked the run succeeded: a connection lost now loses only the
+            # timings and expectation counts.
+            _finish_run(
+                control,
+                summary.run_id,
+                status="succeeded",
+                table_stats=[t.as_dict() for t in summary.tables],
+                validation=[
+                    {"table": s.table, "passed": s.passed, "failed": s.failed}
+                    for s in summary.suites
+                ],
+                timings=summary.timings,
+            )
     publish_artifacts(summary)
     get_run_logger().info(summary.one_line())
     return {

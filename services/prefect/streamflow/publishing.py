@@ -62,26 +62,21 @@ def upsert_live(
     }
     q = queries("publish")
     params = {"live": spec.name}
+    source: sql.Composable = names["staged"]
     if backfill_of is not None:
-        before = cur.execute(query("publish", "live_rows", **names)).fetchone()[0]
-        cur.execute(
-            query("publish", "merge_live_unless_listed_later", **names), {"as_of": backfill_of}
-        )
-        changed = cur.rowcount
-        after = cur.execute(query("publish", "live_rows", **names)).fetchone()[0]
-        return after - before, changed - (after - before), after
-    if spec is not PARENT and cur.execute(q["drop_empty_live_key"], params).fetchone()[0]:  # type: ignore[arg-type]
+        source = query("publish", "not_listed_later", staged=names["staged"])
+    elif spec is not PARENT and cur.execute(q["drop_empty_live_key"], params).fetchone()[0]:  # type: ignore[arg-type]
         cur.execute(query("publish", "append_live", **names))
         inserted = cur.rowcount
         cur.execute(q["restore_live_key"], params)  # type: ignore[arg-type]
         return inserted, 0, inserted
-    if cur.execute(query("publish", "live_is_empty", **names)).fetchone()[0]:
+    elif cur.execute(query("publish", "live_is_empty", **names)).fetchone()[0]:
         cur.execute(query("publish", "insert_live", **names))
         return cur.rowcount, 0, cur.rowcount
     # MERGE reports one count for inserts and updates together (RETURNING
     # merge_action() is PostgreSQL 17+): the table's growth tells them apart.
     before = cur.execute(query("publish", "live_rows", **names)).fetchone()[0]
-    cur.execute(query("publish", "merge_live", **names))
+    cur.execute(query("publish", "merge_live", source=source, **names), {"as_of": backfill_of})
     changed = cur.rowcount
     after = cur.execute(query("publish", "live_rows", **names)).fetchone()[0]
     inserted = after - before
