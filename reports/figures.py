@@ -293,7 +293,14 @@ def fig_publish_sql() -> dict[str, str]:
             if any(m in text for m in markers)
         )
 
-    live = ("drop_empty_live_key", "append_live", "restore_live_key", "insert_live", "merge_live")
+    live = (
+        "drop_empty_live_key",
+        "append_live",
+        "restore_live_key",
+        "insert_live",
+        "merge_live",
+        "not_listed_later",
+    )
     return {
         "sql_publish_live": "\n\n".join(
             f"-- db/sql/publish.sql, name: {name}\n{named[name]}" for name in live
