@@ -7,6 +7,7 @@ root; override with SHARED_SEEDS_DIR); those tests skip when it is absent.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 import subprocess
@@ -184,6 +185,56 @@ def test_committed_seeds_are_the_generators_default_output(default_run: Path) ->
         assert same_bytes(COMMITTED / month, default_run / month), (
             f"data/seeds/{month} is stale: rerun python -m streamflow.seeds"
         )
+
+
+def test_output_does_not_depend_on_numpys_instruction_set(tmp_path: Path) -> None:
+    # numpy picks its log/exp/cos loops by CPU (AVX2, AVX-512): on this machine's
+    # AVX-512 loops 1 value in 300 differs in its last bit, and watch_hours_30d is
+    # written to the last bit. Turning the dispatched loops off must change nothing.
+    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+
+    dispatched = [f for f in __cpu_dispatch__ if __cpu_features__.get(f)]
+    if not dispatched:
+        pytest.skip("this CPU runs numpy's baseline loops only: nothing to turn off")
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO / "services" / "prefect"),
+        "NPY_DISABLE_CPU_FEATURES": " ".join(dispatched),
+    }
+    out = tmp_path / "baseline"
+    subprocess.run(
+        [sys.executable, "-m", "streamflow.seeds", "--users", "7043", "--months", "2"]
+        + ["--seed", "42", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        check=True,
+    )
+    for month in MONTHS:
+        assert same_bytes(COMMITTED / month, out / month), (month, dispatched)
+
+
+def test_elementary_functions_match_libm() -> None:
+    rng = np.random.default_rng(0)
+    u = rng.random(200_000)
+    x = np.concatenate([u, 1.0 - u, u * 1e-12 + 1e-300, np.arange(1.0, 300.0)])
+    ref = np.array([math.log(v) for v in x])
+    assert np.max(np.abs(seeds._log(x) - ref) / np.spacing(np.abs(ref))) <= 4
+    y = np.concatenate([rng.uniform(-60, 60, 200_000), -np.arange(0.0, 700.0)])
+    ref = np.exp(y)
+    assert np.max(np.abs(seeds._exp(y) - ref) / ref) < 1e-15
+    ref = np.cos(2 * np.pi * u)
+    assert np.max(np.abs(seeds._cos_turns(u) - ref)) < 1e-15
+
+
+def test_later_months_of_an_earlier_run_are_refused(tmp_path: Path) -> None:
+    seeds.generate(tmp_path, users=20, months=3, seed=1)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.csv")}
+    with pytest.raises(ValueError, match=r"already holds month_002, which a run of 2"):
+        seeds.generate(tmp_path, users=30, months=2, seed=2)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.csv")} == before
+    # The same months again are simply replaced.
+    seeds.generate(tmp_path, users=30, months=3, seed=2)
+    assert len(read(tmp_path / "month_002", "labels")["user_id"]) == 30
 
 
 def test_interrupted_run_leaves_no_partial_files(
@@ -394,6 +445,9 @@ def test_invalid_arguments_are_rejected(tmp_path: Path) -> None:
             seeds.generate(tmp_path, **kwargs)
     with pytest.raises(ValueError):
         seeds.generate(tmp_path, users=1, months=1, chunk_size=0)
+    for seed in (-1, 2**64):
+        with pytest.raises(ValueError, match="seed must be between 0 and"):
+            seeds.generate(tmp_path, users=1, months=1, seed=seed)
 
 
 def test_command_line(tmp_path: Path) -> None:
@@ -415,3 +469,31 @@ def test_command_line(tmp_path: Path) -> None:
     )
     api = seeds.generate(tmp_path / "api", users=40, months=2, seed=9)
     assert all(same_bytes(tmp_path / "cli" / f.name, f) for f in api)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        ([], 2, "the following arguments are required: --out"),
+        (["--out", ""], 2, "argument --out: the output folder is empty"),
+        (["--out", "{file}"], 1, "cannot write {file}/month_000: Not a directory"),
+        (["--out", "{dir}", "--seed", "-1"], 2, "seed must be between 0 and"),
+    ],
+)
+def test_command_line_errors_are_one_line(
+    tmp_path: Path, args: list[str], code: int, message: str
+) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    where = {"file": str(tmp_path / "file"), "dir": str(tmp_path / "out")}
+    run = subprocess.run(
+        [sys.executable, "-m", "streamflow.seeds", "--users", "5"]
+        + [a.format(**where) for a in args],
+        env={**os.environ, "PYTHONPATH": str(REPO / "services" / "prefect")},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == code
+    assert message.format(**where) in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "data").exists()

@@ -204,6 +204,63 @@ def _key(seed: int, month: int, name: str) -> int:
     return h
 
 
+# ---------------------------------------------------------------------------
+# Elementary functions from +, -, *, /, sqrt and exact bit operations alone. IEEE 754
+# rounds those the same on every CPU; numpy's log, exp and cos are vectorised per
+# instruction set (on AVX-512, 1 value in 300 differs from AVX2 in its last bit) and
+# libm's differ between platforms, and a last bit shows in a full-precision float such
+# as watch_hours_30d: the committed seeds would only be reproducible on CPUs like the
+# one that wrote them. Accurate to a few units in the last place, which is plenty.
+# ---------------------------------------------------------------------------
+# ln 2 in two parts (fdlibm's): k * _LN2_HI is exact for |k| < 2**11.
+_LN2_HI = 6.93147180369123816490e-01
+_LN2_LO = 1.90821492927058770002e-10
+_SQRT_HALF = 0.7071067811865476
+_TWO_PI = 6.283185307179586
+# log(m) = 2 atanh(s), s = (m - 1) / (m + 1): 1/(2k+1), |s| <= 0.172 so 13 terms.
+_ATANH_TERMS = tuple(1.0 / (2 * k + 1) for k in range(13))
+# Taylor coefficients: 1/n! for exp on |r| <= ln(2)/2, +-1/n! for cos and sin on
+# |x| <= pi/4 (in x squared), to below 1e-19.
+_EXP_TERMS = tuple(1.0 / math.factorial(n) for n in range(15))
+_COS_TERMS = tuple((-1) ** n / math.factorial(2 * n) for n in range(11))
+_SIN_TERMS = tuple((-1) ** n / math.factorial(2 * n + 1) for n in range(11))
+
+
+def _horner(coefficients: Sequence[float], x: np.ndarray) -> np.ndarray:
+    acc = np.full_like(x, coefficients[-1])
+    for c in reversed(coefficients[:-1]):
+        acc = acc * x + c
+    return acc
+
+
+def _log(x: np.ndarray | float) -> np.ndarray:
+    """Natural logarithm of positive ``x``."""
+    m, e = np.frexp(np.asarray(x, dtype=np.float64))
+    low = m < _SQRT_HALF
+    m = np.where(low, m * 2.0, m)  # now in [sqrt(1/2), sqrt(2))
+    e = e - low
+    s = (m - 1.0) / (m + 1.0)
+    return e * _LN2_HI + (e * _LN2_LO + 2.0 * s * _horner(_ATANH_TERMS, s * s))
+
+
+def _exp(x: np.ndarray | float) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    k = np.rint(x / (_LN2_HI + _LN2_LO))
+    r = (x - k * _LN2_HI) - k * _LN2_LO
+    return np.ldexp(_horner(_EXP_TERMS, r), k.astype(np.int64))
+
+
+def _cos_turns(u: np.ndarray) -> np.ndarray:
+    """cos(2 pi u): u's nearest quarter turn is taken off exactly, the rest is a series."""
+    q = np.rint(u * 4.0)
+    x = (u - q * 0.25) * _TWO_PI  # |x| <= pi/4
+    x2 = x * x
+    cos = _horner(_COS_TERMS, x2)
+    sin = x * _horner(_SIN_TERMS, x2)
+    quarter = q.astype(np.int64) % 4
+    return np.choose(quarter, [cos, -sin, -cos, sin])
+
+
 class _Draws:
     """Random variates for one block of users and one (seed, month); each field has its own
     named stream, so adding a field never shifts the values of the others.
@@ -225,7 +282,7 @@ class _Draws:
         # Box-Muller; 1 - u keeps the logarithm's argument in (0, 1].
         u1 = 1.0 - self.uniform(name + ":r")
         u2 = self.uniform(name + ":theta")
-        return mean + sd * np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+        return mean + sd * np.sqrt(-2.0 * _log(u1)) * _cos_turns(u2)
 
     def bernoulli(self, name: str, p: np.ndarray | float) -> np.ndarray:
         return self.uniform(name) < p
@@ -242,8 +299,9 @@ class _Draws:
         # Inverse CDF against a table: exact for the small means used here.
         kmax = int(lam + 12 * math.sqrt(lam) + 20)
         k = np.arange(kmax + 1)
-        log_pmf = k * math.log(lam) - lam - np.array([math.lgamma(x + 1) for x in k])
-        return np.searchsorted(np.cumsum(np.exp(log_pmf))[:-1], self.uniform(name), "right")
+        log_factorial = np.concatenate([[0.0], np.cumsum(_log(k[1:]))])
+        log_pmf = k * _log(lam) - lam - log_factorial
+        return np.searchsorted(np.cumsum(_exp(log_pmf))[:-1], self.uniform(name), "right")
 
 
 # ---------------------------------------------------------------------------
@@ -425,12 +483,12 @@ def _profile(seed: int, index: np.ndarray) -> _Profile:
         + no_net * (net == 2)
         + paper * paperless
         + sen * senior
-        + log_t * np.log1p(tenure)
+        + log_t * _log(1.0 + tenure)
         + fam * family
         + dep * dependents
     )
     # Nobody in the lab churns before their first bill.
-    risk = np.where(tenure == 0, 0.0, 1.0 / (1.0 + np.exp(-logit)))
+    risk = np.where(tenure == 0, 0.0, 1.0 / (1.0 + _exp(-logit)))
 
     ids = _user_ids(index, seed)
     plan = np.where(internet, 0, 2)
@@ -538,9 +596,13 @@ def generate(
     Output depends only on ``users``, ``months`` (month k never on later ones) and
     ``seed``; ``chunk_size`` only bounds memory. Files are written beside their final
     name and renamed once complete, so an interrupted run leaves no truncated CSV
-    under a real name. Existing files of the same names are replaced; anything else in
-    ``out_dir`` (e.g. later months of an earlier, longer run) is left alone.
+    under a real name. Existing files of the same names are replaced. Later month
+    folders of an earlier, longer run are refused (ValueError), not left beside these
+    months as if they followed them.
     """
+    if not 0 <= seed <= _MASK64:
+        # Seeds are reduced to 64 bits: -1 would silently be 2**64 - 1.
+        raise ValueError(f"seed must be between 0 and {_MASK64}, got {seed}")
     if not 1 <= users <= _ID_SPACE:
         raise ValueError(f"users must be between 1 and {_ID_SPACE}, got {users}")
     if months < 1:
@@ -549,6 +611,17 @@ def generate(
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
 
     folders = [Path(out_dir) / f"month_{m:03d}" for m in range(months)]
+    stale = sorted(
+        p.name
+        for p in (Path(out_dir).glob("month_*") if Path(out_dir).is_dir() else ())
+        if p not in folders
+    )
+    if stale:
+        raise ValueError(
+            f"{out_dir} already holds {', '.join(stale)}, which a run of {months} "
+            f"month(s) does not write: they would sit beside the new months as if they "
+            f"followed them. Remove them, or choose another output folder"
+        )
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
     pending: list[tuple[Path, Path]] = []
@@ -593,6 +666,13 @@ def _write_all(
                     month_handles[table].write(text)
 
 
+def _out_dir(value: str) -> Path:
+    if not value.strip():
+        # Path("") is the current folder: an empty variable would scatter months there.
+        raise argparse.ArgumentTypeError("the output folder is empty")
+    return Path(value)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m streamflow.seeds",
@@ -600,9 +680,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--users", type=int, default=7043, help="users per month (default 7043)")
     parser.add_argument("--months", type=int, default=2, help="month folders (default 2)")
-    parser.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     parser.add_argument(
-        "--out", type=Path, default=Path("data/seeds"), help="output folder (default data/seeds)"
+        "--seed", type=int, default=42, help="random seed, 0 to 2**64 - 1 (default 42)"
+    )
+    parser.add_argument(
+        "--out",
+        type=_out_dir,
+        required=True,
+        help="output folder, e.g. data/seeds (its month folders are replaced)",
     )
     parser.add_argument(
         "--chunk-size",
@@ -616,6 +701,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         folders = generate(args.out, args.users, args.months, args.seed, chunk_size=args.chunk_size)
     except ValueError as exc:
         parser.error(str(exc))
+    except OSError as exc:
+        # A file where a folder is wanted, no permission, a full disk: one line.
+        where = exc.filename or args.out
+        print(f"{parser.prog}: cannot write {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     for folder in folders:
         print(folder)
     return 0
