@@ -230,6 +230,7 @@ def _long_row(rows: list[list[str]]) -> None:
 
 
 SQL_HEADER = 'user_id"); DROP TABLE users; --'
+FORGED = "2024-01-01 INFO | Flow run 'x' - Finished in state Completed()"
 
 CORPUS = [
     Bad(
@@ -529,6 +530,25 @@ CORPUS = [
     ),
     Bad("seed_dir_does_not_exist", None, ["SEED_DIR", "no_such_month"], seed_dir="no_such_month"),
     Bad("invalid_as_of", None, ["AS_OF", "2024-02-30", "YYYY-MM-DD"], as_of="2024-02-30"),
+    # Values quoted in the message, with a line end in them (a quoted CSV field may
+    # hold one): the log must not show a line of the pipeline's that it never wrote.
+    Bad(
+        "orphan_id_holding_a_log_line",
+        set_cell("labels", 3, "user_id", "x1\n" + FORGED),
+        ["labels.csv, column user_id", "not in users.csv", '"x1\\n2024-01-01 INFO'],
+    ),
+    Bad(
+        "number_holding_a_log_line",
+        set_cell("usage_agg_30d", 2, "watch_hours_30d", "1\n" + FORGED),
+        # PostgreSQL counts the line end inside the quotes: the row's last line, 4.
+        ["usage_agg_30d.csv, line 4, column watch_hours_30d", '"1\\n2024-01-01 INFO'],
+    ),
+    Bad(
+        "first_line_of_another_file",
+        replace_line("users", 1, b"db_password=Hunter2Secret"),
+        ["users.csv: the first line is not a users.csv header", "none of its 1 field(s)"],
+        absent=("Hunter2Secret",),
+    ),
     Bad(
         "header_crafted_as_sql",
         rename_column("users", "user_id", SQL_HEADER),

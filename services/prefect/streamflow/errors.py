@@ -8,10 +8,26 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def one_line(text: str) -> str:
+    """``text`` with each character a terminal or a log would act on or not show (line
+    ends, escapes, zero-width and direction marks) written as its escape, ``\\n``.
+
+    Messages quote values from the month's files (a user_id, a header, PostgreSQL's
+    quote of a bad cell): a quoted newline must not start a line of its own in the log,
+    where it could pass for one of the pipeline's ("… INFO | Flow run succeeded").
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class IngestError(Exception):
     """A failure the operator can act on; ``str(err)`` is one line, printed as is."""
 
     retryable = False
+
+    def __init__(self, message: str = "", *args: object) -> None:
+        super().__init__(one_line(message), *args)
 
 
 def clipped(text: str, keep: int = 40) -> str:
@@ -33,7 +49,7 @@ def clipped_quotes(message: str) -> str:
 def first_line(exc: BaseException) -> str:
     """The first line of an error's message: libpq's run on with hints and details."""
     lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+    return one_line(lines[0]) if lines else type(exc).__name__
 
 
 class WithoutTraceback(logging.Filter):

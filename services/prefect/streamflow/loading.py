@@ -97,6 +97,14 @@ def _check_header(spec: TableSpec, file: str, header: list[str]) -> None:
         if name in seen:
             raise InputError(f"{file}: column {name!r} appears twice in the header")
         seen.add(name)
+    if not seen & set(expected):
+        # Not a header of this file at all (another file, a symlink to something else):
+        # its first line is not echoed into logs and the ledger, which readers see.
+        raise InputError(
+            f"{file}: the first line is not a {spec.file_name} header: none of its "
+            f"{len(header)} field(s) is a column of the file (expected columns: "
+            f"{','.join(expected)})"
+        )
     missing = [c for c in expected if c not in seen]
     unknown = [c for c in header if c not in expected]
     if missing or unknown:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
+from .errors import one_line as escaped
 from .publishing import TableStats
 from .validation import SuiteOutcome
 
@@ -94,7 +96,7 @@ class RunSummary:
             "",
             "| | |",
             "|---|---|",
-            f"| month folder | `{self.seed_dir}` |",
+            f"| month folder | {_code(str(self.seed_dir))} |",
             f"| as_of | {self.as_of} |",
             f"| mode | {self.mode}{' (replace)' if self.replacing else ''} |",
             f"| verdict | {verdict.get(self.status, self.status)} |",
@@ -102,13 +104,29 @@ class RunSummary:
             f"| ledger run_id | {self.run_id} |",
         ]
         if self.data_docs:
-            lines.append(f"| GX Data Docs | `{self.data_docs}` |")
+            lines.append(f"| GX Data Docs | {_code(str(self.data_docs))} |")
         if self.error:
-            lines += ["", "## Error", "", f"```\n{self.error}\n```"]
+            fence = "`" * max(3, _longest_backtick_run(self.error) + 1)
+            lines += ["", "## Error", "", f"{fence}\n{self.error}\n{fence}"]
         if self.timings:
             lines += ["", "## Timings (s)", "", "| step | seconds |", "|---|---|"]
             lines += [f"| {k} | {v:.3f} |" for k, v in self.timings.items()]
         return "\n".join(lines)
+
+
+# Text from outside (a folder's name, an error quoting a file's cell) must stay code in
+# the artifact: a backtick in it would end the span or the block, and what follows
+# would be rendered (an image fetched from anywhere, a link).
+def _longest_backtick_run(text: str) -> int:
+    return max((len(run) for run in re.findall(r"`+", text)), default=0)
+
+
+def _code(text: str) -> str:
+    """``text`` as an inline code span inside a table cell."""
+    fence = "`" * (_longest_backtick_run(text) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    cell = escaped(text).replace("|", "\\|")  # a pipe ends the cell even in code
+    return f"{fence}{pad}{cell}{pad}{fence}"
 
 
 def publish_artifacts(summary: RunSummary) -> None:

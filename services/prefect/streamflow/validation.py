@@ -90,6 +90,15 @@ def _shown(value: Any) -> str:
     return clipped(text, _SHOWN_CHARS)
 
 
+def _shown_id(value: Any) -> str:
+    """A user_id as is when it reads unambiguously, else quoted like other values: a
+    leading space, a newline or a zero-width character would not show, or worse."""
+    if isinstance(value, str) and value.isprintable() and len(value) <= _SHOWN_CHARS:
+        if not any(c.isspace() or c in "'\",`" for c in value):
+            return value
+    return _shown(value)
+
+
 def _gx_error(exception_info: dict | None) -> str:
     """The first line of the exception GX caught while computing an expectation, if any.
 
@@ -549,7 +558,7 @@ def describe_failure(o: ExpectationOutcome) -> str:
     where = spec.file_name + (f", column {o.column}" if o.column else "")
     n = o.unexpected_count
     eg_values = ", ".join(dict.fromkeys(o.examples))  # each example once
-    eg_ids = ", ".join(str(v) for v in o.example_user_ids if v is not None)
+    eg_ids = ", ".join(_shown_id(v) for v in o.example_user_ids if v is not None)
     rows = f" (user_id {eg_ids})" if eg_ids else ""
     if o.error:
         return f"{where}: {o.expectation} could not be evaluated: {o.error}"
@@ -561,7 +570,8 @@ def describe_failure(o: ExpectationOutcome) -> str:
         case "unique":
             lines = o.example_lines or [[] for _ in o.example_user_ids]
             copies = ", ".join(
-                f"{uid} ({c} rows" + (f": lines {', '.join(map(str, at))})" if at else ")")
+                f"{_shown_id(uid)} ({c} rows"
+                + (f": lines {', '.join(map(str, at))})" if at else ")")
                 for uid, c, at in zip(o.example_user_ids, o.examples, lines, strict=False)
             )
             what = f"{n} duplicated {o.column} value(s), e.g. {copies or eg_ids}"
