@@ -133,6 +133,29 @@ def test_a_month_runs_against_the_clis_own_server_and_is_recorded(db_url, months
     assert "stat_check" in timings and "fingerprint" not in timings, timings
 
 
+def test_the_temporary_server_holds_no_database_password(monkeypatch, tmp_path):
+    """It keeps Prefect's history in SQLite: the pipeline's credentials are not its own
+    to hold (it used to get the CLI's whole environment, DATABASE_URL included)."""
+    secret = f"pw-{os.getpid()}-not-for-the-server"
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://streamflow_app:{secret}@db/streamflow")
+    for name in ("POSTGRES_PASSWORD", "INGEST_DB_PASSWORD", "PREFECT_DB_PASSWORD", "PGPASSWORD"):
+        monkeypatch.setenv(name, secret)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    server = warmup.TemporaryApiServer()
+    try:
+        pid = server._proc.pid
+        deadline = time.monotonic() + 30
+        # Before its exec the child still shows this process's environment.
+        while b"uvicorn" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the server was never executed"
+            time.sleep(0.01)
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert f"PREFECT_HOME={tmp_path / 'prefect'}".encode() in environ
+        assert not [v for v in environ if secret.encode() in v]
+    finally:
+        server.stop()
+
+
 def test_a_failed_month_is_recorded_failed_and_leaves_nothing_behind(db_url, months, tmp_path):
     bad = tmp_path / "month_000"
     shutil.copytree(months / "month_000", bad)

@@ -7,6 +7,9 @@ real ones. Then the runner's login publishes a month as the flow would in the st
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import os
 import subprocess
 from collections.abc import Iterator
@@ -98,6 +101,51 @@ def test_the_init_scripts_make_a_database_the_runners_login_can_publish_to(
     assert rc == 0, err[-2000:]
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT count(*) FROM labels_snapshots").fetchone()[0] > 0
+
+
+def _scram_matches(secret: str, password: str) -> bool:
+    """Whether pg_authid's SCRAM-SHA-256 secret was made from ``password`` (RFC 5802)."""
+    method, rest = secret.split("$", 1)
+    iterations_salt, keys = rest.split("$")
+    iterations, salt = iterations_salt.split(":")
+    stored_key = keys.split(":")[0]
+    salted = hashlib.pbkdf2_hmac(
+        "sha256", password.encode(), base64.b64decode(salt), int(iterations)
+    )
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    return method == "SCRAM-SHA-256" and (
+        base64.b64encode(hashlib.sha256(client_key).digest()).decode() == stored_key
+    )
+
+
+def test_passwords_reach_their_roles_but_never_a_command_line(cluster, tmp_path):
+    """psql's arguments are world-readable while it runs (/proc/<pid>/cmdline, ps):
+    the init scripts passed both passwords there as --set values."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    calls = tmp_path / "psql_calls"
+    (shim / "psql").write_text(
+        f'#!/bin/sh\nprintf "%s\\n" "$*" >> {calls}\nexec {cluster["bin"]}/psql "$@"\n'
+    )
+    (shim / "psql").chmod(0o755)
+    path = f"{shim}:{cluster['bin']}:{os.environ['PATH']}"
+    result = run_init(
+        cluster, PATH=path, PREFECT_DB_PASSWORD="pw-P-42", INGEST_DB_PASSWORD="pw-I-42"
+    )
+
+    assert result.returncode == 0, result.stderr
+    argv = calls.read_text()
+    assert argv.count("\n") >= 3  # the scripts' psql calls went through the shim
+    assert "pw-P-42" not in argv and "pw-I-42" not in argv
+    with psycopg.connect(login_url(cluster, cluster["user"], "postgres")) as admin:
+        secrets = dict(
+            admin.execute(
+                "SELECT rolname, rolpassword FROM pg_authid "
+                "WHERE rolname IN ('prefect', 'streamflow_app')"
+            ).fetchall()
+        )
+    assert _scram_matches(secrets["prefect"], "pw-P-42")
+    assert _scram_matches(secrets["streamflow_app"], "pw-I-42")
 
 
 def test_an_ingest_login_named_like_the_prefect_role_stops_the_init(cluster):

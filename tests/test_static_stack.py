@@ -585,6 +585,42 @@ def test_dockerignore_keeps_context_small_and_secret_free():
     assert not any(e.startswith("!") for e in entries)
 
 
+def _dockerignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule, as far as these patterns need it: each is matched against the
+    path from the context root and against each of its parent folders; ``*`` stays
+    within one folder, ``**`` spans any number."""
+
+    def regex(pattern: str) -> re.Pattern[str]:
+        out, i = "", 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                out, i = out + "(?:.*/)?", i + 3
+            elif pattern.startswith("**", i):
+                out, i = out + ".*", i + 2
+            else:
+                out += {"*": "[^/]*", "?": "[^/]"}.get(pattern[i], re.escape(pattern[i]))
+                i += 1
+        return re.compile(out + r"\Z")
+
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    return any(regex(p).match(prefix) for p in patterns for prefix in prefixes)
+
+
+def test_dockerignore_keeps_env_files_out_at_any_depth():
+    """The context is the repository root and the image copies services/prefect/ whole;
+    settings.py loads the .env beside it, so one written there would ship in the image."""
+    patterns = [
+        line.strip().rstrip("/")
+        for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    for secret in (".env", ".env.local", "services/prefect/.env", "services/prefect/.env.prod"):
+        assert _dockerignored(secret, patterns), f"{secret} would be in the build context"
+    for needed in ("services/prefect/ingest_flow.py", "db/init/001_schema.sql"):
+        assert not _dockerignored(needed, patterns), f"{needed} must reach the image"
+
+
 # -------------------------------------------------------------- init scripts
 
 

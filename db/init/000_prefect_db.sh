@@ -7,7 +7,9 @@
 #   PREFECT_DB_USER, PREFECT_DB_PASSWORD  - the Prefect metadata role
 #   POSTGRES_USER, POSTGRES_DB            - set by the image (superuser, app DB)
 # Names and passwords reach SQL only as psql variables, quoted by
-# format('%I' / '%L'), never by string pasting in the shell.
+# format('%I' / '%L'), never by string pasting in the shell. Passwords are read
+# by psql from the environment (\getenv, psql 15+), not passed in its arguments,
+# which every local user can read (/proc/<pid>/cmdline, ps).
 set -euo pipefail
 
 : "${PREFECT_DB_USER:?PREFECT_DB_USER must be set}"
@@ -30,8 +32,8 @@ fi
 # substitutes :'name' with a correctly quoted literal.
 psql --no-psqlrc -v ON_ERROR_STOP=1 \
     --username "$POSTGRES_USER" --dbname "$POSTGRES_DB" \
-    --set=prefect_user="$PREFECT_DB_USER" \
-    --set=prefect_password="$PREFECT_DB_PASSWORD" <<'SQL'
+    --set=prefect_user="$PREFECT_DB_USER" <<'SQL'
+\getenv prefect_password PREFECT_DB_PASSWORD
 SELECT format('CREATE ROLE %I LOGIN PASSWORD %L NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION',
               :'prefect_user', :'prefect_password')
 WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = :'prefect_user')

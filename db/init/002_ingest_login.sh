@@ -10,7 +10,9 @@
 #   INGEST_DB_USER, INGEST_DB_PASSWORD  - the runner's login
 #   POSTGRES_USER, POSTGRES_DB          - set by the image (superuser, app DB)
 # Names and passwords reach SQL only as psql variables, quoted by
-# format('%I' / '%L'), never by string pasting in the shell.
+# format('%I' / '%L'), never by string pasting in the shell. Passwords are read
+# by psql from the environment (\getenv, psql 15+), not passed in its arguments,
+# which every local user can read (/proc/<pid>/cmdline, ps).
 set -euo pipefail
 
 : "${INGEST_DB_USER:?INGEST_DB_USER must be set}"
@@ -46,8 +48,8 @@ if [[ "$login_exists" != "0" ]]; then
 fi
 
 "${psql_app[@]}" \
-    --set=ingest_user="$INGEST_DB_USER" \
-    --set=ingest_password="$INGEST_DB_PASSWORD" <<'SQL'
+    --set=ingest_user="$INGEST_DB_USER" <<'SQL'
+\getenv ingest_password INGEST_DB_PASSWORD
 SELECT format('CREATE ROLE %I LOGIN PASSWORD %L NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT',
               :'ingest_user', :'ingest_password')
 \gexec

@@ -87,6 +87,24 @@ def _dies_with(parent: int) -> Callable[[], None]:
     return arm
 
 
+# The pipeline's database credentials (.env.example's, libpq's, the GX process's URL):
+# the API server keeps its history in SQLite and needs none of them, and a process that
+# does not hold a secret cannot show it (in /proc, a crash report, a debug log).
+_CREDENTIALS = (
+    "DATABASE_URL",
+    "POSTGRES_PASSWORD",
+    "INGEST_DB_PASSWORD",
+    "PREFECT_DB_PASSWORD",
+    "PGPASSWORD",
+    "STREAMFLOW_VALIDATION_URL",
+)
+
+
+def server_environment() -> dict[str, str]:
+    """This process's environment without the pipeline's database credentials."""
+    return {k: v for k, v in os.environ.items() if k not in _CREDENTIALS}
+
+
 class TemporaryApiServer:
     """Prefect's temporary API server (SQLite in ``PREFECT_HOME``), UI off."""
 
@@ -97,7 +115,7 @@ class TemporaryApiServer:
     def _spawn(self) -> None:
         self.port = _free_port()
         env = dict(
-            os.environ,
+            server_environment(),
             PREFECT_UI_ENABLED="0",
             PREFECT__SERVER_EPHEMERAL="1",
             PREFECT__SERVER_FINAL="1",
