@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import logging
 import os
 import re
 import signal
@@ -240,6 +241,11 @@ class Warmup:
     def exit(self, code: int) -> NoReturn:
         """Ship the run's last logs and events, stop the server, exit with ``code``."""
         validation.SuitesProcess.discard_prestarted()
+        # A run that ends with events still queued (interrupted, or failed under load)
+        # drains them with "Still processing items: N items remaining...", printed
+        # after the run's own last line ("ingest interrupted"), which must stay last.
+        for drain in ("EventsWorker", "APILogWorker"):
+            logging.getLogger(drain).setLevel(logging.ERROR)
         atexit._run_exitfuncs()  # Prefect's queue drains and logging.shutdown
         if self.server is not None:
             self.server.stop()
