@@ -311,6 +311,7 @@ def test_money_is_consistent(default_run: Path) -> None:
     fee = numbers(subs["monthly_fee"])
     paid = numbers(subs["total_paid"])
     assert np.allclose(np.rint(fee * 100) % 5, 0)  # prices move in steps of 0.05
+    assert np.allclose(np.rint(paid * 100) % 5, 0)  # and so do the lab's totals
     assert np.all(paid[tenure == 0] == 0)
     assert np.all(paid[tenure == 1] == fee[tenure == 1])
     ratio = paid[tenure > 1] / (fee[tenure > 1] * tenure[tenure > 1])

@@ -463,7 +463,8 @@ def _profile(seed: int, index: np.ndarray) -> _Profile:
     spread = TOTAL_PAID_SPREAD / np.sqrt(np.maximum(tenure, 1))
     ratio = np.maximum(1.0 + spread * d.normal("total_paid"), 0.5)
     ratio = np.where(tenure <= 1, 1.0, ratio)
-    paid_cents = np.rint(fee_cents * tenure * ratio).astype(np.int64)
+    # In steps of 0.05, like every lab total (they add up prices that move in 0.05).
+    paid_cents = np.rint(fee_cents * tenure * ratio / 5).astype(np.int64) * 5
 
     signup_offset = np.minimum(tenure, (SIGNUP_ANCHOR - SIGNUP_FLOOR).days)
     dates = np.array(
