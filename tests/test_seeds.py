@@ -437,6 +437,40 @@ def test_churn_follows_contract_and_tenure(default_run: Path) -> None:
     assert np.corrcoef(fee, watch)[0, 1] > 0.5
 
 
+def _later_month_signals(root: Path) -> dict[str, float]:
+    """Month 1's churn by that month's events, as the lab export shows them."""
+    m0, m1 = root / "month_000", root / "month_001"
+    churn = np.array(read(m1, "labels")["churn_label"]) == "True"
+
+    def grew(table: str, column: str) -> np.ndarray:
+        return numbers(read(m1, table)[column]) > numbers(read(m0, table)[column])
+
+    paid_late = grew("payments_agg_90d", "failed_payments_90d")
+    complained = grew("support_agg_90d", "support_tickets_90d")
+    watch = numbers(read(m1, "usage_agg_30d")["watch_hours_30d"])
+    low_watch = watch < np.median(watch)
+    return {
+        "new failed payment": churn[paid_late].mean() - churn[~paid_late].mean(),
+        "new ticket": churn[complained].mean() - churn[~complained].mean(),
+        "below median watch hours": churn[low_watch].mean() - churn[~low_watch].mean(),
+    }
+
+
+def test_later_churn_follows_the_months_events(default_run: Path) -> None:
+    """In the lab's month 1 a new failed payment or ticket makes churn 40% against 24%,
+    and the users who watch less leave more; the profile hardly matters any more."""
+    signals = _later_month_signals(default_run)
+    assert signals["new failed payment"] > 0.10
+    assert signals["new ticket"] > 0.10
+    assert signals["below median watch hours"] > 0.03
+
+
+def test_later_churn_signals_close_to_lab(default_run: Path, lab: Path) -> None:
+    ours, theirs = _later_month_signals(default_run), _later_month_signals(lab)
+    for name, lab_gap in theirs.items():
+        assert abs(ours[name] - lab_gap) < 0.06, (name, ours[name], lab_gap)
+
+
 # --- interface --------------------------------------------------------------
 
 
