@@ -148,6 +148,23 @@ def test_passwords_reach_their_roles_but_never_a_command_line(cluster, tmp_path)
     assert _scram_matches(secrets["streamflow_app"], "pw-I-42")
 
 
+def test_only_the_pipelines_roles_connect_to_its_database(cluster):
+    """PostgreSQL lets PUBLIC connect to a new database (and make temporary tables):
+    Prefect's login could open sessions in the pipeline's."""
+    assert run_init(cluster).returncode == 0
+    with psycopg.connect(login_url(cluster, cluster["user"], "postgres"), autocommit=True) as c:
+        c.execute("CREATE ROLE feature_store LOGIN IN ROLE streamflow_reader")
+        c.execute("CREATE ROLE someone_else LOGIN")
+    for login in ("streamflow_app", "feature_store"):
+        with psycopg.connect(login_url(cluster, login)) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == (login,)
+    for login in ("prefect", "someone_else"):
+        with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+            psycopg.connect(login_url(cluster, login))
+    with psycopg.connect(login_url(cluster, "prefect", "prefect")) as conn:  # its own
+        assert conn.execute("SELECT current_database()").fetchone() == ("prefect",)
+
+
 def test_an_ingest_login_named_like_the_prefect_role_stops_the_init(cluster):
     """002 kept the existing role (WHERE NOT EXISTS) and said all was well: the runner's
     password was then refused, and Prefect's role held the pipeline's privileges."""

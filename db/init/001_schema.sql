@@ -366,6 +366,23 @@ BEGIN
 END
 $$;
 
+-- Only the two groups connect (besides the database's owner and superusers):
+-- PostgreSQL lets PUBLIC connect and create temporary tables in a new database, so
+-- Prefect's login or any other could open sessions here. Only the owner may change
+-- that: a login applying this file to an older database without being the owner
+-- (db.ensure_schema) leaves it as it was.
+DO $$
+BEGIN
+    IF pg_has_role(current_user, (SELECT datdba FROM pg_database
+                                  WHERE datname = current_database()), 'MEMBER') THEN
+        EXECUTE format('REVOKE ALL ON DATABASE %I FROM PUBLIC', current_database());
+        EXECUTE format('GRANT CONNECT, TEMPORARY ON DATABASE %I TO streamflow_ingest',
+                       current_database());
+        EXECUTE format('GRANT CONNECT ON DATABASE %I TO streamflow_reader', current_database());
+    END IF;
+END
+$$;
+
 REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 GRANT USAGE ON SCHEMA public, staging TO streamflow_ingest;
 GRANT SELECT, INSERT, UPDATE ON
