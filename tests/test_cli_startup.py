@@ -643,6 +643,9 @@ def test_ctrl_c_mid_run_stops_the_run_and_its_server_at_once(db_url, bigger_mont
     assert time.monotonic() - sent < 20
     assert _gone_within(servers, 10)
     assert scalar(db_url, "SELECT count(*) FROM ingest_months") == 0
+    assert scalar(db_url, "SELECT error FROM ingest_runs ORDER BY run_id DESC LIMIT 1") == (
+        "interrupted (Ctrl-C or SIGINT); nothing was published"
+    )
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])

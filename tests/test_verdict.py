@@ -68,3 +68,17 @@ def test_waiting_for_the_history_build_keeps_asking():
     with pytest.raises(Rejected):
         _built_history(never, keep_going)
     assert asked.is_set()
+
+
+def test_deciding_accepts_a_block_that_ends_and_rejects_one_that_raises():
+    accepted = Verdict()
+    with accepted.deciding():
+        pass
+    assert accepted.wait(every=0.01) is True
+
+    waited: list[str] = []
+    refused = Verdict()
+    with pytest.raises(KeyboardInterrupt), refused.deciding(then=lambda: waited.append("yes")):
+        raise KeyboardInterrupt  # an interrupt during validation refuses the month too
+    assert refused.rejected and waited == ["yes"]
+    assert refused.wait(every=0.01) is False

@@ -16,9 +16,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -77,7 +75,7 @@ from streamflow.inputs import (  # noqa: E402
 )
 from streamflow.ledger import Mode  # noqa: E402
 from streamflow.registry import BY_NAME  # noqa: E402
-from streamflow.reporting import RunSummary, publish_artifacts  # noqa: E402
+from streamflow.reporting import RunSummary, Stopwatch, publish_artifacts  # noqa: E402
 from streamflow.served import DEPLOYMENT_NAME, FLOW_NAME  # noqa: E402
 from streamflow.settings import load_settings  # noqa: E402
 from streamflow.verdict import Verdict  # noqa: E402
@@ -246,55 +244,28 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
             db.ensure_schema(control)
             ledger.abandon_stale_runs(control)
         prints, fingerprint = ledger.fingerprint_month(control, as_of_date, files, summary.timings)
-        try:
-            mode, summary.replacing = ledger.decide_mode(
-                control, as_of_date, prints, replace=replace, allow_gap=allow_gap
-            )
-        except MonthConflict as exc:  # a refusal is a decision: the ledger keeps it too
-            ledger.record_refusal(
-                control,
-                as_of=as_of_date,
-                seed_dir=seed_dir,
-                fingerprint=fingerprint,
-                files=prints,
-                timings=summary.timings,
-                error=str(exc),
-            )
-            raise
-        summary.mode = mode.value
-        summary.run_id = ledger.start_run(
-            control,
-            as_of=as_of_date,
-            seed_dir=seed_dir,
-            status="noop" if mode is Mode.NOOP else "running",
-            mode=mode.value + (" (replace)" if summary.replacing else ""),
-            fingerprint=fingerprint,
-            files=prints,
-        )
+        mode = _open_run(control, summary, as_of_date, prints, fingerprint, replace, allow_gap)
         if mode is Mode.NOOP:
-            summary.status = "noop"
             ledger.finish_run(control, summary.run_id, status="noop", timings=summary.timings)
         else:
             # GX has imported and built its suites meanwhile (or does it while the
             # month is being staged); it adds the staging tables during the COPYs.
             suites = validation.SuitesProcess.take(url, settings.gx_docs_dir)
             suites.connect()
-            verdict = None
+            verdict = Verdict()
             try:
                 with clock("upsert_csv"):
                     # Two COPY streams at once: one per core of a small machine.
                     hashed = {p.table: p.as_json() for p in prints}
-                    futures = [
+                    staging = [
                         upsert_csv.submit(url, t, str(p), hashed[t], lock_holder)
                         for t, p in files.items()
                     ]
-                    for future in futures:
-                        staged = future.result()
+                    for staged in (future.result() for future in staging):
                         summary.rows_read[staged.table] = staged.rows
                 # Publishing and validation side by side; the verdict decides the commit.
                 # The ledger's timings stay additive: snapshot_month is what publishing
                 # adds after validation ends (its own work is logged by the task).
-                verdict = Verdict()
                 published = snapshot_month.submit(
                     url,
                     as_of_date,
@@ -304,55 +275,22 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                     verdict=verdict,
                     lock_holder=lock_holder,
                 )
-                try:
-                    with clock("validate_with_ge"):
-                        summary.suites = validate_with_ge(suites, files, as_of_date)
-                        summary.data_docs = str(settings.gx_docs_dir / "index.html")
-                except BaseException:
-                    verdict.reject()
-                    published.wait()
-                    raise
-                verdict.accept()
+                with verdict.deciding(then=published.wait), clock("validate_with_ge"):
+                    summary.suites = validate_with_ge(suites, files, as_of_date)
+                    summary.data_docs = str(settings.gx_docs_dir / "index.html")
                 with clock("snapshot_month"):
                     summary.tables = published.result()
                 summary.status = "succeeded"
             except BaseException as exc:
-                if verdict is not None:  # an interrupt: a month not yet accepted is refused
-                    verdict.reject()
-                summary.status = "failed"
-                summary.error = str(exc) if isinstance(exc, IngestError) else repr(exc)
-                # The same one line the CLI prints, for runs started from the UI.
-                get_run_logger().error("ingest failed: %s", summary.error)
-                failures = getattr(exc, "failures", None)
-                # (The next run marks it abandoned if the control connection broke.)
-                _finish_run(
-                    control,
-                    summary.run_id,
-                    status="failed",
-                    validation=failures,
-                    timings=summary.timings,
-                    error=summary.error,
-                )
-                publish_artifacts(summary)
+                verdict.reject()  # an interrupt while staging: nothing may be published
+                _record_failure(control, summary, exc)
                 raise
             finally:
                 # The child builds the Data Docs after its verdict, alongside the commit.
                 docs_error = suites.finish()
                 if docs_error:
                     get_run_logger().warning("GX Data Docs not built: %s", docs_error)
-            # The commit marked the run succeeded: a connection lost now loses only the
-            # timings and expectation counts.
-            _finish_run(
-                control,
-                summary.run_id,
-                status="succeeded",
-                table_stats=[t.as_dict() for t in summary.tables],
-                validation=[
-                    {"table": s.table, "passed": s.passed, "failed": s.failed}
-                    for s in summary.suites
-                ],
-                timings=summary.timings,
-            )
+            _record_success(control, summary)
     publish_artifacts(summary)
     get_run_logger().info(summary.one_line())
     return {
@@ -364,19 +302,82 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
     }
 
 
-class Stopwatch:
-    """``with clock("step"):`` adds the step's wall time to a timings dict (nestable)."""
+def _open_run(
+    control: psycopg.Connection,
+    summary: RunSummary,
+    as_of: date,
+    prints: list[ledger.FileFingerprint],
+    fingerprint: str,
+    replace: bool,
+    allow_gap: bool,
+) -> Mode:
+    """Decide what the month is (new, backfill, replacement, no-op) and start its run in
+    the ledger. A refusal is a decision too: the ledger keeps it, then it is raised."""
+    try:
+        mode, summary.replacing = ledger.decide_mode(
+            control, as_of, prints, replace=replace, allow_gap=allow_gap
+        )
+    except MonthConflict as exc:
+        ledger.record_refusal(
+            control,
+            as_of=as_of,
+            seed_dir=summary.seed_dir,
+            fingerprint=fingerprint,
+            files=prints,
+            timings=summary.timings,
+            error=str(exc),
+        )
+        raise
+    summary.mode = mode.value
+    summary.status = "noop" if mode is Mode.NOOP else "running"
+    summary.run_id = ledger.start_run(
+        control,
+        as_of=as_of,
+        seed_dir=summary.seed_dir,
+        status=summary.status,
+        mode=mode.value + (" (replace)" if summary.replacing else ""),
+        fingerprint=fingerprint,
+        files=prints,
+    )
+    return mode
 
-    def __init__(self, timings: dict[str, float]) -> None:
-        self.timings = timings
 
-    @contextmanager
-    def __call__(self, step: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[step] = round(time.perf_counter() - start, 3)
+def _record_failure(control: psycopg.Connection, summary: RunSummary, exc: BaseException) -> None:
+    """The failed run in the ledger, in the run's logs and in its artifact."""
+    summary.status = "failed"
+    if isinstance(exc, IngestError):
+        summary.error = str(exc)
+    elif isinstance(exc, KeyboardInterrupt):  # the CLI's own words, not KeyboardInterrupt()
+        summary.error = "interrupted (Ctrl-C or SIGINT); nothing was published"
+    else:
+        summary.error = repr(exc)
+    # The same one line the CLI prints, for runs started from the UI.
+    get_run_logger().error("ingest failed: %s", summary.error)
+    # (The next run marks it abandoned if the control connection broke.)
+    _finish_run(
+        control,
+        summary.run_id,
+        status="failed",
+        validation=getattr(exc, "failures", None),
+        timings=summary.timings,
+        error=summary.error,
+    )
+    publish_artifacts(summary)
+
+
+def _record_success(control: psycopg.Connection, summary: RunSummary) -> None:
+    """The run's counts and timings in the ledger. The commit already marked it
+    succeeded: a connection lost now loses only these."""
+    _finish_run(
+        control,
+        summary.run_id,
+        status="succeeded",
+        table_stats=[t.as_dict() for t in summary.tables],
+        validation=[
+            {"table": s.table, "passed": s.passed, "failed": s.failed} for s in summary.suites
+        ],
+        timings=summary.timings,
+    )
 
 
 _RUN_FLAGS = ("--seed-dir", "--as-of", "--replace", "--allow-gap")

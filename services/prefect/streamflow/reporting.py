@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .errors import one_line as escaped
@@ -112,6 +115,21 @@ class RunSummary:
             lines += ["", "## Timings (s)", "", "| step | seconds |", "|---|---|"]
             lines += [f"| {k} | {v:.3f} |" for k, v in self.timings.items()]
         return "\n".join(lines)
+
+
+class Stopwatch:
+    """``with clock("step"):`` adds the step's wall time to a timings dict (nestable)."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+
+    @contextmanager
+    def __call__(self, step: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[step] = round(time.perf_counter() - start, 3)
 
 
 # Text from outside (a folder's name, an error quoting a file's cell) must stay code in

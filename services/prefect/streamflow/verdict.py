@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 
 
 class Rejected(Exception):
@@ -49,6 +49,19 @@ class Verdict:
             # itself; the refusal must not fail for it.
             with suppress(Exception):
                 hook()
+
+    @contextmanager
+    def deciding(self, then: Callable[[], object] = lambda: None) -> Iterator[None]:
+        """Accept the month if the block ends normally; on any exception (a failed
+        expectation, an interrupt) reject it, let ``then`` wait for the publisher to
+        stop, and re-raise."""
+        try:
+            yield
+        except BaseException:
+            self.reject()
+            then()
+            raise
+        self.accept()
 
     def on_reject(self, hook: Callable[[], None]) -> None:
         """``hook`` runs on reject: the publisher cancels its statement in progress
