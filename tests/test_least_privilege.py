@@ -183,6 +183,7 @@ IDENTIFIER_SOURCES = {
     "pass (checked below)",
     "e.table": "ExpectationOutcome.table = spec.name of the suite's TableSpec",
     "e.column": "ExpectationOutcome.column = the column of an expectation built from the registry",
+    "table": "db.staged: each of the table names its callers pass (checked below)",
 }
 IDENT_LIST_NAMES = {
     "spec.column_names",
@@ -231,6 +232,10 @@ def test_identifiers_come_from_the_registry():
                 expr = ast.unparse(arg)
                 assert expr in IDENTIFIER_SOURCES, f"{file}:{call.lineno}: Identifier({expr})"
                 seen.add(expr)
+        for call in _calls(tree, "staged"):
+            table = ast.unparse(call.args[0])
+            assert table in IDENTIFIER_SOURCES, f"{file}:{call.lineno}: staged({table})"
+            assert table != "table", f"{file}:{call.lineno}"
         for call in _calls(tree, "ident_list"):
             names = ast.unparse(call.args[0])
             assert names in IDENT_LIST_NAMES, f"{file}:{call.lineno}: ident_list({names})"

@@ -103,6 +103,3 @@ INSERT INTO {history} (user_id, as_of, {columns})
 SELECT s.user_id, %(as_of)s, {staged_values} FROM {staged} AS s
 WHERE NOT EXISTS (SELECT 1 FROM {history} AS h WHERE h.as_of = %(as_of)s AND h.user_id = s.user_id)
 ORDER BY s.user_id;
-
--- name: staged_rows
-SELECT count(*) FROM {staged};

@@ -10,3 +10,6 @@ TRUNCATE {staged};
 -- a quoted empty field ("") NULL like an unquoted one, as writers that quote every
 -- field (csv.QUOTE_ALL, pandas, spreadsheets) spell a missing value that way.
 COPY {staged} ({columns}) FROM STDIN WITH (FORMAT csv, FORCE_NULL ({columns}));
+
+-- name: staged_rows
+SELECT count(*) FROM {staged};

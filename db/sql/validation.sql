@@ -78,3 +78,11 @@ WHERE b.user_id ~ E'[\\x01-\\x20\\x7f-\\xa0\\u00ad\\u034f\\u0600-\\u0605\\u061c\
    OR b.user_id IN ('#N/A', '#N/A N/A', '#NA', '-1.#IND', '-1.#QNAN', '-NaN', '-nan',
                     '1.#IND', '1.#QNAN', '<NA>', 'N/A', 'NA', 'NULL', 'NaN', 'None', 'n/a',
                     'nan', 'null')
+
+-- name: first_examples
+-- A failed check's query, cut to the few rows an error message shows.
+SELECT * FROM ({rows}) AS r LIMIT 5
+
+-- name: count_rows
+-- A failed check's query, counted when GX did not count it.
+SELECT count(*) FROM ({rows}) AS r

@@ -116,6 +116,11 @@ def query(file: str, name: str, **identifiers: sql.Composable) -> sql.Composed:
     return sql.SQL(queries(file)[name]).format(**identifiers)  # type: ignore[arg-type]
 
 
+def staged(table: str) -> sql.Identifier:
+    """``staging.<table>``: where a registry table's month waits for its verdict."""
+    return sql.Identifier("staging", table)
+
+
 def ident_list(names: Sequence[str], prefix: str | None = None) -> sql.Composed:
     """``a, b`` or ``prefix.a, prefix.b``: names come from the table registry only."""
     if prefix is None:
@@ -151,10 +156,7 @@ def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
 
 
 def schema_present(conn: psycopg.Connection) -> bool:
-    row = conn.execute(
-        "SELECT to_regclass('public.users') IS NOT NULL"
-        " AND to_regclass('public.ingest_runs') IS NOT NULL"
-    ).fetchone()
+    row = conn.execute(queries("control")["schema_present"]).fetchone()  # type: ignore[arg-type]
     return bool(row and row[0])
 
 
@@ -176,7 +178,10 @@ NEWEST_OBJECT = "streamflow_staged_month_partition(text, date, text)"
 def ensure_schema(conn: psycopg.Connection, sql_dir: Path = SQL_DIR) -> list[str]:
     """Apply the init SQL on an empty or older database; leave a current one alone."""
     if schema_present(conn):
-        row = conn.execute("SELECT to_regprocedure(%s) IS NOT NULL", (NEWEST_OBJECT,)).fetchone()
+        row = conn.execute(
+            queries("control")["has_procedure"],  # type: ignore[arg-type]
+            {"signature": NEWEST_OBJECT},
+        ).fetchone()
         conn.rollback()
         if row and row[0]:
             return []
@@ -197,13 +202,11 @@ def ensure_schema(conn: psycopg.Connection, sql_dir: Path = SQL_DIR) -> list[str
 def writer_lock(conn: psycopg.Connection, wait_seconds: float) -> Iterator[None]:
     """Hold the pipeline's session advisory lock; wait up to ``wait_seconds`` for it."""
     deadline = time.monotonic() + wait_seconds
-    while not conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0]:
+    q = queries("control")
+    key = {"key": LOCK_KEY}
+    while not conn.execute(q["try_writer_lock"], key).fetchone()[0]:  # type: ignore[arg-type]
         if time.monotonic() >= deadline:
-            holder = conn.execute(
-                "SELECT pid, now() - backend_start FROM pg_locks JOIN pg_stat_activity USING (pid) "
-                "WHERE locktype = 'advisory' AND objid = %s AND granted",
-                (LOCK_KEY,),
-            ).fetchone()
+            holder = conn.execute(q["writer_lock_holder"], key).fetchone()  # type: ignore[arg-type]
             who = f" (held by backend pid {holder[0]})" if holder else ""
             raise LockTimeout(
                 f"another ingestion is running{who}; waited {wait_seconds:g}s for it "
@@ -216,7 +219,7 @@ def writer_lock(conn: psycopg.Connection, wait_seconds: float) -> Iterator[None]
         # A connection that broke took its lock with it; its error is not the run's.
         with suppress(psycopg.Error):
             if not conn.closed:
-                conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+                conn.execute(q["unlock_writer_lock"], key)  # type: ignore[arg-type]
 
 
 def check_writer_lock(conn: psycopg.Connection, holder_pid: int | None) -> None:
@@ -228,9 +231,8 @@ def check_writer_lock(conn: psycopg.Connection, holder_pid: int | None) -> None:
     if holder_pid is None:
         return
     held = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
-        "AND pid = %s AND objid = %s)",
-        (holder_pid, LOCK_KEY),
+        queries("control")["holds_writer_lock"],  # type: ignore[arg-type]
+        {"holder": holder_pid, "key": LOCK_KEY},
     ).fetchone()
     if not (held and held[0]):
         raise LockLost(

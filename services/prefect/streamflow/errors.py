@@ -24,8 +24,6 @@ def one_line(text: str) -> str:
 class IngestError(Exception):
     """A failure the operator can act on; ``str(err)`` is one line, printed as is."""
 
-    retryable = False
-
     def __init__(self, message: str = "", *args: object) -> None:
         super().__init__(one_line(message), *args)
 

@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import psycopg
-from psycopg import sql
 
-from .db import check_writer_lock, ident_list, query
+from .db import check_writer_lock, ident_list, query, staged
 from .errors import InputError, clipped, clipped_quotes, unreadable
 from .ledger import is_hashed_file
 from .registry import KEY, TableSpec
@@ -134,14 +133,14 @@ def stage_file(
     commit (``db.check_writer_lock``).
     """
     header, offset = read_header(spec, path)
-    staged = sql.Identifier("staging", spec.name)
+    staged_table = staged(spec.name)
     # The column list is the registry's names in the file's order: header text is
     # only ever compared with registry names, never spliced into SQL.
     columns = [spec.column(name).name for name in header]
     try:
         with conn.cursor() as cur:
-            cur.execute(query("staging", "truncate", staged=staged))
-            copy = query("staging", "copy_csv", staged=staged, columns=ident_list(columns))
+            cur.execute(query("staging", "truncate", staged=staged_table))
+            copy = query("staging", "copy_csv", staged=staged_table, columns=ident_list(columns))
             with path.open("rb") as f, cur.copy(copy) as cp:
                 left = _data_end(f, offset) - offset
                 f.seek(offset)

@@ -16,7 +16,7 @@ from datetime import date
 import psycopg
 from psycopg import sql
 
-from .db import check_writer_lock, ident_list, queries, query
+from .db import check_writer_lock, ident_list, queries, query, staged
 from .registry import PARENT, TABLES, TableSpec
 
 
@@ -39,7 +39,7 @@ class TableStats:
 
 
 def _staged(spec: TableSpec) -> sql.Identifier:
-    return sql.Identifier("staging", spec.name)
+    return staged(spec.name)
 
 
 def upsert_live(
@@ -192,7 +192,7 @@ def publish_month(
         cur.execute(queries("publish")["session"])  # type: ignore[arg-type]
         for spec in TABLES:
             keep_going()
-            cur.execute(query("publish", "staged_rows", staged=_staged(spec)))
+            cur.execute(query("staging", "staged_rows", staged=_staged(spec)))
             s = TableStats(spec.name, read=cur.fetchone()[0], snapshot_table=spec.snapshot_table)
             if newest:
                 s.inserted, s.updated, live_rows = upsert_live(cur, spec)

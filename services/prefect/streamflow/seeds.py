@@ -67,7 +67,6 @@ HEADERS: dict[str, tuple[str, ...]] = {
     "labels": ("user_id", "churn_label"),
 }
 FILES: tuple[str, ...] = tuple(f"{name}.csv" for name in HEADERS)
-_STATIC_TABLES = ("users", "subscriptions")
 
 # ---------------------------------------------------------------------------
 # Calibration. Every number below was measured on the lab's month_000/month_001

@@ -20,12 +20,17 @@ from datetime import date
 from decimal import Decimal
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from psycopg import sql
 
 from . import db
-from .db import queries, session_options
+from .db import queries, query, session_options
 from .errors import IngestError, ValidationFailed, clipped, clipped_quotes
 from .registry import BY_NAME, EARLIEST_DATE, KEY, KEY_MAX_LENGTH, PARENT, TABLES, TableSpec
+
+if TYPE_CHECKING:
+    import psycopg
 
 
 @dataclass
@@ -278,8 +283,6 @@ def counted_rows_expectation() -> type:
 
 def empty_columns_query(columns: list[str]) -> str:
     """db/sql/validation.sql 'empty_columns' for these registry columns, ``{batch}`` left."""
-    from psycopg import sql
-
     filled = sql.SQL(", ").join(
         sql.SQL("({name}, EXISTS (SELECT 1 FROM {{batch}} WHERE {c} IS NOT NULL))").format(
             name=sql.Literal(c), c=sql.Identifier(c)
@@ -298,10 +301,8 @@ def rows_query(name: str, column: str | None = None) -> str:
     text = queries("validation")[name]
     if column is None:
         return text
-    from psycopg import sql
-
-    query = sql.SQL(text).format(batch=sql.SQL("{batch}"), column=sql.Identifier(column))
-    return query.as_string()
+    filled = sql.SQL(text).format(batch=sql.SQL("{batch}"), column=sql.Identifier(column))
+    return filled.as_string()
 
 
 # GX's unique and cross-table checks are hash aggregates and anti-joins over the
@@ -428,11 +429,9 @@ class Suites:
             self.context.build_data_docs(site_names=["streamflow"])
 
 
-def _staged_rows(conn, spec: TableSpec) -> int:  # conn: a psycopg connection
-    from psycopg import sql
-
-    count = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier("staging", spec.name))
-    return conn.execute(count).fetchone()[0]
+def _staged_rows(conn: psycopg.Connection, spec: TableSpec) -> int:
+    rows = query("staging", "staged_rows", staged=db.staged(spec.name))
+    return conn.execute(rows).fetchone()[0]
 
 
 def prepare_suites(
@@ -462,8 +461,6 @@ _ROW_CHECKS = {
 
 def _add_row_examples(database_url: str, outcomes: list[SuiteOutcome], as_of: date) -> None:
     """GX's SUMMARY format counts unexpected rows without showing any: fetch a few."""
-    from psycopg import sql
-
     failed = [
         e
         for s in outcomes
@@ -474,7 +471,7 @@ def _add_row_examples(database_url: str, outcomes: list[SuiteOutcome], as_of: da
         return
     with db.connect(database_url) as conn:  # dates quoted in ISO, whatever the server's
         for e in failed:
-            ids: dict[str, sql.Composable] = {"batch": sql.Identifier("staging", e.table)}
+            ids: dict[str, sql.Composable] = {"batch": db.staged(e.table)}
             text = e.rows_query
             if not text:
                 text = queries("validation")[_ROW_CHECKS[e.expectation]]
@@ -486,13 +483,14 @@ def _add_row_examples(database_url: str, outcomes: list[SuiteOutcome], as_of: da
             elif e.expectation == "date_range":
                 params = {"earliest": EARLIEST_DATE, "as_of": as_of}
                 e.detail = as_of.isoformat()
-            rows = conn.execute(sql.SQL(text + " LIMIT 5").format(**ids), params).fetchall()
+            rows_q = sql.SQL(text).format(**ids)
+            first = query("validation", "first_examples", rows=rows_q)
+            rows = conn.execute(first, params).fetchall()
             # GX did not count these rows, or raised on a value Python cannot hold (a
             # -infinity date): the SQL check counts them, and its rows explain the failure.
             if e.expectation in ("unique", "missing_users") or (e.error and rows):
                 e.error = ""
-                rows_q = sql.SQL(text).format(**ids)
-                count = sql.SQL("SELECT count(*) FROM ({}) AS d").format(rows_q)
+                count = query("validation", "count_rows", rows=rows_q)
                 e.unexpected_count = conn.execute(count, params).fetchone()[0]
             e.example_user_ids = [row[0] for row in rows]
             # Dates come as text (see outside_dates) and are shown bare, like numbers;

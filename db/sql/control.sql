@@ -1,0 +1,29 @@
+-- The run's control connection: is the schema there, and the pipeline's writer lock
+-- (a session advisory lock: it ends with the session that holds it, however it ends).
+
+-- name: schema_present
+SELECT to_regclass('public.users') IS NOT NULL
+   AND to_regclass('public.ingest_runs') IS NOT NULL;
+
+-- name: has_procedure
+-- The newest object of db/init, by signature: a database without it is older.
+SELECT to_regprocedure(%(signature)s) IS NOT NULL;
+
+-- name: try_writer_lock
+SELECT pg_try_advisory_lock(%(key)s);
+
+-- name: writer_lock_holder
+-- Who holds it, and for how long, to name them when the wait is over.
+SELECT pid, now() - backend_start
+FROM pg_locks JOIN pg_stat_activity USING (pid)
+WHERE locktype = 'advisory' AND objid = %(key)s AND granted;
+
+-- name: unlock_writer_lock
+SELECT pg_advisory_unlock(%(key)s);
+
+-- name: holds_writer_lock
+-- Whether backend "holder" (a run's control connection) still holds the lock.
+SELECT EXISTS (
+  SELECT 1 FROM pg_locks
+  WHERE locktype = 'advisory' AND granted AND pid = %(holder)s AND objid = %(key)s
+);
