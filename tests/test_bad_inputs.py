@@ -777,7 +777,7 @@ def test_duplicate_lines_are_counted_as_an_editor_shows_them(tmp_path):
 def test_duplicate_lines_that_cannot_be_read_leave_the_failure_as_it_was(tmp_path):
     """key_lines failing (a field the csv module refuses, a file gone) must not turn a
     validation failure into another error: the message keeps the ids, without lines."""
-    from streamflow.validation import (
+    from streamflow.outcomes import (
         ExpectationOutcome,
         SuiteOutcome,
         describe_failure,

@@ -217,7 +217,7 @@ def test_a_run_that_loses_its_writer_lock_publishes_nothing(
     here its control backend is terminated while it stages (the COPY's commit checks)
     or validates (the publishing transaction checks, while waiting and before its
     COMMIT); nothing is published either way."""
-    from streamflow import loading, validation
+    from streamflow import loading, outcomes
 
     assert run_flow(db_url, months / "month_000", JAN)[0] == 0
     before = dump(db_url)
@@ -233,13 +233,13 @@ def test_a_run_that_loses_its_writer_lock_publishes_nothing(
 
         monkeypatch.setattr(loading, "stage_file", stage_then_cut)
     else:
-        real_check = validation.check
+        real_check = outcomes.check
 
-        def check_after_cut(outcomes):
+        def check_after_cut(found):
             end_writer_lock_holder(db_url)
-            return real_check(outcomes)
+            return real_check(found)
 
-        monkeypatch.setattr(validation, "check", check_after_cut)
+        monkeypatch.setattr(outcomes, "check", check_after_cut)
 
     rc, _, err = run_flow(db_url, months / "month_001", FEB)
 

@@ -25,6 +25,7 @@ import pytest
 from month_files import AS_OF, child_processes, read_rows, small_months, write_rows
 from streamflow import loading, validation
 from streamflow.db import queries
+from streamflow.outcomes import ExpectationOutcome, SuiteOutcome, describe_failure
 from streamflow.registry import PARENT, TABLES
 
 JAN = AS_OF["month_000"]
@@ -61,9 +62,9 @@ def _stage(url: str, month: Path) -> None:
 def test_a_passing_month_costs_one_query_per_sql_check(db_url, months, statements):
     _stage(db_url, months / "month_000")
 
-    outcomes, _ = validation.prepare_suites(db_url, None)(date.fromisoformat(JAN))
+    found, _ = validation.prepare_suites(db_url, None)(date.fromisoformat(JAN))
 
-    assert all(s.success for s in outcomes), outcomes
+    assert all(s.success for s in found), found
     orphan_marker = queries("validation")["orphans"].splitlines()[-1].strip()
     key_marker = queries("validation")["key_spelling"].splitlines()[-1].strip()
     # its last line around the column's name, which is filled in quoted
@@ -120,20 +121,20 @@ def test_validation_runs_without_loading_scipy_stats(db_url, months):
 
 def _failures(
     url: str, month: Path, *edits: str
-) -> tuple[list[validation.SuiteOutcome], dict[tuple[str, str], validation.ExpectationOutcome]]:
+) -> tuple[list[SuiteOutcome], dict[tuple[str, str], ExpectationOutcome]]:
     """Stage ``month``, run ``edits`` on staging, validate: the outcomes, and the failed
     expectations by (table, check)."""
     _stage(url, month)
     with psycopg.connect(url) as conn:
         for statement in edits:
             conn.execute(statement)  # type: ignore[arg-type]
-    outcomes, _ = validation.prepare_suites(url, None)(date.fromisoformat(JAN))
-    failed = [e for s in outcomes for e in s.expectations if not e.success]
-    return outcomes, {(e.table, e.expectation): e for e in failed}
+    found, _ = validation.prepare_suites(url, None)(date.fromisoformat(JAN))
+    failed = [e for s in found for e in s.expectations if not e.success]
+    return found, {(e.table, e.expectation): e for e in failed}
 
 
 def test_a_failing_table_still_gets_counts_and_examples(db_url, months, statements):
-    outcomes, failed = _failures(
+    found, failed = _failures(
         db_url,
         months / "month_000",
         "INSERT INTO staging.labels (user_id, churn_label) VALUES ('ghost', true)",
@@ -146,9 +147,9 @@ def test_a_failing_table_still_gets_counts_and_examples(db_url, months, statemen
     assert (orphans.unexpected_count, orphans.example_user_ids) == (1, ["ghost"])
     nan = failed["usage_agg_30d", "not_numbers"]
     assert (nan.unexpected_count, nan.column, nan.examples) == (1, "watch_hours_30d", ["NaN"])
-    passing = [s for s in outcomes if s.table not in ("labels", "usage_agg_30d")]
+    passing = [s for s in found if s.table not in ("labels", "usage_agg_30d")]
     assert passing and all(s.success for s in passing)
-    assert validation.describe_failure(orphans) == (
+    assert describe_failure(orphans) == (
         f"labels.csv, column user_id: 1 row(s) whose user_id is not in {PARENT.file_name}, "
         "e.g. ghost"
     )
@@ -183,7 +184,7 @@ def test_a_user_id_that_is_not_a_plain_code_is_named(db_url, months):
 
     found = failed["users", "key_spelling"]
     assert found.unexpected_count == len(bad)
-    message = validation.describe_failure(found)
+    message = describe_failure(found)
     assert message.startswith(
         f"users.csv, column user_id: {len(bad)} value(s) with a space, control or invisible "
         "character, or a word read as missing (NA, NULL, None, nan), e.g. "
@@ -210,7 +211,7 @@ def test_every_file_has_a_row_for_every_user_of_users_csv(db_url, months):
     users = sum(1 for _ in (months / "month_000" / "users.csv").open()) - 1
     missing = failed["payments_agg_90d", "missing_users"]
     assert (missing.unexpected_count, missing.example_user_ids) == (1, [gone])
-    assert validation.describe_failure(missing) == (
+    assert describe_failure(missing) == (
         f"payments_agg_90d.csv: {users - 1} row(s) for the {users} of users.csv; expected one "
         f"row per user, none for 1 user(s) of users.csv, e.g. {gone}"
     )

@@ -59,7 +59,7 @@ if __name__ == "__main__":
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
-from streamflow import db, errors, ledger, loading, publishing, validation  # noqa: E402
+from streamflow import db, errors, ledger, loading, outcomes, publishing, validation  # noqa: E402
 from streamflow.embedded import resolve_database_url  # noqa: E402
 from streamflow.errors import (  # noqa: E402
     IngestError,
@@ -123,17 +123,17 @@ def upsert_csv(
 @task(name="validate_with_ge", cache_policy=NO_CACHE)
 def validate_with_ge(
     suites: validation.SuitesProcess, files: dict[str, Path], as_of: date
-) -> list[validation.SuiteOutcome]:
+) -> list[outcomes.SuiteOutcome]:
     """Run the six GX suites inside PostgreSQL; raise ValidationFailed on any failure."""
-    outcomes, site = suites.run(as_of)
-    validation.locate_duplicates(outcomes, files)
+    found, site = suites.run(as_of)
+    outcomes.locate_duplicates(found, files)
     logger = get_run_logger()
-    for suite in outcomes:
+    for suite in found:
         logger.info("suite %s: %d passed, %d failed", suite.table, suite.passed, suite.failed)
     if site:
         logger.info("GX Data Docs: %s", site)
-    validation.check(outcomes)
-    return outcomes
+    outcomes.check(found)
+    return found
 
 
 @task(

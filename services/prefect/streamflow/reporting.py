@@ -9,8 +9,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .errors import one_line as escaped
+from .outcomes import SuiteOutcome
 from .publishing import TableStats
-from .validation import SuiteOutcome
 
 
 @dataclass

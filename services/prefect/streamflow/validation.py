@@ -15,93 +15,21 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from datetime import date
-from decimal import Decimal
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from psycopg import sql
 
 from . import db
 from .db import queries, query, session_options
-from .errors import IngestError, ValidationFailed, clipped, clipped_quotes
+from .errors import IngestError, clipped, clipped_quotes
+from .outcomes import ORPHANS, ExpectationOutcome, SuiteOutcome, shown
 from .registry import BY_NAME, EARLIEST_DATE, KEY, KEY_MAX_LENGTH, PARENT, TABLES, TableSpec
 
 if TYPE_CHECKING:
     import psycopg
-
-
-@dataclass
-class ExpectationOutcome:
-    table: str
-    expectation: str
-    column: str | None
-    success: bool
-    unexpected_count: int | None = None
-    examples: list[str] = field(default_factory=list)
-    """Values as written in a file: 'Lifetime' quoted, -2.5 or NaN bare."""
-    example_user_ids: list[Any] = field(default_factory=list)
-    example_lines: list[list[int]] = field(default_factory=list)
-    """For duplicated user_ids: the file lines of each example, in its order."""
-    detail: str = ""
-    error: str = ""
-    """GX could not evaluate the expectation (its exception's first line)."""
-    rows_query: str = ""
-    """A SQL check's own query (``{batch}`` left in), which finds its rows on failure."""
-
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d["example_user_ids"] = [_jsonable(v) for v in self.example_user_ids]
-        if not self.example_lines:  # only duplicates have them: keep the ledger's JSON short
-            del d["example_lines"]
-        if not self.error:
-            del d["error"]
-        del d["rows_query"]  # the registry rebuilds it; the ledger keeps what was found
-        return d
-
-
-@dataclass
-class SuiteOutcome:
-    table: str
-    passed: int
-    failed: int
-    expectations: list[ExpectationOutcome]
-
-    @property
-    def success(self) -> bool:
-        return self.failed == 0
-
-
-_SHOWN_CHARS = 40
-
-
-def _shown(value: Any) -> str:
-    """A value as written in a file (strings quoted), cut short."""
-    if isinstance(value, str):
-        return repr(clipped(value, _SHOWN_CHARS))
-    text = str(value)
-    if len(text) <= _SHOWN_CHARS:
-        return text
-    if isinstance(value, Decimal) and value.is_finite():
-        # PostgreSQL writes 1e400 out in 401 digits. Scientific notation from the digits
-        # themselves (normalize() would round to 28 of them): 1E+400, -9.99…E+44.
-        sign, digits, exponent = value.as_tuple()
-        kept = "".join(map(str, digits)).rstrip("0") or "0"
-        mantissa = kept[0] + (f".{kept[1 : _SHOWN_CHARS // 2]}" if len(kept) > 1 else "")
-        mantissa += "…" if len(kept) > _SHOWN_CHARS // 2 else ""
-        return f"{'-' if sign else ''}{mantissa}E{len(digits) + int(exponent) - 1:+d}"
-    return clipped(text, _SHOWN_CHARS)
-
-
-def _shown_id(value: Any) -> str:
-    """A user_id as is when it reads unambiguously, else quoted like other values: a
-    leading space, a newline or a zero-width character would not show, or worse."""
-    if isinstance(value, str) and value.isprintable() and len(value) <= _SHOWN_CHARS:
-        if not any(c.isspace() or c in "'\",`" for c in value):
-            return value
-    return _shown(value)
 
 
 def _gx_error(exception_info: dict | None) -> str:
@@ -119,10 +47,6 @@ def _gx_error(exception_info: dict | None) -> str:
             line = message.splitlines()[0] if message else "an exception"
             return clipped(clipped_quotes(line), 200)  # the reason follows a quoted value
     return ""
-
-
-def _jsonable(value: Any) -> Any:
-    return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
 
 
 def _import_gx():  # -> the great_expectations module
@@ -238,7 +162,7 @@ def build_suite(spec: TableSpec):  # -> gx.ExpectationSuite
             counted_rows_expectation()(
                 unexpected_rows_query=queries("validation")["orphans"],
                 description=f"every {KEY} exists in {PARENT.file_name}",
-                meta={"check": _ORPHANS},
+                meta={"check": ORPHANS},
             )
         )
         # Every user of users.csv has a row: user_id is unique here and known to
@@ -257,7 +181,6 @@ def build_suite(spec: TableSpec):  # -> gx.ExpectationSuite
 USERS_ROWS = "users_rows"
 AS_OF = "as_of"
 _COUNTED_ROWS = "expect_query_to_return_no_rows"  # counted_rows_expectation's GX type
-_ORPHANS = "orphans"  # the check's name, which check() looks for
 
 
 @cache
@@ -495,7 +418,7 @@ def _add_row_examples(database_url: str, outcomes: list[SuiteOutcome], as_of: da
             e.example_user_ids = [row[0] for row in rows]
             # Dates come as text (see outside_dates) and are shown bare, like numbers;
             # so are the column names of all_empty.
-            show = str if e.expectation in ("date_range", "all_empty") else _shown
+            show = str if e.expectation in ("date_range", "all_empty") else shown
             e.examples = [show(row[1]) for row in rows if len(row) > 1]
             if e.expectation == "missing_users" and e.unexpected_count == 0:
                 # The row count stands in for "no user missing"; the exact anti-join says
@@ -517,7 +440,7 @@ def _suite_outcome(spec: TableSpec, run) -> SuiteOutcome:
         res = r.result or {}
         kwargs = cfg.kwargs
         meta = cfg.meta or {}
-        examples = [_shown(v) for v in (res.get("partial_unexpected_list") or [])[:5]]
+        examples = [shown(v) for v in (res.get("partial_unexpected_list") or [])[:5]]
         ids = [
             row.get(KEY) if isinstance(row, dict) else row
             for row in (res.get("partial_unexpected_index_list") or [])[:5]
@@ -548,119 +471,6 @@ def _suite_outcome(spec: TableSpec, run) -> SuiteOutcome:
         )
     failed = sum(not i.success for i in items)
     return SuiteOutcome(spec.name, len(items) - failed, failed, items)
-
-
-def describe_failure(o: ExpectationOutcome) -> str:
-    """One clause a person can act on: file, column, what was expected, examples."""
-    spec = BY_NAME[o.table]
-    where = spec.file_name + (f", column {o.column}" if o.column else "")
-    n = o.unexpected_count
-    eg_values = ", ".join(dict.fromkeys(o.examples))  # each example once
-    eg_ids = ", ".join(_shown_id(v) for v in o.example_user_ids if v is not None)
-    rows = f" (user_id {eg_ids})" if eg_ids else ""
-    if o.error:
-        return f"{where}: {o.expectation} could not be evaluated: {o.error}"
-    match o.expectation:
-        case "expect_column_values_to_be_between":
-            what = f"{n} value(s) below 0, expected >= 0, e.g. {eg_values}{rows}"
-        case "expect_column_values_to_not_be_null":
-            what = f"{n} empty value(s); every row needs a {o.column}"
-        case "unique":
-            lines = o.example_lines or [[] for _ in o.example_user_ids]
-            copies = ", ".join(
-                f"{_shown_id(uid)} ({c} rows"
-                + (f": lines {', '.join(map(str, at))})" if at else ")")
-                for uid, c, at in zip(o.example_user_ids, o.examples, lines, strict=False)
-            )
-            what = f"{n} duplicated {o.column} value(s), e.g. {copies or eg_ids}"
-        case "not_numbers":
-            what = (
-                f"{n} value(s) that are not a finite number (NaN, Infinity, or beyond "
-                f"1.8e308, which no float holds), e.g. {eg_values}{rows}"
-            )
-        case "expect_column_values_to_be_in_set":
-            allowed = "/".join(spec.column(o.column).value_set or ())
-            what = f"{n} value(s) outside {allowed}, e.g. {eg_values}{rows}"
-        case "all_empty":
-            where = f"{spec.file_name}, column {', '.join(o.examples)}"
-            what = "empty in every row; a month's export that lost this column's values"
-        case "key_length":
-            what = (
-                f"{n} value(s) longer than {KEY_MAX_LENGTH} characters, e.g. {eg_values}; "
-                "a user_id is a short code"
-            )
-        case "key_spelling":
-            what = (
-                f"{n} value(s) with a space, control or invisible character, or a word read "
-                f"as missing (NA, NULL, None, nan), e.g. {eg_values}; a user_id is matched "
-                "exactly, so each would be another user, and pandas' read_csv reads those "
-                "words as no user_id at all"
-            )
-        case "date_range":
-            what = (
-                f"{n} date(s) before {EARLIEST_DATE} or after the month's as_of {o.detail}, "
-                f"e.g. {eg_values}{rows}; a month's files hold what was known on its as_of"
-            )
-        case "expect_table_row_count_to_be_between":
-            what = "no data rows; expected at least one"
-        case "orphans":
-            what = f"{n} row(s) whose user_id is not in {PARENT.file_name}, e.g. {eg_ids}"
-            where = f"{spec.file_name}, column {KEY}"
-        case "missing_users":
-            what = f"{o.detail}; expected one row per user"
-            if n:
-                what += f", none for {n} user(s) of {PARENT.file_name}, e.g. {eg_ids}"
-        case _:
-            what = f"{o.expectation} failed {o.detail}".strip()
-    return f"{where}: {what}"
-
-
-def locate_duplicates(outcomes: list[SuiteOutcome], files: dict[str, Path]) -> None:
-    """Add the file lines of each duplicated user_id shown as an example."""
-    from .loading import key_lines
-
-    for e in (e for s in outcomes for e in s.expectations):
-        if e.expectation == "unique" and not e.success and e.example_user_ids:
-            try:  # the lines are a help: nothing here may hide the failure itself
-                # examples hold each id's number of rows, from the duplicates query
-                pairs = zip(e.example_user_ids, e.examples, strict=True)
-                copies = {str(i): int(c) for i, c in pairs}
-                at = key_lines(BY_NAME[e.table], files[e.table], copies)
-            except Exception:
-                continue
-            e.example_lines = [at[i] if len(at[i]) == n else [] for i, n in copies.items()]
-
-
-_NO_ROWS = "expect_table_row_count_to_be_between"  # at least one row
-
-
-def check(outcomes: list[SuiteOutcome]) -> None:
-    failed = [e for s in outcomes for e in s.expectations if not e.success]
-    # A file with no rows fails its other checks too ("unique", "missing users"): they
-    # only repeat that, and would hide where the other broken files are. With no users
-    # in users.csv, every row of the five other files is an orphan: that repeats it too.
-    empty = {e.table for e in failed if e.expectation == _NO_ROWS}
-    failures = [
-        e
-        for e in failed
-        if e.expectation == _NO_ROWS
-        or not (e.table in empty or (PARENT.name in empty and e.expectation == _ORPHANS))
-    ]
-    # GX raises on values it cannot hold (1e400 as a float); the SQL check of the same
-    # column says what the value is, so that failure is the one to show.
-    explained = {(e.table, e.column) for e in failures if not e.error and e.column}
-    failures = [e for e in failures if not (e.error and (e.table, e.column) in explained)]
-    if failures:
-        first = describe_failure(failures[0])
-        # The line names one failure; say where the others are, so that a month with
-        # several broken files is not fixed one rerun at a time.
-        files = dict.fromkeys(BY_NAME[f.table].file_name for f in failures[1:])
-        more = (
-            f" (+{len(failures) - 1} more failed expectation(s), in {', '.join(files)})"
-            if len(failures) > 1
-            else ""
-        )
-        raise ValidationFailed(f"validation failed: {first}{more}", [f.as_dict() for f in failures])
 
 
 # ---------------------------------------------------------------------------
