@@ -550,6 +550,17 @@ CORPUS = [
         absent=("Hunter2Secret",),
     ),
     Bad(
+        "first_line_of_another_file_twice_the_same",
+        replace_line("users", 1, b"PGPASSWORD=Hunter2,PGPASSWORD=Hunter2"),
+        ["users.csv: the first line is not a users.csv header", "none of its 2 field(s)"],
+        absent=("Hunter2",),
+    ),
+    Bad(
+        "header_in_capitals",
+        edit("users", lambda rows: rows.__setitem__(0, [c.upper() for c in rows[0]])),
+        ["users.csv", "unexpected column 'USER_ID'", "missing column 'user_id'"],
+    ),
+    Bad(
         "header_crafted_as_sql",
         rename_column("users", "user_id", SQL_HEADER),
         ["users.csv", "unexpected column", SQL_HEADER, "missing column 'user_id'"],

@@ -9,6 +9,7 @@ The month is read once: the flow knows the files the CLI hashed by their stat.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -686,3 +687,17 @@ def test_ctrl_c_while_starting_is_one_line(db_url, months, tmp_path):
     assert "Traceback" not in err, err[-2000:]
     assert err.strip().splitlines()[-1] == "ingest interrupted"
     assert _gone_within(_live_servers(home), 10)
+
+
+def test_only_the_drains_progress_lines_are_dropped_at_exit():
+    """They came after the CLI's last line ("ingest interrupted"); a failure to ship
+    logs or events must still show."""
+
+    def record(message: str, level: int = logging.WARNING) -> logging.LogRecord:
+        return logging.LogRecord("EventsWorker", level, __file__, 1, message, None, None)
+
+    assert not warmup.drain_progress_dropped(
+        record("Still processing items: 18 items remaining...")
+    )
+    assert warmup.drain_progress_dropped(record("Failed to send 3 events", logging.ERROR))
+    assert warmup.drain_progress_dropped(record("Lost connection to the events server"))

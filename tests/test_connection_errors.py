@@ -109,7 +109,9 @@ def test_a_refused_login_is_neither_lost_nor_retried(empty_db_url):
     assert not login_refused(unreachable.value)
 
 
-@pytest.mark.parametrize("case", ["no such database", "no privileges", "read-only server"])
+@pytest.mark.parametrize(
+    "case", ["no such database", "no privileges", "no connect", "read-only server"]
+)
 def test_a_database_that_refuses_the_run_says_what_it_lacks(case, db_url, months, run_flow):
     """Configuration, not bugs: one line that says what the login or server lacks, not
     "could not be reached" nor "unexpected"."""
@@ -125,6 +127,17 @@ def test_a_database_that_refuses_the_run_says_what_it_lacks(case, db_url, months
             admin.execute("CREATE ROLE sf_no_privileges LOGIN")
         params["user"] = "sf_no_privileges"
         expected = ["PostgreSQL refused the work: permission denied", "streamflow_ingest role"]
+    elif case == "no connect":  # as db/init/001 leaves the stack's database
+        with psycopg.connect(db_url, autocommit=True) as admin:
+            admin.execute("DROP ROLE IF EXISTS sf_no_connect")
+            admin.execute("CREATE ROLE sf_no_connect LOGIN")
+            admin.execute(f'REVOKE CONNECT ON DATABASE "{params["dbname"]}" FROM PUBLIC')
+        params["user"] = "sf_no_connect"
+        expected = [
+            "the database refused the login",
+            "permission denied for database",
+            "GRANT streamflow_ingest TO it",
+        ]
     else:
         params["options"] = "-c default_transaction_read_only=on"
         expected = ["PostgreSQL refused the work", "read-only", "the server takes no writes"]

@@ -20,6 +20,7 @@ import pytest
 from conftest import REPO
 from month_files import AS_OF, small_months
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from streamflow import db as sfdb
 
 INIT_DIR = REPO / "db" / "init"
 
@@ -158,11 +159,22 @@ def test_only_the_pipelines_roles_connect_to_its_database(cluster):
     for login in ("streamflow_app", "feature_store"):
         with psycopg.connect(login_url(cluster, login)) as conn:
             assert conn.execute("SELECT current_user").fetchone() == (login,)
+            conn.execute("CREATE TEMP TABLE scratch (x int)")  # analysis space stays
     for login in ("prefect", "someone_else"):
         with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
             psycopg.connect(login_url(cluster, login))
     with psycopg.connect(login_url(cluster, "prefect", "prefect")) as conn:  # its own
         assert conn.execute("SELECT current_database()").fetchone() == ("prefect",)
+
+
+def test_the_maintenance_database_stays_open(cluster):
+    """The embedded server keeps the pipeline in the cluster's database "postgres",
+    which every client and tool expects to reach: 001 leaves its CONNECT alone."""
+    with psycopg.connect(login_url(cluster, cluster["user"], "postgres"), autocommit=True) as c:
+        sfdb.apply_init_sql(c)
+        c.execute("CREATE ROLE someone_else LOGIN")
+    with psycopg.connect(login_url(cluster, "someone_else", "postgres")) as conn:
+        assert conn.execute("SELECT current_database()").fetchone() == ("postgres",)
 
 
 def test_an_ingest_login_named_like_the_prefect_role_stops_the_init(cluster):

@@ -370,15 +370,16 @@ $$;
 -- PostgreSQL lets PUBLIC connect and create temporary tables in a new database, so
 -- Prefect's login or any other could open sessions here. Only the owner may change
 -- that: a login applying this file to an older database without being the owner
--- (db.ensure_schema) leaves it as it was.
+-- (db.ensure_schema) leaves it as it was. Not on the cluster's maintenance database
+-- (the embedded server's): every client and tool expects to reach that one.
 DO $$
 BEGIN
-    IF pg_has_role(current_user, (SELECT datdba FROM pg_database
-                                  WHERE datname = current_database()), 'MEMBER') THEN
+    IF current_database() <> 'postgres'
+       AND pg_has_role(current_user, (SELECT datdba FROM pg_database
+                                      WHERE datname = current_database()), 'MEMBER') THEN
         EXECUTE format('REVOKE ALL ON DATABASE %I FROM PUBLIC', current_database());
-        EXECUTE format('GRANT CONNECT, TEMPORARY ON DATABASE %I TO streamflow_ingest',
-                       current_database());
-        EXECUTE format('GRANT CONNECT ON DATABASE %I TO streamflow_reader', current_database());
+        EXECUTE format('GRANT CONNECT, TEMPORARY ON DATABASE %I '
+                       'TO streamflow_ingest, streamflow_reader', current_database());
     END IF;
 END
 $$;

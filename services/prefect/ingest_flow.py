@@ -56,8 +56,9 @@ if __name__ == "__main__":
 
     WARMUP = warm_up(sys.argv[1:])
 
-from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect import Task, flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.client.schemas.objects import State, TaskRun  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from streamflow import db, errors, ledger, loading, outcomes, publishing, validation  # noqa: E402
 from streamflow.embedded import resolve_database_url  # noqa: E402
@@ -86,7 +87,7 @@ for _run_logger in ("prefect.flow_runs", "prefect.task_runs"):
     logging.getLogger(_run_logger).addFilter(WithoutTraceback(explained=db.explain_failure))
 
 
-def _only_connection_errors(task, task_run, state) -> bool:
+def _only_connection_errors(task: Task, task_run: TaskRun, state: State) -> bool:
     """Retry a lost connection or a deadlock; never bad data or failed expectations."""
     try:
         state.result()
@@ -283,7 +284,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                 summary.status = "succeeded"
             except BaseException as exc:
                 verdict.reject()  # an interrupt while staging: nothing may be published
-                _record_failure(control, summary, exc)
+                _record_failure(control, summary, exc, accepted=not verdict.rejected)
                 raise
             finally:
                 # The child builds the Data Docs after its verdict, alongside the commit.
@@ -342,13 +343,23 @@ def _open_run(
     return mode
 
 
-def _record_failure(control: psycopg.Connection, summary: RunSummary, exc: BaseException) -> None:
-    """The failed run in the ledger, in the run's logs and in its artifact."""
+def _record_failure(
+    control: psycopg.Connection, summary: RunSummary, exc: BaseException, accepted: bool
+) -> None:
+    """The failed run in the ledger, in the run's logs and in its artifact.
+
+    ``accepted``: the month had passed validation, and its commit may be under way (a
+    commit marks the run succeeded, which this record then leaves alone).
+    """
     summary.status = "failed"
     if isinstance(exc, IngestError):
         summary.error = str(exc)
     elif isinstance(exc, KeyboardInterrupt):  # the CLI's own words, not KeyboardInterrupt()
-        summary.error = "interrupted (Ctrl-C or SIGINT); nothing was published"
+        summary.error = "interrupted (Ctrl-C or SIGINT); " + (
+            "the month had passed validation: ingest_months says whether its commit completed"
+            if accepted
+            else "nothing was published"
+        )
     else:
         summary.error = repr(exc)
     # The same one line the CLI prints, for runs started from the UI.

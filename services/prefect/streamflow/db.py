@@ -87,6 +87,9 @@ _NEEDS = {
 }
 
 
+_NEEDS_CONNECT = "the login needs the streamflow_ingest role (GRANT streamflow_ingest TO it)"
+
+
 def explain_failure(exc: BaseException) -> str | None:
     """One line for people on a database error that is configuration or the server's
     state, not a bug; None for any other error."""
@@ -94,6 +97,8 @@ def explain_failure(exc: BaseException) -> str | None:
         return None
     reason = first_line(exc)  # libpq's message runs on with hints
     if login_refused(exc):
+        if "permission denied for database" in reason:  # no CONNECT (db/init/001 says why)
+            return f"the database refused the login: {reason}; {_NEEDS_CONNECT}"
         return f"the database refused the login: {reason}"
     if connection_lost(exc):
         return f"the database could not be reached: {reason}"

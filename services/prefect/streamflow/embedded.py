@@ -20,10 +20,14 @@ import tempfile
 import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from .errors import IngestError
 from .settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from pgserver import PostgresServer
 
 
 def _pgserver() -> ModuleType:
@@ -74,7 +78,7 @@ def socket_uri(socket_dir: Path) -> str:
 _PLAIN = re.compile(r"[\w./+-]+", re.ASCII)
 
 
-def _server(pgserver: ModuleType, pgdata: Path):  # -> pgserver.PostgresServer
+def _server(pgserver: ModuleType, pgdata: Path) -> PostgresServer:
     if _PLAIN.fullmatch(str(pgdata)):
         return pgserver.get_server(pgdata, cleanup_mode=None)
     # get_server() resolves links, so the server is made from the link directly.

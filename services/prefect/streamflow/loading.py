@@ -91,19 +91,20 @@ def read_header(spec: TableSpec, path: Path) -> tuple[list[str], int]:
 
 def _check_header(spec: TableSpec, file: str, header: list[str]) -> None:
     expected = spec.column_names
-    seen: set[str] = set()
-    for name in header:
-        if name in seen:
-            raise InputError(f"{file}: column {name!r} appears twice in the header")
-        seen.add(name)
-    if not seen & set(expected):
+    if not {n.strip().lower() for n in header} & set(expected):
         # Not a header of this file at all (another file, a symlink to something else):
-        # its first line is not echoed into logs and the ledger, which readers see.
+        # its first line is not echoed into logs and the ledger, which readers see. A
+        # header of ours in capitals or padded still gets its names shown, below.
         raise InputError(
             f"{file}: the first line is not a {spec.file_name} header: none of its "
             f"{len(header)} field(s) is a column of the file (expected columns: "
             f"{','.join(expected)})"
         )
+    seen: set[str] = set()
+    for name in header:
+        if name in seen:
+            raise InputError(f"{file}: column {name!r} appears twice in the header")
+        seen.add(name)
     missing = [c for c in expected if c not in seen]
     unknown = [c for c in header if c not in expected]
     if missing or unknown:

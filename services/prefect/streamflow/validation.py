@@ -29,7 +29,14 @@ from .outcomes import ORPHANS, ExpectationOutcome, SuiteOutcome, shown
 from .registry import BY_NAME, EARLIEST_DATE, KEY, KEY_MAX_LENGTH, PARENT, TABLES, TableSpec
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
+    import great_expectations as gx
     import psycopg
+    from great_expectations.core.expectation_validation_result import (
+        ExpectationSuiteValidationResult,
+    )
+    from great_expectations.execution_engine import ExecutionEngine
 
 
 def _gx_error(exception_info: dict | None) -> str:
@@ -49,7 +56,7 @@ def _gx_error(exception_info: dict | None) -> str:
     return ""
 
 
-def _import_gx():  # -> the great_expectations module
+def _import_gx() -> ModuleType:
     """``import great_expectations``, without loading ``scipy.stats`` for nothing.
 
     GX imports ``scipy.stats`` at start-up for its distribution expectations (KL
@@ -75,7 +82,7 @@ def _import_gx():  # -> the great_expectations module
     return gx
 
 
-def build_suite(spec: TableSpec):  # -> gx.ExpectationSuite
+def build_suite(spec: TableSpec) -> gx.ExpectationSuite:
     gx = _import_gx()
     from great_expectations import expectations as gxe
 
@@ -197,7 +204,12 @@ def counted_rows_expectation() -> type:
     class ExpectQueryToReturnNoRows(gxe.UnexpectedRowsExpectation):
         metric_dependencies = ("unexpected_rows_query.row_count",)
 
-        def _validate(self, metrics, runtime_configuration=None, execution_engine=None):
+        def _validate(
+            self,
+            metrics: dict,
+            runtime_configuration: dict | None = None,
+            execution_engine: ExecutionEngine | None = None,
+        ) -> dict:
             count = metrics["unexpected_rows_query.row_count"]
             return {"success": count == 0, "result": {"observed_value": count}}
 
@@ -433,7 +445,7 @@ def _add_row_examples(database_url: str, outcomes: list[SuiteOutcome], as_of: da
         s.passed = len(s.expectations) - s.failed
 
 
-def _suite_outcome(spec: TableSpec, run) -> SuiteOutcome:
+def _suite_outcome(spec: TableSpec, run: ExpectationSuiteValidationResult) -> SuiteOutcome:
     items = []
     for r in run.results:
         cfg = r.expectation_config

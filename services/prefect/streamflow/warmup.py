@@ -189,6 +189,14 @@ class TemporaryApiServer:
                 self._proc.wait()
 
 
+def drain_progress_dropped(record: logging.LogRecord) -> bool:
+    """A logging filter: False for Prefect's "Still processing items: N items
+    remaining..." A run that ends with events still queued (interrupted, or failed
+    under load) drains them after the run's own last line ("ingest interrupted"),
+    which must stay last; the drain's other warnings and errors still show."""
+    return not record.getMessage().startswith("Still processing items")
+
+
 class Warmup:
     """Helpers of one CLI run, started before Prefect is imported."""
 
@@ -241,11 +249,8 @@ class Warmup:
     def exit(self, code: int) -> NoReturn:
         """Ship the run's last logs and events, stop the server, exit with ``code``."""
         validation.SuitesProcess.discard_prestarted()
-        # A run that ends with events still queued (interrupted, or failed under load)
-        # drains them with "Still processing items: N items remaining...", printed
-        # after the run's own last line ("ingest interrupted"), which must stay last.
         for drain in ("EventsWorker", "APILogWorker"):
-            logging.getLogger(drain).setLevel(logging.ERROR)
+            logging.getLogger(drain).addFilter(drain_progress_dropped)
         atexit._run_exitfuncs()  # Prefect's queue drains and logging.shutdown
         if self.server is not None:
             self.server.stop()
