@@ -111,6 +111,9 @@ def test_a_month_runs_against_the_clis_own_server_and_is_recorded(db_url, months
     assert "View at http" not in proc.stderr  # no UI behind this server
     [(run_id, state)] = _prefect_db(home, "SELECT id, state_type FROM flow_run")
     assert state == "COMPLETED"
+    # The ledger names the flow run whose logs and task runs the UI shows.
+    ledger_run = scalar(db_url, "SELECT flow_run_id::text FROM ingest_runs ORDER BY run_id DESC")
+    assert ledger_run == str(run_id)
     tasks = _prefect_db(home, "SELECT name, state_type FROM task_run WHERE flow_run_id = ?", run_id)
     assert len(tasks) == 8 and {s for _, s in tasks} == {"COMPLETED"}, tasks
     assert {n.rsplit("-", 1)[0] for n, _ in tasks} == {

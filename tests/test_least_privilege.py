@@ -357,13 +357,20 @@ def test_live_key_is_only_dropped_from_an_empty_table(run_flow, ingest_url, mont
         assert key == "labels_pkey"
 
 
-def test_an_older_schema_is_brought_up_to_date_or_named(run_flow, db_url, ingest_url, months):
-    """A database initialised before the newest db/init object: the owner's run
+@pytest.mark.parametrize("lacks", ["function", "column"])
+def test_an_older_schema_is_brought_up_to_date_or_named(
+    run_flow, db_url, ingest_url, months, lacks
+):
+    """A database initialised before the newest db/init objects: the owner's run
     re-applies the idempotent init SQL; a login that may not gets a clear error."""
     from streamflow import db
     from streamflow.errors import SchemaOutdated
 
-    drop = f"DROP FUNCTION {db.NEWEST_OBJECT}"
+    table, column = db.NEWEST_COLUMN
+    drop = {
+        "function": f"DROP FUNCTION {db.NEWEST_OBJECT}",
+        "column": f"ALTER TABLE {table} DROP COLUMN {column}",
+    }[lacks]
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute(drop)  # type: ignore[arg-type]
     with psycopg.connect(ingest_url) as conn, pytest.raises(SchemaOutdated) as info:

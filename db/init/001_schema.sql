@@ -135,8 +135,13 @@ CREATE TABLE IF NOT EXISTS ingest_runs (
     timings     JSONB,
     error       TEXT,
     started_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
-    finished_at TIMESTAMPTZ
+    finished_at TIMESTAMPTZ,
+    flow_run_id UUID
 );
+-- flow_run_id: the Prefect flow run that ran it (its logs, task runs and artifact in
+-- the UI); NULL for a no-op answered before Prefect starts. Added to ledgers made
+-- before it existed.
+ALTER TABLE ingest_runs ADD COLUMN IF NOT EXISTS flow_run_id UUID;
 
 CREATE TABLE IF NOT EXISTS ingest_months (
     as_of        DATE PRIMARY KEY,

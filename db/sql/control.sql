@@ -5,9 +5,12 @@
 SELECT to_regclass('public.users') IS NOT NULL
    AND to_regclass('public.ingest_runs') IS NOT NULL;
 
--- name: has_procedure
--- The newest object of db/init, by signature: a database without it is older.
-SELECT to_regprocedure(%(signature)s) IS NOT NULL;
+-- name: schema_is_current
+-- The newest function and column of db/init: a database without them is older.
+SELECT to_regprocedure(%(signature)s) IS NOT NULL
+   AND EXISTS (SELECT 1 FROM pg_attribute
+               WHERE attrelid = to_regclass(%(table)s) AND attname = %(column)s
+                 AND NOT attisdropped);
 
 -- name: try_writer_lock
 SELECT pg_try_advisory_lock(%(key)s);

@@ -31,8 +31,9 @@ LIMIT 1;
 SELECT max(as_of) FROM ingest_months;
 
 -- name: start_run
-INSERT INTO ingest_runs (as_of, seed_dir, status, mode, fingerprint, files)
-VALUES (%(as_of)s, %(seed_dir)s, %(status)s, %(mode)s, %(fingerprint)s, %(files)s)
+INSERT INTO ingest_runs (as_of, seed_dir, status, mode, fingerprint, files, flow_run_id)
+VALUES (%(as_of)s, %(seed_dir)s, %(status)s, %(mode)s, %(fingerprint)s, %(files)s,
+        %(flow_run_id)s)
 RETURNING run_id;
 
 -- name: finish_run

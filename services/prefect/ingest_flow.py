@@ -56,6 +56,7 @@ if __name__ == "__main__":
 
     WARMUP = warm_up(sys.argv[1:])
 
+import prefect.runtime  # noqa: E402
 from prefect import Task, flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.client.schemas.objects import State, TaskRun  # noqa: E402
@@ -339,6 +340,7 @@ def _open_run(
         mode=mode.value + (" (replace)" if summary.replacing else ""),
         fingerprint=fingerprint,
         files=prints,
+        flow_run_id=prefect.runtime.flow_run.id,  # None when the flow body runs alone
     )
     return mode
 

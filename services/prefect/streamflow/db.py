@@ -175,17 +175,19 @@ def apply_init_sql(conn: psycopg.Connection, sql_dir: Path = SQL_DIR) -> list[st
     return applied
 
 
-# The newest object of db/init: a database initialised by an older version of this
-# pipeline lacks it, and gets the (idempotent) init SQL again.
+# The newest objects of db/init: a database initialised by an older version of this
+# pipeline lacks one, and gets the (idempotent) init SQL again.
 NEWEST_OBJECT = "streamflow_staged_month_partition(text, date, text)"
+NEWEST_COLUMN = ("public.ingest_runs", "flow_run_id")
 
 
 def ensure_schema(conn: psycopg.Connection, sql_dir: Path = SQL_DIR) -> list[str]:
     """Apply the init SQL on an empty or older database; leave a current one alone."""
     if schema_present(conn):
+        table, column = NEWEST_COLUMN
         row = conn.execute(
-            queries("control")["has_procedure"],  # type: ignore[arg-type]
-            {"signature": NEWEST_OBJECT},
+            queries("control")["schema_is_current"],  # type: ignore[arg-type]
+            {"signature": NEWEST_OBJECT, "table": table, "column": column},
         ).fetchone()
         conn.rollback()
         if row and row[0]:
@@ -196,7 +198,8 @@ def ensure_schema(conn: psycopg.Connection, sql_dir: Path = SQL_DIR) -> list[str
             conn.rollback()
             raise SchemaOutdated(
                 f"the database was initialised by an older version of this pipeline "
-                f"(no {NEWEST_OBJECT}), and this login may not update it: have its owner "
+                f"(no {NEWEST_OBJECT} or {'.'.join(NEWEST_COLUMN)}), and this login may "
+                "not update it: have its owner "
                 f"run db/init/001_schema.sql once (it is idempotent). PostgreSQL said: "
                 f"{exc.diag.message_primary}"
             ) from exc

@@ -263,7 +263,9 @@ def start_run(
     mode: str,
     fingerprint: str | None,
     files: list[FileFingerprint] | None,
+    flow_run_id: str | None = None,
 ) -> int:
+    """A new ingest_runs row; ``flow_run_id``: the Prefect flow run, when there is one."""
     files_json = Jsonb({f.table: f.as_json() for f in files}) if files else None
     row = conn.execute(
         queries("ledger")["start_run"],
@@ -274,6 +276,7 @@ def start_run(
             "mode": mode,
             "fingerprint": fingerprint,
             "files": files_json,
+            "flow_run_id": flow_run_id,
         },
     ).fetchone()
     return int(row[0])
