@@ -173,6 +173,28 @@ def test_ledger_records_every_run(run_flow, db_url, months, tmp_path):
     assert published_by == feb_run["run_id"]
 
 
+def test_staging_is_emptied_once_a_month_is_published_and_kept_when_refused(
+    run_flow, db_url, months, tmp_path
+):
+    """A published month's staged copy is read by nothing (~4 GB at 10M users); a
+    refused one is kept, to be looked at with SQL, until the next run."""
+    ok(run_flow(db_url, months / "month_000", JAN))
+    with psycopg.connect(db_url) as conn:
+        for t in TABLES:
+            count = psycopg.sql.SQL("SELECT count(*) FROM {}").format(
+                psycopg.sql.Identifier("staging", t.name)
+            )
+            assert conn.execute(count).fetchone() == (0,), t.name
+    bad = tmp_path / "bad"
+    shutil.copytree(months / "month_001", bad)
+    rows = read_rows(bad / "support_agg_90d.csv")
+    rows[1][1] = "-1"
+    write_rows(bad / "support_agg_90d.csv", rows)
+    rc, _, err = run_flow(db_url, bad, FEB)
+    assert rc == 1 and "below 0" in err
+    assert scalar(db_url, "SELECT count(*) FROM staging.support_agg_90d") == len(rows) - 1
+
+
 def test_a_later_month_adds_new_users_and_counts_them(run_flow, db_url, months, tmp_path):
     """Month 2 with one user more in every file: inserted, counted as such per table."""
     ok(run_flow(db_url, months / "month_000", JAN))

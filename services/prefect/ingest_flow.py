@@ -293,6 +293,10 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                 if docs_error:
                     get_run_logger().warning("GX Data Docs not built: %s", docs_error)
             _record_success(control, summary)
+            try:
+                loading.empty_staging(control)
+            except psycopg.Error as exc:  # the month is published: only disk is at stake
+                get_run_logger().warning("staging not emptied: %s", errors.first_line(exc))
     publish_artifacts(summary)
     get_run_logger().info(summary.one_line())
     return {

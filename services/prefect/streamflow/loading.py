@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 import psycopg
+from psycopg import sql
 
 from .db import check_writer_lock, ident_list, query, staged
 from .errors import InputError, clipped, clipped_quotes, unreadable
 from .ledger import is_hashed_file
-from .registry import KEY, TableSpec
+from .registry import KEY, TABLES, TableSpec
 
 CHUNK_BYTES = 1 << 20
 # A header of the registry's names is well under 1 KB; a first line past this is not
@@ -114,6 +115,14 @@ def _check_header(spec: TableSpec, file: str, header: list[str]) -> None:
         if missing:
             parts.append("missing column " + ", ".join(repr(c) for c in missing))
         raise InputError(f"{file}: {'; '.join(parts)} (expected columns: {','.join(expected)})")
+
+
+def empty_staging(conn: psycopg.Connection) -> None:
+    """Empty the six staging tables, in one transaction. For after a month is published;
+    a refused month stays staged, to be looked at with SQL, until the next run."""
+    tables = sql.SQL(", ").join(staged(spec.name) for spec in TABLES)
+    with conn.transaction():
+        conn.execute(query("staging", "empty", tables=tables))
 
 
 def stage_file(
