@@ -189,12 +189,22 @@ class TemporaryApiServer:
                 self._proc.wait()
 
 
-def drain_progress_dropped(record: logging.LogRecord) -> bool:
-    """A logging filter: False for Prefect's "Still processing items: N items
-    remaining..." A run that ends with events still queued (interrupted, or failed
-    under load) drains them after the run's own last line ("ingest interrupted"),
-    which must stay last; the drain's other warnings and errors still show."""
-    return not record.getMessage().startswith("Still processing items")
+def quiet_terminal() -> None:
+    """Silence every logging handler that writes to a stream (the terminal), for the
+    end of a run: the CLI has printed its last line ("ingest interrupted", "ingest
+    failed: ...") and then ships the run's queued logs and events, and what Prefect
+    logs meanwhile ("Still processing items: N items remaining...") would come below
+    it. The line a person or a script's ``tail -1`` reads must stay last. The run's
+    logs still reach the API (its handler is not a stream)."""
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(
+                handler, logging.FileHandler
+            ):
+                handler.setLevel(logging.CRITICAL + 1)
 
 
 class Warmup:
@@ -249,8 +259,7 @@ class Warmup:
     def exit(self, code: int) -> NoReturn:
         """Ship the run's last logs and events, stop the server, exit with ``code``."""
         validation.SuitesProcess.discard_prestarted()
-        for drain in ("EventsWorker", "APILogWorker"):
-            logging.getLogger(drain).addFilter(drain_progress_dropped)
+        quiet_terminal()
         atexit._run_exitfuncs()  # Prefect's queue drains and logging.shutdown
         if self.server is not None:
             self.server.stop()
