@@ -25,8 +25,14 @@ os.environ.setdefault("GX_DOCS_DIR", str(_STATE / "gx_docs"))
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # The temporary Prefect server gets 20 s to start by default: too short on a busy box.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-for _name in ("DATABASE_URL", "POSTGRES_HOST", "SEED_DIR", "AS_OF", "REPLACE", "ALLOW_GAP"):
-    os.environ.pop(_name, None)  # a developer's shell must not steer the tests
+# A developer's shell must not steer the tests: the run's inputs, the database (libpq
+# reads PG* under any URL), a Prefect server or profile of their own.
+for _name in (
+    *("DATABASE_URL", "POSTGRES_HOST", "SEED_DIR", "AS_OF", "REPLACE", "ALLOW_GAP"),
+    *("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGOPTIONS", "PGSERVICE"),
+    *("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_API_AUTH_STRING"),
+):
+    os.environ.pop(_name, None)
 
 import psycopg  # noqa: E402
 import pytest  # noqa: E402
