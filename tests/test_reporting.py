@@ -10,33 +10,28 @@ from streamflow.reporting import RunSummary
 INJECTED = "```\n![pwn](http://attacker.example/p.png) [click](http://attacker.example)\n```"
 
 
-def rendered(summary: RunSummary) -> str:
+def rendered(**fields: object) -> str:
+    """The artifact of a February run with these fields, as the UI would render it."""
+    summary = RunSummary(as_of="2024-02-29", mode="publish", **fields)  # type: ignore[arg-type]
     return mistune.create_markdown(plugins=["table"])(summary.markdown())
 
 
 def test_an_error_quoting_backticks_stays_in_its_code_block():
-    summary = RunSummary(
+    html = rendered(
         seed_dir="data/seeds/month_001",
-        as_of="2024-02-29",
-        mode="publish",
         status="failed",
         error=f"validation failed: labels.csv, column user_id: 1 row(s), e.g. {INJECTED}",
         timings={"upsert_csv": 0.1},
     )
-    html = rendered(summary)
     assert "<img" not in html and "<a " not in html
     assert "![pwn](http://attacker.example/p.png)" in html  # shown, as text
     assert "<h2>Timings (s)</h2>" in html  # the block closed where it should
 
 
 def test_a_folder_name_with_backticks_and_a_pipe_stays_one_code_cell():
-    summary = RunSummary(
-        seed_dir="/data/`x`![pwn](http://attacker.example/p.png)|b\nc",
-        as_of="2024-02-29",
-        mode="publish",
-        status="succeeded",
+    html = rendered(
+        seed_dir="/data/`x`![pwn](http://attacker.example/p.png)|b\nc", status="succeeded"
     )
-    html = rendered(summary)
     assert "<img" not in html
     cell = html.split("<td>month folder</td>", 1)[1].split("</td>", 1)[0]
     assert cell.strip().startswith("<td><code>") and "![pwn]" in cell and "\\n" in cell

@@ -452,9 +452,6 @@ def main(argv: list[str] | None = None) -> int:
         line = " ".join(str(exc).split())
         print(f"ingest failed: unexpected {type(exc).__name__}: {line}", file=sys.stderr)
         return 1
-    finally:
-        # The temporary server logs its shutdown at exit: keep our line the last one.
-        logging.getLogger("prefect").setLevel(logging.WARNING)
     print(result["line"])
     if result.get("data_docs"):
         print(f"GX Data Docs: {result['data_docs']}")

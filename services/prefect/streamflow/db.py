@@ -76,18 +76,15 @@ def worth_retrying(exc: BaseException) -> bool:
 
 
 # What a login or a server lacks, when PostgreSQL refuses the pipeline's work for it.
+_NEEDS_ROLE = "the login needs the streamflow_ingest role (GRANT streamflow_ingest TO it)"
 _NEEDS = {
     psycopg.errors.InsufficientPrivilege: (
-        "the login needs the streamflow_ingest role (GRANT streamflow_ingest TO it), "
-        "or to own the database on the first run, which creates the schema"
+        f"{_NEEDS_ROLE}, or to own the database on the first run, which creates the schema"
     ),
     psycopg.errors.ReadOnlySqlTransaction: (
         "the server takes no writes: a standby, or default_transaction_read_only"
     ),
 }
-
-
-_NEEDS_CONNECT = "the login needs the streamflow_ingest role (GRANT streamflow_ingest TO it)"
 
 
 def explain_failure(exc: BaseException) -> str | None:
@@ -98,7 +95,7 @@ def explain_failure(exc: BaseException) -> str | None:
     reason = first_line(exc)  # libpq's message runs on with hints
     if login_refused(exc):
         if "permission denied for database" in reason:  # no CONNECT (db/init/001 says why)
-            return f"the database refused the login: {reason}; {_NEEDS_CONNECT}"
+            return f"the database refused the login: {reason}; {_NEEDS_ROLE}"
         return f"the database refused the login: {reason}"
     if connection_lost(exc):
         return f"the database could not be reached: {reason}"

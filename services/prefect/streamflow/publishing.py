@@ -38,10 +38,6 @@ class TableStats:
         return asdict(self)
 
 
-def _staged(spec: TableSpec) -> sql.Identifier:
-    return staged(spec.name)
-
-
 def upsert_live(
     cur: psycopg.Cursor, spec: TableSpec, backfill_of: date | None = None
 ) -> tuple[int, int, int]:
@@ -53,7 +49,7 @@ def upsert_live(
     values = spec.value_columns
     names = {
         "live": sql.Identifier(spec.name),
-        "staged": _staged(spec),
+        "staged": staged(spec.name),
         "columns": ident_list(spec.column_names),
         "staged_columns": ident_list(spec.column_names, "s"),
         "value_columns": ident_list(values),
@@ -117,7 +113,7 @@ def build_history(
                     "publish",
                     "insert_snapshot",
                     partition=sql.Identifier("staging", partition),
-                    staged=_staged(spec),
+                    staged=staged(spec.name),
                     columns=ident_list(spec.snapshot_columns),
                 ),
                 params,
@@ -145,7 +141,7 @@ def snapshot(
     if history in built:
         cur.execute(q["attach_month_partition"], params)  # type: ignore[arg-type]
         return built[history], 0, 0
-    ids = {"history": sql.Identifier(history), "staged": _staged(spec)}
+    ids = {"history": sql.Identifier(history), "staged": staged(spec.name)}
     cur.execute(query("publish", "drop_vanished_snapshots", **ids), {"as_of": as_of})
     removed = cur.rowcount
     names = {
@@ -192,7 +188,7 @@ def publish_month(
         cur.execute(queries("publish")["session"])  # type: ignore[arg-type]
         for spec in TABLES:
             keep_going()
-            cur.execute(query("staging", "staged_rows", staged=_staged(spec)))
+            cur.execute(query("staging", "staged_rows", staged=staged(spec.name)))
             s = TableStats(spec.name, read=cur.fetchone()[0], snapshot_table=spec.snapshot_table)
             if newest:
                 s.inserted, s.updated, live_rows = upsert_live(cur, spec)

@@ -491,7 +491,7 @@ def _suite_outcome(spec: TableSpec, run: ExpectationSuiteValidationResult) -> Su
 # Importing GX costs ~270 MB and keeps a database connection open for the life of the
 # process. A child process takes both away with it when the suites are done: the
 # flow process stays small, whatever the month's size.
-_URL_ENV = "STREAMFLOW_VALIDATION_URL"  # the URL may hold a password: never in argv
+URL_ENV = "STREAMFLOW_VALIDATION_URL"  # the URL may hold a password: never in argv
 _MARKER = "STREAMFLOW_SUITES "
 _CONNECT = "connect"
 _GO = "validate"
@@ -524,7 +524,7 @@ class SuitesProcess:
 
     def __init__(self, database_url: str, docs_dir: Path | None) -> None:
         self.key = (database_url, docs_dir)
-        env = dict(os.environ, **{_URL_ENV: database_url})
+        env = dict(os.environ, **{URL_ENV: database_url})
         cmd = child_command()
         if docs_dir is not None:
             cmd += ["--docs-dir", str(docs_dir.resolve())]
@@ -639,7 +639,7 @@ def _child_main(argv: list[str] | None = None) -> int:
     # Each order arrives on stdin; EOF or anything else means the flow stopped first.
     if sys.stdin.readline().strip() != _CONNECT:
         return 0
-    validate = suites.connect(os.environ[_URL_ENV])
+    validate = suites.connect(os.environ[URL_ENV])
     order = sys.stdin.readline().split()
     if len(order) != 2 or order[0] != _GO:
         return 0
