@@ -567,7 +567,7 @@ def test_a_file_rewritten_after_it_was_hashed_is_refused(
     of its earlier bytes. Here labels.csv is rewritten, same size, once the flow has
     fingerprinted the month; without the check the flipped labels were published and
     the ledger vouched for the original file."""
-    from streamflow import ledger
+    from streamflow import fingerprints
 
     ok(run_flow(db_url, months / "month_000", JAN))
     before = dump(db_url, ALL_TABLES)
@@ -580,7 +580,7 @@ def test_a_file_rewritten_after_it_was_hashed_is_refused(
     flipped = tmp_path / "labels.csv"
     write_rows(flipped, rows)
     assert flipped.stat().st_size == (month / "labels.csv").stat().st_size
-    real = ledger.fingerprint_month
+    real = fingerprints.fingerprint_month
 
     def then_rewrite(*args, **kwargs):
         result = real(*args, **kwargs)
@@ -588,7 +588,7 @@ def test_a_file_rewritten_after_it_was_hashed_is_refused(
             (month / "labels.csv").write_bytes(flipped.read_bytes())
         return result
 
-    monkeypatch.setattr(ledger, "fingerprint_month", then_rewrite)
+    monkeypatch.setattr(fingerprints, "fingerprint_month", then_rewrite)
     rc, _, err = run_flow(db_url, month, FEB)
 
     assert rc == 1
@@ -599,7 +599,7 @@ def test_a_file_rewritten_after_it_was_hashed_is_refused(
     )
     assert dump(db_url, ALL_TABLES) == before
     assert runs(db_url)[-1]["status"] == "failed"
-    monkeypatch.setattr(ledger, "fingerprint_month", real)
+    monkeypatch.setattr(fingerprints, "fingerprint_month", real)
     ok(run_flow(db_url, month, FEB))  # the file as it is now, hashed and staged alike
     published = scalar(
         db_url, "SELECT files->'labels'->>'sha256' FROM ingest_runs ORDER BY run_id DESC LIMIT 1"

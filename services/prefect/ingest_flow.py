@@ -61,7 +61,17 @@ from prefect import Task, flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.client.schemas.objects import State, TaskRun  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
-from streamflow import db, errors, ledger, loading, outcomes, publishing, validation  # noqa: E402
+from streamflow import (  # noqa: E402
+    db,
+    errors,
+    fingerprints,
+    ledger,
+    loading,
+    outcomes,
+    publishing,
+    rerun,
+    validation,
+)
 from streamflow.embedded import resolve_database_url  # noqa: E402
 from streamflow.errors import (  # noqa: E402
     IngestError,
@@ -75,9 +85,9 @@ from streamflow.inputs import (  # noqa: E402
     cli_parser,
     replace_wanted,
 )
-from streamflow.ledger import Mode  # noqa: E402
 from streamflow.registry import BY_NAME  # noqa: E402
 from streamflow.reporting import RunSummary, Stopwatch, publish_artifacts  # noqa: E402
+from streamflow.rerun import Mode  # noqa: E402
 from streamflow.served import DEPLOYMENT_NAME, FLOW_NAME  # noqa: E402
 from streamflow.settings import load_settings  # noqa: E402
 from streamflow.verdict import Verdict  # noqa: E402
@@ -245,7 +255,8 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
         with clock("schema"):
             db.ensure_schema(control)
             ledger.abandon_stale_runs(control)
-        prints, fingerprint = ledger.fingerprint_month(control, as_of_date, files, summary.timings)
+        recorded = ledger.published_files(control, as_of_date)
+        prints, fingerprint = fingerprints.fingerprint_month(recorded, files, summary.timings)
         mode = _open_run(control, summary, as_of_date, prints, fingerprint, replace, allow_gap)
         if mode is Mode.NOOP:
             ledger.finish_run(control, summary.run_id, status="noop", timings=summary.timings)
@@ -312,7 +323,7 @@ def _open_run(
     control: psycopg.Connection,
     summary: RunSummary,
     as_of: date,
-    prints: list[ledger.FileFingerprint],
+    prints: list[fingerprints.FileFingerprint],
     fingerprint: str,
     replace: bool,
     allow_gap: bool,
@@ -320,7 +331,7 @@ def _open_run(
     """Decide what the month is (new, backfill, replacement, no-op) and start its run in
     the ledger. A refusal is a decision too: the ledger keeps it, then it is raised."""
     try:
-        mode, summary.replacing = ledger.decide_mode(
+        mode, summary.replacing = rerun.decide_mode(
             control, as_of, prints, replace=replace, allow_gap=allow_gap
         )
     except MonthConflict as exc:

@@ -4,13 +4,13 @@ the Data Docs folder GX will write to."""
 from __future__ import annotations
 
 import argparse
+import calendar
 import os
 import re
 from datetime import date, timedelta
 from pathlib import Path
 
 from .errors import InputError
-from .ledger import expected_files, month_end
 from .registry import EARLIEST_DATE, TABLES
 from .settings import Settings, flag, load_dotenv_if_present
 
@@ -152,3 +152,20 @@ def complete_run(argv: list[str]) -> argparse.Namespace | None:
     args.replace = replace_wanted(args)
     args.allow_gap = allow_gap_wanted(args)
     return args
+
+
+def expected_files(seed_dir: Path) -> dict[str, Path]:
+    return {spec.name: seed_dir / spec.file_name for spec in TABLES}
+
+
+def month_end(day: date) -> date:
+    return day.replace(day=calendar.monthrange(day.year, day.month)[1])
+
+
+def next_month_end(day: date) -> date:
+    """The last day of the month after ``day``'s."""
+    return month_end(month_end(day) + timedelta(days=1))
+
+
+def months_between(earlier: date, later: date) -> int:
+    return (later.year - earlier.year) * 12 + later.month - earlier.month

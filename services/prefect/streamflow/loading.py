@@ -23,7 +23,7 @@ from psycopg import sql
 
 from .db import check_writer_lock, ident_list, query, staged
 from .errors import InputError, clipped, clipped_quotes, unreadable
-from .ledger import is_hashed_file
+from .fingerprints import is_hashed_file
 from .registry import KEY, TABLES, TableSpec
 
 CHUNK_BYTES = 1 << 20

@@ -1,4 +1,7 @@
-"""The unchanged month, answered before Prefect and GX are even imported.
+"""The rerun rules, and the unchanged month answered before Prefect and GX are imported.
+
+``decide_mode`` compares a month's fingerprints with the ledger: a no-op, a new or
+replaced month, a backfill, or a refusal.
 
 A month already published from byte-identical files is a no-op. Starting Prefect's
 engine (and, without PREFECT_API_URL, its temporary API server) and importing GX to
@@ -14,14 +17,93 @@ which decides again under its own lock and reports as usual.
 from __future__ import annotations
 
 import sys
+from datetime import date
+from enum import StrEnum
+
+import psycopg
 
 from . import db, ledger
+from .db import queries
 from .embedded import resolve_database_url
-from .errors import InputError
-from .inputs import check_run, complete_run
-from .ledger import Mode
+from .errors import InputError, MonthConflict
+from .fingerprints import FileFingerprint, fingerprint_month, month_fingerprint
+from .inputs import check_run, complete_run, months_between, next_month_end
 from .reporting import RunSummary
 from .settings import load_settings
+
+
+class Mode(StrEnum):
+    PUBLISH = "publish"  # newest month: live tables and history
+    BACKFILL = "backfill"  # older than the latest published month: history, and live
+    # rows only for the users no later month lists
+    NOOP = "noop"  # same as_of, same files: nothing to do
+
+
+def changed_files(recorded: dict | None, prints: list[FileFingerprint]) -> list[str]:
+    """The files whose bytes differ from those recorded for the month, in registry order."""
+    recorded = recorded or {}
+    return [p.file for p in prints if (recorded.get(p.table) or {}).get("sha256") != p.sha256]
+
+
+def decide_mode(
+    conn: psycopg.Connection,
+    as_of: date,
+    prints: list[FileFingerprint],
+    *,
+    replace: bool,
+    allow_gap: bool = False,
+) -> tuple[Mode, bool]:
+    """The rerun rules, for the month of these files. Returns (mode, replacing).
+
+    ``replacing`` is also True for files of another published as_of let through by
+    --replace, so that the ledger records the override. A new latest month more than
+    one month after the latest published one is refused unless ``allow_gap``.
+    """
+    fingerprint = month_fingerprint(prints)
+    q = queries("ledger")
+    row = conn.execute(q["published_month"], {"as_of": as_of}).fetchone()
+    if row is not None and row[0] == fingerprint and not replace:
+        return Mode.NOOP, False
+    # Before the "other files" refusal: another month's files are named as such (that
+    # refusal's advice, --replace, would put them in place of this month unannounced).
+    same = conn.execute(q["same_files_elsewhere"], {"fingerprint": fingerprint, "as_of": as_of})
+    if (copied := same.fetchone()) is not None and not replace:
+        # A month's files describe what was known on its as_of: the same bytes under two
+        # dates is a folder copied or a wrong AS_OF, and would duplicate that month.
+        raise MonthConflict(
+            f"as_of {as_of.isoformat()}: these files were already published as as_of "
+            f"{copied[0].isoformat()} (run {copied[1]}); a month's files describe what was "
+            "known on its as_of. Check SEED_DIR and AS_OF, or rerun with --replace (or "
+            "REPLACE=1) to publish them for this as_of too"
+        )
+    replacing = copied is not None
+    if row is not None:
+        if row[0] != fingerprint and not replace:
+            # Byte for byte: a re-export with other quoting or line ends is "different".
+            changed = changed_files(ledger.published_files(conn, as_of), prints)
+            which = f"; {', '.join(changed)} changed" if changed else ""
+            raise MonthConflict(
+                f"as_of {as_of.isoformat()} was already published from different files "
+                f"(run {row[1]}{which}); rerun with --replace (or REPLACE=1) to replace "
+                "that month"
+            )
+        replacing = True
+    latest = conn.execute(q["latest_published"]).fetchone()[0]
+    if latest is not None and as_of < latest:
+        return Mode.BACKFILL, replacing
+    if latest is not None and as_of > (expected := next_month_end(latest)) and not allow_gap:
+        # The latest month is the live tables' month: once a mistyped year (2025 for
+        # 2024) is published, every real month after it is a backfill that never
+        # reaches them, and no run can take that as_of back.
+        raise MonthConflict(
+            f"as_of {as_of.isoformat()} is {months_between(latest, as_of)} months after "
+            f"the latest published month ({latest.isoformat()}), whose next is "
+            f"{expected.isoformat()}: the months in between could then only be "
+            "backfilled into history, never reach the live tables. Check AS_OF, or rerun "
+            "with --allow-gap (or ALLOW_GAP=1; a deployment run: --param allow_gap=true) "
+            "if those months will never be published"
+        )
+    return Mode.PUBLISH, replacing
 
 
 def unchanged_month(seed_dir: str, as_of: str) -> RunSummary | None:
@@ -37,10 +119,9 @@ def unchanged_month(seed_dir: str, as_of: str) -> RunSummary | None:
         # it, LOCK_WAIT_SECONDS once, in a run people can see in Prefect.
         with db.writer_lock(control, 0):
             ledger.abandon_stale_runs(control)  # the lock is ours: no run is alive
-            prints, fingerprint = ledger.fingerprint_month(
-                control, as_of_date, files, summary.timings, remember=True
-            )
-            mode, _ = ledger.decide_mode(control, as_of_date, prints, replace=False)
+            recorded = ledger.published_files(control, as_of_date)
+            prints, fingerprint = fingerprint_month(recorded, files, summary.timings, remember=True)
+            mode, _ = decide_mode(control, as_of_date, prints, replace=False)
             if mode is not Mode.NOOP:
                 return None
             summary.status = "noop"
