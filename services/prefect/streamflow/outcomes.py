@@ -7,11 +7,26 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from .errors import ValidationFailed, clipped
 from .registry import BY_NAME, EARLIEST_DATE, KEY, KEY_MAX_LENGTH, PARENT
+
+
+class Check(StrEnum):
+    """The pipeline's own names for checks GX names generically (its expectation type
+    is the name of the others): in the suites' meta, the ledger and the messages."""
+
+    UNIQUE = "unique"
+    KEY_SPELLING = "key_spelling"
+    KEY_LENGTH = "key_length"
+    NOT_NUMBERS = "not_numbers"
+    DATE_RANGE = "date_range"
+    ALL_EMPTY = "all_empty"
+    ORPHANS = "orphans"
+    MISSING_USERS = "missing_users"
 
 
 @dataclass
@@ -89,9 +104,6 @@ def _jsonable(value: Any) -> Any:
     return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
 
 
-ORPHANS = "orphans"  # the cross-table check's name, which check() looks for
-
-
 def describe_failure(o: ExpectationOutcome) -> str:
     """One clause a person can act on: file, column, what was expected, examples."""
     spec = BY_NAME[o.table]
@@ -107,7 +119,7 @@ def describe_failure(o: ExpectationOutcome) -> str:
             what = f"{n} value(s) below 0, expected >= 0, e.g. {eg_values}{rows}"
         case "expect_column_values_to_not_be_null":
             what = f"{n} empty value(s); every row needs a {o.column}"
-        case "unique":
+        case Check.UNIQUE:
             lines = o.example_lines or [[] for _ in o.example_user_ids]
             copies = ", ".join(
                 f"{shown_id(uid)} ({c} rows"
@@ -115,7 +127,7 @@ def describe_failure(o: ExpectationOutcome) -> str:
                 for uid, c, at in zip(o.example_user_ids, o.examples, lines, strict=False)
             )
             what = f"{n} duplicated {o.column} value(s), e.g. {copies or eg_ids}"
-        case "not_numbers":
+        case Check.NOT_NUMBERS:
             what = (
                 f"{n} value(s) that are not a finite number (NaN, Infinity, or beyond "
                 f"1.8e308, which no float holds), e.g. {eg_values}{rows}"
@@ -123,32 +135,32 @@ def describe_failure(o: ExpectationOutcome) -> str:
         case "expect_column_values_to_be_in_set":
             allowed = "/".join(spec.column(o.column).value_set or ())
             what = f"{n} value(s) outside {allowed}, e.g. {eg_values}{rows}"
-        case "all_empty":
+        case Check.ALL_EMPTY:
             where = f"{spec.file_name}, column {', '.join(o.examples)}"
             what = "empty in every row; a month's export that lost this column's values"
-        case "key_length":
+        case Check.KEY_LENGTH:
             what = (
                 f"{n} value(s) longer than {KEY_MAX_LENGTH} characters, e.g. {eg_values}; "
                 "a user_id is a short code"
             )
-        case "key_spelling":
+        case Check.KEY_SPELLING:
             what = (
                 f"{n} value(s) with a space, control or invisible character, or a word read "
                 f"as missing (NA, NULL, None, nan), e.g. {eg_values}; a user_id is matched "
                 "exactly, so each would be another user, and pandas' read_csv reads those "
                 "words as no user_id at all"
             )
-        case "date_range":
+        case Check.DATE_RANGE:
             what = (
                 f"{n} date(s) before {EARLIEST_DATE} or after the month's as_of {o.detail}, "
                 f"e.g. {eg_values}{rows}; a month's files hold what was known on its as_of"
             )
         case "expect_table_row_count_to_be_between":
             what = "no data rows; expected at least one"
-        case "orphans":
+        case Check.ORPHANS:
             what = f"{n} row(s) whose user_id is not in {PARENT.file_name}, e.g. {eg_ids}"
             where = f"{spec.file_name}, column {KEY}"
-        case "missing_users":
+        case Check.MISSING_USERS:
             what = f"{o.detail}; expected one row per user"
             if n:
                 what += f", none for {n} user(s) of {PARENT.file_name}, e.g. {eg_ids}"
@@ -162,7 +174,7 @@ def locate_duplicates(outcomes: list[SuiteOutcome], files: dict[str, Path]) -> N
     from .loading import key_lines
 
     for e in (e for s in outcomes for e in s.expectations):
-        if e.expectation == "unique" and not e.success and e.example_user_ids:
+        if e.expectation == Check.UNIQUE and not e.success and e.example_user_ids:
             try:  # the lines are a help: nothing here may hide the failure itself
                 # examples hold each id's number of rows, from the duplicates query
                 pairs = zip(e.example_user_ids, e.examples, strict=True)
@@ -186,7 +198,7 @@ def check(outcomes: list[SuiteOutcome]) -> None:
         e
         for e in failed
         if e.expectation == _NO_ROWS
-        or not (e.table in empty or (PARENT.name in empty and e.expectation == ORPHANS))
+        or not (e.table in empty or (PARENT.name in empty and e.expectation == Check.ORPHANS))
     ]
     # GX raises on values it cannot hold (1e400 as a float); the SQL check of the same
     # column says what the value is, so that failure is the one to show.

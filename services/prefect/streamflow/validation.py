@@ -25,7 +25,7 @@ from psycopg import sql
 from . import db
 from .db import queries, query, session_options
 from .errors import IngestError, clipped, clipped_quotes
-from .outcomes import ORPHANS, ExpectationOutcome, SuiteOutcome, shown
+from .outcomes import Check, ExpectationOutcome, SuiteOutcome, shown
 from .registry import BY_NAME, EARLIEST_DATE, KEY, KEY_MAX_LENGTH, PARENT, TABLES, TableSpec
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ def build_suite(spec: TableSpec) -> gx.ExpectationSuite:
     # 5x cheaper at 1M rows. The duplicates are looked up only when it fails.
     suite.add_expectation(
         gxe.ExpectColumnProportionOfUniqueValuesToBeBetween(
-            column=KEY, min_value=1, max_value=1, meta={"check": "unique"}
+            column=KEY, min_value=1, max_value=1, meta={"check": Check.UNIQUE}
         )
     )
     if spec is PARENT:
@@ -112,7 +112,7 @@ def build_suite(spec: TableSpec) -> gx.ExpectationSuite:
                     f"{KEY} holds no space, control or invisible character and is not a "
                     "word read as missing (NA, NULL, None, nan)"
                 ),
-                meta={"check": "key_spelling", "column": KEY},
+                meta={"check": Check.KEY_SPELLING, "column": KEY},
             )
         )
         # An id is a short code (the lab's have 10 characters). A longer one is an export
@@ -120,7 +120,7 @@ def build_suite(spec: TableSpec) -> gx.ExpectationSuite:
         # fail on the index, far from the file. GX folds this into its aggregates.
         suite.add_expectation(
             gxe.ExpectColumnValueLengthsToBeBetween(
-                column=KEY, max_value=KEY_MAX_LENGTH, meta={"check": "key_length"}
+                column=KEY, max_value=KEY_MAX_LENGTH, meta={"check": Check.KEY_LENGTH}
             )
         )
     for col in spec.columns:
@@ -135,7 +135,7 @@ def build_suite(spec: TableSpec) -> gx.ExpectationSuite:
                 counted_rows_expectation()(
                     unexpected_rows_query=rows_query("not_numbers", col.name),
                     description=f"{col.name} holds finite numbers: no NaN, Infinity, 1e400",
-                    meta={"check": "not_numbers", "column": col.name},
+                    meta={"check": Check.NOT_NUMBERS, "column": col.name},
                 )
             )
         if col.value_set:
@@ -148,7 +148,7 @@ def build_suite(spec: TableSpec) -> gx.ExpectationSuite:
                     column=col.name,
                     min_value=EARLIEST_DATE.isoformat(),
                     max_value={"$PARAMETER": AS_OF},
-                    meta={"check": "date_range"},
+                    meta={"check": Check.DATE_RANGE},
                 )
             )
     optional = [c.name for c in spec.columns if not c.required]
@@ -161,7 +161,7 @@ def build_suite(spec: TableSpec) -> gx.ExpectationSuite:
             counted_rows_expectation()(
                 unexpected_rows_query=empty_columns_query(optional),
                 description=f"no column empty in every row ({', '.join(optional)})",
-                meta={"check": "all_empty"},
+                meta={"check": Check.ALL_EMPTY},
             )
         )
     if spec is not PARENT:
@@ -169,7 +169,7 @@ def build_suite(spec: TableSpec) -> gx.ExpectationSuite:
             counted_rows_expectation()(
                 unexpected_rows_query=queries("validation")["orphans"],
                 description=f"every {KEY} exists in {PARENT.file_name}",
-                meta={"check": ORPHANS},
+                meta={"check": Check.ORPHANS},
             )
         )
         # Every user of users.csv has a row: user_id is unique here and known to
@@ -178,7 +178,7 @@ def build_suite(spec: TableSpec) -> gx.ExpectationSuite:
         suite.add_expectation(
             gxe.ExpectTableRowCountToBeBetween(
                 min_value={"$PARAMETER": USERS_ROWS},
-                meta={"check": "missing_users"},
+                meta={"check": Check.MISSING_USERS},
             )
         )
     return suite
@@ -386,11 +386,11 @@ def prepare_suites(
 
 # The rows behind a failed GX expectation (the SQL checks carry their own query).
 _ROW_CHECKS = {
-    "missing_users": "missing_users",
-    "unique": "duplicates",
+    Check.MISSING_USERS: "missing_users",
+    Check.UNIQUE: "duplicates",
     "expect_column_values_to_be_between": "negatives",
     "expect_column_values_to_be_in_set": "outside_set",
-    "date_range": "outside_dates",
+    Check.DATE_RANGE: "outside_dates",
 }
 
 
@@ -415,7 +415,7 @@ def _add_row_examples(database_url: str, outcomes: list[SuiteOutcome], as_of: da
             params = None
             if e.expectation == "expect_column_values_to_be_in_set":
                 params = {"allowed": list(BY_NAME[e.table].column(e.column).value_set or ())}
-            elif e.expectation == "date_range":
+            elif e.expectation == Check.DATE_RANGE:
                 params = {"earliest": EARLIEST_DATE, "as_of": as_of}
                 e.detail = as_of.isoformat()
             rows_q = sql.SQL(text).format(**ids)
@@ -423,20 +423,20 @@ def _add_row_examples(database_url: str, outcomes: list[SuiteOutcome], as_of: da
             rows = conn.execute(first, params).fetchall()
             # GX did not count these rows, or raised on a value Python cannot hold (a
             # -infinity date): the SQL check counts them, and its rows explain the failure.
-            if e.expectation in ("unique", "missing_users") or (e.error and rows):
+            if e.expectation in (Check.UNIQUE, Check.MISSING_USERS) or (e.error and rows):
                 e.error = ""
                 count = query("validation", "count_rows", rows=rows_q)
                 e.unexpected_count = conn.execute(count, params).fetchone()[0]
             e.example_user_ids = [row[0] for row in rows]
             # Dates come as text (see outside_dates) and are shown bare, like numbers;
             # so are the column names of all_empty.
-            show = str if e.expectation in ("date_range", "all_empty") else shown
+            show = str if e.expectation in (Check.DATE_RANGE, Check.ALL_EMPTY) else shown
             e.examples = [show(row[1]) for row in rows if len(row) > 1]
-            if e.expectation == "missing_users" and e.unexpected_count == 0:
+            if e.expectation == Check.MISSING_USERS and e.unexpected_count == 0:
                 # The row count stands in for "no user missing"; the exact anti-join says
                 # none is (users.csv repeats a user: its own "unique" check fails).
                 e.success = True
-            elif e.expectation == "missing_users":  # users.csv may have failed too: say both
+            elif e.expectation == Check.MISSING_USERS:  # users.csv may have failed too: say both
                 rows_here = _staged_rows(conn, BY_NAME[e.table])
                 users = _staged_rows(conn, PARENT)
                 e.detail = f"{rows_here} row(s) for the {users} of {PARENT.file_name}"
@@ -463,7 +463,7 @@ def _suite_outcome(spec: TableSpec, run: ExpectationSuiteValidationResult) -> Su
         detail = ""
         if cfg.type == "expect_table_columns_to_match_set":
             detail = f"observed {res.get('observed_value')}"
-        elif meta.get("check") == "missing_users":
+        elif meta.get("check") == Check.MISSING_USERS:
             count = 0 if r.success else None  # the missing users are counted afterwards
         elif cfg.type == "expect_table_row_count_to_be_between":
             count = res.get("observed_value")
