@@ -57,6 +57,7 @@ def run_init(cluster: dict[str, str], **env: str) -> subprocess.CompletedProcess
         "PREFECT_DB_PASSWORD": "pw-prefect",
         "INGEST_DB_USER": "streamflow_app",
         "INGEST_DB_PASSWORD": "pw-ingest",
+        "POSTGRES_PASSWORD": "pw-superuser",
         **env,
     }
     psql = ["psql", "-v", "ON_ERROR_STOP=1", "--username", cluster["user"], "--no-password"]
@@ -73,6 +74,20 @@ def run_init(cluster: dict[str, str], **env: str) -> subprocess.CompletedProcess
             break
     assert result is not None
     return result
+
+
+def healthcheck(cluster: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The postgres service's healthcheck after pg_isready: db/healthcheck.sql, run the
+    way docker-compose.yml runs it (psql, ON_ERROR_STOP, as the superuser)."""
+    env = {
+        "PATH": f"{cluster['bin']}:{os.environ['PATH']}",
+        "PGHOST": cluster["host"],
+        "PGPORT": cluster.get("port", "5432"),
+    }
+    command = ["psql", "--no-psqlrc", "--quiet", "--set=ON_ERROR_STOP=1", "--no-password"]
+    command += ["--username", cluster["user"], "--dbname", "streamflow"]
+    command += ["--file", str(REPO / "db" / "healthcheck.sql")]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
 
 
 def login_url(cluster: dict[str, str], user: str, dbname: str = "streamflow") -> str:
@@ -230,3 +245,56 @@ def test_the_schema_refuses_a_login_in_place_of_a_group_role(cluster):
 
     assert result.returncode != 0
     assert "role streamflow_reader exists and can log in" in result.stderr
+
+
+def test_the_healthcheck_passes_once_the_init_scripts_are_done(cluster):
+    assert run_init(cluster).returncode == 0
+    result = healthcheck(cluster)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "variable", ["POSTGRES_PASSWORD", "PREFECT_DB_PASSWORD", "INGEST_DB_PASSWORD"]
+)
+def test_a_placeholder_password_stops_the_init_and_the_healthcheck_says_so(cluster, variable):
+    """`cp .env.example .env` then `up`: the stack came up with .env.example's public
+    passwords. Now the first script refuses, before it creates anything; the restarted
+    container (the image skips db/init on a non-empty volume) stays unhealthy, saying
+    what to do, instead of serving a half-initialised cluster as healthy."""
+    result = run_init(cluster, **{variable: "change-me-something"})
+
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"000_prefect_db.sh: {variable} is still .env.example's placeholder; set a password "
+        "of your own in .env (e.g. openssl rand -hex 24), then docker compose down -v (this "
+        "deletes the database volume) and up again"
+    )
+    with psycopg.connect(login_url(cluster, cluster["user"], "postgres")) as admin:
+        roles = admin.execute(
+            "SELECT rolname FROM pg_roles WHERE rolname IN ('prefect', 'streamflow_app')"
+        ).fetchall()
+        assert roles == []
+    check = healthcheck(cluster)
+    assert check.returncode != 0
+    assert "db/init did not finish on this volume" in check.stderr
+
+
+def test_the_healthcheck_fails_when_the_last_script_did_not_run(cluster):
+    """000 and 001 done, 002 failed (a login name already taken): Prefect's database is
+    there, the runner's login is not."""
+    result = run_init(cluster, INGEST_DB_USER="prefect")
+    assert result.returncode == 1
+    check = healthcheck(cluster)
+    assert check.returncode != 0
+    assert "db/init did not finish on this volume" in check.stderr
+
+
+def test_a_pipeline_database_named_prefect_stops_the_init(cluster):
+    """000 found the database "prefect" (the entrypoint makes POSTGRES_DB first) and
+    kept it: owned by the superuser, Prefect's role could not migrate it."""
+    result = run_init(cluster, POSTGRES_DB="prefect")
+
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        '000_prefect_db.sh: POSTGRES_DB must not be "prefect", the Prefect server\'s own database'
+    )

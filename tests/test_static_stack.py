@@ -228,6 +228,10 @@ def test_resolved_mounts(resolved_config):
     assert init["type"] == "bind" and init["read_only"] is True
     assert Path(init["source"]) == INIT_DIR
     assert pg_mounts["/var/lib/postgresql/data"]["type"] == "volume"
+    check = pg_mounts["/usr/local/share/streamflow/healthcheck.sql"]
+    assert check["type"] == "bind" and check["read_only"] is True
+    assert Path(check["source"]) == ROOT / "db" / "healthcheck.sql"
+    assert Path(check["source"]).is_file()
 
 
 def test_compose_file_matches_compose_spec_schema(tmp_path):
@@ -373,8 +377,8 @@ def test_every_password_is_required():
                 assert re.fullmatch(r"\$\{[A-Z0-9_]+:\?[^}]+\}", str(value)), (
                     f"{service}.{key} must be ${{VAR:?message}}"
                 )
-    url = _env("prefect-server")["PREFECT_API_DATABASE_CONNECTION_URL"]
-    assert "${PREFECT_DB_PASSWORD:?" in url
+    password = _env("prefect-server")["PREFECT_SERVER_DATABASE_PASSWORD"]
+    assert password.startswith("${PREFECT_DB_PASSWORD:?")
 
 
 def test_postgres_service():
@@ -387,9 +391,15 @@ def test_postgres_service():
         assert var in env, f"the init scripts need {var} in the postgres environment"
 
 
-def test_postgres_healthcheck_probes_tcp():
+def test_postgres_healthcheck_probes_tcp_then_the_init_scripts_work():
+    """TCP answers once db/init is over; db/healthcheck.sql (run for real in
+    tests/test_init_scripts.py) then says whether it finished."""
+    pg = _services()["postgres"]
     test = _healthcheck_text("postgres")
-    assert "pg_isready" in test
+    assert test.index("pg_isready") < test.index("&& psql") < test.index("healthcheck.sql")
+    assert "--set=ON_ERROR_STOP=1" in test
+    assert "./db/healthcheck.sql:/usr/local/share/streamflow/healthcheck.sql:ro" in pg["volumes"]
+    assert "--file=/usr/local/share/streamflow/healthcheck.sql" in test
     assert re.search(r"(-h|--host)[ =]127\.0\.0\.1", test), "pg_isready must probe TCP on 127.0.0.1"
     assert re.search(r"(-p|--port)[ =]5432", test)
     assert re.search(r"(-U|--username)[ =]\S+", test) and re.search(r"(-d|--dbname)[ =]\S+", test)
@@ -398,9 +408,17 @@ def test_postgres_healthcheck_probes_tcp():
 def test_prefect_server_service():
     server = _services()["prefect-server"]
     env = _env("prefect-server")
-    url = env["PREFECT_API_DATABASE_CONNECTION_URL"]
-    assert url.startswith("postgresql+asyncpg://")
-    assert url.endswith("@postgres:5432/prefect")
+    # By parts, not a URL: Prefect builds it and escapes the password, so the password
+    # may hold '@' or '/' (tests/test_topology.py runs the server with such a one).
+    assert "PREFECT_API_DATABASE_CONNECTION_URL" not in env
+    database = {k: v for k, v in env.items() if k.startswith("PREFECT_SERVER_DATABASE_")}
+    assert {k: v for k, v in database.items() if "PASSWORD" not in k} == {
+        "PREFECT_SERVER_DATABASE_DRIVER": "postgresql+asyncpg",
+        "PREFECT_SERVER_DATABASE_HOST": "postgres",
+        "PREFECT_SERVER_DATABASE_PORT": "5432",
+        "PREFECT_SERVER_DATABASE_NAME": "prefect",
+        "PREFECT_SERVER_DATABASE_USER": "${PREFECT_DB_USER:-prefect}",
+    }
     assert env["PREFECT_SERVER_API_HOST"] == "0.0.0.0"
     assert env["PREFECT_UI_API_URL"] == "http://127.0.0.1:4200/api"
     test = _healthcheck_text("prefect-server")

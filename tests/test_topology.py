@@ -6,8 +6,8 @@
                       a non-superuser login, like db/init/000_prefect_db.sh) and the
                       pipeline database (db/init/*.sql, plus a login that is only a
                       member of `streamflow_ingest`, like db/init/002_ingest_login.sh)
-    prefect-server    `python -m prefect server start`, PREFECT_API_DATABASE_CONNECTION_URL
-                      = postgresql+asyncpg://… at that `prefect` database
+    prefect-server    `python -m prefect server start`, PREFECT_SERVER_DATABASE_* (driver
+                      postgresql+asyncpg, host, port, name, user, password) as in compose
     runner            `python ingest_flow.py serve` in services/prefect (the image's CMD,
                       cwd /app there), PREFECT_API_URL at the server, POSTGRES_* as in compose
 
@@ -417,7 +417,9 @@ def suffix(pg: Postgres, name: str) -> str:
 
 def create_prefect_db(pg: Postgres) -> Login:
     """What db/init/000_prefect_db.sh does: a plain login owning the `prefect` database."""
-    login = Login(suffix(pg, "prefect"), "prefect-" + os.urandom(8).hex(), suffix(pg, "prefect"))
+    # A password a URL cannot hold as is: compose gives it to Prefect apart from its URL.
+    password = "p@ss/w%rd:#?" + os.urandom(8).hex()
+    login = Login(suffix(pg, "prefect"), password, suffix(pg, "prefect"))
     with pg.admin() as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{login.dbname}" WITH (FORCE)')
         conn.execute(f'DROP ROLE IF EXISTS "{login.user}"')
@@ -505,15 +507,26 @@ def stack(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
-    db_url = postgres.url(
-        prefect_login.user,
-        prefect_login.password,
-        prefect_login.dbname,
-        driver="postgresql+asyncpg",
-    )
+    if postgres.tcp:  # as compose gives it: by parts, the password unescaped
+        database = {
+            "PREFECT_SERVER_DATABASE_DRIVER": "postgresql+asyncpg",
+            "PREFECT_SERVER_DATABASE_HOST": postgres.host,
+            "PREFECT_SERVER_DATABASE_PORT": str(postgres.port or 5432),
+            "PREFECT_SERVER_DATABASE_NAME": prefect_login.dbname,
+            "PREFECT_SERVER_DATABASE_USER": prefect_login.user,
+            "PREFECT_SERVER_DATABASE_PASSWORD": prefect_login.password,
+        }
+    else:  # a socket folder is no host name: a URL
+        url = postgres.url(
+            prefect_login.user,
+            prefect_login.password,
+            prefect_login.dbname,
+            driver="postgresql+asyncpg",
+        )
+        database = {"PREFECT_API_DATABASE_CONNECTION_URL": url}
     server_env = clean_env(
         tmp / "home-server",
-        PREFECT_API_DATABASE_CONNECTION_URL=db_url,
+        **database,
         # `--port` alone does not reach the UI: its API URL is derived from these settings
         # (default :4200). Compose sets PREFECT_SERVER_API_PORT and PREFECT_UI_API_URL too.
         PREFECT_SERVER_API_HOST="127.0.0.1",

@@ -17,6 +17,18 @@ set -euo pipefail
 : "${POSTGRES_USER:?POSTGRES_USER must be set}"
 : "${POSTGRES_DB:=$POSTGRES_USER}"
 
+# .env.example's placeholders are public: a stack started from an unedited copy would
+# have passwords anyone can read. Checked here, first, before anything is created.
+for var in POSTGRES_PASSWORD PREFECT_DB_PASSWORD INGEST_DB_PASSWORD; do
+    if [[ "${!var:-}" == change-me* ]]; then
+        echo "000_prefect_db.sh: $var is still .env.example's placeholder; set a password of your own in .env (e.g. openssl rand -hex 24), then docker compose down -v (this deletes the database volume) and up again" >&2
+        exit 1
+    fi
+done
+if [[ "$POSTGRES_DB" == "prefect" ]]; then
+    echo "000_prefect_db.sh: POSTGRES_DB must not be \"prefect\", the Prefect server's own database" >&2
+    exit 1
+fi
 if [[ "$PREFECT_DB_USER" == "$POSTGRES_USER" ]]; then
     echo "000_prefect_db.sh: PREFECT_DB_USER must differ from POSTGRES_USER (the superuser)" >&2
     exit 1
