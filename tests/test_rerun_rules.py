@@ -773,9 +773,11 @@ def test_backfill_writes_history_and_keeps_live_tables(run_flow, db_url, new_db,
     assert dump(db_url, LIVE_TABLES) == live_feb
     last = runs(db_url)[-1]
     assert last["mode"] == "backfill"
-    # Nothing was compared with the live tables: nothing counted unchanged either.
+    # Nothing was compared with the live tables: unchanged and absent are not known,
+    # and the ledger says so (null), rather than 0 of either.
     assert all(
-        (s["inserted"], s["updated"], s["unchanged"]) == (0, 0, 0) for s in last["table_stats"]
+        (s["inserted"], s["updated"], s["unchanged"], s["absent"]) == (0, 0, None, None)
+        for s in last["table_stats"]
     )
     # The line says what was written: the history rows.
     assert "[subscriptions_profile_snapshots +200 ~0, usage_agg_30d_snapshots +200 ~0," in out

@@ -218,9 +218,8 @@ def snapshot_month(
             if s.snapshot_table
             else ""  # users has no history table
         )
-        get_run_logger().info(
-            "%s: +%d ~%d =%d%s", s.table, s.inserted, s.updated, s.unchanged, to_history
-        )
+        same = "" if s.unchanged is None else f" ={s.unchanged}"  # None: a backfill
+        get_run_logger().info("%s: +%d ~%d%s%s", s.table, s.inserted, s.updated, same, to_history)
     return stats
 
 

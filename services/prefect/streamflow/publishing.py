@@ -26,9 +26,10 @@ class TableStats:
     read: int = 0
     inserted: int = 0
     updated: int = 0
-    unchanged: int = 0
-    absent: int = 0
-    """Live rows of users this month does not list: kept, with their last values."""
+    unchanged: int | None = None
+    absent: int | None = None
+    """Live rows of users this month does not list: kept, with their last values.
+    Both None for a backfill, which compares nothing with the newer months' rows."""
     snapshot_table: str | None = None
     snapshot_inserted: int = 0
     snapshot_updated: int = 0
@@ -199,7 +200,7 @@ def publish_month(
                 s.unchanged = s.read - s.inserted - s.updated
             else:
                 # A backfill leaves the newer months' users alone: those rows were not
-                # compared, so nothing is counted unchanged or absent.
+                # compared, so unchanged and absent stay unknown (None), not 0.
                 s.inserted, s.updated, _ = upsert_live(cur, spec, backfill_of=as_of)
             stats.append(s)
         built = _built_history(history, keep_going)
