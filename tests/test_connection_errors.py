@@ -91,6 +91,22 @@ def test_a_deadlock_is_retried_but_not_called_unreachable(empty_db_url):
     assert worth_retrying(deadlock) and not connection_lost(deadlock)
 
 
+def test_a_lock_not_obtained_in_time_is_retried_but_not_called_unreachable(empty_db_url):
+    """lock_timeout (55P03): the staging TRUNCATE of a run waits behind a reader's lock,
+    the server gives up. The same work may pass once the reader is done."""
+    with psycopg.connect(empty_db_url, autocommit=True) as setup:
+        setup.execute("CREATE TABLE IF NOT EXISTS busy (id int)")
+    with psycopg.connect(empty_db_url) as reader, psycopg.connect(empty_db_url) as writer:
+        reader.execute("SELECT * FROM busy")  # holds ACCESS SHARE until its rollback
+        writer.execute("SET lock_timeout = '50ms'")
+        with pytest.raises(psycopg.errors.LockNotAvailable) as caught:
+            writer.execute("TRUNCATE busy")
+        writer.rollback()
+        reader.rollback()
+    assert caught.value.sqlstate == "55P03"
+    assert worth_retrying(caught.value) and not connection_lost(caught.value)
+
+
 def test_a_refused_login_is_neither_lost_nor_retried(empty_db_url):
     """The server answers FATAL (no such database, wrong password): it was reached, and
     will refuse the same login again."""
