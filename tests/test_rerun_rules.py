@@ -365,6 +365,90 @@ def test_unchanged_files_are_known_by_their_stat_and_any_write_is_not(
     assert set(runs(db_url)[-1]["timings"]) == {"fingerprint"}
 
 
+def test_a_file_changed_just_before_it_was_hashed_is_not_known_by_its_stat(tmp_path):
+    """Two writes within one tick of the filesystem's clock can share a ctime, so a
+    file last changed less than RACY_MARGIN_NS before it was hashed is read again next
+    time (git's "racily clean" rule); one changed well before is known by its stat."""
+    from streamflow.fingerprints import RACY_MARGIN_NS, fingerprint_by_stat, fingerprint_file
+
+    path = tmp_path / "labels.csv"
+    path.write_text("user_id,churn_label\nA-1,True\n")
+    hashed = fingerprint_file("labels", path).as_json()  # at once: within the margin
+    assert hashed["stat"]["hashed_at_ns"] - hashed["stat"]["ctime_ns"] < RACY_MARGIN_NS
+
+    assert fingerprint_by_stat({"labels": hashed}, {"labels": path}) is None
+    settled = hashed | {"stat": hashed["stat"] | {"hashed_at_ns": hashed["stat"]["ctime_ns"]}}
+    settled["stat"]["hashed_at_ns"] += RACY_MARGIN_NS
+    [known] = fingerprint_by_stat({"labels": settled}, {"labels": path})
+    assert (known.sha256, known.bytes) == (hashed["sha256"], hashed["bytes"])
+
+
+def test_the_same_files_with_replace_are_published_again(run_flow, db_url, months):
+    """--replace with the month's own files rewrites the month (a repair after the
+    tables were edited by hand), in the flow and in the CLI: never answered as a no-op."""
+    jan = months / "month_000"
+    ok(run_flow(db_url, jan, JAN))
+    expected = dump(db_url, DATA_TABLES)
+    published = "SELECT run_id FROM ingest_months WHERE as_of = %s"
+    with psycopg.connect(db_url) as conn:  # a hand edit of a live row
+        conn.execute(
+            "UPDATE labels SET churn_label = NOT churn_label WHERE user_id IN "
+            "(SELECT user_id FROM labels ORDER BY user_id LIMIT 1)"
+        )
+
+    out = ok(run_flow(db_url, jan, JAN, "--replace"))
+
+    assert "replaced live + history" in out and "labels +0 ~1 =199" in out, out
+    assert dump(db_url, DATA_TABLES) == expected
+    last = runs(db_url)[-1]
+    assert (last["status"], last["mode"]) == ("succeeded", "publish (replace)")
+    assert scalar(db_url, published, (JAN,)) == last["run_id"]
+
+    cli = subprocess.run(
+        flow_command(jan, JAN, "--replace"),
+        env=flow_env(db_url),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert "replaced live + history" in cli.stdout, cli.stdout
+    last = runs(db_url)[-1]
+    assert (last["status"], last["mode"]) == ("succeeded", "publish (replace)")
+    assert scalar(db_url, published, (JAN,)) == last["run_id"]
+
+
+def test_a_value_that_becomes_empty_or_stops_being_empty_is_published(
+    run_flow, db_url, months, tmp_path
+):
+    """A change to or from an empty cell (NULL) is a change: compared with <>, a row
+    with a NULL on either side is never "different", and the live table kept the old
+    value (the MERGE compares with IS DISTINCT FROM)."""
+    jan, feb = tmp_path / "month_000", tmp_path / "month_001"
+    shutil.copytree(months / "month_000", jan)
+    shutil.copytree(months / "month_001", feb)
+    jan_rows = read_rows(jan / "support_agg_90d.csv")
+    feb_rows = read_rows(feb / "support_agg_90d.csv")
+    column = jan_rows[0].index("ticket_avg_resolution_hrs_90d")
+    filled, emptied = jan_rows[3][0], jan_rows[4][0]
+    jan_rows[3][column], jan_rows[4][column] = "", "2.5"
+    by_id = {r[0]: r for r in feb_rows[1:]}
+    by_id[filled][:] = [*jan_rows[3][:column], "3.5", *jan_rows[3][column + 1 :]]
+    by_id[emptied][:] = [*jan_rows[4][:column], "", *jan_rows[4][column + 1 :]]
+    write_rows(jan / "support_agg_90d.csv", jan_rows)
+    write_rows(feb / "support_agg_90d.csv", feb_rows)
+    ok(run_flow(db_url, jan, JAN))
+
+    ok(run_flow(db_url, feb, FEB))
+
+    live = "SELECT ticket_avg_resolution_hrs_90d::text FROM support_agg_90d WHERE user_id = %s"
+    assert scalar(db_url, live, (filled,)) == "3.5"
+    assert scalar(db_url, live, (emptied,)) is None
+    history = live.replace("support_agg_90d", "support_agg_90d_snapshots") + " AND as_of = %s"
+    assert scalar(db_url, history, (filled, FEB)) == "3.5"
+    assert scalar(db_url, history, (emptied, FEB)) is None
+
+
 def test_cli_validates_in_a_child_process(db_url, months):
     """The flow process never imports GX: the suites run in ``python -m streamflow.validation``.
 
@@ -468,8 +552,11 @@ def test_replace_rewrites_that_month_only(
     assert "replac" in out.lower()
     # The line says what became of the month's history too: 200 labels flipped, one
     # user's row removed from each history table.
-    assert "; history: subscriptions_profile_snapshots +0 ~" in out, out
-    assert "labels_snapshots +0 ~199 -1]" in out, out
+    assert (
+        "; history: subscriptions_profile_snapshots +0 ~0 -1, usage_agg_30d_snapshots +0 ~0 -1, "
+        "payments_agg_90d_snapshots +0 ~0 -1, support_agg_90d_snapshots +0 ~0 -1, "
+        "labels_snapshots +0 ~199 -1]"
+    ) in out, out  # only the labels changed: no other history row is rewritten
 
     # February's history is exactly what a clean ingest of the new files writes.
     reference = new_db()
@@ -825,6 +912,32 @@ def test_backfills_give_live_tables_what_calendar_order_would(
         "labels_snapshots +200 ~0; live: users +1 ~0, subscriptions +1 ~0, usage_agg_30d +1 ~0, "
         "payments_agg_90d +1 ~0, support_agg_90d +1 ~0, labels +1 ~0]"
     ) in out_jan
+
+
+def test_replacing_a_backfilled_month_updates_the_users_only_it_lists(
+    run_flow, db_url, months, tmp_path
+):
+    """A user January lists and February does not has January's values live. A
+    --replace of January gives that user the new values: "no later month lists it"
+    looks at the months after January, not at January's own snapshot being replaced.
+    The users February lists keep February's values."""
+    jan, feb = months / "month_000", months / "month_001"
+    only_jan = read_rows(feb / "users.csv")[7][0]
+    feb_without = tmp_path / "month_001"
+    shutil.copytree(feb, feb_without)
+    for spec in TABLES:
+        rows = read_rows(feb_without / spec.file_name)
+        write_rows(feb_without / spec.file_name, [r for r in rows if r[0] != only_jan])
+    ok(run_flow(db_url, feb_without, FEB))
+    ok(run_flow(db_url, jan, JAN))  # a backfill: live only for only_jan
+    label = "SELECT churn_label FROM labels WHERE user_id = %s"
+    before = scalar(db_url, label, (only_jan,))
+    others = [r for r in dump(db_url, ("labels",))["labels"] if r[0] != only_jan]
+
+    ok(run_flow(db_url, changed_copy(jan, tmp_path / "jan_flipped"), JAN, "--replace"))
+
+    assert scalar(db_url, label, (only_jan,)) is (not before)
+    assert [r for r in dump(db_url, ("labels",))["labels"] if r[0] != only_jan] == others
 
 
 def _without(tables: dict[str, list[tuple]], user_id: str) -> dict[str, list[tuple]]:
