@@ -330,6 +330,29 @@ def test_security_definer_functions_only_touch_their_allowlist(ingest_url, call,
             conn.execute(call)  # type: ignore[arg-type]
 
 
+def test_only_the_ingest_group_may_call_the_security_definer_functions(db_url, reader_url):
+    """They run as their owner, a superuser: PostgreSQL grants EXECUTE on every new
+    function to PUBLIC, so each is revoked from PUBLIC and granted to streamflow_ingest
+    alone. A reader (or any login of the database) calling one is refused."""
+    with psycopg.connect(db_url) as conn:
+        granted = conn.execute(
+            "SELECT p.proname, coalesce(r.rolname, 'PUBLIC') FROM pg_proc AS p "
+            "CROSS JOIN aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) AS a "
+            "LEFT JOIN pg_roles AS r ON r.oid = a.grantee "
+            "WHERE p.prosecdef AND p.pronamespace = 'public'::regnamespace "
+            "AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner "
+            "ORDER BY 1, 2"
+        ).fetchall()
+    functions = {name for name, _ in granted}
+    assert len(functions) >= 6, granted  # the month partitions' three, the live keys', ...
+    assert granted == [(name, "streamflow_ingest") for name in sorted(functions)]
+    with psycopg.connect(reader_url) as conn:
+        for name in ("streamflow_drop_staged_months()", "streamflow_drop_empty_live_key('labels')"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(f"SELECT {name}")  # noqa: S608
+            conn.rollback()
+
+
 def test_live_key_is_only_dropped_from_an_empty_table(run_flow, ingest_url, months):
     with psycopg.connect(ingest_url) as conn:  # empty: dropped, rolled back with the transaction
         assert conn.execute("SELECT streamflow_drop_empty_live_key('labels')").fetchone()[0]
