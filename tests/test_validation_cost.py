@@ -192,6 +192,29 @@ def test_a_user_id_that_is_not_a_plain_code_is_named(db_url, months):
     assert "'NA'" in message or "'NULL'" in message or "\\u200e" in message, message
 
 
+def test_every_word_pandas_reads_as_missing_is_refused_as_a_user_id(db_url, months):
+    """The lab's loader read these files with pandas.read_csv, whose defaults turn these
+    words into NaN: such a user_id would lose its key in any CSV round trip. The list is
+    pandas' own (the GX image's pandas), one user each."""
+    from pandas._libs.parsers import STR_NA_VALUES
+
+    words = sorted(w for w in STR_NA_VALUES if w)
+    users = [row[0] for row in read_rows(months / "month_000" / "users.csv")[1:]]
+    edits = [
+        f"UPDATE staging.users SET user_id = {_literal(word)} "  # noqa: S608 - the test's own SQL
+        f"WHERE user_id = {_literal(user)}"
+        for word, user in zip(words, users, strict=False)
+    ]
+
+    _, failed = _failures(db_url, months / "month_000", *edits)
+
+    assert failed["users", "key_spelling"].unexpected_count == len(words), words
+
+
+def _literal(word: str) -> str:
+    return "'" + word.replace("'", "''") + "'"
+
+
 def test_every_file_has_a_row_for_every_user_of_users_csv(db_url, months):
     """A file that misses a user is refused, and so is a row for a user who is only in
     the live table: each file of a month lists the users of its users.csv."""
