@@ -157,6 +157,29 @@ def test_same_arguments_give_byte_identical_files(tmp_path: Path) -> None:
     assert all(same_bytes(x, y) for x, y in zip(a, b, strict=True))
 
 
+def test_two_processes_give_byte_identical_files(tmp_path: Path) -> None:
+    """Per-process state (str hashes are salted per interpreter) must not reach the
+    output: two interpreters with different hash seeds write the same bytes."""
+    folders = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"run{hash_seed}"
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO / "services" / "prefect"),
+            "PYTHONHASHSEED": hash_seed,
+        }
+        subprocess.run(
+            [sys.executable, "-m", "streamflow.seeds", "--users", "300", "--months", "2"]
+            + ["--seed", "9", "--out", str(out)],
+            env=env,
+            capture_output=True,
+            check=True,
+        )
+        folders.append(out)
+    for month in ("month_000", "month_001"):
+        assert same_bytes(folders[0] / month, folders[1] / month), month
+
+
 def test_different_seed_gives_different_files(tmp_path: Path) -> None:
     (a,) = seeds.generate(tmp_path / "a", users=500, months=1, seed=7)
     (b,) = seeds.generate(tmp_path / "b", users=500, months=1, seed=8)
