@@ -403,6 +403,22 @@ def test_serve_refuses_the_flags_of_a_run(tmp_path):
     assert not (tmp_path / "prefect" / "prefect.db").exists()
 
 
+@pytest.mark.parametrize("command", [["serve", "--seed", "x"], ["--seed", "x", "--as", JAN]])
+def test_a_flag_is_spelled_out_not_abbreviated(command, tmp_path):
+    """argparse took --seed for --seed-dir: ``serve --seed x`` then slipped past serve's
+    refusal of a run's flags and served, the folder ignored without a word."""
+    env = flow_env("", PREFECT_HOME=str(tmp_path / "prefect"))
+    python, script = flow_command("x", JAN)[:2]
+    proc = subprocess.run(
+        [python, script, *command], env=env, capture_output=True, text=True, timeout=120
+    )
+
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("ingest_flow.py: error: ")
+    assert "--seed" in proc.stderr or "'x'" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "prefect" / "prefect.db").exists()
+
+
 def test_a_prefect_api_url_with_no_server_is_named(db_url, months, tmp_path):
     home = tmp_path / "prefect"
     python, *script = flow_command(months / "month_000", JAN)

@@ -3,13 +3,18 @@ which are the server refusing the work: psycopg files both under OperationalErro
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 from conftest import scalar
-from month_files import small_months
-from streamflow.db import connection_lost, worth_retrying
+from month_files import flow_command, flow_env, small_months
+from streamflow.db import connection_lost, explain_failure, login_refused, worth_retrying
 
 UNREACHABLE = "postgresql://postgres@127.0.0.1:9/x"  # nothing listens on port 9
 
@@ -220,3 +225,160 @@ def test_database_errors_explained_to_people_lose_their_traceback_in_the_run_log
     keep.filter(bug)
     assert explained.exc_info is None
     assert bug.exc_info is not None
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A port that takes TCP connections and never answers: a stuck proxy, say."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    taken: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                taken.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in taken:
+            conn.close()
+        listener.close()
+
+
+def test_a_server_that_never_answers_is_given_up_on_and_named(silent_server, monkeypatch):
+    """psycopg waits 130 s by default: a run sat silent for minutes (twice: the CLI's
+    no-op look, then the flow), and libpq's 'connection timeout expired' named no server."""
+    from streamflow import db
+
+    monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
+    monkeypatch.setattr(db, "CONNECT_TIMEOUT_SECONDS", 2)
+    url = f"postgresql://nobody@127.0.0.1:{silent_server}/x"
+    start = time.monotonic()
+    with pytest.raises(psycopg.errors.ConnectionTimeout) as caught:
+        db.connect(url)
+    assert time.monotonic() - start < 10
+    assert connection_lost(caught.value)
+    assert explain_failure(caught.value) == (
+        f"the database could not be reached: 127.0.0.1 port {silent_server} did not answer "
+        "within 2 s (connect_timeout in DATABASE_URL, or PGCONNECT_TIMEOUT, sets the wait)"
+    )
+
+
+def test_the_cli_gives_up_on_a_silent_server_once(silent_server, months, tmp_path):
+    """The CLI's no-op look timed out, then handed the run to the flow, which waited as
+    long again after starting Prefect: one wait, one line."""
+    url = f"postgresql://nobody@127.0.0.1:{silent_server}/x?connect_timeout=3"
+    env = flow_env(url, PREFECT_HOME=str(tmp_path / "prefect"))
+    start = time.monotonic()
+    proc = subprocess.run(
+        flow_command(months / "month_000", "2024-01-31"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    seconds = time.monotonic() - start
+
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"ingest failed: the database could not be reached: 127.0.0.1 port {silent_server} "
+        "did not answer within 3 s (connect_timeout in DATABASE_URL, or PGCONNECT_TIMEOUT, "
+        "sets the wait)"
+    ), proc.stderr[-2000:]
+    assert seconds < 3 * 2, seconds  # one wait, and no Prefect started after it
+    assert not (tmp_path / "prefect" / "prefect.db").exists()
+
+
+def test_a_session_option_the_server_refuses_is_a_refused_login(empty_db_url, monkeypatch):
+    """A typo in PGOPTIONS is FATAL at login: not 'could not be reached', not retried,
+    and the message says where the options come from."""
+    from streamflow import db
+
+    monkeypatch.setenv("PGOPTIONS", "-c statement_timout=5s")
+    with pytest.raises(psycopg.OperationalError) as caught:
+        db.connect(empty_db_url)
+    assert login_refused(caught.value) and not worth_retrying(caught.value)
+    message = explain_failure(caught.value)
+    assert message is not None
+    assert message.startswith("the database refused the login: ")
+    assert 'unrecognized configuration parameter "statement_timout"' in message
+    assert message.endswith("; check the session options (PGOPTIONS, or options= in DATABASE_URL)")
+
+
+def test_a_login_without_a_password_names_the_setting(empty_db_url, monkeypatch):
+    """POSTGRES_HOST set and POSTGRES_PASSWORD forgotten, against a server that asks for
+    one: libpq has nothing to send. That login fails the same way every time."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    from streamflow import db
+
+    with psycopg.connect(empty_db_url, autocommit=True) as admin:
+        admin.execute("DROP ROLE IF EXISTS sf_needs_password")
+        admin.execute("CREATE ROLE sf_needs_password LOGIN PASSWORD 'pw'")
+        hba = admin.execute("SHOW hba_file").fetchone()[0]
+    original = Path(hba).read_text()
+    params = conninfo_to_dict(empty_db_url)
+    rule = (  # first in pg_hba.conf: this role alone must give a password
+        "local all sf_needs_password scram-sha-256\n"
+        if str(params.get("host", "")).startswith("/")
+        else "host all sf_needs_password 127.0.0.1/32 scram-sha-256\n"
+    )
+    Path(hba).write_text(rule + original)
+    try:
+        with psycopg.connect(empty_db_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_reload_conf()")
+        time.sleep(0.5)
+        params["user"] = "sf_needs_password"
+        params.pop("password", None)
+        monkeypatch.delenv("PGPASSWORD", raising=False)
+        monkeypatch.setenv("PGPASSFILE", "/nonexistent")
+        with pytest.raises(psycopg.OperationalError) as caught:
+            db.connect(make_conninfo("", **params))
+    finally:
+        Path(hba).write_text(original)
+        with psycopg.connect(empty_db_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_reload_conf()")
+    assert login_refused(caught.value) and not worth_retrying(caught.value)
+    message = explain_failure(caught.value)
+    assert message is not None and "no password supplied" in message, message
+    assert message.endswith(
+        "no password was given: set POSTGRES_PASSWORD (or the password in DATABASE_URL, "
+        "PGPASSWORD, ~/.pgpass)"
+    ), message
+
+
+def test_a_database_refusal_mid_run_is_in_words_in_the_ledger(
+    run_flow, db_url, months, monkeypatch
+):
+    """The CLI said 'PostgreSQL refused the work: canceling statement due to statement
+    timeout'; the ledger, which the UI and readers see, said
+    QueryCanceled('canceling statement due to statement timeout')."""
+    from streamflow import publishing
+
+    with psycopg.connect(db_url) as conn:  # a real cancellation, as a server gives it
+        conn.execute("SET statement_timeout = '10ms'")
+        with pytest.raises(psycopg.errors.QueryCanceled) as caught:
+            conn.execute("SELECT pg_sleep(1)")
+
+    def cancelled(*args: object, **kwargs: object) -> None:
+        raise caught.value
+
+    monkeypatch.setattr(publishing, "publish_month", cancelled)
+    rc, _, err = run_flow(db_url, months / "month_000", "2024-01-31")
+
+    words = "PostgreSQL refused the work: canceling statement due to statement timeout"
+    assert rc == 1
+    assert err.strip().splitlines()[-1] == f"ingest failed: {words}", err[-2000:]
+    last = "SELECT status, error FROM ingest_runs ORDER BY run_id DESC LIMIT 1"
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute(last).fetchone() == ("failed", words)

@@ -376,8 +376,8 @@ def _record_failure(
             if accepted
             else "nothing was published"
         )
-    else:
-        summary.error = repr(exc)
+    else:  # the CLI's words for a database's refusal, not QueryCanceled('...')
+        summary.error = db.explain_failure(exc) or repr(exc)
     # The same one line the CLI prints, for runs started from the UI.
     get_run_logger().error("ingest failed: %s", summary.error)
     # (The next run marks it abandoned if the control connection broke.)

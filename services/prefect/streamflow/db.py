@@ -49,15 +49,32 @@ _REFUSALS = (
 )
 
 
+# The login itself is incomplete: libpq had no password to send, or the session's
+# options (PGOPTIONS, the URL's options) name a setting the server refuses. The same
+# login fails the same way again, and the fix is a setting, named in the message.
+_OPTIONS = "check the session options (PGOPTIONS, or options= in DATABASE_URL)"
+_LOGIN_SETTINGS = {
+    "no password supplied": (
+        "no password was given: set POSTGRES_PASSWORD (or the password in DATABASE_URL, "
+        "PGPASSWORD, ~/.pgpass)"
+    ),
+    "unrecognized configuration parameter": _OPTIONS,
+    "invalid value for parameter": _OPTIONS,
+}
+
+
 def login_refused(exc: BaseException) -> bool:
     """The server answered the login with a refusal (wrong password, no such database
-    or role, pg_hba): it was reached, and will refuse the same login again.
+    or role, pg_hba), or libpq could not make a complete login: either way the same
+    login fails again.
 
     psycopg gives connect-time errors no SQLSTATE: libpq's text is all there is.
     """
     if not isinstance(exc, psycopg.OperationalError) or exc.sqlstate is not None:
         return False
     text = str(exc)
+    if any(setting in text for setting in _LOGIN_SETTINGS):
+        return True
     return "FATAL:" in text and any(refusal in text for refusal in _REFUSALS)
 
 
@@ -96,6 +113,9 @@ def explain_failure(exc: BaseException) -> str | None:
     if login_refused(exc):
         if "permission denied for database" in reason:  # no CONNECT (db/init/001 says why)
             return f"the database refused the login: {reason}; {_NEEDS_ROLE}"
+        for setting, fix in _LOGIN_SETTINGS.items():
+            if setting in str(exc):
+                return f"the database refused the login: {reason}; {fix}"
         return f"the database refused the login: {reason}"
     if connection_lost(exc):
         return f"the database could not be reached: {reason}"
@@ -148,13 +168,33 @@ def session_options(url: str, *extra: str) -> str:
     return " ".join(o for o in (own, *extra, SESSION_OPTIONS) if o)
 
 
+# psycopg waits 130 s for a server that takes the connection and never answers (a
+# stuck proxy, a host that drops packets): a run sat silent for minutes. A URL's
+# connect_timeout or PGCONNECT_TIMEOUT still decides when given.
+CONNECT_TIMEOUT_SECONDS = 15
+
+
 def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
-    return psycopg.connect(
-        url,
-        autocommit=autocommit,
-        application_name="streamflow-ingest",
-        options=session_options(url),
-    )
+    params = conninfo_to_dict(url)
+    timeout = params.get("connect_timeout") or os.environ.get("PGCONNECT_TIMEOUT")
+    extra = {} if timeout else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+    try:
+        return psycopg.connect(
+            url,
+            autocommit=autocommit,
+            application_name="streamflow-ingest",
+            options=session_options(url),
+            **extra,
+        )
+    except psycopg.errors.ConnectionTimeout as exc:
+        # libpq's words name neither the server nor the wait.
+        host = params.get("host") or os.environ.get("PGHOST") or "localhost"
+        port = params.get("port") or os.environ.get("PGPORT") or "5432"
+        waited = timeout or CONNECT_TIMEOUT_SECONDS
+        raise psycopg.errors.ConnectionTimeout(
+            f"{host} port {port} did not answer within {waited} s (connect_timeout in "
+            "DATABASE_URL, or PGCONNECT_TIMEOUT, sets the wait)"
+        ) from exc
 
 
 def schema_present(conn: psycopg.Connection) -> bool:

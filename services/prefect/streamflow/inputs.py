@@ -99,6 +99,9 @@ def cli_parser(description: str | None, *, add_help: bool = True) -> argparse.Ar
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         add_help=add_help,
+        # --seed for --seed-dir would slip past serve's refusal of a run's flags, and a
+        # flag added later would change what an abbreviation means.
+        allow_abbrev=False,
     )
     parser.add_argument("command", nargs="?", choices=["run", "serve"], default="run")
     parser.add_argument(

@@ -152,6 +152,9 @@ def exit_if_unchanged(argv: list[str]) -> None:
     except InputError as exc:  # no run to start: the folder, a file, as_of or a setting
         print(f"ingest failed: {exc}", file=sys.stderr)
         sys.exit(1)
+    except psycopg.errors.ConnectionTimeout as exc:  # the flow would wait as long again
+        print(f"ingest failed: {db.explain_failure(exc)}", file=sys.stderr)
+        sys.exit(1)
     except Exception:  # a refusal, no database: the flow reports it, and retries
         return
     if summary is not None:

@@ -16,6 +16,7 @@ import sys
 
 import psycopg
 
+from . import db
 from .db import queries, schema_present
 from .embedded import resolve_database_url
 from .errors import IngestError, first_line
@@ -32,7 +33,7 @@ class VerifyFailed(Exception):
 
 def connect(url: str) -> psycopg.Connection:
     try:
-        return psycopg.connect(url)
+        return db.connect(url)
     except psycopg.OperationalError as exc:
         raise VerifyFailed(f"cannot connect to the database: {first_line(exc)}") from exc
 
