@@ -141,3 +141,84 @@ def test_the_uri_encodes_its_socket_folder():
     uri = socket_uri(Path("/tmp/pg%41data x/.pgdata"))
 
     assert conninfo_to_dict(uri)["host"] == "/tmp/pg%41data x/.pgdata"
+
+
+def test_a_stale_pid_file_naming_another_live_process_is_not_a_server(tmp_path):
+    """After a crash the pid in postmaster.pid may belong to another process by the next
+    start (pids wrap): the server was taken for running, every run said 'could not be
+    reached', and only deleting the data folder helped. The data is kept."""
+    pgdata = tmp_path / "pgdata"
+    other = subprocess.Popen(["sleep", "60"])  # a live process that is no postgres
+    try:
+        url = embedded(pgdata, "uri").stdout.strip()
+        with psycopg.connect(url) as conn:
+            conn.execute("CREATE TABLE kept (n int); INSERT INTO kept VALUES (7)")
+        lines = (pgdata / "postmaster.pid").read_text().splitlines()
+        assert embedded(pgdata, "stop").returncode == 0
+        (pgdata / "postmaster.pid").write_text("\n".join([str(other.pid), *lines[1:]]) + "\n")
+
+        uri = embedded(pgdata, "uri")
+        assert uri.returncode == 0, uri.stderr
+        with psycopg.connect(uri.stdout.strip()) as conn:
+            assert conn.execute("SELECT n FROM kept").fetchone() == (7,)
+    finally:
+        other.kill()
+        other.wait()
+        embedded(pgdata, "stop")
+
+
+def test_a_server_that_cannot_start_is_one_line_naming_its_log(tmp_path):
+    """A data folder of another PostgreSQL version: pgserver printed the server's whole
+    log twice, then a traceback, and the flow said 'unexpected AssertionError: '."""
+    pgdata = tmp_path / "pgdata"
+    try:
+        assert embedded(pgdata, "uri").returncode == 0
+    finally:
+        embedded(pgdata, "stop")
+    (pgdata / "PG_VERSION").write_text("15\n")
+
+    proc = embedded(pgdata, "uri")
+
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"embedded: the embedded PostgreSQL in {pgdata} did not start: database files are "
+        "incompatible with server (The data directory was initialized by PostgreSQL "
+        "version 15, which is not compatible with this version 16.2.) (its log: "
+        f"{pgdata / 'log'}; STREAMFLOW_PGDATA names another folder)"
+    ], proc.stderr
+
+
+def test_the_cli_says_in_one_line_that_the_embedded_server_did_not_start(tmp_path):
+    pgdata = tmp_path / "pgdata"
+    try:
+        assert embedded(pgdata, "uri").returncode == 0
+    finally:
+        embedded(pgdata, "stop")
+    (pgdata / "PG_VERSION").write_text("15\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "PREFECT_"))}
+    env.update(
+        PYTHONPATH=str(FLOW_DIR),
+        STREAMFLOW_PGDATA=str(pgdata),
+        DATABASE_URL="",
+        POSTGRES_HOST="",
+        PREFECT_HOME=str(tmp_path / "prefect"),
+    )
+    month = FLOW_DIR.parent.parent / "data" / "seeds" / "month_000"
+    proc = subprocess.run(
+        [sys.executable, str(FLOW_DIR / "ingest_flow.py"), "--seed-dir", str(month)]
+        + ["--as-of", "2024-01-31"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"ingest failed: the embedded PostgreSQL in {pgdata} did not start: database files "
+        "are incompatible with server"
+    ), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Showing contents" not in proc.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
 import re
 import subprocess
@@ -79,6 +80,73 @@ _PLAIN = re.compile(r"[\w./+-]+", re.ASCII)
 
 
 def _server(pgserver: ModuleType, pgdata: Path) -> PostgresServer:
+    """The running server of ``pgdata``, started if need be; IngestError if it cannot."""
+    _forget_stale_pid_file(pgdata)
+    # pgserver logs its server's whole log at ERROR, then raises bare: the one line
+    # people need is built below instead.
+    logging.getLogger("pgserver").setLevel(logging.CRITICAL)
+    try:
+        return _start(pgserver, pgdata)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, AssertionError) as exc:
+        from pgserver.postgres_server import PostgresServer
+
+        # pgserver keeps the half-made server, and hands it out again to the next call.
+        for key in [k for k in PostgresServer._instances if k.resolve() == pgdata.resolve()]:
+            del PostgresServer._instances[key]
+        log = pgdata / "log"
+        said = _last_fatal(log) or f"{type(exc).__name__}"
+        raise IngestError(
+            f"the embedded PostgreSQL in {pgdata} did not start: {said} (its log: {log}; "
+            "STREAMFLOW_PGDATA names another folder)"
+        ) from exc
+
+
+def _last_fatal(log: Path) -> str | None:
+    """The server log's last FATAL line, with its DETAIL: why it would not start."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for i in range(len(lines) - 1, -1, -1):
+        if "FATAL:" in lines[i]:
+            said = lines[i].split("FATAL:", 1)[1].strip()
+            if i + 1 < len(lines) and "DETAIL:" in lines[i + 1]:
+                said += " (" + lines[i + 1].split("DETAIL:", 1)[1].strip() + ")"
+            return said
+    return None
+
+
+def _forget_stale_pid_file(pgdata: Path) -> None:
+    """Remove a postmaster.pid whose process is not this folder's server.
+
+    After a crash or a reboot the recorded pid can belong to another process by the
+    time the server starts again (pids wrap), or to a zombie: pgserver then takes the
+    server for running and hands out its dead socket, and PostgreSQL itself refuses to
+    start ("lock file already exists"). A postgres process serving this folder keeps it.
+    """
+    pid_file = pgdata / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return
+    proc = Path("/proc") / str(pid)
+    try:
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        argv = (proc / "cmdline").read_bytes().split(b"\0")
+    except (OSError, IndexError):
+        return  # gone (pgserver starts a new server) or not Linux: left to pgserver
+    serves_it = (
+        state != "Z"
+        and Path(os.fsdecode(argv[0])).name == "postgres"
+        and b"-D" in argv
+        and argv.index(b"-D") + 1 < len(argv)
+        and Path(os.fsdecode(argv[argv.index(b"-D") + 1])).resolve() == pgdata.resolve()
+    )
+    if not serves_it:
+        pid_file.unlink(missing_ok=True)
+
+
+def _start(pgserver: ModuleType, pgdata: Path) -> PostgresServer:
     if _PLAIN.fullmatch(str(pgdata)):
         return pgserver.get_server(pgdata, cleanup_mode=None)
     # get_server() resolves links, so the server is made from the link directly.
