@@ -669,6 +669,22 @@ def test_ctrl_c_mid_run_stops_the_run_and_its_server_at_once(db_url, bigger_mont
     )
 
 
+def test_sigterm_mid_run_stops_the_run_like_ctrl_c(db_url, bigger_month, tmp_path):
+    """What timeout, systemd and docker stop send: the CLI died of it again after
+    Prefect's own handling, with no last line, and the ledger said 'TerminationSignal()'."""
+    proc, servers = _start_mid_run(db_url, bigger_month, tmp_path / "prefect")
+
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+
+    assert (proc.returncode, err.strip().splitlines()[-1]) == (143, "ingest terminated (SIGTERM)")
+    assert _gone_within(servers, 10)
+    assert scalar(db_url, "SELECT count(*) FROM ingest_months") == 0
+    assert scalar(db_url, "SELECT error FROM ingest_runs ORDER BY run_id DESC LIMIT 1") == (
+        "interrupted (SIGTERM); nothing was published"
+    )
+
+
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_the_temporary_server_dies_with_the_cli(db_url, bigger_month, tmp_path, how):
     """SIGTERM (Prefect turns it into its own exception, then dies of it again) or

@@ -36,7 +36,12 @@ if __name__ == "__main__":
         print("ingest interrupted", file=sys.stderr)
         os._exit(130)
 
+    def _terminated_while_starting(signum: int, frame: object) -> None:
+        print("ingest terminated (SIGTERM)", file=sys.stderr)
+        os._exit(143)
+
     signal.signal(signal.SIGINT, _interrupted_while_starting)
+    signal.signal(signal.SIGTERM, _terminated_while_starting)
 
     from streamflow.errors import InputError
     from streamflow.settings import check_prefect_settings
@@ -60,6 +65,7 @@ import prefect.runtime  # noqa: E402
 from prefect import Task, flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.client.schemas.objects import State, TaskRun  # noqa: E402
+from prefect.exceptions import TerminationSignal  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from streamflow import (  # noqa: E402
     db,
@@ -77,6 +83,7 @@ from streamflow.errors import (  # noqa: E402
     IngestError,
     MonthConflict,
     NotPublished,
+    Terminated,
     WithoutTraceback,
 )
 from streamflow.inputs import (  # noqa: E402
@@ -370,8 +377,9 @@ def _record_failure(
     summary.status = "failed"
     if isinstance(exc, IngestError):
         summary.error = str(exc)
-    elif isinstance(exc, KeyboardInterrupt):  # the CLI's own words, not KeyboardInterrupt()
-        summary.error = "interrupted (Ctrl-C or SIGINT); " + (
+    elif isinstance(exc, KeyboardInterrupt | TerminationSignal):  # words, not repr()
+        how = "SIGTERM" if isinstance(exc, Terminated | TerminationSignal) else "Ctrl-C or SIGINT"
+        summary.error = f"interrupted ({how}); " + (
             "the month had passed validation: ingest_months says whether its commit completed"
             if accepted
             else "nothing was published"
@@ -445,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     except IngestError as exc:
         print(f"ingest failed: {exc}", file=sys.stderr)
         return 1
+    except TerminationSignal:  # Prefect's SIGTERM in a flow run: stopped as on Ctrl-C
+        raise Terminated from None
     except Exception as exc:  # still one line for people; the traceback is in the run logs
         explained = db.explain_failure(exc)
         if explained is not None:
@@ -470,4 +480,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from here
+    signal.signal(signal.SIGTERM, errors.raise_terminated)  # and Terminated, its kin
     WARMUP.run(main)

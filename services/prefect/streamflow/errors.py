@@ -111,3 +111,12 @@ class NotPublished(IngestError):
 
 class SchemaOutdated(IngestError):
     """The database predates this version's db/init and the login may not update it."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, systemd, docker stop): the run stops as on Ctrl-C, in one line."""
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    """A SIGTERM handler: ``signal.signal(signal.SIGTERM, raise_terminated)``."""
+    raise Terminated

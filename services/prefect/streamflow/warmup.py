@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from . import validation
 from .embedded import resolve_database_url
-from .errors import IngestError
+from .errors import IngestError, Terminated
 from .inputs import complete_run
 from .settings import load_settings
 
@@ -251,13 +251,21 @@ class Warmup:
             code = 1
         except SystemExit as exc:  # argparse, after printing its usage line
             code = exc.code if isinstance(exc.code, int) else 1
-        except KeyboardInterrupt:
-            print("ingest interrupted", file=sys.stderr)
-            code = 130
+        except KeyboardInterrupt as exc:
+            terminated = isinstance(exc, Terminated)
+            print(
+                "ingest terminated (SIGTERM)" if terminated else "ingest interrupted",
+                file=sys.stderr,
+            )
+            code = 143 if terminated else 130
         self.exit(code)
 
     def exit(self, code: int) -> NoReturn:
         """Ship the run's last logs and events, stop the server, exit with ``code``."""
+        # A second Ctrl-C (or a timeout's second signal) would break this clean-up with
+        # a traceback; each step of it is bounded in time.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         validation.SuitesProcess.discard_prestarted()
         quiet_terminal()
         atexit._run_exitfuncs()  # Prefect's queue drains and logging.shutdown
