@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -173,3 +175,32 @@ def shared_seeds() -> Path:
 def scalar(url: str, query: str, params: tuple = ()) -> object:
     with psycopg.connect(url) as conn:
         return conn.execute(query, params).fetchone()[0]  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A port that takes TCP connections and never answers: a stuck proxy, say."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    taken: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                taken.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in taken:
+            conn.close()
+        listener.close()

@@ -433,6 +433,27 @@ def test_a_prefect_api_url_with_no_server_is_named(db_url, months, tmp_path):
     assert scalar(db_url, "SELECT count(*) FROM ingest_runs") == 0
 
 
+def test_a_prefect_api_url_that_never_answers_is_named(db_url, months, tmp_path, silent_server):
+    """A server that takes the connection and never answers: Prefect's client retried
+    for ~7 minutes without a word."""
+    from streamflow import warmup
+
+    api = f"http://127.0.0.1:{silent_server}/api"
+    python, *script = flow_command(months / "month_001", "2024-02-29")
+    env = flow_env(db_url, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_API_URL=api)
+    start = time.monotonic()
+    proc = subprocess.run([python, *script], env=env, capture_output=True, text=True, timeout=300)
+
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"ingest failed: the Prefect API at {api} did not answer within "
+        f"{warmup.API_ANSWER_SECONDS} s (PREFECT_API_URL): is that server up and reachable "
+        "from here?"
+    ), proc.stderr[-2000:]
+    assert time.monotonic() - start < warmup.API_ANSWER_SECONDS + 30
+    assert scalar(db_url, "SELECT count(*) FROM ingest_runs") == 0
+
+
 def test_the_flow_takes_the_gx_process_started_for_its_database(db_url, tmp_path):
     """The CLI's early GX process is used only for the database and docs it was started
     for; any other is stopped and replaced."""

@@ -3,11 +3,8 @@ which are the server refusing the work: psycopg files both under OperationalErro
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -225,35 +222,6 @@ def test_database_errors_explained_to_people_lose_their_traceback_in_the_run_log
     keep.filter(bug)
     assert explained.exc_info is None
     assert bug.exc_info is not None
-
-
-@pytest.fixture
-def silent_server() -> Iterator[int]:
-    """A port that takes TCP connections and never answers: a stuck proxy, say."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    taken: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                taken.append(listener.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join(5)
-        for conn in taken:
-            conn.close()
-        listener.close()
 
 
 def test_a_server_that_never_answers_is_given_up_on_and_named(silent_server, monkeypatch):

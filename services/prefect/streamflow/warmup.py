@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext, suppress
@@ -189,6 +190,31 @@ class TemporaryApiServer:
                 self._proc.wait()
 
 
+# A server that takes the connection and never answers (a stuck proxy, a paused
+# container): Prefect's client retried for ~7 minutes without a word. A refused
+# connection or an HTTP error is left to Prefect, whose message names the address.
+API_ANSWER_SECONDS = 15
+
+
+def check_api_answers(api_url: str) -> None:
+    """Raise IngestError if PREFECT_API_URL's server does not answer in time."""
+    try:
+        urllib.request.urlopen(  # noqa: S310 - the user's own API URL
+            api_url.rstrip("/") + "/health", timeout=API_ANSWER_SECONDS
+        ).close()
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (urllib.error.URLError, TimeoutError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if isinstance(reason, TimeoutError):
+            raise IngestError(
+                f"the Prefect API at {api_url} did not answer within {API_ANSWER_SECONDS} s "
+                "(PREFECT_API_URL): is that server up and reachable from here?"
+            ) from exc
+    except OSError:
+        return
+
+
 def quiet_terminal() -> None:
     """Silence every logging handler that writes to a stream (the terminal), for the
     end of a run: the CLI has printed its last line ("ingest interrupted", "ingest
@@ -216,6 +242,8 @@ class Warmup:
     def prefect_settings(self) -> AbstractContextManager[object]:
         """Point Prefect at the temporary server for the run (call after importing it)."""
         if self.server is None:
+            if api_url := os.environ.get("PREFECT_API_URL"):
+                check_api_answers(api_url)
             return nullcontext()
         from prefect.settings import (
             PREFECT_API_URL,
