@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -177,30 +178,37 @@ def scalar(url: str, query: str, params: tuple = ()) -> object:
         return conn.execute(query, params).fetchone()[0]  # type: ignore[arg-type]
 
 
+@dataclass
+class SilentServer:
+    port: int
+    taken: list[socket.socket]
+    """The connections it took, and will never answer."""
+
+
 @pytest.fixture
-def silent_server() -> Iterator[int]:
+def silent_server() -> Iterator[SilentServer]:
     """A port that takes TCP connections and never answers: a stuck proxy, say."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
-    taken: list[socket.socket] = []
+    server = SilentServer(listener.getsockname()[1], [])
     stop = threading.Event()
 
     def accept() -> None:
         listener.settimeout(0.2)
         while not stop.is_set():
             try:
-                taken.append(listener.accept()[0])
+                server.taken.append(listener.accept()[0])
             except OSError:
                 continue
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     try:
-        yield listener.getsockname()[1]
+        yield server
     finally:
         stop.set()
         thread.join(5)
-        for conn in taken:
+        for conn in server.taken:
             conn.close()
         listener.close()

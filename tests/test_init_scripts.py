@@ -265,9 +265,9 @@ def test_a_placeholder_password_stops_the_init_and_the_healthcheck_says_so(clust
 
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        f"000_prefect_db.sh: {variable} is still .env.example's placeholder; set a password "
-        "of your own in .env (e.g. openssl rand -hex 24), then docker compose down -v (this "
-        "deletes the database volume) and up again"
+        f"000_prefect_db.sh: {variable} starts with change-me, like .env.example's "
+        "placeholders; set a password of your own in .env (e.g. openssl rand -hex 24), then "
+        "docker compose down -v (this deletes the database volume) and up again"
     )
     with psycopg.connect(login_url(cluster, cluster["user"], "postgres")) as admin:
         roles = admin.execute(

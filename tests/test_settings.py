@@ -186,6 +186,7 @@ def test_gx_connects_with_the_urls_options_and_one_port_per_host():
 
     assert args["options"] == "-c lock_timeout=7min -c work_mem=256MB -c DateStyle=ISO,YMD"
     assert (args["host"], args["port"], args["dbname"]) == ("h1,h2", "5433,5433", "d")
+    assert args["connect_timeout"] == "15"  # db.connect's default, not psycopg's 130 s
 
 
 def test_pgoptions_is_kept_when_the_url_has_no_options(monkeypatch: pytest.MonkeyPatch):

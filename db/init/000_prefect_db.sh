@@ -6,6 +6,7 @@
 # Inputs (environment of the postgres container, see docker-compose.yml):
 #   PREFECT_DB_USER, PREFECT_DB_PASSWORD  - the Prefect metadata role
 #   POSTGRES_USER, POSTGRES_DB            - set by the image (superuser, app DB)
+#   POSTGRES_PASSWORD, INGEST_DB_PASSWORD - only checked here (not placeholders)
 # Names and passwords reach SQL only as psql variables, quoted by
 # format('%I' / '%L'), never by string pasting in the shell. Passwords are read
 # by psql from the environment (\getenv, psql 15+), not passed in its arguments,
@@ -17,11 +18,13 @@ set -euo pipefail
 : "${POSTGRES_USER:?POSTGRES_USER must be set}"
 : "${POSTGRES_DB:=$POSTGRES_USER}"
 
-# .env.example's placeholders are public: a stack started from an unedited copy would
-# have passwords anyone can read. Checked here, first, before anything is created.
+# .env.example's placeholders (change-me-...) are public: a stack started from an
+# unedited copy would have passwords anyone can read. Checked first: initdb has made
+# the cluster and POSTGRES_DB, but no role or database of the stack exists yet, and
+# the postgres healthcheck (db/healthcheck.sql) keeps such a cluster unhealthy.
 for var in POSTGRES_PASSWORD PREFECT_DB_PASSWORD INGEST_DB_PASSWORD; do
     if [[ "${!var:-}" == change-me* ]]; then
-        echo "000_prefect_db.sh: $var is still .env.example's placeholder; set a password of your own in .env (e.g. openssl rand -hex 24), then docker compose down -v (this deletes the database volume) and up again" >&2
+        echo "000_prefect_db.sh: $var starts with change-me, like .env.example's placeholders; set a password of your own in .env (e.g. openssl rand -hex 24), then docker compose down -v (this deletes the database volume) and up again" >&2
         exit 1
     fi
 done

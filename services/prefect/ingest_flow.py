@@ -272,6 +272,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
             suites = validation.SuitesProcess.take(url, settings.gx_docs_dir)
             suites.connect()
             verdict = Verdict()
+            stopped = False  # by a signal: the GX child's Data Docs are not waited for
             try:
                 with clock("upsert_csv"):
                     # Two COPY streams at once: one per core of a small machine.
@@ -302,12 +303,14 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                 summary.status = "succeeded"
             except BaseException as exc:
                 verdict.reject()  # an interrupt while staging: nothing may be published
+                stopped = isinstance(exc, KeyboardInterrupt | TerminationSignal)
                 _record_failure(control, summary, exc, accepted=not verdict.rejected)
                 raise
             finally:
+                if stopped:  # a SIGTERM reaches this process only: the child may still run
+                    suites.close()
                 # The child builds the Data Docs after its verdict, alongside the commit.
-                docs_error = suites.finish()
-                if docs_error:
+                elif docs_error := suites.finish():
                     get_run_logger().warning("GX Data Docs not built: %s", docs_error)
             _record_success(control, summary)
             try:

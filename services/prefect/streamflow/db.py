@@ -12,9 +12,9 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, timeout_from_conninfo
 
-from .errors import LockLost, LockTimeout, SchemaOutdated, first_line
+from .errors import InputError, LockLost, LockTimeout, SchemaOutdated, first_line
 from .settings import SQL_DIR
 
 # One key for the whole pipeline: months are published strictly one at a time.
@@ -170,14 +170,22 @@ def session_options(url: str, *extra: str) -> str:
 
 # psycopg waits 130 s for a server that takes the connection and never answers (a
 # stuck proxy, a host that drops packets): a run sat silent for minutes. A URL's
-# connect_timeout or PGCONNECT_TIMEOUT still decides when given.
+# connect_timeout or PGCONNECT_TIMEOUT still decides when given (a service file's
+# does not: this default comes first).
 CONNECT_TIMEOUT_SECONDS = 15
 
 
 def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
     params = conninfo_to_dict(url)
-    timeout = params.get("connect_timeout") or os.environ.get("PGCONNECT_TIMEOUT")
-    extra = {} if timeout else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+    given = params.get("connect_timeout") or os.environ.get("PGCONNECT_TIMEOUT")
+    extra = {} if given else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+    try:
+        waited = timeout_from_conninfo({**params, **extra})  # what psycopg will wait
+    except psycopg.ProgrammingError:
+        raise InputError(
+            f"connect_timeout {given!r} (in DATABASE_URL or PGCONNECT_TIMEOUT) is not a "
+            "number of seconds"
+        ) from None
     try:
         return psycopg.connect(
             url,
@@ -188,13 +196,20 @@ def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
         )
     except psycopg.errors.ConnectionTimeout as exc:
         # libpq's words name neither the server nor the wait.
-        host = params.get("host") or os.environ.get("PGHOST") or "localhost"
-        port = params.get("port") or os.environ.get("PGPORT") or "5432"
-        waited = timeout or CONNECT_TIMEOUT_SECONDS
         raise psycopg.errors.ConnectionTimeout(
-            f"{host} port {port} did not answer within {waited} s (connect_timeout in "
+            f"{_server_named(params)} did not answer within {waited} s (connect_timeout in "
             "DATABASE_URL, or PGCONNECT_TIMEOUT, sets the wait)"
         ) from exc
+
+
+def _server_named(params: dict) -> str:
+    host = str(params.get("host") or os.environ.get("PGHOST") or "")
+    port = str(params.get("port") or os.environ.get("PGPORT") or "5432")
+    if not host:
+        return f"the default socket, port {port},"
+    if "," in host:  # each host of a list is given the whole wait
+        return f"each of {host} (port {port})"
+    return f"{host} port {port}"
 
 
 def schema_present(conn: psycopg.Connection) -> bool:

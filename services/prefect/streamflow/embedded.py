@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from contextlib import suppress
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -85,6 +86,8 @@ def _server(pgserver: ModuleType, pgdata: Path) -> PostgresServer:
     # pgserver logs its server's whole log at ERROR, then raises bare: the one line
     # people need is built below instead.
     logging.getLogger("pgserver").setLevel(logging.CRITICAL)
+    log = pgdata / "log"
+    logged = log.stat().st_size if log.is_file() else 0  # pg_ctl appends: older news
     try:
         return _start(pgserver, pgdata)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, AssertionError) as exc:
@@ -93,18 +96,23 @@ def _server(pgserver: ModuleType, pgdata: Path) -> PostgresServer:
         # pgserver keeps the half-made server, and hands it out again to the next call.
         for key in [k for k in PostgresServer._instances if k.resolve() == pgdata.resolve()]:
             del PostgresServer._instances[key]
-        log = pgdata / "log"
-        said = _last_fatal(log) or f"{type(exc).__name__}"
+        said = _new_fatal(log, logged) or (
+            f"no answer within {exc.timeout:.0f} s"
+            if isinstance(exc, subprocess.TimeoutExpired)
+            else type(exc).__name__
+        )
         raise IngestError(
             f"the embedded PostgreSQL in {pgdata} did not start: {said} (its log: {log}; "
             "STREAMFLOW_PGDATA names another folder)"
         ) from exc
 
 
-def _last_fatal(log: Path) -> str | None:
-    """The server log's last FATAL line, with its DETAIL: why it would not start."""
+def _new_fatal(log: Path, since: int) -> str | None:
+    """The last FATAL line the server logged after byte ``since``, with its DETAIL."""
     try:
-        lines = log.read_text(errors="replace").splitlines()
+        with log.open("rb") as f:
+            f.seek(since)
+            lines = f.read().decode(errors="replace").splitlines()
     except OSError:
         return None
     for i in range(len(lines) - 1, -1, -1):
@@ -117,33 +125,31 @@ def _last_fatal(log: Path) -> str | None:
 
 
 def _forget_stale_pid_file(pgdata: Path) -> None:
-    """Remove a postmaster.pid whose process is not this folder's server.
+    """Remove a postmaster.pid whose process is surely no server: a zombie, or a
+    process that is not postgres at all.
 
-    After a crash or a reboot the recorded pid can belong to another process by the
-    time the server starts again (pids wrap), or to a zombie: pgserver then takes the
-    server for running and hands out its dead socket, and PostgreSQL itself refuses to
-    start ("lock file already exists"). A postgres process serving this folder keeps it.
+    After a crash or a reboot the recorded pid can belong to another program by the
+    time the server starts again (pids wrap): pgserver then takes the server for
+    running and hands out its dead socket, and PostgreSQL itself refuses to start
+    ("lock file already exists"). Any postgres process keeps the file, whatever its
+    command line says (a server started by hand, through a link since removed): a
+    wrong guess there would take a running server's lock file away. Linux only (/proc).
     """
     pid_file = pgdata / "postmaster.pid"
     try:
-        pid = int(pid_file.read_text().split("\n", 1)[0])
-    except (OSError, ValueError):
-        return
-    proc = Path("/proc") / str(pid)
-    try:
+        recorded = pid_file.read_text()
+        pid = int(recorded.split("\n", 1)[0])
+        proc = Path("/proc") / str(pid)
+        name = (proc / "comm").read_text().strip()
         state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        argv = (proc / "cmdline").read_bytes().split(b"\0")
-    except (OSError, IndexError):
-        return  # gone (pgserver starts a new server) or not Linux: left to pgserver
-    serves_it = (
-        state != "Z"
-        and Path(os.fsdecode(argv[0])).name == "postgres"
-        and b"-D" in argv
-        and argv.index(b"-D") + 1 < len(argv)
-        and Path(os.fsdecode(argv[argv.index(b"-D") + 1])).resolve() == pgdata.resolve()
-    )
-    if not serves_it:
-        pid_file.unlink(missing_ok=True)
+    except (OSError, ValueError, IndexError):
+        return  # no file, no such process (pgserver starts a server), or no /proc
+    if state == "Z" or name != "postgres":
+        # Another run may have replaced the file meanwhile (its new server's): only the
+        # file read above goes.
+        with suppress(OSError):
+            if pid_file.read_text() == recorded:
+                pid_file.unlink()
 
 
 def _start(pgserver: ModuleType, pgdata: Path) -> PostgresServer:

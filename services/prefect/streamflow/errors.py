@@ -6,6 +6,7 @@ import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 
 def one_line(text: str) -> str:
@@ -117,6 +118,6 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (timeout, systemd, docker stop): the run stops as on Ctrl-C, in one line."""
 
 
-def raise_terminated(signum: int, frame: object) -> None:
+def raise_terminated(signum: int, frame: object) -> NoReturn:
     """A SIGTERM handler: ``signal.signal(signal.SIGTERM, raise_terminated)``."""
     raise Terminated

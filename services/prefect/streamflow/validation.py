@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from psycopg import sql
 
 from . import db
-from .db import queries, query, session_options
+from .db import CONNECT_TIMEOUT_SECONDS, queries, query, session_options
 from .errors import IngestError, clipped, clipped_quotes
 from .outcomes import Check, ExpectationOutcome, SuiteOutcome, shown
 from .registry import BY_NAME, EARLIEST_DATE, KEY, KEY_MAX_LENGTH, PARENT, TABLES, TableSpec
@@ -260,6 +260,8 @@ def _sqlalchemy_url(database_url: str) -> str:
     # One options parameter: SQLAlchemy turns a repeated one into a tuple, which
     # libpq sends as a single malformed argument and the server refuses.
     params["options"] = session_options(database_url, GX_SESSION_OPTIONS)
+    if "connect_timeout" not in params and not os.environ.get("PGCONNECT_TIMEOUT"):
+        params["connect_timeout"] = str(CONNECT_TIMEOUT_SECONDS)  # as db.connect's
     # libpq gives every host of a list the one port; SQLAlchemy wants one port per host.
     hosts = params.get("host", "").split(",")
     if len(hosts) > 1 and "," not in params.get("port", ","):

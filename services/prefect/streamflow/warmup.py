@@ -290,10 +290,14 @@ class Warmup:
 
     def exit(self, code: int) -> NoReturn:
         """Ship the run's last logs and events, stop the server, exit with ``code``."""
-        # A second Ctrl-C (or a timeout's second signal) would break this clean-up with
-        # a traceback; each step of it is bounded in time.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+        # A second Ctrl-C (or a timeout's second signal) broke this clean-up with a
+        # traceback; it now ends the process at once, the last line already printed.
+        def at_once(signum: int, frame: object) -> None:
+            os._exit(code)
+
+        signal.signal(signal.SIGINT, at_once)
+        signal.signal(signal.SIGTERM, at_once)
         validation.SuitesProcess.discard_prestarted()
         quiet_terminal()
         atexit._run_exitfuncs()  # Prefect's queue drains and logging.shutdown
