@@ -261,8 +261,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
         with clock("schema"):
             db.ensure_schema(control)
             ledger.abandon_stale_runs(control)
-        recorded = ledger.published_files(control, as_of_date)
-        prints, fingerprint = fingerprints.fingerprint_month(recorded, files, summary.timings)
+        prints, fingerprint = rerun.fingerprint_files(control, as_of_date, files, summary.timings)
         mode = _open_run(control, summary, as_of_date, prints, fingerprint, replace, allow_gap)
         if mode is Mode.NOOP:
             ledger.finish_run(control, summary.run_id, status="noop", timings=summary.timings)

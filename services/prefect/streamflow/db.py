@@ -63,6 +63,11 @@ _LOGIN_SETTINGS = {
 }
 
 
+def _login_fix(text: str) -> str | None:
+    """The setting to change, when libpq's words say the login itself was incomplete."""
+    return next((fix for words, fix in _LOGIN_SETTINGS.items() if words in text), None)
+
+
 def login_refused(exc: BaseException) -> bool:
     """The server answered the login with a refusal (wrong password, no such database
     or role, pg_hba), or libpq could not make a complete login: either way the same
@@ -73,7 +78,7 @@ def login_refused(exc: BaseException) -> bool:
     if not isinstance(exc, psycopg.OperationalError) or exc.sqlstate is not None:
         return False
     text = str(exc)
-    if any(setting in text for setting in _LOGIN_SETTINGS):
+    if _login_fix(text) is not None:
         return True
     return "FATAL:" in text and any(refusal in text for refusal in _REFUSALS)
 
@@ -113,10 +118,8 @@ def explain_failure(exc: BaseException) -> str | None:
     if login_refused(exc):
         if "permission denied for database" in reason:  # no CONNECT (db/init/001 says why)
             return f"the database refused the login: {reason}; {_NEEDS_ROLE}"
-        for setting, fix in _LOGIN_SETTINGS.items():
-            if setting in str(exc):
-                return f"the database refused the login: {reason}; {fix}"
-        return f"the database refused the login: {reason}"
+        fix = _login_fix(str(exc))
+        return f"the database refused the login: {reason}" + (f"; {fix}" if fix else "")
     if connection_lost(exc):
         return f"the database could not be reached: {reason}"
     if isinstance(exc, psycopg.OperationalError):
@@ -175,7 +178,9 @@ def session_options(url: str, *extra: str) -> str:
 CONNECT_TIMEOUT_SECONDS = 15
 
 
-def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
+def connect(
+    url: str, *, autocommit: bool = False, application_name: str = "streamflow-ingest"
+) -> psycopg.Connection:
     params = conninfo_to_dict(url)
     given = params.get("connect_timeout") or os.environ.get("PGCONNECT_TIMEOUT")
     extra = {} if given else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
@@ -190,7 +195,7 @@ def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
         return psycopg.connect(
             url,
             autocommit=autocommit,
-            application_name="streamflow-ingest",
+            application_name=application_name,
             options=session_options(url),
             **extra,
         )

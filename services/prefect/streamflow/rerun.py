@@ -19,14 +19,15 @@ from __future__ import annotations
 import sys
 from datetime import date
 from enum import StrEnum
+from pathlib import Path
 
 import psycopg
 
-from . import db, ledger
+from . import db, fingerprints, ledger
 from .db import queries
 from .embedded import resolve_database_url
 from .errors import InputError, MonthConflict
-from .fingerprints import FileFingerprint, fingerprint_month, month_fingerprint
+from .fingerprints import FileFingerprint, month_fingerprint
 from .inputs import check_run, complete_run, months_between, next_month_end
 from .reporting import RunSummary
 from .settings import load_settings
@@ -37,6 +38,20 @@ class Mode(StrEnum):
     BACKFILL = "backfill"  # older than the latest published month: history, and live
     # rows only for the users no later month lists
     NOOP = "noop"  # same as_of, same files: nothing to do
+
+
+def fingerprint_files(
+    conn: psycopg.Connection,
+    as_of: date,
+    files: dict[str, Path],
+    timings: dict[str, float],
+    *,
+    remember: bool = False,
+) -> tuple[list[FileFingerprint], str]:
+    """The month's files and fingerprint: known by their stat where the ledger's record
+    of this as_of (or this process, with ``remember``) saw them unchanged."""
+    recorded = ledger.published_files(conn, as_of)
+    return fingerprints.fingerprint_month(recorded, files, timings, remember=remember)
 
 
 def changed_files(recorded: dict | None, prints: list[FileFingerprint]) -> list[str]:
@@ -119,8 +134,9 @@ def unchanged_month(seed_dir: str, as_of: str) -> RunSummary | None:
         # it, LOCK_WAIT_SECONDS once, in a run people can see in Prefect.
         with db.writer_lock(control, 0):
             ledger.abandon_stale_runs(control)  # the lock is ours: no run is alive
-            recorded = ledger.published_files(control, as_of_date)
-            prints, fingerprint = fingerprint_month(recorded, files, summary.timings, remember=True)
+            prints, fingerprint = fingerprint_files(
+                control, as_of_date, files, summary.timings, remember=True
+            )
             mode, _ = decide_mode(control, as_of_date, prints, replace=False)
             if mode is not Mode.NOOP:
                 return None

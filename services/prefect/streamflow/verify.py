@@ -33,7 +33,7 @@ class VerifyFailed(Exception):
 
 def connect(url: str) -> psycopg.Connection:
     try:
-        return db.connect(url)
+        return db.connect(url, application_name="streamflow-verify")
     except psycopg.OperationalError as exc:
         raise VerifyFailed(f"cannot connect to the database: {first_line(exc)}") from exc
 
