@@ -171,12 +171,7 @@ def test_a_stale_pid_file_naming_another_live_process_is_not_a_server(tmp_path):
 def test_a_server_that_cannot_start_is_one_line_naming_its_log(tmp_path):
     """A data folder of another PostgreSQL version: pgserver printed the server's whole
     log twice, then a traceback, and the flow said 'unexpected AssertionError: '."""
-    pgdata = tmp_path / "pgdata"
-    try:
-        assert embedded(pgdata, "uri").returncode == 0
-    finally:
-        embedded(pgdata, "stop")
-    (pgdata / "PG_VERSION").write_text("15\n")
+    pgdata = _of_another_version(tmp_path / "pgdata")
 
     proc = embedded(pgdata, "uri")
 
@@ -190,12 +185,7 @@ def test_a_server_that_cannot_start_is_one_line_naming_its_log(tmp_path):
 
 
 def test_the_cli_says_in_one_line_that_the_embedded_server_did_not_start(tmp_path):
-    pgdata = tmp_path / "pgdata"
-    try:
-        assert embedded(pgdata, "uri").returncode == 0
-    finally:
-        embedded(pgdata, "stop")
-    (pgdata / "PG_VERSION").write_text("15\n")
+    pgdata = _of_another_version(tmp_path / "pgdata")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "PREFECT_"))}
     env.update(
         PYTHONPATH=str(FLOW_DIR),
@@ -233,3 +223,13 @@ def _server_version() -> str:
     return subprocess.run(
         [str(postgres), "--version"], capture_output=True, text=True
     ).stdout.split()[-1]
+
+
+def _of_another_version(pgdata: Path) -> Path:
+    """A data folder the embedded server made, then marked as PostgreSQL 15's."""
+    try:
+        assert embedded(pgdata, "uri").returncode == 0
+    finally:
+        embedded(pgdata, "stop")
+    (pgdata / "PG_VERSION").write_text("15\n")
+    return pgdata
