@@ -149,14 +149,21 @@ def test_a_stale_pid_file_naming_another_live_process_is_not_a_server(tmp_path):
     start (pids wrap): the server was taken for running, every run said 'could not be
     reached', and only deleting the data folder helped. The data is kept."""
     pgdata = tmp_path / "pgdata"
-    other = subprocess.Popen(["sleep", "60"])  # a live process that is no postgres
+    url = embedded(pgdata, "uri").stdout.strip()
+    # A live process that is no postgres, of the server's own user: pg_ctl can signal it.
+    owner = pgdata.stat().st_uid
+    other = subprocess.Popen(["sleep", "60"], user=owner if os.geteuid() == 0 else None)
     try:
-        url = embedded(pgdata, "uri").stdout.strip()
         with psycopg.connect(url) as conn:
             conn.execute("CREATE TABLE kept (n int); INSERT INTO kept VALUES (7)")
         lines = (pgdata / "postmaster.pid").read_text().splitlines()
         assert embedded(pgdata, "stop").returncode == 0
-        (pgdata / "postmaster.pid").write_text("\n".join([str(other.pid), *lines[1:]]) + "\n")
+        stale = "\n".join([str(other.pid), *lines[1:]]) + "\n"
+        (pgdata / "postmaster.pid").write_text(stale)
+        stop = embedded(pgdata, "stop")  # pg_ctl would have sent that process SIGINT
+        assert (stop.returncode, stop.stdout.strip()) == (0, f"not running: {pgdata}")
+        assert other.poll() is None
+        (pgdata / "postmaster.pid").write_text(stale)
 
         uri = embedded(pgdata, "uri")
         assert uri.returncode == 0, uri.stderr

@@ -204,6 +204,9 @@ def stop(pgdata: Path) -> bool:
     """Stop the server of ``pgdata`` if it runs; False if it was not running."""
     if not (pgdata / "PG_VERSION").is_file():
         return False
+    # pg_ctl takes a live pid for a running server, and sends it SIGINT: a stale file
+    # naming another program would have pg_ctl stop that program.
+    _forget_stale_pid_file(pgdata)
 
     def pg_ctl(*args: str) -> subprocess.CompletedProcess[str]:
         # pg_ctl refuses to run as root; pgserver runs the server as its own user then.
