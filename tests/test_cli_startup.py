@@ -455,6 +455,20 @@ def test_a_prefect_api_url_that_never_answers_is_named(db_url, months, tmp_path,
     assert scalar(db_url, "SELECT count(*) FROM ingest_runs") == 0
 
 
+def test_help_does_not_wait_for_a_prefect_api_that_never_answers(tmp_path, silent_server):
+    """Help and usage errors need no API: the check of PREFECT_API_URL is for runs."""
+    env = flow_env("", PREFECT_HOME=str(tmp_path / "prefect"))
+    env["PREFECT_API_URL"] = f"http://127.0.0.1:{silent_server.port}/api"
+    python, script = flow_command("x", JAN)[:2]
+    proc = subprocess.run(
+        [python, script, "--help"], env=env, capture_output=True, text=True, timeout=120
+    )
+
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--seed-dir" in proc.stdout
+    assert silent_server.taken == []
+
+
 def test_the_flow_takes_the_gx_process_started_for_its_database(db_url, tmp_path):
     """The CLI's early GX process is used only for the database and docs it was started
     for; any other is stopped and replaced."""

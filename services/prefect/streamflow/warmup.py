@@ -236,14 +236,16 @@ def quiet_terminal() -> None:
 class Warmup:
     """Helpers of one CLI run, started before Prefect is imported."""
 
-    def __init__(self, server: TemporaryApiServer | None) -> None:
+    def __init__(self, server: TemporaryApiServer | None, api_url: str | None = None) -> None:
         self.server = server
+        self.api_url = api_url
+        """PREFECT_API_URL, for a run: checked to answer before the run needs it."""
 
     def prefect_settings(self) -> AbstractContextManager[object]:
         """Point Prefect at the temporary server for the run (call after importing it)."""
         if self.server is None:
-            if api_url := os.environ.get("PREFECT_API_URL"):
-                check_api_answers(api_url)
+            if self.api_url:
+                check_api_answers(self.api_url)
             return nullcontext()
         from prefect.settings import (
             PREFECT_API_URL,
@@ -311,10 +313,11 @@ class Warmup:
 
 def warm_up(argv: list[str]) -> Warmup:
     """Start what a ``run`` will need; nothing for ``serve`` or an incomplete command."""
-    if complete_run(argv) is None:
+    if complete_run(argv) is None:  # help and usage errors need no API: no check either
         return Warmup(None)
     settings = load_settings()  # also reads .env, which may set PREFECT_API_URL
-    server = None if os.environ.get("PREFECT_API_URL") else TemporaryApiServer()
+    api_url = os.environ.get("PREFECT_API_URL")
+    server = None if api_url else TemporaryApiServer()
     with suppress(Exception):  # no database yet: the flow reports it, with context
         validation.SuitesProcess.prestart(resolve_database_url(settings), settings.gx_docs_dir)
-    return Warmup(server)
+    return Warmup(server, api_url)
