@@ -846,6 +846,29 @@ def test_an_interrupt_after_the_verdict_does_not_record_a_published_month_failed
     assert scalar(db_url, "SELECT run_id FROM ingest_months WHERE as_of = %s", (JAN,)) == 1
 
 
+def test_an_interrupt_while_the_data_docs_are_built_leaves_the_run_whole(
+    run_flow, db_url, months, monkeypatch
+):
+    """Ctrl-C after the commit, while GX builds the Data Docs: the run stayed succeeded
+    but without its counts and timings, and the CLI said only 'interrupted'. The run is
+    now recorded whole before that wait, and the interrupt says the month was published."""
+    from streamflow import validation
+    from streamflow.errors import PublishedThenInterrupted
+
+    def interrupted(self, timeout: float = 300) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(validation.SuitesProcess, "finish", interrupted)
+    with pytest.raises(PublishedThenInterrupted):
+        run_flow(db_url, months / "month_000", JAN)
+
+    (run,) = runs(db_url)
+    assert (run["status"], run["error"]) == ("succeeded", None)
+    assert {"upsert_csv", "validate_with_ge", "snapshot_month"} <= set(run["timings"])
+    assert [t["table"] for t in run["table_stats"]] == list(LIVE_TABLES)
+    assert scalar(db_url, "SELECT run_id FROM ingest_months WHERE as_of = %s", (JAN,)) == 1
+
+
 # --------------------------------------------------------------------------- backfill
 
 

@@ -83,6 +83,7 @@ from streamflow.errors import (  # noqa: E402
     IngestError,
     MonthConflict,
     NotPublished,
+    PublishedThenInterrupted,
     Terminated,
     WithoutTraceback,
 )
@@ -300,6 +301,9 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                 with clock("snapshot_month"):
                     summary.tables = published.result()
                 summary.status = "succeeded"
+                # Before the wait for the Data Docs: an interrupt then leaves the
+                # published month's run with its counts and timings.
+                _record_success(control, summary)
             except BaseException as exc:
                 verdict.reject()  # an interrupt while staging: nothing may be published
                 stopped = isinstance(exc, KeyboardInterrupt | TerminationSignal)
@@ -308,10 +312,8 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
             finally:
                 if stopped:  # a SIGTERM reaches this process only: the child may still run
                     suites.close()
-                # The child builds the Data Docs after its verdict, alongside the commit.
-                elif docs_error := suites.finish():
-                    get_run_logger().warning("GX Data Docs not built: %s", docs_error)
-            _record_success(control, summary)
+                else:
+                    _wait_for_docs(suites, published=summary.status == "succeeded")
             try:
                 loading.empty_staging(control)
             except psycopg.Error as exc:  # the month is published: only disk is at stake
@@ -400,6 +402,19 @@ def _record_failure(
         error=summary.error,
     )
     publish_artifacts(summary)
+
+
+def _wait_for_docs(suites: validation.SuitesProcess, *, published: bool) -> None:
+    """The child builds the Data Docs after its verdict, alongside the commit."""
+    try:
+        docs_error = suites.finish()
+    except KeyboardInterrupt:
+        suites.close()
+        if published:  # the CLI says so rather than a bare "interrupted"
+            raise PublishedThenInterrupted from None
+        raise
+    if docs_error:
+        get_run_logger().warning("GX Data Docs not built: %s", docs_error)
 
 
 def _record_success(control: psycopg.Connection, summary: RunSummary) -> None:

@@ -121,3 +121,7 @@ class Terminated(KeyboardInterrupt):
 def raise_terminated(signum: int, frame: object) -> NoReturn:
     """A SIGTERM handler: ``signal.signal(signal.SIGTERM, raise_terminated)``."""
     raise Terminated
+
+
+class PublishedThenInterrupted(KeyboardInterrupt):
+    """Ctrl-C once the month had committed, while its Data Docs were being built."""

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from . import validation
 from .embedded import resolve_database_url
-from .errors import IngestError, Terminated
+from .errors import IngestError, PublishedThenInterrupted, Terminated
 from .inputs import complete_run
 from .settings import load_settings
 
@@ -283,10 +283,10 @@ class Warmup:
             code = exc.code if isinstance(exc.code, int) else 1
         except KeyboardInterrupt as exc:
             terminated = isinstance(exc, Terminated)
-            print(
-                "ingest terminated (SIGTERM)" if terminated else "ingest interrupted",
-                file=sys.stderr,
-            )
+            line = "ingest terminated (SIGTERM)" if terminated else "ingest interrupted"
+            if isinstance(exc, PublishedThenInterrupted):
+                line += " once the month was published (its Data Docs were not built)"
+            print(line, file=sys.stderr)
             code = 143 if terminated else 130
         self.exit(code)
 
