@@ -213,7 +213,7 @@ def test_shell_scripts_are_checked_out_with_lf_line_ends():
     if not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
     scripts = [str(p.relative_to(REPO)) for p in sorted(INIT_DIR.glob("*.sh"))]
-    scripts += [".ci/run", "scripts/demo.sh", "scripts/test.sh"]
+    scripts += [".ci/run", "db/entrypoint.sh", "scripts/demo.sh", "scripts/test.sh"]
     out = subprocess.run(
         ["git", "-C", str(REPO), "check-attr", "eol", "--", *scripts],
         capture_output=True,
@@ -298,3 +298,43 @@ def test_a_pipeline_database_named_prefect_stops_the_init(cluster):
     assert result.stderr.strip().splitlines()[-1] == (
         '000_prefect_db.sh: POSTGRES_DB must not be "prefect", the Prefect server\'s own database'
     )
+
+
+@pytest.mark.parametrize(
+    "variable", ["POSTGRES_PASSWORD", "PREFECT_DB_PASSWORD", "INGEST_DB_PASSWORD"]
+)
+def test_the_postgres_entrypoint_refuses_placeholders_before_initdb(tmp_path, variable):
+    """000 refuses them too, but after initdb: the cluster then had the public superuser
+    password. db/entrypoint.sh (the compose service's entrypoint) refuses them on every
+    start, before the image's docker-entrypoint.sh; real passwords go through to it."""
+    called = tmp_path / "called"
+    fake = tmp_path / "bin" / "docker-entrypoint.sh"  # the image's, recording its arguments
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" > {called}\n')
+    fake.chmod(0o755)
+    env = {
+        "PATH": f"{fake.parent}:{os.environ['PATH']}",
+        "POSTGRES_PASSWORD": "pw-superuser",
+        "PREFECT_DB_PASSWORD": "pw-prefect",
+        "INGEST_DB_PASSWORD": "pw-ingest",
+    }
+    script = str(REPO / "db" / "entrypoint.sh")
+
+    ok = subprocess.run(["bash", script, "postgres"], env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert called.read_text() == "postgres\n"
+    called.unlink()
+
+    refused = subprocess.run(
+        ["bash", script, "postgres"],
+        env={**env, variable: "change-me-postgres-superuser"},
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        f"postgres: {variable} starts with change-me, like .env.example's placeholders; set "
+        "a password of your own in .env (e.g. openssl rand -hex 24), then docker compose up "
+        "again"
+    )
+    assert not called.exists()

@@ -33,6 +33,8 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 RUNTIME_REQUIREMENTS = ROOT / "services" / "prefect" / "requirements.txt"
 INIT_DIR = ROOT / "db" / "init"
 INIT_SCRIPTS = [INIT_DIR / "000_prefect_db.sh", INIT_DIR / "002_ingest_login.sh"]
+# Every script the postgres container runs: the init scripts and its entrypoint.
+SHELL_SCRIPTS = [*INIT_SCRIPTS, ROOT / "db" / "entrypoint.sh"]
 STACK_DOC = ROOT / "docs" / "stack.md"
 
 PASSWORD_VARS = ("POSTGRES_PASSWORD", "INGEST_DB_PASSWORD", "PREFECT_DB_PASSWORD")
@@ -228,6 +230,13 @@ def test_resolved_mounts(resolved_config):
     assert init["type"] == "bind" and init["read_only"] is True
     assert Path(init["source"]) == INIT_DIR
     assert pg_mounts["/var/lib/postgresql/data"]["type"] == "volume"
+    entry = pg_mounts["/usr/local/bin/streamflow-entrypoint.sh"]
+    assert entry["type"] == "bind" and entry["read_only"] is True
+    assert Path(entry["source"]) == ROOT / "db" / "entrypoint.sh"
+    postgres = resolved_config["services"]["postgres"]
+    # The image's own command after the check: its entrypoint, then postgres.
+    assert postgres["entrypoint"] == ["bash", "/usr/local/bin/streamflow-entrypoint.sh"]
+    assert postgres["command"] == ["postgres"]
     check = pg_mounts["/usr/local/share/streamflow/healthcheck.sql"]
     assert check["type"] == "bind" and check["read_only"] is True
     assert Path(check["source"]) == ROOT / "db" / "healthcheck.sql"
@@ -304,7 +313,7 @@ def test_dockerfile_hadolint_ignores_are_justified():
             )
 
 
-@pytest.mark.parametrize("script", INIT_SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
 def test_init_script_bash_syntax(script):
     bash = shutil.which("bash")
     if bash is None:
@@ -313,7 +322,7 @@ def test_init_script_bash_syntax(script):
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.parametrize("script", INIT_SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
 def test_init_script_shellcheck(script):
     exe = _tool("shellcheck")
     if exe is None:
