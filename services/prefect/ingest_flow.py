@@ -29,21 +29,19 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 if __name__ == "__main__":
     import signal
 
-    def _interrupted_while_starting(signum: int, frame: object) -> None:
-        # Ctrl-C while Prefect and the flow's modules import: one line, not an import
-        # traceback. Nothing has started that needs stopping: the API server dies with
-        # this process, the GX process when its stdin closes.
-        print("ingest interrupted", file=sys.stderr)
-        os._exit(130)
+    from streamflow.errors import STOPPED, InputError
 
-    def _terminated_while_starting(signum: int, frame: object) -> None:
-        print("ingest terminated (SIGTERM)", file=sys.stderr)
-        os._exit(143)
+    def _stopped_while_starting(signum: int, frame: object) -> None:
+        # Ctrl-C or SIGTERM while Prefect and the flow's modules import: one line, not
+        # an import traceback. Nothing has started that needs stopping: the API server
+        # dies with this process, the GX process when its stdin closes.
+        line, code = STOPPED[signum]
+        print(line, file=sys.stderr)
+        os._exit(code)
 
-    signal.signal(signal.SIGINT, _interrupted_while_starting)
-    signal.signal(signal.SIGTERM, _terminated_while_starting)
+    for _signal in STOPPED:
+        signal.signal(_signal, _stopped_while_starting)
 
-    from streamflow.errors import InputError
     from streamflow.settings import check_prefect_settings
 
     try:
@@ -272,7 +270,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
             suites = validation.SuitesProcess.take(url, settings.gx_docs_dir)
             suites.connect()
             verdict = Verdict()
-            stopped = False  # by a signal: the GX child's Data Docs are not waited for
+            stopped = False  # by a signal
             try:
                 with clock("upsert_csv"):
                     # Two COPY streams at once: one per core of a small machine.
@@ -310,10 +308,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                 _record_failure(control, summary, exc, accepted=not verdict.rejected)
                 raise
             finally:
-                if stopped:  # a SIGTERM reaches this process only: the child may still run
-                    suites.close()
-                else:
-                    _wait_for_docs(suites, published=summary.status == "succeeded")
+                _end_suites(suites, stopped=stopped, published=summary.status == "succeeded")
             try:
                 loading.empty_staging(control)
             except psycopg.Error as exc:  # the month is published: only disk is at stake
@@ -404,8 +399,13 @@ def _record_failure(
     publish_artifacts(summary)
 
 
-def _wait_for_docs(suites: validation.SuitesProcess, *, published: bool) -> None:
-    """The child builds the Data Docs after its verdict, alongside the commit."""
+def _end_suites(suites: validation.SuitesProcess, *, stopped: bool, published: bool) -> None:
+    """The GX process's end. It builds the Data Docs after its verdict, alongside the
+    commit: they are waited for, unless a signal stopped the run (a SIGTERM reaches this
+    process only, and the child would go on validating): then it is killed."""
+    if stopped:
+        suites.close()
+        return
     try:
         docs_error = suites.finish()
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -112,6 +113,13 @@ class NotPublished(IngestError):
 
 class SchemaOutdated(IngestError):
     """The database predates this version's db/init and the login may not update it."""
+
+
+# The CLI's last line and exit code when a signal stops it (128 + the signal's number).
+STOPPED = {
+    signal.SIGINT: ("ingest interrupted", 130),
+    signal.SIGTERM: ("ingest terminated (SIGTERM)", 143),
+}
 
 
 class Terminated(KeyboardInterrupt):

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from . import validation
 from .embedded import resolve_database_url
-from .errors import IngestError, PublishedThenInterrupted, Terminated
+from .errors import STOPPED, IngestError, PublishedThenInterrupted, Terminated
 from .inputs import complete_run
 from .settings import load_settings
 
@@ -204,15 +204,12 @@ def check_api_answers(api_url: str) -> None:
         ).close()
     except urllib.error.HTTPError:
         return  # it answered
-    except (urllib.error.URLError, TimeoutError) as exc:
-        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        if isinstance(reason, TimeoutError):
+    except OSError as exc:  # URLError wraps a timeout while connecting; a read raises it
+        if isinstance(getattr(exc, "reason", exc), TimeoutError):
             raise IngestError(
                 f"the Prefect API at {api_url} did not answer within {API_ANSWER_SECONDS} s "
                 "(PREFECT_API_URL): is that server up and reachable from here?"
             ) from exc
-    except OSError:
-        return
 
 
 def quiet_terminal() -> None:
@@ -282,12 +279,10 @@ class Warmup:
         except SystemExit as exc:  # argparse, after printing its usage line
             code = exc.code if isinstance(exc.code, int) else 1
         except KeyboardInterrupt as exc:
-            terminated = isinstance(exc, Terminated)
-            line = "ingest terminated (SIGTERM)" if terminated else "ingest interrupted"
+            line, code = STOPPED[signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT]
             if isinstance(exc, PublishedThenInterrupted):
                 line += " once the month was published (its Data Docs were not built)"
             print(line, file=sys.stderr)
-            code = 143 if terminated else 130
         self.exit(code)
 
     def exit(self, code: int) -> NoReturn:
