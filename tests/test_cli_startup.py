@@ -765,6 +765,43 @@ def test_ctrl_c_while_starting_is_one_line(db_url, months, tmp_path, how, code, 
     assert _gone_within(_live_servers(home), 10)
 
 
+@pytest.mark.parametrize(
+    ("stop", "code", "line"),
+    [
+        ("KeyboardInterrupt", 130, "ingest interrupted"),
+        ("Terminated", 143, "ingest terminated (SIGTERM)"),
+    ],
+    ids=["SIGINT", "SIGTERM"],
+)
+def test_a_signal_once_validation_passed_says_the_month_was_published(
+    db_url, months, tmp_path, stop, code, line
+):
+    """The publisher commits a month that passed validation whatever signal comes
+    next; the CLI said only "ingest interrupted" of a month that had landed. The signal
+    is raised the moment the verdict is given (as its handler would), in the real CLI."""
+    wrapper = tmp_path / "stopped_after_the_verdict.py"
+    wrapper.write_text(
+        "import runpy, sys\n"
+        "from streamflow import errors\n"
+        "from streamflow.verdict import Verdict\n"
+        "accept = Verdict.accept\n"
+        "def accept_then_stop(self):\n"
+        "    accept(self)\n"
+        f"    raise getattr(errors, {stop!r}, KeyboardInterrupt)\n"
+        "Verdict.accept = accept_then_stop\n"
+        "sys.argv.pop(0)\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    proc = _cli(db_url, months / "month_000", tmp_path / "prefect", str(wrapper))
+
+    assert proc.returncode == code, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"{line} once the month was published (its Data Docs were not built)"
+    assert scalar(db_url, "SELECT status FROM ingest_runs") == "succeeded"
+    rows = len(read_rows(months / "month_000" / "labels.csv")) - 1  # the header
+    assert scalar(db_url, "SELECT count(*) FROM labels_snapshots") == rows
+
+
 def test_nothing_reaches_the_terminal_after_the_last_line():
     """The CLI prints its last line ("ingest interrupted", "ingest failed: ...") and then
     ships the run's queued logs and events, and Prefect logged while it did ("Still

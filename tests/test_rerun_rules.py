@@ -9,6 +9,7 @@ import hashlib
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -821,47 +822,66 @@ def test_a_refused_month_stops_publishing_at_once(run_flow, db_url, months, tmp_
     assert dump(db_url, ALL_TABLES) == before
 
 
-def test_an_interrupt_after_the_verdict_does_not_record_a_published_month_failed(
-    run_flow, db_url, months, monkeypatch
+@pytest.mark.parametrize(
+    ("stop", "signum"),
+    [("KeyboardInterrupt", signal.SIGINT), ("Terminated", signal.SIGTERM)],
+    ids=["Ctrl-C", "SIGTERM"],
+)
+def test_an_interrupt_after_the_verdict_records_the_published_month_whole(
+    run_flow, db_url, months, monkeypatch, stop, signum
 ):
     """Ctrl-C or SIGTERM once validation has passed: the publishing thread commits
-    anyway, and the ledger said 'failed' (with the interrupt as its error) of a month
-    that landed. Its failure record now waits for the publishing transaction and leaves
-    a committed run succeeded."""
+    anyway. The ledger said 'failed' of a month that landed (fixed earlier: the failure
+    record waits for the publishing transaction), then kept it succeeded but without its
+    timings and expectation results, and the CLI said only 'interrupted'. The run is now
+    recorded whole, and the interrupt says the month was published, by which signal."""
+    from streamflow import errors
+    from streamflow.errors import PublishedThenInterrupted
     from streamflow.verdict import Verdict
 
     real_accept = Verdict.accept
 
     def accept_then_interrupt(self):
         real_accept(self)
-        raise KeyboardInterrupt
+        raise getattr(errors, stop, KeyboardInterrupt)
 
     monkeypatch.setattr(Verdict, "accept", accept_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(PublishedThenInterrupted) as stopped:
         run_flow(db_url, months / "month_000", JAN)
 
+    assert stopped.value.signum == signum
     (run,) = runs(db_url)
     assert (run["status"], run["error"]) == ("succeeded", None)
     assert run["finished_at"] is not None
+    assert {"upsert_csv", "validate_with_ge", "snapshot_month"} <= set(run["timings"])
+    assert [v["table"] for v in run["validation"]] == list(LIVE_TABLES)
+    assert [t["table"] for t in run["table_stats"]] == list(LIVE_TABLES)
     assert scalar(db_url, "SELECT run_id FROM ingest_months WHERE as_of = %s", (JAN,)) == 1
 
 
+@pytest.mark.parametrize(
+    ("stop", "signum"),
+    [("KeyboardInterrupt", signal.SIGINT), ("Terminated", signal.SIGTERM)],
+    ids=["Ctrl-C", "SIGTERM"],
+)
 def test_an_interrupt_while_the_data_docs_are_built_leaves_the_run_whole(
-    run_flow, db_url, months, monkeypatch
+    run_flow, db_url, months, monkeypatch, stop, signum
 ):
     """Ctrl-C after the commit, while GX builds the Data Docs: the run stayed succeeded
     but without its counts and timings, and the CLI said only 'interrupted'. The run is
-    now recorded whole before that wait, and the interrupt says the month was published."""
-    from streamflow import validation
+    now recorded whole before that wait, and the interrupt says the month was published
+    (a SIGTERM there was reported as a Ctrl-C: exit 130, not 143)."""
+    from streamflow import errors, validation
     from streamflow.errors import PublishedThenInterrupted
 
     def interrupted(self, timeout: float = 300) -> None:
-        raise KeyboardInterrupt
+        raise getattr(errors, stop, KeyboardInterrupt)
 
     monkeypatch.setattr(validation.SuitesProcess, "finish", interrupted)
-    with pytest.raises(PublishedThenInterrupted):
+    with pytest.raises(PublishedThenInterrupted) as stopped:
         run_flow(db_url, months / "month_000", JAN)
 
+    assert stopped.value.signum == signum
     (run,) = runs(db_url)
     assert (run["status"], run["error"]) == ("succeeded", None)
     assert {"upsert_csv", "validate_with_ge", "snapshot_month"} <= set(run["timings"])

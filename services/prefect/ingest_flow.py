@@ -64,6 +64,7 @@ from prefect import Task, flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.client.schemas.objects import State, TaskRun  # noqa: E402
 from prefect.exceptions import TerminationSignal  # noqa: E402
+from prefect.futures import PrefectFuture  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from streamflow import (  # noqa: E402
     db,
@@ -271,6 +272,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
             suites.connect()
             verdict = Verdict()
             stopped = False  # by a signal
+            published = None
             try:
                 with clock("upsert_csv"):
                     # Two COPY streams at once: one per core of a small machine.
@@ -305,6 +307,16 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
             except BaseException as exc:
                 verdict.reject()  # an interrupt while staging: nothing may be published
                 stopped = isinstance(exc, KeyboardInterrupt | TerminationSignal)
+                if stopped and not verdict.rejected:
+                    # Validation had passed, so the publisher commits all the same.
+                    with clock("snapshot_month"):
+                        committed = _committed(published, summary)
+                else:
+                    committed = False
+                if committed:  # the run recorded whole; the CLI says the month landed
+                    summary.status = "succeeded"
+                    _record_success(control, summary)
+                    raise PublishedThenInterrupted(exc) from None
                 _record_failure(control, summary, exc, accepted=not verdict.rejected)
                 raise
             finally:
@@ -399,6 +411,18 @@ def _record_failure(
     publish_artifacts(summary)
 
 
+def _committed(published: PrefectFuture | None, summary: RunSummary) -> bool:
+    """Whether the publisher of an accepted month committed it, once it has ended (the
+    task runner would wait for it anyway); its counts go to ``summary``."""
+    if published is None:
+        return False
+    try:
+        summary.tables = published.result()
+    except Exception:  # its own failure (a lost writer lock): the month did not land
+        return False
+    return True
+
+
 def _end_suites(suites: validation.SuitesProcess, *, stopped: bool, published: bool) -> None:
     """The GX process's end. It builds the Data Docs after its verdict, alongside the
     commit: they are waited for, unless a signal stopped the run (a SIGTERM reaches this
@@ -408,10 +432,10 @@ def _end_suites(suites: validation.SuitesProcess, *, stopped: bool, published: b
         return
     try:
         docs_error = suites.finish()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         suites.close()
         if published:  # the CLI says so rather than a bare "interrupted"
-            raise PublishedThenInterrupted from None
+            raise PublishedThenInterrupted(exc) from None
         raise
     if docs_error:
         get_run_logger().warning("GX Data Docs not built: %s", docs_error)

@@ -132,4 +132,20 @@ def raise_terminated(signum: int, frame: object) -> NoReturn:
 
 
 class PublishedThenInterrupted(KeyboardInterrupt):
-    """Ctrl-C once the month had committed, while its Data Docs were being built."""
+    """A signal that stopped the run once its month had committed: while the run was
+    being recorded, or while its Data Docs were being built."""
+
+    def __init__(self, stopped_by: BaseException) -> None:
+        super().__init__()
+        self.signum = stopped_by_signal(stopped_by)
+
+
+def stopped_by_signal(exc: BaseException) -> signal.Signals:
+    """The signal behind an interrupt: Terminated is SIGTERM, Prefect's TerminationSignal
+    carries its own (``signal``), anything else is SIGINT."""
+    if isinstance(exc, PublishedThenInterrupted):
+        return exc.signum
+    if isinstance(exc, Terminated):
+        return signal.SIGTERM
+    carried = getattr(exc, "signal", None)  # not imported: this module loads before Prefect
+    return signal.Signals(carried) if isinstance(carried, int) else signal.SIGINT

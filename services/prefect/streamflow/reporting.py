@@ -130,7 +130,9 @@ class Stopwatch:
         try:
             yield
         finally:
-            self.timings[step] = round(time.perf_counter() - start, 3)
+            # Added, not set: an interrupt's clean-up may time the rest of a step.
+            took = time.perf_counter() - start
+            self.timings[step] = round(self.timings.get(step, 0.0) + took, 3)
 
 
 # Text from outside (a folder's name, an error quoting a file's cell) must stay code in

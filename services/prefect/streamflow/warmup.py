@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from . import validation
 from .embedded import resolve_database_url
-from .errors import STOPPED, IngestError, PublishedThenInterrupted, Terminated
+from .errors import STOPPED, IngestError, PublishedThenInterrupted, stopped_by_signal
 from .inputs import complete_run
 from .settings import load_settings
 
@@ -279,7 +279,7 @@ class Warmup:
         except SystemExit as exc:  # argparse, after printing its usage line
             code = exc.code if isinstance(exc.code, int) else 1
         except KeyboardInterrupt as exc:
-            line, code = STOPPED[signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT]
+            line, code = STOPPED.get(stopped_by_signal(exc), STOPPED[signal.SIGINT])
             if isinstance(exc, PublishedThenInterrupted):
                 line += " once the month was published (its Data Docs were not built)"
             print(line, file=sys.stderr)
