@@ -10,6 +10,7 @@ The month is read once: the flow knows the files the CLI hashed by their stat.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import shutil
@@ -191,6 +192,35 @@ def test_a_failed_month_is_recorded_failed_and_leaves_nothing_behind(db_url, mon
     assert not any("Traceback" in m for m in logs), [m for m in logs if "Traceback" in m][:1]
     assert _processes_with(f"PREFECT_HOME={home}") == {}
     assert "usage_agg_30d_suite" in _validated_suites(home / "gx_docs")
+
+
+def test_a_refused_month_names_its_flow_run_in_the_ledger(db_url, months, tmp_path):
+    """A rerun rule's refusal is a flow run (Failed in the UI) and a ledger row; the row
+    had no flow_run_id and the run no artifact naming the row, so neither led to the
+    other (every other run links both ways)."""
+    assert ingest(db_url, months / "month_000", JAN) == 0
+    home = tmp_path / "prefect"
+
+    proc = _cli(db_url, months / "month_001", home)  # other files for a published as_of
+
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "changed" in proc.stderr.strip().splitlines()[-1]
+    [(flow_run, state)] = _prefect_db(home, "SELECT id, state_type FROM flow_run")
+    assert state == "FAILED"
+    run_id, mode, ledger_flow_run = (
+        psycopg.connect(db_url)
+        .execute(
+            "SELECT run_id, mode, flow_run_id::text FROM ingest_runs ORDER BY run_id DESC LIMIT 1"
+        )
+        .fetchone()
+    )
+    assert (mode, ledger_flow_run) == ("refused", str(flow_run))
+    [(stored,)] = _prefect_db(
+        home, "SELECT data FROM artifact WHERE flow_run_id = ? AND type = 'markdown'", flow_run
+    )
+    summary = json.loads(stored)
+    assert f"| ledger run_id | {run_id} |" in summary
+    assert "| mode | refused |" in summary and "❌ failed" in summary
 
 
 def test_no_temporary_server_when_prefect_forbids_one(db_url, months, tmp_path):

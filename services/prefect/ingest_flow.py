@@ -352,15 +352,18 @@ def _open_run(
             control, as_of, prints, replace=replace, allow_gap=allow_gap
         )
     except MonthConflict as exc:
-        ledger.record_refusal(
+        summary.mode, summary.status, summary.error = "refused", "failed", str(exc)
+        summary.run_id = ledger.record_refusal(
             control,
             as_of=as_of,
             seed_dir=summary.seed_dir,
             fingerprint=fingerprint,
             files=prints,
             timings=summary.timings,
-            error=str(exc),
+            error=summary.error,
+            flow_run_id=prefect.runtime.flow_run.id,
         )
+        publish_artifacts(summary)  # the UI's run names its ledger row, as every run's does
         raise
     summary.mode = mode.value
     summary.status = "noop" if mode is Mode.NOOP else "running"

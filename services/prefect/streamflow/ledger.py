@@ -82,9 +82,10 @@ def record_refusal(
     files: list[FileFingerprint],
     timings: dict[str, float],
     error: str,
+    flow_run_id: str | None = None,
 ) -> int:
-    """A run the rerun rules refused without --replace: other files for a published as_of,
-    or the files of another published as_of."""
+    """A run the rerun rules refused: other files for a published as_of, the files of
+    another published as_of (both without --replace), or a gap."""
     run_id = start_run(
         conn,
         as_of=as_of,
@@ -93,6 +94,7 @@ def record_refusal(
         mode="refused",
         fingerprint=fingerprint,
         files=files,
+        flow_run_id=flow_run_id,
     )
     finish_run(conn, run_id, status="failed", timings=timings, error=error)
     return run_id
