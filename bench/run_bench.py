@@ -640,7 +640,14 @@ class Bench:
         started = dt.datetime.now(dt.UTC)
         months, gen_seconds = self.months()
         sizes = {m.name: sum(f.stat().st_size for f in m.glob("*.csv")) for m in months}
-        given = os.environ.get("BENCH_DATABASE_URL") or os.environ.get("DATABASE_URL")
+        # Not DATABASE_URL: the bench drops its databases WITH (FORCE) on that server, and
+        # the pipeline's own server is no place for that (the README has users export it).
+        given = os.environ.get("BENCH_DATABASE_URL")
+        if given and self.args.pg_conf:
+            raise SystemExit(
+                "--pg-conf configures the server the bench starts; with BENCH_DATABASE_URL "
+                "set it would be ignored: configure that server instead, or unset it"
+            )
         if given:
             self.server = Server(given, None, None)
         else:
