@@ -476,6 +476,32 @@ CORPUS = [
         edit_line("labels", 101, lambda b: b'"' + b),
         ["labels.csv, line 101: a quoted field opens on this line and is never closed"],
     ),
+    # A quote inside a value that is not quoted whole: COPY read Fib"er opt"ic as
+    # 'Fiber optic', a valid value, and 1"2" as 12 (published; pandas and Python's csv
+    # read them as written). Named by its physical line.
+    Bad(
+        "quote_inside_a_value",
+        edit_line("subscriptions", 10, lambda b: b.rsplit(b",", 1)[0] + b',Fib"er opt"ic'),
+        [
+            "subscriptions.csv, line 10: a quote inside a value that does not start with one",
+            "'Fib\"er opt\"ic'",
+            "PostgreSQL would drop this quote",
+        ],
+    ),
+    Bad(
+        "quotes_inside_a_number",
+        edit_line("usage_agg_30d", 20, lambda b: b.rsplit(b",", 2)[0] + b',1"2",0'),
+        ["usage_agg_30d.csv, line 20: a quote inside a value", "'1\"2\"'"],
+    ),
+    Bad(
+        # A quoted value holding a line end counts as two physical lines before it.
+        "quote_inside_a_value_after_a_quoted_line_end",
+        lambda month: (
+            set_cell("subscriptions", 3, "net_service", "DSL\nand more")(month),
+            edit_line("subscriptions", 31, lambda b: b.rsplit(b",", 1)[0] + b',D"S"L')(month),
+        ),
+        ["subscriptions.csv, line 31: a quote inside a value", "'D\"S\"L'"],
+    ),
     Bad(
         "huge_bad_value",
         set_cell("usage_agg_30d", 30, "skips_7d", "9" * 100_000 + "x"),
@@ -807,3 +833,28 @@ def test_duplicate_lines_that_cannot_be_read_leave_the_failure_as_it_was(tmp_pat
     locate_duplicates(outcomes, {"labels": tmp_path / "gone.csv"})
     assert unique.example_lines == []
     assert describe_failure(unique).endswith("e.g. A (2 rows)")
+
+
+def test_a_stray_quote_is_found_wherever_the_reads_split_the_file(db_url, tmp_path, monkeypatch):
+    """The file goes to COPY in chunks and only chunks holding a quote are searched: a
+    quote run cut by a read (a" | "b, or a | "b) is searched again with the bytes
+    before it. Every chunk size from 1 byte: the stray quote is found, on its line, and
+    a file quoted whole with doubled quotes inside is staged as written."""
+    from streamflow import loading
+    from streamflow.errors import InputError
+    from streamflow.registry import BY_NAME
+
+    spec = BY_NAME["labels"]
+    stray, legal = tmp_path / "stray" / "labels.csv", tmp_path / "legal" / "labels.csv"
+    for path in (stray, legal):
+        path.parent.mkdir()
+    stray.write_bytes(b'user_id,churn_label\n"A-1",true\nB"""2,false\n')
+    legal.write_bytes(b'user_id,churn_label\n"A-1",true\n"B""""2",false\n')
+    with psycopg.connect(db_url) as conn:
+        for size in range(1, 40):
+            monkeypatch.setattr(loading, "CHUNK_BYTES", size)
+            with pytest.raises(InputError, match=r"labels\.csv, line 3: a quote inside"):
+                loading.stage_file(conn, spec, stray)
+            assert loading.stage_file(conn, spec, legal).rows == 2
+            staged = conn.execute("SELECT user_id FROM staging.labels ORDER BY 1").fetchall()
+            assert staged == [("A-1",), ('B""2',)], size
