@@ -274,7 +274,12 @@ CORPUS = [
         # Invisible, and in the middle: a second user that looks like the first.
         "user_id_with_a_direction_mark",
         _user_everywhere_as(15, lambda uid: uid[:4] + "\u200e" + uid[4:]),
-        ["users.csv", "column user_id", "1 value(s) with a space, control or invisible", "\\u200e"],
+        [
+            "users.csv",
+            "column user_id",
+            "1 value(s) with a space, control, invisible or private-use",
+            "\\u200e",
+        ],
         absent=("more failed",),
     ),
     Bad(

@@ -168,6 +168,11 @@ def test_a_user_id_that_is_not_a_plain_code_is_named(db_url, months):
         "space_inside": "replace(user_id, '-', ' ')",
         "word_joiner_inside": "replace(user_id, '-', U&'-\\2060')",
         "hangul_filler_alone": "U&'\\3164'",
+        # no font draws these: private use, noncharacters, in every plane they exist
+        "private_use_after": "user_id || U&'\\E000'",
+        "noncharacter_after": "user_id || U&'\\FFFF'",
+        "plane_1_noncharacter_after": "user_id || U&'\\+01FFFE'",
+        "plane_16_private_use_after": "user_id || U&'\\+10FFFD'",
         "pandas_missing_word": "'NA'",
         "null_word": "'NULL'",
     }
@@ -186,8 +191,8 @@ def test_a_user_id_that_is_not_a_plain_code_is_named(db_url, months):
     assert found.unexpected_count == len(bad)
     message = describe_failure(found)
     assert message.startswith(
-        f"users.csv, column user_id: {len(bad)} value(s) with a space, control or invisible "
-        "character, or a word read as missing (NA, NULL, None, nan), e.g. "
+        f"users.csv, column user_id: {len(bad)} value(s) with a space, control, invisible or "
+        "private-use character, or a word read as missing (NA, NULL, None, nan), e.g. "
     ), message
     assert "'NA'" in message or "'NULL'" in message or "\\u200e" in message, message
 

@@ -65,7 +65,9 @@ WHERE NOT e.filled AND EXISTS (SELECT 1 FROM {batch})
 -- hyphen, combining grapheme joiner, Unicode's spaces, the default-ignorable and
 -- format characters (direction marks and isolates, zero-width characters, Arabic,
 -- Syriac, Kaithi, Egyptian and shorthand format controls, invisible Khmer vowels,
--- Hangul fillers, variation selectors, tags), braille blank, byte-order mark. (2) A
+-- Hangul fillers, variation selectors, tags), braille blank, byte-order mark, and
+-- the code points no font draws: private use (U+E000-F8FF, planes 15-16) and the
+-- noncharacters (U+FDD0-FDEF, the last two of every plane). (2) A
 -- word CSV readers take for a missing value: pandas' read_csv defaults (the lab's own
 -- loader read these files with it), so any CSV round trip would lose that user's key.
 -- Letters of any script are allowed ('É-1'). The regex alone is cheaper than the two
@@ -74,7 +76,7 @@ WHERE NOT e.filled AND EXISTS (SELECT 1 FROM {batch})
 -- whether standard_conforming_strings is on or off. An empty user_id is already NULL
 -- (staging's FORCE_NULL), refused by loading.
 SELECT b.user_id, b.user_id FROM (SELECT user_id FROM {batch}) AS b
-WHERE b.user_id ~ E'[\\x01-\\x20\\x7f-\\xa0\\u00ad\\u034f\\u0600-\\u0605\\u061c\\u06dd\\u070f\\u0890\\u0891\\u08e2\\u115f\\u1160\\u1680\\u17b4\\u17b5\\u180b-\\u180f\\u2000-\\u200f\\u2028-\\u202f\\u205f-\\u206f\\u2800\\u3000\\u3164\\ufe00-\\ufe0f\\ufeff\\uffa0\\ufff9-\\ufffb\\U000110bd\\U000110cd\\U00013430-\\U0001343f\\U0001bca0-\\U0001bca3\\U0001d173-\\U0001d17a\\U000e0000-\\U000e0fff]'
+WHERE b.user_id ~ E'[\\x01-\\x20\\x7f-\\xa0\\u00ad\\u034f\\u0600-\\u0605\\u061c\\u06dd\\u070f\\u0890\\u0891\\u08e2\\u115f\\u1160\\u1680\\u17b4\\u17b5\\u180b-\\u180f\\u2000-\\u200f\\u2028-\\u202f\\u205f-\\u206f\\u2800\\u3000\\u3164\\ufe00-\\ufe0f\\ufeff\\uffa0\\ufff9-\\ufffb\\U000110bd\\U000110cd\\U00013430-\\U0001343f\\U0001bca0-\\U0001bca3\\U0001d173-\\U0001d17a\\U000e0000-\\U000e0fff\\ue000-\\uf8ff\\ufdd0-\\ufdef\\ufffe\\uffff\\U0001fffe\\U0001ffff\\U0002fffe\\U0002ffff\\U0003fffe\\U0003ffff\\U0004fffe\\U0004ffff\\U0005fffe\\U0005ffff\\U0006fffe\\U0006ffff\\U0007fffe\\U0007ffff\\U0008fffe\\U0008ffff\\U0009fffe\\U0009ffff\\U000afffe\\U000affff\\U000bfffe\\U000bffff\\U000cfffe\\U000cffff\\U000dfffe\\U000dffff\\U000efffe\\U000effff\\U000f0000-\\U0010ffff]'
    OR b.user_id IN ('#N/A', '#N/A N/A', '#NA', '-1.#IND', '-1.#QNAN', '-NaN', '-nan',
                     '1.#IND', '1.#QNAN', '<NA>', 'N/A', 'NA', 'NULL', 'NaN', 'None', 'n/a',
                     'nan', 'null')

@@ -145,8 +145,9 @@ def describe_failure(o: ExpectationOutcome) -> str:
             )
         case Check.KEY_SPELLING:
             what = (
-                f"{n} value(s) with a space, control or invisible character, or a word read "
-                f"as missing (NA, NULL, None, nan), e.g. {eg_values}; a user_id is matched "
+                f"{n} value(s) with a space, control, invisible or private-use character, or "
+                f"a word read as missing (NA, NULL, None, nan), e.g. {eg_values}; a user_id is "
+                "matched "
                 "exactly, so each would be another user, and pandas' read_csv reads those "
                 "words as no user_id at all"
             )

@@ -109,8 +109,8 @@ def build_suite(spec: TableSpec) -> gx.ExpectationSuite:
             counted_rows_expectation()(
                 unexpected_rows_query=rows_query("key_spelling"),
                 description=(
-                    f"{KEY} holds no space, control or invisible character and is not a "
-                    "word read as missing (NA, NULL, None, nan)"
+                    f"{KEY} holds no space, control, invisible or private-use character and is "
+                    "not a word read as missing (NA, NULL, None, nan)"
                 ),
                 meta={"check": Check.KEY_SPELLING, "column": KEY},
             )
