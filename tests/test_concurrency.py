@@ -299,3 +299,25 @@ def test_a_writer_lock_held_by_another_session_is_not_the_runs(db_url, months):
             assert work.execute(staged_months, (live_names,)).fetchone() == (0,)
         with db.writer_lock(control, 0):  # its own lock: the check passes
             db.check_writer_lock(control, mine)
+
+
+def test_a_lock_timeout_names_the_holder_in_this_database(db_url, empty_db_url):
+    """Advisory locks are per database: a pipeline in another database of the server
+    holds its own. The timeout named the first holder of the key anywhere on the server
+    (the other database's session) instead of the one this run waited for."""
+    from streamflow import db
+    from streamflow.errors import LockTimeout
+
+    with (
+        psycopg.connect(empty_db_url, autocommit=True) as elsewhere,
+        psycopg.connect(db_url, autocommit=True) as here,
+        psycopg.connect(db_url, autocommit=True) as waiting,
+    ):
+        elsewhere.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+        here.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+        holder = here.info.backend_pid
+        with pytest.raises(LockTimeout) as err:
+            with db.writer_lock(waiting, 0):
+                pass
+
+    assert f"held by backend pid {holder})" in str(err.value)

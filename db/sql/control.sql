@@ -16,10 +16,12 @@ SELECT to_regprocedure(%(signature)s) IS NOT NULL
 SELECT pg_try_advisory_lock(%(key)s);
 
 -- name: writer_lock_holder
--- Who holds it, and for how long, to name them when the wait is over.
-SELECT pid, now() - backend_start
-FROM pg_locks JOIN pg_stat_activity USING (pid)
-WHERE locktype = 'advisory' AND objid = %(key)s AND granted;
+-- Who holds it, to name them when the wait is over. Advisory locks are per database:
+-- another database's pipeline holds its own.
+SELECT pid
+FROM pg_locks
+WHERE locktype = 'advisory' AND objid = %(key)s AND granted
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database());
 
 -- name: unlock_writer_lock
 SELECT pg_advisory_unlock(%(key)s);
