@@ -859,6 +859,94 @@ def test_an_interrupt_after_the_verdict_records_the_published_month_whole(
     assert scalar(db_url, "SELECT run_id FROM ingest_months WHERE as_of = %s", (JAN,)) == 1
 
 
+def test_an_interrupt_after_the_verdict_names_why_the_publisher_did_not_commit(
+    run_flow, db_url, months, monkeypatch
+):
+    """Ctrl-C once validation passed, and the publisher failed on its own (here: its
+    writer lock lost): the ledger said 'ingest_months says whether its commit
+    completed', though the run had waited for the publisher and knew. It now says what
+    stopped it, and that nothing was published."""
+    from streamflow import ledger
+    from streamflow.errors import LockLost
+    from streamflow.verdict import Verdict
+
+    real_accept = Verdict.accept
+
+    def accept_then_interrupt(self):
+        real_accept(self)
+        raise KeyboardInterrupt
+
+    def lost(*args, **kwargs):
+        raise LockLost("the run lost the pipeline's writer lock (test)")
+
+    monkeypatch.setattr(Verdict, "accept", accept_then_interrupt)
+    monkeypatch.setattr(ledger, "record_month", lost)
+    with pytest.raises(KeyboardInterrupt):
+        run_flow(db_url, months / "month_000", JAN)
+
+    (run,) = runs(db_url)
+    assert run["status"] == "failed"
+    assert run["error"] == (
+        "interrupted (Ctrl-C or SIGINT); the month had passed validation, but publishing "
+        "failed: the run lost the pipeline's writer lock (test); nothing was published"
+    )
+    assert scalar(db_url, "SELECT count(*) FROM ingest_months") == 0
+    assert scalar(db_url, "SELECT count(*) FROM users") == 0
+
+
+def test_a_gx_process_that_cannot_start_fails_the_run_in_the_ledger(
+    run_flow, db_url, months, monkeypatch
+):
+    """Taking and connecting the GX process came after the run's ledger row and outside
+    the part that records failures: the row stayed 'running' until a later run marked
+    it abandoned, with no error."""
+    from streamflow import validation
+    from streamflow.errors import IngestError
+
+    def cannot(self) -> None:
+        raise IngestError("validation could not run (GX process): test")
+
+    monkeypatch.setattr(validation.SuitesProcess, "connect", cannot)
+    rc, _, err = run_flow(db_url, months / "month_000", JAN)
+
+    assert rc == 1 and err.strip().splitlines()[-1].endswith("(GX process): test")
+    (run,) = runs(db_url)
+    assert (run["status"], run["error"]) == (
+        "failed",
+        "validation could not run (GX process): test",
+    )
+
+
+def test_a_bad_file_waits_for_the_other_copies_inside_the_writer_lock(
+    run_flow, db_url, months, monkeypatch, tmp_path, caplog
+):
+    """users.csv refused while the other files were still being staged: the run gave up
+    its writer lock at once, and each COPY still running then found the lock gone and
+    failed with 'the run lost the pipeline's writer lock (... network cut ...)', in the
+    UI, after the run's own error. They are now waited for, and commit under the lock."""
+    from streamflow import loading
+
+    bad = tmp_path / "month_000"
+    shutil.copytree(months / "month_000", bad)
+    lines = (bad / "users.csv").read_text().splitlines()
+    lines[4] = lines[4].rsplit(",", 1)[0] + ",2024-13-45"
+    (bad / "users.csv").write_text("\n".join(lines) + "\n")
+    real = loading.stage_file
+
+    def slow_unless_users(conn, spec, *args, **kwargs):
+        if spec.name != "users":
+            time.sleep(1.5)
+        return real(conn, spec, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "stage_file", slow_unless_users)
+    rc, _, err = run_flow(db_url, bad, JAN)
+
+    assert rc == 1 and "users.csv, line 5" in err.strip().splitlines()[-1], err[-500:]
+    assert "writer lock" not in caplog.text
+    staged = scalar(db_url, "SELECT count(*) FROM staging.labels")
+    assert staged == len((bad / "labels.csv").read_text().splitlines()) - 1
+
+
 @pytest.mark.parametrize(
     ("stop", "signum"),
     [("KeyboardInterrupt", signal.SIGINT), ("Terminated", signal.SIGTERM)],

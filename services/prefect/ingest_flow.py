@@ -266,14 +266,16 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
         if mode is Mode.NOOP:
             ledger.finish_run(control, summary.run_id, status="noop", timings=summary.timings)
         else:
-            # GX has imported and built its suites meanwhile (or does it while the
-            # month is being staged); it adds the staging tables during the COPYs.
-            suites = validation.SuitesProcess.take(url, settings.gx_docs_dir)
-            suites.connect()
             verdict = Verdict()
             stopped = False  # by a signal
-            published = None
+            suites: validation.SuitesProcess | None = None
+            staging: list[PrefectFuture] = []
+            published: PrefectFuture | None = None
             try:
+                # GX has imported and built its suites meanwhile (or does it while the
+                # month is being staged); it adds the staging tables during the COPYs.
+                suites = validation.SuitesProcess.take(url, settings.gx_docs_dir)
+                suites.connect()
                 with clock("upsert_csv"):
                     # Two COPY streams at once: one per core of a small machine.
                     hashed = {p.table: p.as_json() for p in prints}
@@ -305,22 +307,12 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                 # published month's run with its counts and timings.
                 _record_success(control, summary)
             except BaseException as exc:
-                verdict.reject()  # an interrupt while staging: nothing may be published
                 stopped = isinstance(exc, KeyboardInterrupt | TerminationSignal)
-                if stopped and not verdict.rejected:
-                    # Validation had passed, so the publisher commits all the same.
-                    with clock("snapshot_month"):
-                        committed = _committed(published, summary)
-                else:
-                    committed = False
-                if committed:  # the run recorded whole; the CLI says the month landed
-                    summary.status = "succeeded"
-                    _record_success(control, summary)
-                    raise PublishedThenInterrupted(exc) from None
-                _record_failure(control, summary, exc, accepted=not verdict.rejected)
+                _settle_failed_run(control, summary, exc, verdict, staging, published, clock)
                 raise
             finally:
-                _end_suites(suites, stopped=stopped, published=summary.status == "succeeded")
+                if suites is not None:
+                    _end_suites(suites, stopped=stopped, published=summary.status == "succeeded")
             try:
                 loading.empty_staging(control)
             except psycopg.Error as exc:  # the month is published: only disk is at stake
@@ -380,13 +372,58 @@ def _open_run(
     return mode
 
 
+def _settle_failed_run(
+    control: psycopg.Connection,
+    summary: RunSummary,
+    exc: BaseException,
+    verdict: Verdict,
+    staging: list[PrefectFuture],
+    published: PrefectFuture | None,
+    clock: Stopwatch,
+) -> None:
+    """Refuse the month of a run that raised ``exc``, and record the run.
+
+    The COPYs still running are waited for while the run holds the writer lock (they
+    check it before they commit, and blamed a network cut once it was gone). A signal
+    after validation passed does not stop the publisher, which commits: the run is then
+    recorded whole, and PublishedThenInterrupted raised in place of ``exc``.
+    """
+    verdict.reject()  # a no-op once validation passed
+    for future in staging:
+        future.wait()
+    publish_error = None
+    if isinstance(exc, KeyboardInterrupt | TerminationSignal) and not verdict.rejected:
+        with clock("snapshot_month"):
+            publish_error = _publishing_error(published, summary)
+        if publish_error is None:
+            summary.status = "succeeded"
+            _record_success(control, summary)
+            raise PublishedThenInterrupted(exc) from None
+    _record_failure(control, summary, exc, publish_error)
+
+
+def _publishing_error(published: PrefectFuture | None, summary: RunSummary) -> BaseException | None:
+    """None once the publisher of an accepted month has committed it (its counts go to
+    ``summary``), else why it did not."""
+    if published is None:
+        return RuntimeError("the publishing task never started")
+    try:
+        summary.tables = published.result()
+    except Exception as exc:  # its own failure (a lost writer lock): the month did not land
+        return exc
+    return None
+
+
 def _record_failure(
-    control: psycopg.Connection, summary: RunSummary, exc: BaseException, accepted: bool
+    control: psycopg.Connection,
+    summary: RunSummary,
+    exc: BaseException,
+    publish_error: BaseException | None = None,
 ) -> None:
     """The failed run in the ledger, in the run's logs and in its artifact.
 
-    ``accepted``: the month had passed validation, and its commit may be under way (a
-    commit marks the run succeeded, which this record then leaves alone).
+    ``publish_error``: an interrupted run's month had passed validation, and this is
+    why its publisher did not commit it.
     """
     summary.status = "failed"
     if isinstance(exc, IngestError):
@@ -394,8 +431,10 @@ def _record_failure(
     elif isinstance(exc, KeyboardInterrupt | TerminationSignal):  # words, not repr()
         how = "SIGTERM" if isinstance(exc, Terminated | TerminationSignal) else "Ctrl-C or SIGINT"
         summary.error = f"interrupted ({how}); " + (
-            "the month had passed validation: ingest_months says whether its commit completed"
-            if accepted
+            "the month had passed validation, but publishing failed: "
+            f"{db.explain_failure(publish_error) or errors.first_line(publish_error)}; "
+            "nothing was published"
+            if publish_error is not None
             else "nothing was published"
         )
     else:  # the CLI's words for a database's refusal, not QueryCanceled('...')
@@ -412,18 +451,6 @@ def _record_failure(
         error=summary.error,
     )
     publish_artifacts(summary)
-
-
-def _committed(published: PrefectFuture | None, summary: RunSummary) -> bool:
-    """Whether the publisher of an accepted month committed it, once it has ended (the
-    task runner would wait for it anyway); its counts go to ``summary``."""
-    if published is None:
-        return False
-    try:
-        summary.tables = published.result()
-    except Exception:  # its own failure (a lost writer lock): the month did not land
-        return False
-    return True
 
 
 def _end_suites(suites: validation.SuitesProcess, *, stopped: bool, published: bool) -> None:
