@@ -321,3 +321,48 @@ def test_a_lock_timeout_names_the_holder_in_this_database(db_url, empty_db_url):
                 pass
 
     assert f"held by backend pid {holder})" in str(err.value)
+
+
+@pytest.mark.slow
+def test_a_prefect_api_lost_mid_run_leaves_the_run_its_own_outcome(db_url, months, tmp_path):
+    """Prefect's server killed while the month is being published: the month lands and
+    the ledger says succeeded, but the CLI said 'ingest failed: unexpected ConnectError'
+    (exit 1), after Prefect's 'Error logging to API' below its last line. It now prints
+    the run's own line, exit 0, and a warning that the UI's state is not the outcome.
+    Publishing is held by a reader's SHARE lock on users until the server is gone."""
+    (tmp_path / "server").mkdir()
+    with psycopg.connect(db_url) as reader:
+        reader.execute("LOCK TABLE users IN SHARE MODE")
+        with prefect_server(tmp_path / "server") as api:
+            proc = start(
+                db_url,
+                months / "month_000",
+                JAN,
+                tmp_path / "home",
+                api,
+                PREFECT_CLIENT_MAX_RETRIES="0",  # Prefect's own retries take minutes
+            )
+            deadline = time.monotonic() + TIMEOUT
+            while not _waits_for_a_lock(db_url):
+                assert proc.poll() is None, finish(proc)
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        reader.rollback()  # the server is gone: the month may be published now
+        rc, out, err = finish(proc)
+
+    assert ledger(db_url)[-1][1:3] == ("succeeded", "publish"), ledger(db_url)
+    assert rc == 0, err[-3000:]
+    assert "published live + history" in out.splitlines()[0], out
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"warning: Prefect's API ({api}) stopped answering during the run")
+    assert last.endswith("the run's state in the Prefect UI is not its outcome, ingest_runs has it")
+
+
+def _waits_for_a_lock(url: str) -> bool:
+    with psycopg.connect(url) as conn:
+        waiting = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+            "AND wait_event_type = 'Lock'",
+            (APP,),
+        ).fetchone()
+    return bool(waiting and waiting[0])

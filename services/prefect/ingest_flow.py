@@ -252,6 +252,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
     as_of_date, files = check_run(seed_dir, as_of, settings)
     url = resolve_database_url(settings)
     summary = RunSummary(seed_dir=seed_dir, as_of=as_of_date.isoformat(), mode="?")
+    LAST_RUN[:] = [summary]  # the CLI's word on the run if Prefect's API goes away
     clock = Stopwatch(summary.timings)
     with (
         db.connect(url, autocommit=True) as control,
@@ -487,6 +488,32 @@ def _record_success(control: psycopg.Connection, summary: RunSummary) -> None:
 
 
 _RUN_FLAGS = ("--seed-dir", "--as-of", "--replace", "--allow-gap")
+LAST_RUN: list[RunSummary] = []
+
+
+def _without_the_api(exc: Exception) -> tuple[int, str | None, str] | None:
+    """The run's own outcome when Prefect's API stopped answering during it: (exit code,
+    stdout line, stderr line), or None for another error.
+
+    Prefect's client retries for minutes, then the flow call raises its ConnectError in
+    place of the run's outcome, though the ledger has it: a published month read as
+    'unexpected ConnectError' (exit 1), a failed one lost its reason.
+    """
+    import httpx
+
+    if not isinstance(exc, httpx.TransportError):
+        return None
+    api = os.environ.get("PREFECT_API_URL") or "the CLI's temporary server"
+    lost = (
+        f"Prefect's API ({api}) stopped answering during the run ({errors.first_line(exc)}): "
+        "the run's state in the Prefect UI is not its outcome, ingest_runs has it"
+    )
+    summary = LAST_RUN[0] if LAST_RUN else None
+    if summary is not None and summary.status in ("succeeded", "noop"):
+        return 0, summary.one_line(), f"warning: {lost}"
+    if summary is not None and summary.status == "failed" and summary.error:
+        return 1, None, f"ingest failed: {summary.error} ({lost})"
+    return 1, None, f"ingest failed: {lost}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -527,6 +554,12 @@ def main(argv: list[str] | None = None) -> int:
     except TerminationSignal:  # Prefect's SIGTERM in a flow run: stopped as on Ctrl-C
         raise Terminated from None
     except Exception as exc:  # still one line for people; the traceback is in the run logs
+        if (lost := _without_the_api(exc)) is not None:
+            code, out, err = lost
+            if out:
+                print(out)
+            print(err, file=sys.stderr)
+            return code
         explained = db.explain_failure(exc)
         if explained is not None:
             print(f"ingest failed: {explained}", file=sys.stderr)

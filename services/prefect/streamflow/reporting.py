@@ -151,20 +151,31 @@ def _code(text: str) -> str:
 
 
 def publish_artifacts(summary: RunSummary) -> None:
-    """Attach the summary to the current Prefect flow run (no-op outside one)."""
+    """Attach the summary to the current Prefect flow run (no-op outside one).
+
+    Best effort: the ledger is the record. An API that stopped answering mid-run made
+    a published month's run end in the artifact's ConnectError (exit 1), and a failed
+    month's error give way to it."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
     from prefect.context import FlowRunContext
+    from prefect.logging import get_run_logger
 
     if FlowRunContext.get() is None:
         return
     key = f"ingest-{summary.as_of}"
-    create_markdown_artifact(
-        key=f"{key}-summary", markdown=summary.markdown(), description="Month, as_of, verdict"
-    )
-    rows = summary.table_rows()
-    if rows:
-        create_table_artifact(
-            key=f"{key}-tables", table=rows, description="Per table: rows and expectations"
+    try:
+        create_markdown_artifact(
+            key=f"{key}-summary", markdown=summary.markdown(), description="Month, as_of, verdict"
+        )
+        rows = summary.table_rows()
+        if rows:
+            create_table_artifact(
+                key=f"{key}-tables", table=rows, description="Per table: rows and expectations"
+            )
+    except Exception as exc:
+        get_run_logger().warning(
+            "the run's artifacts were not published (Prefect API: %s); ingest_runs has the run",
+            " ".join(str(exc).split()) or type(exc).__name__,
         )
 
 

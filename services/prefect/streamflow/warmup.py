@@ -297,6 +297,8 @@ class Warmup:
         signal.signal(signal.SIGTERM, at_once)
         validation.SuitesProcess.discard_prestarted()
         quiet_terminal()
+        # Prefect's API log handler writes its own failures to stderr unless this is off.
+        logging.raiseExceptions = False
         atexit._run_exitfuncs()  # Prefect's queue drains and logging.shutdown
         if self.server is not None:
             self.server.stop()
