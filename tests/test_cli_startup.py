@@ -111,8 +111,8 @@ def test_a_month_runs_against_the_clis_own_server_and_is_recorded(db_url, months
     assert "prefect.flows" in imported
     assert not {m for m in imported if m.startswith("prefect.server")}
     assert "View at http" not in proc.stderr  # no UI behind this server
-    [(run_id, state)] = _prefect_db(home, "SELECT id, state_type FROM flow_run")
-    assert state == "COMPLETED"
+    [(run_id, state, name)] = _prefect_db(home, "SELECT id, state_type, name FROM flow_run")
+    assert (state, name) == ("COMPLETED", f"ingest-{JAN}")  # the month, in the UI's list
     # The ledger names the flow run whose logs and task runs the UI shows.
     ledger_run = scalar(db_url, "SELECT flow_run_id::text FROM ingest_runs ORDER BY run_id DESC")
     assert ledger_run == str(run_id)
@@ -122,6 +122,9 @@ def test_a_month_runs_against_the_clis_own_server_and_is_recorded(db_url, months
         "upsert_csv",
         "validate_with_ge",
         "snapshot_month",
+    }
+    assert {n for n, _ in tasks if n.startswith("upsert_csv")} == {
+        f"upsert_csv-{t.name}" for t in TABLES
     }
     # The last lines the flow logs are shipped before the server stops.
     logs = [

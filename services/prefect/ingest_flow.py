@@ -116,6 +116,7 @@ def _only_connection_errors(task: Task, task_run: TaskRun, state: State) -> bool
 
 @task(
     name="upsert_csv",
+    task_run_name="upsert_csv-{table}",  # which file, in the UI's list of task runs
     retries=2,
     retry_delay_seconds=2,
     retry_condition_fn=_only_connection_errors,
@@ -245,7 +246,12 @@ def _finish_run(control: psycopg.Connection, run_id: int, **outcome: object) -> 
         )
 
 
-@flow(name=FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=2))
+# A run named by its month in the UI's list (Prefect's default is a random two words).
+@flow(
+    name=FLOW_NAME,
+    flow_run_name="ingest-{as_of}",
+    task_runner=ThreadPoolTaskRunner(max_workers=2),
+)
 def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bool = False) -> dict:
     """Ingest one month folder as of ``as_of``: all of it, validated, or nothing."""
     settings = load_settings()
