@@ -195,6 +195,16 @@ def test_a_failed_month_is_recorded_failed_and_leaves_nothing_behind(db_url, mon
     assert not any("Traceback" in m for m in logs), [m for m in logs if "Traceback" in m][:1]
     assert _processes_with(f"PREFECT_HOME={home}") == {}
     assert "usage_agg_30d_suite" in _validated_suites(home / "gx_docs")
+    # The table artifact has each suite's counts, and no published counts of 0 (it had
+    # "-" expectations for every table, and 0 rows inserted, updated, unchanged).
+    [(stored,)] = _prefect_db(
+        home, "SELECT data FROM artifact WHERE flow_run_id = ? AND type = 'table'", run_id
+    )
+    rows = {r["table"]: r for r in json.loads(json.loads(stored))}
+    usage = rows["usage_agg_30d"]
+    assert (usage["expectations failed"], usage["inserted"], usage["unchanged"]) == (1, "-", "-")
+    assert usage["expectations passed"] > 0
+    assert all(r["expectations failed"] == 0 for t, r in rows.items() if t != "usage_agg_30d")
 
 
 def test_a_refused_month_names_its_flow_run_in_the_ledger(db_url, months, tmp_path):

@@ -84,6 +84,7 @@ from streamflow.errors import (  # noqa: E402
     NotPublished,
     PublishedThenInterrupted,
     Terminated,
+    ValidationFailed,
     WithoutTraceback,
 )
 from streamflow.inputs import (  # noqa: E402
@@ -433,6 +434,8 @@ def _record_failure(
     why its publisher did not commit it.
     """
     summary.status = "failed"
+    if isinstance(exc, ValidationFailed):  # the artifact's per-table expectation counts
+        summary.suites = exc.suites
     if isinstance(exc, IngestError):
         summary.error = str(exc)
     elif isinstance(exc, KeyboardInterrupt | TerminationSignal):  # words, not repr()

@@ -89,9 +89,12 @@ def unreadable(path: Path, exc: OSError) -> InputError:
 class ValidationFailed(IngestError):
     """The staged month broke at least one expectation; nothing was published."""
 
-    def __init__(self, message: str, failures: list[dict] | None = None) -> None:
+    def __init__(
+        self, message: str, failures: list[dict] | None = None, suites: list | None = None
+    ) -> None:
         super().__init__(message)
         self.failures = failures or []
+        self.suites = suites or []  # every suite's outcome (outcomes.SuiteOutcome)
 
 
 class MonthConflict(IngestError):

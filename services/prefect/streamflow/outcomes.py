@@ -215,4 +215,6 @@ def check(outcomes: list[SuiteOutcome]) -> None:
             if len(failures) > 1
             else ""
         )
-        raise ValidationFailed(f"validation failed: {first}{more}", [f.as_dict() for f in failures])
+        raise ValidationFailed(
+            f"validation failed: {first}{more}", [f.as_dict() for f in failures], outcomes
+        )

@@ -39,16 +39,19 @@ class RunSummary:
         for table, read in self.rows_read.items() or {t.table: t.read for t in self.tables}.items():
             t = stats.get(table)
             s = suites.get(table)
+            # "-": nothing published (a failed run), or nothing compared (a backfill's
+            # unchanged and absent): not a count of 0
             rows.append(
                 {
                     "table": table,
                     "rows read": read,
-                    "inserted": t.inserted if t else 0,
-                    "updated": t.updated if t else 0,
-                    # "-": a backfill, which compares nothing with the live rows
-                    "unchanged": _known(t.unchanged) if t else 0,
-                    "absent, kept live": _known(t.absent) if t else 0,
-                    "snapshot rows written": (t.snapshot_inserted + t.snapshot_updated) if t else 0,
+                    "inserted": t.inserted if t else "-",
+                    "updated": t.updated if t else "-",
+                    "unchanged": _known(t.unchanged) if t else "-",
+                    "absent, kept live": _known(t.absent) if t else "-",
+                    "snapshot rows written": (
+                        (t.snapshot_inserted + t.snapshot_updated) if t else "-"
+                    ),
                     "expectations passed": s.passed if s else "-",
                     "expectations failed": s.failed if s else "-",
                 }
