@@ -894,6 +894,29 @@ def test_an_interrupt_after_the_verdict_names_why_the_publisher_did_not_commit(
     assert scalar(db_url, "SELECT count(*) FROM users") == 0
 
 
+def test_an_interrupt_during_validation_is_not_called_a_failed_validation(
+    run_flow, db_url, months, monkeypatch, caplog
+):
+    """Ctrl-C during validation: the publishing task failed with 'validation failed: the
+    month was rolled back' (or the cancel's 'canceling statement due to user request'),
+    in the UI, though nothing had failed. It now says the run was stopped."""
+    import logging
+
+    from streamflow import outcomes
+
+    def interrupted(found) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outcomes, "check", interrupted)
+    with caplog.at_level(logging.INFO), pytest.raises(KeyboardInterrupt):
+        run_flow(db_url, months / "month_000", JAN)
+
+    text = caplog.text
+    assert "the run was stopped: the month was rolled back, nothing published" in text, text
+    assert "validation failed" not in text and "canceling statement" not in text
+    assert scalar(db_url, "SELECT count(*) FROM users") == 0
+
+
 def test_a_gx_process_that_cannot_start_fails_the_run_in_the_ledger(
     run_flow, db_url, months, monkeypatch
 ):

@@ -98,7 +98,7 @@ from streamflow.reporting import RunSummary, Stopwatch, publish_artifacts  # noq
 from streamflow.rerun import Mode  # noqa: E402
 from streamflow.served import DEPLOYMENT_NAME, FLOW_NAME  # noqa: E402
 from streamflow.settings import load_settings  # noqa: E402
-from streamflow.verdict import Verdict  # noqa: E402
+from streamflow.verdict import Rejected, Verdict  # noqa: E402
 
 # A failed month is reported in one line; Prefect's run loggers (terminal and UI) would
 # add the traceback of each failed task and of the flow: ~90 lines for one bad value.
@@ -179,43 +179,54 @@ def snapshot_month(
     written, then held uncommitted until the verdict.
     """
     start = time.perf_counter()
-    verdict.stop_if_rejected()  # refused before this task started (or a retry of it)
-    with (
-        db.connect(database_url) as conn,
-        db.connect(database_url) as history_conn,
-        ThreadPoolExecutor(max_workers=1) as builder,
-    ):
-        # The history partitions are built on a second connection meanwhile: a third
-        # stream of work for the cores that validation and the live upserts leave idle.
-        # A refused month stops at once: the statement in progress is cancelled, and
-        # the next one is not started (at 1M rows the writes take tens of seconds).
-        # (A short timeout: an interrupt must not wait on a server that does not answer.)
-        verdict.on_reject(lambda: conn.cancel_safe(timeout=2))
-        verdict.on_reject(lambda: history_conn.cancel_safe(timeout=2))
+    try:
+        verdict.stop_if_rejected()  # refused before this task started (or a retry of it)
+        with (
+            db.connect(database_url) as conn,
+            db.connect(database_url) as history_conn,
+            ThreadPoolExecutor(max_workers=1) as builder,
+        ):
+            # The history partitions are built on a second connection meanwhile: a third
+            # stream of work for the cores that validation and the live upserts leave idle.
+            # A refused month stops at once: the statement in progress is cancelled, and
+            # the next one is not started (at 1M rows the writes take tens of seconds).
+            # (A short timeout: an interrupt must not wait on a server that does not answer.)
+            verdict.on_reject(lambda: conn.cancel_safe(timeout=2))
+            verdict.on_reject(lambda: history_conn.cancel_safe(timeout=2))
 
-        def lock_still_held() -> None:
-            db.check_writer_lock(conn, lock_holder)
+            def lock_still_held() -> None:
+                db.check_writer_lock(conn, lock_holder)
 
-        def keep_going() -> None:
-            verdict.stop_if_rejected()
+            def keep_going() -> None:
+                verdict.stop_if_rejected()
+                lock_still_held()
+
+            history_build = builder.submit(
+                publishing.build_history,
+                history_conn,
+                as_of,
+                lock_holder,
+                verdict.stop_if_rejected,
+            )
+            stats = publishing.publish_month(
+                conn, as_of, newest=newest, history=history_build, keep_going=keep_going
+            )
+            ledger.record_month(conn, as_of, fingerprint, run_id, [s.as_dict() for s in stats])
+            written = time.perf_counter() - start
+            if not verdict.wait(meanwhile=lock_still_held):
+                raise NotPublished(
+                    f"{verdict.reason}: the month was rolled back, nothing published"
+                )
             lock_still_held()
-
-        history_build = builder.submit(
-            publishing.build_history,
-            history_conn,
-            as_of,
-            lock_holder,
-            verdict.stop_if_rejected,
-        )
-        stats = publishing.publish_month(
-            conn, as_of, newest=newest, history=history_build, keep_going=keep_going
-        )
-        ledger.record_month(conn, as_of, fingerprint, run_id, [s.as_dict() for s in stats])
-        written = time.perf_counter() - start
-        if not verdict.wait(meanwhile=lock_still_held):
-            raise NotPublished("validation failed: the month was rolled back, nothing published")
-        lock_still_held()
-        conn.commit()
+            conn.commit()
+    except (Rejected, psycopg.errors.QueryCanceled) as exc:  # the month was refused
+        if not verdict.rejected:
+            raise
+        # Not the cancel's "canceling statement due to user request", nor "validation
+        # failed" when the run failed or was stopped instead.
+        raise NotPublished(
+            f"{verdict.reason}: the month was rolled back, nothing published"
+        ) from exc
     get_run_logger().info(
         "month written in %.1fs alongside validation, then %.1fs waiting for its verdict",
         written,
@@ -396,7 +407,7 @@ def _settle_failed_run(
     after validation passed does not stop the publisher, which commits: the run is then
     recorded whole, and PublishedThenInterrupted raised in place of ``exc``.
     """
-    verdict.reject()  # a no-op once validation passed
+    verdict.reject("the run was stopped" if errors.is_stop(exc) else "the run failed")
     for future in staging:
         future.wait()
     publish_error = None

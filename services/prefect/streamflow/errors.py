@@ -143,6 +143,15 @@ class PublishedThenInterrupted(KeyboardInterrupt):
         self.signum = stopped_by_signal(stopped_by)
 
 
+def is_stop(exc: BaseException) -> bool:
+    """A signal's interrupt: KeyboardInterrupt and its kin, or Prefect's
+    TerminationSignal (a BaseException carrying ``signal``; not imported: this module
+    loads before Prefect)."""
+    return isinstance(exc, KeyboardInterrupt) or (
+        not isinstance(exc, Exception) and isinstance(getattr(exc, "signal", None), int)
+    )
+
+
 def stopped_by_signal(exc: BaseException) -> signal.Signals:
     """The signal behind an interrupt: Terminated is SIGTERM, Prefect's TerminationSignal
     carries its own (``signal``), anything else is SIGINT."""

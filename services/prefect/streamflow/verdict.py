@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
+from .errors import is_stop
+
 
 class Rejected(Exception):
     """The publisher stopped: the verdict came, and it is no."""
@@ -28,6 +30,8 @@ class Verdict:
         self._on_reject: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self.waited_seconds = 0.0
+        self.reason = ""
+        """Why the month was refused, for the publisher's own failure message."""
 
     def accept(self) -> None:
         with self._lock:
@@ -35,11 +39,13 @@ class Verdict:
                 self._accepted = True
                 self._decided.set()
 
-    def reject(self) -> None:
+    def reject(self, reason: str = "the run failed") -> None:
         """Refuse the month (a no-op once accepted), and cancel the publisher's work."""
         with self._lock:
             if self._decided.is_set() and self._accepted:
                 return
+            if not self._decided.is_set():
+                self.reason = reason
             # An accept cut short by an interrupt (flag set, event not) is no accept.
             self._accepted = False
             self._decided.set()
@@ -57,8 +63,9 @@ class Verdict:
         stop, and re-raise."""
         try:
             yield
-        except BaseException:
-            self.reject()
+        except BaseException as exc:
+            # An interrupt is no verdict on the month: the publisher must not say it failed.
+            self.reject("the run was stopped" if is_stop(exc) else "validation failed")
             then()
             raise
         self.accept()
