@@ -269,3 +269,52 @@ def test_the_gx_process_does_not_outlive_a_failed_staging(
     assert rc == 1 and "labels.csv" in err, err[-2000:]
     assert time.perf_counter() - start < 60
     assert _validation_children() == []
+
+
+def test_a_gx_process_that_cannot_reach_the_database_says_so_in_one_line():
+    """GX wraps the database's error in SQLAlchemy's, in its own TestConnectionError: the
+    flow's message was that chain's repr, with literal \\n\\t in it. It is now the
+    innermost error, in the CLI's words."""
+    import socket
+
+    from streamflow.errors import IngestError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    suites = validation.SuitesProcess(
+        f"postgresql://u:p@127.0.0.1:{port}/db?connect_timeout=2", None
+    )
+    try:
+        suites.connect()
+        with pytest.raises(IngestError) as err:
+            suites.run(date.fromisoformat(JAN))
+    finally:
+        suites.close()
+
+    message = str(err.value)
+    assert message.startswith(
+        "validation could not run (GX process): the database could not be reached: "
+    ), message
+    assert "\\n" not in message and "Error(" not in message, message
+
+
+def test_a_gx_process_killed_says_by_which_signal():
+    """An OOM kill said 'exit code -9'."""
+    import signal
+
+    from streamflow.errors import IngestError
+
+    suites = validation.SuitesProcess("postgresql://u:p@127.0.0.1:9/db", None)
+    try:
+        suites._proc.send_signal(signal.SIGKILL)
+        suites._proc.wait(timeout=30)
+        with pytest.raises(IngestError) as err:
+            suites.run(date.fromisoformat(JAN))
+    finally:
+        suites.close()
+
+    assert str(err.value) == (
+        "validation could not run (GX process): killed by SIGKILL (out of memory, or "
+        "stopped from outside the run)"
+    )

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -23,8 +24,8 @@ from typing import TYPE_CHECKING
 from psycopg import sql
 
 from . import db
-from .db import CONNECT_TIMEOUT_SECONDS, queries, query, session_options
-from .errors import IngestError, clipped, clipped_quotes
+from .db import CONNECT_TIMEOUT_SECONDS, explain_failure, queries, query, session_options
+from .errors import IngestError, clipped, clipped_quotes, first_line
 from .outcomes import Check, ExpectationOutcome, SuiteOutcome, shown
 from .registry import BY_NAME, EARLIEST_DATE, KEY, KEY_MAX_LENGTH, PARENT, TABLES, TableSpec
 
@@ -609,8 +610,17 @@ class SuitesProcess:
 
     def _last_error(self) -> str:
         self._stderr.seek(0)
-        errors = [line for line in self._stderr.read().strip().splitlines() if line.strip()]
-        return errors[-1] if errors else f"exit code {self._proc.returncode}"
+        lines = [line for line in self._stderr.read().strip().splitlines() if line.strip()]
+        said = [line[len(_FAILED) :] for line in lines if line.startswith(_FAILED)]
+        if said:
+            return said[-1]
+        code = self._proc.returncode
+        if code is not None and code < 0:  # "exit code -9" told people nothing
+            return (
+                f"killed by {signal.Signals(-code).name} (out of memory, or stopped from "
+                "outside the run)"
+            )
+        return lines[-1] if lines else f"exit code {code}"
 
     def finish(self, timeout: float = 300) -> str | None:
         """Wait for the Data Docs of a validated month; None, or why they failed."""
@@ -633,6 +643,22 @@ class SuitesProcess:
         self._stderr.close()
 
 
+_FAILED = "streamflow-gx-failed: "  # the child's last word on stderr, read by the flow
+
+
+def _reason(exc: BaseException) -> str:
+    """One line on why validation could not run, from the innermost error of a chain."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
+    for error in reversed(chain):
+        if (explained := explain_failure(error)) is not None:
+            return explained
+    return first_line(chain[-1])
+
+
 def _child_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the GX suites on staging.* (internal).")
     parser.add_argument("--docs-dir", type=Path)
@@ -641,11 +667,17 @@ def _child_main(argv: list[str] | None = None) -> int:
     # Each order arrives on stdin; EOF or anything else means the flow stopped first.
     if sys.stdin.readline().strip() != _CONNECT:
         return 0
-    validate = suites.connect(os.environ[URL_ENV])
-    order = sys.stdin.readline().split()
-    if len(order) != 2 or order[0] != _GO:
-        return 0
-    outcomes, site = validate(date.fromisoformat(order[1]))
+    try:
+        validate = suites.connect(os.environ[URL_ENV])
+        order = sys.stdin.readline().split()
+        if len(order) != 2 or order[0] != _GO:
+            return 0
+        outcomes, site = validate(date.fromisoformat(order[1]))
+    except Exception as exc:
+        # GX wraps the database's error in SQLAlchemy's, in its own: the flow's message
+        # gets the innermost, in the CLI's words, not a repr with its "\n\t".
+        print(_FAILED + _reason(exc), file=sys.stderr, flush=True)
+        return 1
     suites_out = [
         {
             "table": o.table,
