@@ -552,7 +552,7 @@ CORPUS = [
         # A read error after the file was found (here EIO): named, not "unexpected".
         "unreadable_file",
         lambda month: [remove("labels")(month), (month / "labels.csv").symlink_to(PROC_MEM)],
-        ["labels.csv: cannot be read"],
+        ["labels.csv cannot be read"],
     ),
     Bad(
         "folder_instead_of_file",
@@ -560,6 +560,36 @@ CORPUS = [
         ["users.csv is not a regular file"],
     ),
     Bad("seed_dir_does_not_exist", None, ["SEED_DIR", "no_such_month"], seed_dir="no_such_month"),
+    Bad(
+        # A folder named in Latin-1 (f\xe9vrier): "unexpected UnicodeEncodeError" from
+        # Prefect's JSON, naming nothing.
+        "seed_dir_not_utf8",
+        lambda month: month.rename(month.parent / os.fsdecode(b"mois_f\xe9vrier")),
+        ["SEED_DIR", "mois_f", "not UTF-8 text", "rename it"],
+        seed_dir=os.fsdecode(b"mois_f\xe9vrier"),
+    ),
+    Bad(
+        "blank_line_before_the_header",
+        write_bytes("labels", lambda d: b"\n" + d),
+        ["labels.csv, line 1: blank; expected the header line: user_id,churn_label"],
+        absent=("empty",),
+    ),
+    Bad(
+        "header_of_thousands_of_columns",
+        write_bytes(
+            "labels",
+            lambda d: d.replace(b"\n", b"".join(b",c%d" % i for i in range(3000)) + b"\n", 1),
+        ),
+        ["labels.csv: unexpected column 'c0', 'c1', 'c2', 'c3', 'c4' (+2995 more)"],
+    ),
+    Bad(
+        "header_with_a_long_name_twice",
+        write_bytes(
+            "labels",
+            lambda d: d.replace(b"\n", b"," + b"x" * 30_000 + b"," + b"x" * 30_000 + b"\n", 1),
+        ),
+        ["labels.csv: column 'xxxxxxxx", "(30000 characters)' appears twice"],
+    ),
     Bad("invalid_as_of", None, ["AS_OF", "2024-02-30", "YYYY-MM-DD"], as_of="2024-02-30"),
     # Values quoted in the message, with a line end in them (a quoted CSV field may
     # hold one): the log must not show a line of the pipeline's that it never wrote.
@@ -804,7 +834,7 @@ def test_duplicate_lines_are_counted_as_an_editor_shows_them(tmp_path):
         b"true,A\r\n"
         b'"fal\r\nse",B\r\n'  # one record, lines 3-4
         b'true,"A"\r\n'
-        b"false,\r\n"
+        b'"fal\rse",\r\n'  # a CR alone inside quotes ends no line (the csv module's did)
         b"true,B\r\n"
         + b"true,"
         + b"x" * 200_000  # past the csv module's field size limit

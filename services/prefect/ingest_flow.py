@@ -92,6 +92,7 @@ from streamflow.inputs import (  # noqa: E402
     check_run,
     cli_parser,
     replace_wanted,
+    text_path,
 )
 from streamflow.registry import BY_NAME  # noqa: E402
 from streamflow.reporting import RunSummary, Stopwatch, publish_artifacts  # noqa: E402
@@ -563,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = ingest_month(
-            seed_dir=args.seed_dir,
+            seed_dir=text_path(args.seed_dir),
             as_of=args.as_of,
             replace=replace_wanted(args),
             allow_gap=allow_gap_wanted(args),

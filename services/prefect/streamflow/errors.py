@@ -83,7 +83,7 @@ class InputError(IngestError):
 
 def unreadable(path: Path, exc: OSError) -> InputError:
     """A month file the system would not let us read, named."""
-    return InputError(f"{path.name}: cannot be read ({exc.strerror or exc})")
+    return InputError(f"{path.parent}: {path.name} cannot be read ({exc.strerror or exc})")
 
 
 class ValidationFailed(IngestError):

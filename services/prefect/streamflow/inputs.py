@@ -49,7 +49,22 @@ def parse_as_of(value: str, today: date | None = None) -> date:
     return as_of
 
 
+def text_path(seed_dir: str) -> str:
+    """SEED_DIR, refused if its bytes are no UTF-8 text (a name in another encoding,
+    which the filesystem keeps): Prefect sends a run's parameters as JSON text, and the
+    run ended in "unexpected UnicodeEncodeError: ... surrogates not allowed"."""
+    try:
+        seed_dir.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(
+            f"SEED_DIR {seed_dir!r}: the folder's path is not UTF-8 text (a name written "
+            "in another encoding); rename it"
+        ) from None
+    return seed_dir
+
+
 def month_files(seed_dir: Path) -> dict[str, Path]:
+    text_path(str(seed_dir))
     if not seed_dir.is_dir():
         raise InputError(f"SEED_DIR {str(seed_dir)!r} is not a directory")
     files = expected_files(seed_dir)

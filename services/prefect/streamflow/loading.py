@@ -60,11 +60,14 @@ def read_header(spec: TableSpec, path: Path) -> tuple[list[str], int]:
     try:
         with path.open("rb") as f:
             first = f.readline(MAX_HEADER_BYTES + 1)
+            blank_file = not first.strip(b"\r\n\t " + _BOM) and _blank_from_here(f)
     except OSError as exc:
         raise unreadable(path, exc) from exc
     expected = ",".join(spec.column_names)
-    if not first.strip(b"\r\n\t " + _BOM):
+    if blank_file:
         raise InputError(f"{path.name}: file is empty; expected a header line: {expected}")
+    if not first.strip(b"\r\n\t " + _BOM):  # rows below: not "empty"
+        raise InputError(f"{path.name}, line 1: blank; expected the header line: {expected}")
     if b"\x00" in first:  # UTF-16 (Excel's "Unicode text"), or not text at all
         raise InputError(
             f"{path.name}: header line is not UTF-8 text (it holds NUL bytes: UTF-16, or a "
@@ -96,6 +99,14 @@ def read_header(spec: TableSpec, path: Path) -> tuple[list[str], int]:
     return header, offset
 
 
+def _blank_from_here(f: BinaryIO) -> bool:
+    """Whether the rest of the file is only white space, read a chunk at a time."""
+    while chunk := f.read(CHUNK_BYTES):
+        if chunk.strip(_BLANK):
+            return False
+    return True
+
+
 def _check_header(spec: TableSpec, file: str, header: list[str]) -> None:
     expected = spec.column_names
     if not {n.strip().lower() for n in header} & set(expected):
@@ -110,14 +121,16 @@ def _check_header(spec: TableSpec, file: str, header: list[str]) -> None:
     seen: set[str] = set()
     for name in header:
         if name in seen:
-            raise InputError(f"{file}: column {name!r} appears twice in the header")
+            raise InputError(f"{file}: column {clipped(name)!r} appears twice in the header")
         seen.add(name)
     missing = [c for c in expected if c not in seen]
     unknown = [c for c in header if c not in expected]
     if missing or unknown:
         parts = []
-        if unknown:
-            parts.append("unexpected column " + ", ".join(repr(clipped(c)) for c in unknown))
+        if unknown:  # the first few: a header of 3,000 columns made a 47,000-character line
+            shown = ", ".join(repr(clipped(c)) for c in unknown[:5])
+            more = f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
+            parts.append(f"unexpected column {shown}{more}")
         if missing:
             parts.append("missing column " + ", ".join(repr(c) for c in missing))
         raise InputError(f"{file}: {'; '.join(parts)} (expected columns: {','.join(expected)})")
@@ -343,7 +356,10 @@ def key_lines(spec: TableSpec, path: Path, copies: Mapping[str, int]) -> dict[st
         end = 1
         for row in reader:
             # A quoted field may span lines: a row is named by the line it starts on.
-            start, end = end + 1, 1 + reader.line_num
+            # Lines are counted by their LF, as editors and COPY do: the csv module's
+            # line_num also ends one at a CR alone inside quotes.
+            start = end + 1
+            end = start + sum(field.count("\n") for field in row)
             key = row[column] if len(row) > column else None
             if key in found:
                 found[key].append(start)
