@@ -917,6 +917,36 @@ def test_an_interrupt_during_validation_is_not_called_a_failed_validation(
     assert scalar(db_url, "SELECT count(*) FROM users") == 0
 
 
+def test_a_failed_publisher_stops_the_history_build(run_flow, db_url, months, monkeypatch):
+    """The publishing transaction failed on its own (its lock lost, an SQL error) while
+    the history months were being built on the second connection: it waited for the
+    five of them (tens of seconds at 1M rows) before failing, holding its locks. The
+    build now stops at its next table (here each takes 3 s)."""
+    from streamflow import publishing
+    from streamflow.errors import LockLost
+
+    real_build = publishing.build_history
+
+    def slow_build(conn, as_of, lock_holder=None, keep_going=lambda: None):
+        def slowly() -> None:
+            keep_going()
+            time.sleep(3)
+
+        return real_build(conn, as_of, lock_holder, slowly)
+
+    def lost(*args, **kwargs):
+        time.sleep(0.5)  # the build has started
+        raise LockLost("the run lost the pipeline's writer lock (test)")
+
+    monkeypatch.setattr(publishing, "build_history", slow_build)
+    monkeypatch.setattr(publishing, "publish_month", lost)
+    rc, _, err = run_flow(db_url, months / "month_000", JAN)
+
+    assert rc == 1 and "writer lock (test)" in err.strip().splitlines()[-1], err[-500:]
+    (run,) = runs(db_url)
+    assert run["timings"]["snapshot_month"] < 5, run["timings"]  # 6 tables x 3 s before
+
+
 def test_a_gx_process_that_cannot_start_fails_the_run_in_the_ledger(
     run_flow, db_url, months, monkeypatch
 ):

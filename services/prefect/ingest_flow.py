@@ -15,8 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from datetime import date
 from pathlib import Path
 
@@ -202,24 +204,35 @@ def snapshot_month(
                 verdict.stop_if_rejected()
                 lock_still_held()
 
+            # The history build also stops when this side fails on its own (a lost
+            # lock, an SQL error): leaving the block waits for it, holding the locks.
+            gave_up = threading.Event()
+
+            def history_goes_on() -> None:
+                verdict.stop_if_rejected()
+                if gave_up.is_set():
+                    raise Rejected("the publishing transaction failed")
+
             history_build = builder.submit(
-                publishing.build_history,
-                history_conn,
-                as_of,
-                lock_holder,
-                verdict.stop_if_rejected,
+                publishing.build_history, history_conn, as_of, lock_holder, history_goes_on
             )
-            stats = publishing.publish_month(
-                conn, as_of, newest=newest, history=history_build, keep_going=keep_going
-            )
-            ledger.record_month(conn, as_of, fingerprint, run_id, [s.as_dict() for s in stats])
-            written = time.perf_counter() - start
-            if not verdict.wait(meanwhile=lock_still_held):
-                raise NotPublished(
-                    f"{verdict.reason}: the month was rolled back, nothing published"
+            try:
+                stats = publishing.publish_month(
+                    conn, as_of, newest=newest, history=history_build, keep_going=keep_going
                 )
-            lock_still_held()
-            conn.commit()
+                ledger.record_month(conn, as_of, fingerprint, run_id, [s.as_dict() for s in stats])
+                written = time.perf_counter() - start
+                if not verdict.wait(meanwhile=lock_still_held):
+                    raise NotPublished(
+                        f"{verdict.reason}: the month was rolled back, nothing published"
+                    )
+                lock_still_held()
+                conn.commit()
+            except BaseException:
+                gave_up.set()
+                with suppress(Exception):
+                    history_conn.cancel_safe(timeout=2)
+                raise
     except (Rejected, psycopg.errors.QueryCanceled) as exc:  # the month was refused
         if not verdict.rejected:
             raise
