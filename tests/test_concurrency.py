@@ -366,3 +366,25 @@ def _waits_for_a_lock(url: str) -> bool:
             (APP,),
         ).fetchone()
     return bool(waiting and waiting[0])
+
+
+def test_a_run_waiting_for_the_lock_says_so_once(db_url):
+    """A run waiting for another's writer lock (up to LOCK_WAIT_SECONDS, 10 minutes by
+    default) showed 'Running' with no log line at all."""
+    from streamflow import db
+    from streamflow.errors import LockTimeout
+
+    said: list[str] = []
+    with (
+        psycopg.connect(db_url, autocommit=True) as holder,
+        psycopg.connect(db_url, autocommit=True) as waiting,
+    ):
+        holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+        pid = holder.info.backend_pid
+        with pytest.raises(LockTimeout), db.writer_lock(waiting, 1.0, said.append):
+            pass
+
+    assert said == [
+        f"another ingestion is running (held by backend pid {pid}): waiting for it, up to 1s "
+        "(LOCK_WAIT_SECONDS)"
+    ]

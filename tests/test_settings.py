@@ -171,6 +171,17 @@ def test_blank_connection_variables_are_unset():
     assert database_url_from_env({"DATABASE_URL": " ", "POSTGRES_HOST": " \t"}) is None
     url = database_url_from_env({"DATABASE_URL": " host=db dbname=x\n"})
     assert url == "host=db dbname=x"
+    # The user and database too (code review: they were kept padded, ' ingest ' a
+    # role no one has); the password is taken as written.
+    url = database_url_from_env(
+        {
+            "POSTGRES_HOST": "db",
+            "POSTGRES_USER": " ingest ",
+            "POSTGRES_DB": "streamflow\n",
+            "POSTGRES_PASSWORD": " pw ",
+        }
+    )
+    assert url == "host=db port=5432 user=ingest password=' pw ' dbname=streamflow"
 
 
 def test_gx_connects_with_the_urls_options_and_one_port_per_host():

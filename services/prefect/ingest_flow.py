@@ -191,8 +191,9 @@ def snapshot_month(
         ):
             # The history partitions are built on a second connection meanwhile: a third
             # stream of work for the cores that validation and the live upserts leave idle.
-            # A refused month stops at once: the statement in progress is cancelled, and
-            # the next one is not started (at 1M rows the writes take tens of seconds).
+            # A refused month stops soon: the statement in progress is cancelled, and no
+            # table is started after it (at 1M rows the writes take tens of seconds). A
+            # cancel that lands between two statements of one table is lost to it.
             # (A short timeout: an interrupt must not wait on a server that does not answer.)
             verdict.on_reject(lambda: conn.cancel_safe(timeout=2))
             verdict.on_reject(lambda: history_conn.cancel_safe(timeout=2))
@@ -288,7 +289,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
     clock = Stopwatch(summary.timings)
     with (
         db.connect(url, autocommit=True) as control,
-        db.writer_lock(control, settings.lock_wait_seconds),
+        db.writer_lock(control, settings.lock_wait_seconds, get_run_logger().info),
     ):
         lock_holder = control.info.backend_pid  # checked before every commit of the run
         with clock("schema"):

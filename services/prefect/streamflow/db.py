@@ -5,17 +5,16 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from functools import cache
-from pathlib import Path
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, timeout_from_conninfo
 
 from .errors import InputError, LockLost, LockTimeout, SchemaOutdated, first_line
-from .settings import SQL_DIR
+from .settings import DB_DIR
 
 # One key for the whole pipeline: months are published strictly one at a time.
 LOCK_KEY = 0x5F1_0E_1A  # arbitrary constant, shared by every writer
@@ -129,9 +128,9 @@ def explain_failure(exc: BaseException) -> str | None:
 
 
 @cache
-def queries(file: str, sql_dir: Path = SQL_DIR) -> dict[str, str]:
+def queries(file: str) -> dict[str, str]:
     """Named queries of ``db/sql/<file>.sql``: each block starts with ``-- name: <name>``."""
-    text = (sql_dir / "sql" / f"{file}.sql").read_text(encoding="utf-8")
+    text = (DB_DIR / "sql" / f"{file}.sql").read_text(encoding="utf-8")
     parts = _NAME.split(text)
     return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
@@ -222,10 +221,10 @@ def schema_present(conn: psycopg.Connection) -> bool:
     return bool(row and row[0])
 
 
-def apply_init_sql(conn: psycopg.Connection, sql_dir: Path = SQL_DIR) -> list[str]:
+def apply_init_sql(conn: psycopg.Connection) -> list[str]:
     """Run ``db/init/*.sql`` in name order, as the postgres image's entrypoint does."""
     applied = []
-    for path in sorted((sql_dir / "init").glob("*.sql")):
+    for path in sorted((DB_DIR / "init").glob("*.sql")):
         conn.execute(path.read_text(encoding="utf-8"))  # type: ignore[arg-type]
         applied.append(path.name)
     conn.commit()
@@ -238,7 +237,7 @@ NEWEST_OBJECT = "streamflow_staged_month_partition(text, date, text)"
 NEWEST_COLUMN = ("public.ingest_runs", "flow_run_id")
 
 
-def ensure_schema(conn: psycopg.Connection, sql_dir: Path = SQL_DIR) -> list[str]:
+def ensure_schema(conn: psycopg.Connection) -> list[str]:
     """Apply the init SQL on an empty or older database; leave a current one alone."""
     if schema_present(conn):
         table, column = NEWEST_COLUMN
@@ -250,7 +249,7 @@ def ensure_schema(conn: psycopg.Connection, sql_dir: Path = SQL_DIR) -> list[str
         if row and row[0]:
             return []
         try:
-            return apply_init_sql(conn, sql_dir)
+            return apply_init_sql(conn)
         except psycopg.errors.InsufficientPrivilege as exc:
             conn.rollback()
             raise SchemaOutdated(
@@ -260,23 +259,38 @@ def ensure_schema(conn: psycopg.Connection, sql_dir: Path = SQL_DIR) -> list[str
                 f"run db/init/001_schema.sql once (it is idempotent). PostgreSQL said: "
                 f"{exc.diag.message_primary}"
             ) from exc
-    return apply_init_sql(conn, sql_dir)
+    return apply_init_sql(conn)
 
 
 @contextmanager
-def writer_lock(conn: psycopg.Connection, wait_seconds: float) -> Iterator[None]:
-    """Hold the pipeline's session advisory lock; wait up to ``wait_seconds`` for it."""
+def writer_lock(
+    conn: psycopg.Connection,
+    wait_seconds: float,
+    on_wait: Callable[[str], object] | None = None,
+) -> Iterator[None]:
+    """Hold the pipeline's session advisory lock; wait up to ``wait_seconds`` for it.
+
+    ``on_wait`` is told once, when the lock is taken: a run waiting up to 10 minutes
+    showed 'Running' with no word in the UI.
+    """
     deadline = time.monotonic() + wait_seconds
     q = queries("control")
     key = {"key": LOCK_KEY}
+    told = False
     while not conn.execute(q["try_writer_lock"], key).fetchone()[0]:  # type: ignore[arg-type]
+        holder = conn.execute(q["writer_lock_holder"], key).fetchone()  # type: ignore[arg-type]
+        who = f" (held by backend pid {holder[0]})" if holder else ""
         if time.monotonic() >= deadline:
-            holder = conn.execute(q["writer_lock_holder"], key).fetchone()  # type: ignore[arg-type]
-            who = f" (held by backend pid {holder[0]})" if holder else ""
             raise LockTimeout(
                 f"another ingestion is running{who}; waited {wait_seconds:g}s for it "
                 "(set LOCK_WAIT_SECONDS to wait longer)"
             )
+        if on_wait is not None and not told:
+            on_wait(
+                f"another ingestion is running{who}: waiting for it, up to "
+                f"{wait_seconds:g}s (LOCK_WAIT_SECONDS)"
+            )
+            told = True
         time.sleep(0.2)
     try:
         yield

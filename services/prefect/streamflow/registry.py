@@ -15,7 +15,8 @@ from datetime import date
 class Column:
     name: str
     pg_type: str
-    """PostgreSQL type, used only to explain conversion errors to people."""
+    """PostgreSQL type: the staging column's, named when a value does not convert; a
+    numeric column also gets the finite-number check."""
     non_negative: bool = False
     value_set: tuple[str, ...] | None = None
     required: bool = False

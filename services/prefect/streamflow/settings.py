@@ -23,7 +23,7 @@ def _app_dir() -> Path:
 
 
 APP_DIR = _app_dir()
-SQL_DIR = APP_DIR / "db"
+DB_DIR = APP_DIR / "db"  # db/init and db/sql
 
 _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"", "0", "false", "no", "n", "off"}
@@ -36,11 +36,6 @@ class Settings:
     embedded_pgdata: Path
     gx_docs_dir: Path
     lock_wait_seconds: float
-    sql_dir: Path = SQL_DIR
-
-    @property
-    def embedded(self) -> bool:
-        return self.database_url is None
 
 
 def load_dotenv_if_present() -> None:
@@ -57,7 +52,8 @@ def load_dotenv_if_present() -> None:
 
 def database_url_from_env(env: os._Environ[str] | dict[str, str] = os.environ) -> str | None:
     """libpq's connection string: ``DATABASE_URL`` first, then the ``POSTGRES_*`` names
-    of ``.env``; None if neither. White space around a value is dropped: ' ' is unset."""
+    of ``.env``; None if neither. White space around a value is dropped (' ' is unset),
+    except in POSTGRES_PASSWORD, taken as written."""
     url = env.get("DATABASE_URL", "").strip()
     if url:
         return _checked_conninfo(url)
@@ -71,9 +67,9 @@ def database_url_from_env(env: os._Environ[str] | dict[str, str] = os.environ) -
     return make_conninfo(
         host=host,
         port=_port(env),
-        user=env.get("POSTGRES_USER") or "postgres",
-        password=env.get("POSTGRES_PASSWORD") or None,
-        dbname=env.get("POSTGRES_DB") or "postgres",
+        user=env.get("POSTGRES_USER", "").strip() or "postgres",
+        password=env.get("POSTGRES_PASSWORD") or None,  # as written: spaces may be its own
+        dbname=env.get("POSTGRES_DB", "").strip() or "postgres",
     )
 
 

@@ -34,8 +34,9 @@ class VerifyFailed(Exception):
 def connect(url: str) -> psycopg.Connection:
     try:
         return db.connect(url, application_name="streamflow-verify")
-    except psycopg.OperationalError as exc:
-        raise VerifyFailed(f"cannot connect to the database: {first_line(exc)}") from exc
+    except psycopg.OperationalError as exc:  # in the flow's words, hints included
+        said = db.explain_failure(exc) or f"cannot connect to the database: {first_line(exc)}"
+        raise VerifyFailed(said) from exc
 
 
 def counts(url: str) -> list[tuple[str, list[tuple]]]:
