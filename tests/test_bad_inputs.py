@@ -254,6 +254,16 @@ CORPUS = [
         ["labels.csv", "churned", "churn_label"],
     ),
     Bad(
+        # It said how many, not where: nothing to search for in a 10M-row file.
+        "empty_label",
+        set_cell("labels", 10, "churn_label", ""),
+        [
+            "labels.csv, column churn_label: 1 empty value(s); every row needs a churn_label "
+            "(user_id {uid:10})"
+        ],
+        expect_user_ids_of={"uid:10": ("labels", 10)},
+    ),
+    Bad(
         "duplicate_user_id",
         edit("users", _dup_users),
         # Row 10 is file line 11; its copy was appended after the 200 rows: line 202.

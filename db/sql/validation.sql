@@ -37,6 +37,12 @@ WHERE abs(b.{column}) > 1.7976931348623157e308
 SELECT b.user_id, b.{column} FROM (SELECT user_id, {column} FROM {batch}) AS b
 WHERE b.{column} < 0
 
+-- name: empty_values
+-- The rows behind a failed "not empty" expectation, named by their user_id (an empty
+-- churn_label in a 10M-row file had nothing to search for).
+SELECT b.user_id, NULL::text FROM (SELECT user_id, {column} FROM {batch}) AS b
+WHERE b.{column} IS NULL
+
 -- name: outside_set
 -- The rows behind a failed value-set expectation; "allowed" is the registry's set.
 SELECT b.user_id, b.{column} FROM (SELECT user_id, {column} FROM {batch}) AS b

@@ -118,7 +118,7 @@ def describe_failure(o: ExpectationOutcome) -> str:
         case "expect_column_values_to_be_between":
             what = f"{n} value(s) below 0, expected >= 0, e.g. {eg_values}{rows}"
         case "expect_column_values_to_not_be_null":
-            what = f"{n} empty value(s); every row needs a {o.column}"
+            what = f"{n} empty value(s); every row needs a {o.column}{rows}"
         case Check.UNIQUE:
             lines = o.example_lines or [[] for _ in o.example_user_ids]
             copies = ", ".join(

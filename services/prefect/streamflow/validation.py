@@ -393,6 +393,7 @@ _ROW_CHECKS = {
     Check.UNIQUE: "duplicates",
     "expect_column_values_to_be_between": "negatives",
     "expect_column_values_to_be_in_set": "outside_set",
+    "expect_column_values_to_not_be_null": "empty_values",
     Check.DATE_RANGE: "outside_dates",
 }
 
