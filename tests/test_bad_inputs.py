@@ -467,6 +467,23 @@ CORPUS = [
         ["users.csv", "line 7: blank line"],
     ),
     Bad(
+        # Edited on two machines: one CRLF line in an LF file, and the reverse.
+        "one_crlf_line_in_an_lf_file",
+        edit_line("payments_agg_90d", 21, lambda b: b + b"\r"),
+        [
+            "payments_agg_90d.csv, line 21: unquoted carriage return found in data: this line "
+            "ends in CRLF where the lines before it end in LF"
+        ],
+    ),
+    Bad(
+        "one_lf_line_in_a_crlf_file",
+        lambda month: (
+            write_bytes("payments_agg_90d", lambda d: d.replace(b"\n", b"\r\n"))(month),
+            edit_line("payments_agg_90d", 21, lambda b: b.rstrip(b"\r"))(month),
+        ),
+        ["payments_agg_90d.csv, line 21: unquoted newline found in data: this line ends"],
+    ),
+    Bad(
         # An old Mac export: the whole file is one "line" to a reader looking for LF.
         "cr_line_ends",
         write_bytes("labels", lambda d: d.replace(b"\n", b"\r")),

@@ -39,6 +39,9 @@ _BLANK_LINE_ERRORS = (
     "unquoted carriage return found in data",
     "unquoted newline found in data",
 )
+# COPY's words for a file whose lines do not all end alike (a CR or LF where the
+# first line's ending says the line goes on).
+_LINE_END_ERRORS = ("unquoted carriage return found in data", "unquoted newline found in data")
 _COPY_CONTEXT = re.compile(r"line (\d+)(?:, column (\w+))?(?:: \"(.*)\")?", re.DOTALL)
 # A quote between two characters of a value, or an odd run of them: COPY takes it for
 # the start or end of a quoted section and drops it (Fib"er opt"ic is read Fiber optic,
@@ -288,6 +291,12 @@ def explain_copy_error(
                 pass
         elif primary.startswith(_BLANK_LINE_ERRORS) and _blank_line(match.group(3), path, line):
             return f"{where}: blank line (every line after the header is one user's row)"
+        elif primary.startswith(_LINE_END_ERRORS):  # PostgreSQL's hint (quote it) misleads
+            return (
+                f"{where}: {primary}: this line ends in CRLF where the lines before it end "
+                "in LF, or the reverse (expected one kind of line end throughout, and a "
+                "line end inside a value quoted)"
+            )
     if isinstance(exc, psycopg.errors.CharacterNotInRepertoire):
         if primary.endswith(": 0x00"):  # valid UTF-8, but no PostgreSQL text holds it
             return f"{where}: a NUL byte (0x00), which no text value can hold"
