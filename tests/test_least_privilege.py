@@ -406,3 +406,37 @@ def test_an_older_schema_is_brought_up_to_date_or_named(
         assert db.ensure_schema(conn) == []
     rc, _, err = run_flow(ingest_url, months / "month_000", JAN)
     assert rc == 0, err[-3000:]
+
+
+def test_the_sql_allowlists_are_the_registrys_tables(db_url):
+    """db/init repeats the registry's table names in its allowlists (the partition name,
+    the key switch, the leftovers' pattern) and in the catalogue: a table added to one
+    and not the other would be refused, or a leftover kept, far from the cause."""
+    from streamflow.registry import LIVE_TABLES, PARENT, SNAPSHOT_TABLES
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        history = {
+            name
+            for (name,) in conn.execute(
+                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = 'public' AND c.relkind = 'p'"
+            )
+        }
+        assert history == set(SNAPSHOT_TABLES)
+        for table in SNAPSHOT_TABLES:
+            name = conn.execute(
+                "SELECT streamflow_month_partition_name(%s, '2024-01-31')", (table,)
+            ).fetchone()[0]
+            assert name == f"{table}_20240131"
+            conn.execute(sql.SQL("CREATE TABLE staging.{} ()").format(sql.Identifier(name)))
+        assert conn.execute("SELECT streamflow_drop_staged_months()").fetchone()[0] == len(
+            SNAPSHOT_TABLES
+        )
+        keyed = [t for t in LIVE_TABLES if t != PARENT.name]
+        for table in keyed:
+            assert conn.execute("SELECT streamflow_live_key_table(%s)", (table,)).fetchone()[0]
+        for wrong in ("users", "ingest_runs"):
+            with pytest.raises(psycopg.errors.RaiseException):
+                conn.execute("SELECT streamflow_month_partition_name(%s, '2024-01-31')", (wrong,))
+        with pytest.raises(psycopg.errors.RaiseException):
+            conn.execute("SELECT streamflow_live_key_table('users')")
