@@ -947,6 +947,25 @@ def test_a_failed_publisher_stops_the_history_build(run_flow, db_url, months, mo
     assert run["timings"]["snapshot_month"] < 5, run["timings"]  # 6 tables x 3 s before
 
 
+def test_an_unexpected_error_reads_the_same_in_the_ledger_and_on_the_terminal(
+    run_flow, db_url, months, monkeypatch
+):
+    """A bug inside the run: the CLI printed 'unexpected ValueError: ...' and the ledger
+    kept "ValueError('boom\\n  more')", a Python repr."""
+    from streamflow import publishing
+
+    def broken(*args, **kwargs):
+        raise ValueError("boom\n  more")
+
+    monkeypatch.setattr(publishing, "publish_month", broken)
+    rc, _, err = run_flow(db_url, months / "month_000", JAN)
+
+    assert rc == 1
+    assert err.strip().splitlines()[-1] == "ingest failed: unexpected ValueError: boom more"
+    (run,) = runs(db_url)
+    assert run["error"] == "unexpected ValueError: boom more"
+
+
 def test_a_gx_process_that_cannot_start_fails_the_run_in_the_ledger(
     run_flow, db_url, months, monkeypatch
 ):

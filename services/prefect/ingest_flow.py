@@ -406,6 +406,15 @@ def _open_run(
     return mode
 
 
+def _in_words(exc: BaseException) -> str:
+    """One line for people on an error that is no IngestError: the CLI's last line and
+    the ledger's error alike (the ledger had a repr, "ValueError('...\\n...')")."""
+    explained = db.explain_failure(exc)
+    if explained is not None:
+        return explained
+    return f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
 def _settle_failed_run(
     control: psycopg.Connection,
     summary: RunSummary,
@@ -474,7 +483,7 @@ def _record_failure(
             else "nothing was published"
         )
     else:  # the CLI's words for a database's refusal, not QueryCanceled('...')
-        summary.error = db.explain_failure(exc) or repr(exc)
+        summary.error = _in_words(exc)
     # The same one line the CLI prints, for runs started from the UI.
     get_run_logger().error("ingest failed: %s", summary.error)
     # (The next run marks it abandoned if the control connection broke.)
@@ -608,8 +617,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
-        line = " ".join(str(exc).split())
-        print(f"ingest failed: unexpected {type(exc).__name__}: {line}", file=sys.stderr)
+        print(f"ingest failed: {_in_words(exc)}", file=sys.stderr)
         return 1
     print(result["line"])
     if result.get("data_docs"):
