@@ -947,6 +947,27 @@ def test_a_failed_publisher_stops_the_history_build(run_flow, db_url, months, mo
     assert run["timings"]["snapshot_month"] < 5, run["timings"]  # 6 tables x 3 s before
 
 
+def test_a_file_from_another_published_month_is_named(run_flow, db_url, months, tmp_path, caplog):
+    """Last month's labels.csv copied into this month's folder: a whole copied month is
+    refused, but one file published again under the new as_of went without a word (the
+    input audit: 82 of 200 labels of February were January's). It is published, with a
+    warning naming the file and the month it comes from."""
+    import logging
+
+    ok(run_flow(db_url, months / "month_000", JAN))
+    feb = tmp_path / "month_001"
+    shutil.copytree(months / "month_001", feb)
+    shutil.copy(months / "month_000" / "labels.csv", feb / "labels.csv")
+
+    with caplog.at_level(logging.WARNING):
+        ok(run_flow(db_url, feb, FEB))
+
+    said = [r.getMessage() for r in caplog.records if "byte for byte" in r.getMessage()]
+    assert said == [
+        f"labels.csv is byte for byte the labels.csv published as of {JAN}: a stale export?"
+    ]
+
+
 def test_an_unexpected_error_reads_the_same_in_the_ledger_and_on_the_terminal(
     run_flow, db_url, months, monkeypatch
 ):

@@ -27,6 +27,17 @@ WHERE fingerprint = %(fingerprint)s AND as_of <> %(as_of)s
 ORDER BY as_of
 LIMIT 1;
 
+-- name: files_published_elsewhere
+-- This month's files that are byte for byte a file another published as_of has (a
+-- stale export copied into the folder: last month's labels under this month's date).
+-- Only the files whose values are the month's own are asked about (registry.py).
+SELECT DISTINCT f.key, m.as_of
+FROM ingest_months AS m
+JOIN ingest_runs AS r ON r.run_id = m.run_id
+CROSS JOIN LATERAL jsonb_each(r.files) AS f
+WHERE m.as_of <> %(as_of)s AND f.value ->> 'sha256' = ANY(%(hashes)s)
+ORDER BY m.as_of, f.key;
+
 -- name: latest_published
 SELECT max(as_of) FROM ingest_months;
 

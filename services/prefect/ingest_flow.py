@@ -300,6 +300,13 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
         if mode is Mode.NOOP:
             ledger.finish_run(control, summary.run_id, status="noop", timings=summary.timings)
         else:
+            for table, other in ledger.files_published_elsewhere(control, as_of_date, prints):
+                get_run_logger().warning(
+                    "%s is byte for byte the %s published as of %s: a stale export?",
+                    BY_NAME[table].file_name,
+                    BY_NAME[table].file_name,
+                    other,
+                )
             verdict = Verdict()
             stopped = False  # by a signal
             suites: validation.SuitesProcess | None = None

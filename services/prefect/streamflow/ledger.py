@@ -9,12 +9,25 @@ from psycopg.types.json import Jsonb
 
 from .db import queries
 from .fingerprints import FileFingerprint
+from .registry import BY_NAME
 
 
 def published_files(conn: psycopg.Connection, as_of: date) -> dict | None:
     """The files of the last run that published ``as_of`` or found it unchanged."""
     row = conn.execute(queries("ledger")["published_files"], {"as_of": as_of}).fetchone()
     return row[0] if row else None
+
+
+def files_published_elsewhere(
+    conn: psycopg.Connection, as_of: date, files: list[FileFingerprint]
+) -> list[tuple[str, date]]:
+    """(table, as_of) of each file of the month's own values (``TableSpec.of_the_month``)
+    identical to one of another published as_of: worth a warning, not a refusal."""
+    hashes = [f.sha256 for f in files if BY_NAME[f.table].of_the_month]
+    rows = conn.execute(
+        queries("ledger")["files_published_elsewhere"], {"as_of": as_of, "hashes": hashes}
+    ).fetchall()
+    return [(table, published) for table, published in rows]
 
 
 def abandon_stale_runs(conn: psycopg.Connection) -> int:

@@ -34,6 +34,10 @@ class TableSpec:
     columns: tuple[Column, ...]
     snapshot_table: str | None = None
     snapshot_columns: tuple[str, ...] = field(default=())
+    of_the_month: bool = False
+    """Its values are the month's own (a window ending at as_of, the label): a file
+    byte for byte another month's is a stale export. users and subscriptions can stay
+    the same from one month to the next (the lab's months do)."""
 
     @property
     def file_name(self) -> str:
@@ -115,6 +119,7 @@ TABLES: tuple[TableSpec, ...] = (
             _nn("rebuffer_events_7d", "integer"),
         ),
         snapshot_table="usage_agg_30d_snapshots",
+        of_the_month=True,
         snapshot_columns=(
             "watch_hours_30d",
             "avg_session_mins_7d",
@@ -127,6 +132,7 @@ TABLES: tuple[TableSpec, ...] = (
         "payments_agg_90d",
         (_key, _nn("failed_payments_90d", "integer")),
         snapshot_table="payments_agg_90d_snapshots",
+        of_the_month=True,
         snapshot_columns=("failed_payments_90d",),
     ),
     TableSpec(
@@ -137,12 +143,14 @@ TABLES: tuple[TableSpec, ...] = (
             _nn("ticket_avg_resolution_hrs_90d", "numeric"),
         ),
         snapshot_table="support_agg_90d_snapshots",
+        of_the_month=True,
         snapshot_columns=("support_tickets_90d", "ticket_avg_resolution_hrs_90d"),
     ),
     TableSpec(
         "labels",
         (_key, Column("churn_label", "boolean", required=True)),
         snapshot_table="labels_snapshots",
+        of_the_month=True,
         snapshot_columns=("churn_label",),
     ),
 )
