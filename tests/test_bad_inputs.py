@@ -471,8 +471,8 @@ CORPUS = [
         "one_crlf_line_in_an_lf_file",
         edit_line("payments_agg_90d", 21, lambda b: b + b"\r"),
         [
-            "payments_agg_90d.csv, line 21: unquoted carriage return found in data: this line "
-            "ends in CRLF where the lines before it end in LF"
+            "payments_agg_90d.csv, line 21: unquoted carriage return found in data: the file "
+            "mixes CRLF and LF line ends, or a value holds a CR or LF without being quoted"
         ],
     ),
     Bad(
@@ -481,7 +481,7 @@ CORPUS = [
             write_bytes("payments_agg_90d", lambda d: d.replace(b"\n", b"\r\n"))(month),
             edit_line("payments_agg_90d", 21, lambda b: b.rstrip(b"\r"))(month),
         ),
-        ["payments_agg_90d.csv, line 21: unquoted newline found in data: this line ends"],
+        ["payments_agg_90d.csv, line 21: unquoted newline found in data: the file mixes CRLF"],
     ),
     Bad(
         # An old Mac export: the whole file is one "line" to a reader looking for LF.
@@ -515,10 +515,15 @@ CORPUS = [
         "quote_inside_a_value",
         edit_line("subscriptions", 10, lambda b: b.rsplit(b",", 1)[0] + b',Fib"er opt"ic'),
         [
-            "subscriptions.csv, line 10: a quote inside a value that does not start with one",
-            "'Fib\"er opt\"ic'",
-            "PostgreSQL would drop this quote",
+            "subscriptions.csv, line 10: a quote inside a value ('Fib\"er opt\"ic')",
+            "PostgreSQL would read this one otherwise than other CSV readers",
         ],
+    ),
+    Bad(
+        # Doubled as inside quotes, but the value is not quoted: COPY read Fiber.
+        "doubled_quotes_in_an_unquoted_value",
+        edit_line("subscriptions", 12, lambda b: b.rsplit(b",", 1)[0] + b',Fib""er optic'),
+        ["subscriptions.csv, line 12: a quote inside a value ('Fib\"\"er optic')"],
     ),
     Bad(
         "quotes_inside_a_number",
@@ -910,7 +915,7 @@ def test_a_stray_quote_is_found_wherever_the_reads_split_the_file(db_url, tmp_pa
     stray, legal = tmp_path / "stray" / "labels.csv", tmp_path / "legal" / "labels.csv"
     for path in (stray, legal):
         path.parent.mkdir()
-    stray.write_bytes(b'user_id,churn_label\n"A-1",true\nB"""2,false\n')
+    stray.write_bytes(b'user_id,churn_label\n"A-1",true\nB""2,false\n')
     legal.write_bytes(b'user_id,churn_label\n"A-1",true\n"B""""2",false\n')
     with psycopg.connect(db_url) as conn:
         for size in range(1, 40):

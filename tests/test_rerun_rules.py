@@ -824,8 +824,12 @@ def test_a_refused_month_stops_publishing_at_once(run_flow, db_url, months, tmp_
 
 @pytest.mark.parametrize(
     ("stop", "signum"),
-    [("KeyboardInterrupt", signal.SIGINT), ("Terminated", signal.SIGTERM)],
-    ids=["Ctrl-C", "SIGTERM"],
+    [
+        ("KeyboardInterrupt", signal.SIGINT),
+        ("Terminated", signal.SIGTERM),
+        ("TerminationSignal", signal.SIGTERM),  # Prefect's own, in a flow run
+    ],
+    ids=["Ctrl-C", "SIGTERM", "Prefect-SIGTERM"],
 )
 def test_an_interrupt_after_the_verdict_records_the_published_month_whole(
     run_flow, db_url, months, monkeypatch, stop, signum
@@ -843,6 +847,10 @@ def test_an_interrupt_after_the_verdict_records_the_published_month_whole(
 
     def accept_then_interrupt(self):
         real_accept(self)
+        if stop == "TerminationSignal":
+            from prefect.exceptions import TerminationSignal
+
+            raise TerminationSignal(signal.SIGTERM)
         raise getattr(errors, stop, KeyboardInterrupt)
 
     monkeypatch.setattr(Verdict, "accept", accept_then_interrupt)

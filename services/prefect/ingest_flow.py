@@ -300,19 +300,20 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
         if mode is Mode.NOOP:
             ledger.finish_run(control, summary.run_id, status="noop", timings=summary.timings)
         else:
-            for table, other in ledger.files_published_elsewhere(control, as_of_date, prints):
-                get_run_logger().warning(
-                    "%s is byte for byte the %s published as of %s: a stale export?",
-                    BY_NAME[table].file_name,
-                    BY_NAME[table].file_name,
-                    other,
-                )
             verdict = Verdict()
             stopped = False  # by a signal
             suites: validation.SuitesProcess | None = None
             staging: list[PrefectFuture] = []
             published: PrefectFuture | None = None
             try:
+                for table, other in ledger.files_published_elsewhere(control, as_of_date, prints):
+                    name = BY_NAME[table].file_name
+                    get_run_logger().warning(
+                        "%s is byte for byte the %s published as of %s: a stale export?",
+                        name,
+                        name,
+                        other,
+                    )
                 # GX has imported and built its suites meanwhile (or does it while the
                 # month is being staged); it adds the staging tables during the COPYs.
                 suites = validation.SuitesProcess.take(url, settings.gx_docs_dir)
@@ -353,7 +354,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                 raise
             finally:
                 if suites is not None:
-                    _end_suites(suites, stopped=stopped, published=summary.status == "succeeded")
+                    _end_suites(suites, summary, stopped=stopped)
             try:
                 loading.empty_staging(control)
             except psycopg.Error as exc:  # the month is published: only disk is at stake
@@ -433,14 +434,13 @@ def _settle_failed_run(
 ) -> None:
     """Refuse the month of a run that raised ``exc``, and record the run.
 
-    The COPYs still running are waited for while the run holds the writer lock (they
-    check it before they commit, and blamed a network cut once it was gone). A signal
-    after validation passed does not stop the publisher, which commits: the run is then
+    Recorded first (a second signal, or docker stop's SIGKILL, may come soon), then the
+    COPYs still running are waited for while the run holds the writer lock: they check
+    it before they commit, and blamed a network cut once it was gone. A signal after
+    validation passed does not stop the publisher, which commits: the run is then
     recorded whole, and PublishedThenInterrupted raised in place of ``exc``.
     """
     verdict.reject("the run was stopped" if errors.is_stop(exc) else "the run failed")
-    for future in staging:
-        future.wait()
     publish_error = None
     if isinstance(exc, KeyboardInterrupt | TerminationSignal) and not verdict.rejected:
         with clock("snapshot_month"):
@@ -448,8 +448,11 @@ def _settle_failed_run(
         if publish_error is None:
             summary.status = "succeeded"
             _record_success(control, summary)
+            publish_artifacts(summary)
             raise PublishedThenInterrupted(exc) from None
     _record_failure(control, summary, exc, publish_error)
+    for future in staging:
+        future.wait()
 
 
 def _publishing_error(published: PrefectFuture | None, summary: RunSummary) -> BaseException | None:
@@ -505,7 +508,7 @@ def _record_failure(
     publish_artifacts(summary)
 
 
-def _end_suites(suites: validation.SuitesProcess, *, stopped: bool, published: bool) -> None:
+def _end_suites(suites: validation.SuitesProcess, summary: RunSummary, *, stopped: bool) -> None:
     """The GX process's end. It builds the Data Docs after its verdict, alongside the
     commit: they are waited for, unless a signal stopped the run (a SIGTERM reaches this
     process only, and the child would go on validating): then it is killed."""
@@ -516,7 +519,8 @@ def _end_suites(suites: validation.SuitesProcess, *, stopped: bool, published: b
         docs_error = suites.finish()
     except KeyboardInterrupt as exc:
         suites.close()
-        if published:  # the CLI says so rather than a bare "interrupted"
+        if summary.status == "succeeded":  # the CLI says so rather than "interrupted"
+            publish_artifacts(summary)
             raise PublishedThenInterrupted(exc) from None
         raise
     if docs_error:

@@ -138,9 +138,9 @@ class PublishedThenInterrupted(KeyboardInterrupt):
     """A signal that stopped the run once its month had committed: while the run was
     being recorded, or while its Data Docs were being built."""
 
-    def __init__(self, stopped_by: BaseException) -> None:
-        super().__init__()
-        self.signum = stopped_by_signal(stopped_by)
+    def __init__(self, stopped_by: BaseException | None = None) -> None:
+        super().__init__()  # no arguments kept: it unpickles (Prefect may store it)
+        self.signum = signal.SIGINT if stopped_by is None else stopped_by_signal(stopped_by)
 
 
 def is_stop(exc: BaseException) -> bool:

@@ -43,11 +43,12 @@ _BLANK_LINE_ERRORS = (
 # first line's ending says the line goes on).
 _LINE_END_ERRORS = ("unquoted carriage return found in data", "unquoted newline found in data")
 _COPY_CONTEXT = re.compile(r"line (\d+)(?:, column (\w+))?(?:: \"(.*)\")?", re.DOTALL)
-# A quote between two characters of a value, or an odd run of them: COPY takes it for
-# the start or end of a quoted section and drops it (Fib"er opt"ic is read Fiber optic,
-# 1"2" as 12), where other CSV readers keep it. An even run ("") between characters is
-# an escaped quote inside a quoted value. Searched only in chunks that hold a quote.
-_STRAY_QUOTE = re.compile(rb'(?<=[^,\r\n"])"(?:"")*(?=[^,\r\n"])')
+# A run of quotes between two characters of a value. Outside a quoted value, COPY takes
+# any quote for the start or end of a quoted section and drops it (Fib"er opt"ic is
+# read Fiber optic, 1""2 as 12) where other CSV readers keep it; inside one, only an
+# even run is quotes (each doubled). Inside or not is the parity of the quotes before
+# the run. Searched only in chunks that hold a quote.
+_QUOTE_RUN = re.compile(rb'(?<=[^,\r\n"])"+(?=[^,\r\n"])')
 _QUOTE_CARRY = 256  # bytes of the previous chunk searched again: a run split by a read
 
 
@@ -176,10 +177,12 @@ def stage_file(
             with path.open("rb") as f, cur.copy(copy) as cp:
                 left = _data_end(f, offset) - offset
                 f.seek(offset)
-                at, carry = offset, b""
+                at, carry, quotes = offset, b"", 0  # quotes: in the rows before ``at``
                 while left > 0 and (chunk := f.read(min(CHUNK_BYTES, left))):
                     if b'"' in chunk or b'"' in carry:  # inside the COPY: raising abandons it
-                        _refuse_stray_quote(path, carry + chunk, at - len(carry))
+                        before = quotes - carry.count(b'"')
+                        _refuse_stray_quote(path, carry + chunk, at - len(carry), before)
+                        quotes += chunk.count(b'"')
                     cp.write(chunk)
                     left -= len(chunk)
                     at, carry = at + len(chunk), (carry + chunk)[-_QUOTE_CARRY:]
@@ -208,10 +211,16 @@ def stage_file(
     return StagedFile(spec.name, str(path), rows)
 
 
-def _refuse_stray_quote(path: Path, data: bytes, start: int) -> None:
-    """InputError naming the line of the first stray quote in ``data`` (file bytes from
-    offset ``start``), if there is one."""
-    found = _STRAY_QUOTE.search(data)
+def _refuse_stray_quote(path: Path, data: bytes, start: int, quotes_before: int) -> None:
+    """InputError naming the line of the first stray quote run in ``data`` (file bytes
+    from offset ``start``, after ``quotes_before`` quotes of the rows), if there is one."""
+    found, seen, counted = None, quotes_before, 0
+    for run in _QUOTE_RUN.finditer(data):
+        seen += data.count(b'"', counted, run.start())
+        counted = run.start()
+        if seen % 2 == 0 or (run.end() - run.start()) % 2:  # outside a quoted value, or odd
+            found = run
+            break
     if found is None:
         return
     begin = max(data.rfind(b",", 0, found.start()), data.rfind(b"\n", 0, found.start())) + 1
@@ -223,9 +232,9 @@ def _refuse_stray_quote(path: Path, data: bytes, start: int) -> None:
             line += chunk.count(b"\n")
             left -= len(chunk)
     raise InputError(
-        f"{path.name}, line {line}: a quote inside a value that does not start with one "
-        f"({clipped(value)!r}); expected the whole value quoted, its quotes doubled "
-        '(a""b): PostgreSQL would drop this quote, where other CSV readers keep it'
+        f"{path.name}, line {line}: a quote inside a value ({clipped(value)!r}); expected "
+        'a value holding quotes to be quoted whole, each quote doubled ("a""b"): '
+        "PostgreSQL would read this one otherwise than other CSV readers"
     )
 
 
@@ -291,11 +300,11 @@ def explain_copy_error(
                 pass
         elif primary.startswith(_BLANK_LINE_ERRORS) and _blank_line(match.group(3), path, line):
             return f"{where}: blank line (every line after the header is one user's row)"
-        elif primary.startswith(_LINE_END_ERRORS):  # PostgreSQL's hint (quote it) misleads
+        elif primary.startswith(_LINE_END_ERRORS):  # mixed line ends, most often
             return (
-                f"{where}: {primary}: this line ends in CRLF where the lines before it end "
-                "in LF, or the reverse (expected one kind of line end throughout, and a "
-                "line end inside a value quoted)"
+                f"{where}: {primary}: the file mixes CRLF and LF line ends, or a value holds "
+                "a CR or LF without being quoted (expected one kind of line end throughout, "
+                "and a line end inside a value quoted)"
             )
     if isinstance(exc, psycopg.errors.CharacterNotInRepertoire):
         if primary.endswith(": 0x00"):  # valid UTF-8, but no PostgreSQL text holds it
@@ -365,8 +374,8 @@ def key_lines(spec: TableSpec, path: Path, copies: Mapping[str, int]) -> dict[st
         end = 1
         for row in reader:
             # A quoted field may span lines: a row is named by the line it starts on.
-            # Lines are counted by their LF, as editors and COPY do: the csv module's
-            # line_num also ends one at a CR alone inside quotes.
+            # Lines are counted by their LF, as editors do (the csv module's line_num also
+            # ends one at a CR alone inside quotes; COPY's "line N" counts rows instead).
             start = end + 1
             end = start + sum(field.count("\n") for field in row)
             key = row[column] if len(row) > column else None

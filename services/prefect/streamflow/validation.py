@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import traceback
 from collections.abc import Callable
 from datetime import date
 from functools import cache
@@ -617,10 +618,13 @@ class SuitesProcess:
             return said[-1]
         code = self._proc.returncode
         if code is not None and code < 0:  # "exit code -9" told people nothing
-            return (
-                f"killed by {signal.Signals(-code).name} (out of memory, or stopped from "
-                "outside the run)"
-            )
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:  # a real-time signal has no name
+                name = f"signal {-code}"
+            if -code == signal.SIGKILL:
+                return f"killed by {name} (out of memory, or stopped from outside the run)"
+            return f"stopped by {name}"
         return lines[-1] if lines else f"exit code {code}"
 
     def finish(self, timeout: float = 300) -> str | None:
@@ -651,13 +655,13 @@ def _reason(exc: BaseException) -> str:
     """One line on why validation could not run, from the innermost error of a chain."""
     chain: list[BaseException] = []
     current: BaseException | None = exc
-    while current is not None and current not in chain:
-        chain.append(current)
-        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
+    while current is not None and current not in chain:  # what each error wraps, not
+        chain.append(current)  # what was being handled when it was raised
+        current = getattr(current, "orig", None) or current.__cause__
     for error in reversed(chain):
         if (explained := explain_failure(error)) is not None:
             return explained
-    return first_line(chain[-1])
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def _child_main(argv: list[str] | None = None) -> int:
@@ -676,7 +680,9 @@ def _child_main(argv: list[str] | None = None) -> int:
         outcomes, site = validate(date.fromisoformat(order[1]))
     except Exception as exc:
         # GX wraps the database's error in SQLAlchemy's, in its own: the flow's message
-        # gets the innermost, in the CLI's words, not a repr with its "\n\t".
+        # gets the innermost, in the CLI's words, not a repr with its "\n\t". The
+        # traceback stays in the child's stderr, above.
+        traceback.print_exc()
         print(_FAILED + _reason(exc), file=sys.stderr, flush=True)
         return 1
     suites_out = [

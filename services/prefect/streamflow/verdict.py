@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
-from .errors import is_stop
+from .errors import ValidationFailed, is_stop
 
 
 class Rejected(Exception):
@@ -65,7 +65,11 @@ class Verdict:
             yield
         except BaseException as exc:
             # An interrupt is no verdict on the month: the publisher must not say it failed.
-            self.reject("the run was stopped" if is_stop(exc) else "validation failed")
+            if is_stop(exc):
+                self.reject("the run was stopped")
+            else:  # the GX process may fail to run: that is no failed validation
+                failed = isinstance(exc, ValidationFailed)
+                self.reject("validation failed" if failed else "the run failed")
             then()
             raise
         self.accept()
