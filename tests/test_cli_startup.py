@@ -841,6 +841,11 @@ def test_a_signal_once_validation_passed_says_the_month_was_published(
     last = proc.stderr.strip().splitlines()[-1]
     assert last == f"{line} once the month was published (its Data Docs were not built)"
     assert scalar(db_url, "SELECT status FROM ingest_runs") == "succeeded"
+    # The UI's run has the summary artifact of a published month, as any published run.
+    [(stored,)] = _prefect_db(
+        tmp_path / "prefect", "SELECT data FROM artifact WHERE type = 'markdown'"
+    )
+    assert "✅ published" in json.loads(stored)
     rows = len(read_rows(months / "month_000" / "labels.csv")) - 1  # the header
     assert scalar(db_url, "SELECT count(*) FROM labels_snapshots") == rows
 

@@ -280,7 +280,17 @@ def _finish_run(control: psycopg.Connection, run_id: int, **outcome: object) -> 
     task_runner=ThreadPoolTaskRunner(max_workers=2),
 )
 def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bool = False) -> dict:
-    """Ingest one month folder as of ``as_of``: all of it, validated, or nothing."""
+    """Ingest one month folder as of ``as_of``: all of it, validated, or nothing.
+
+    Args:
+        seed_dir: The month's folder, holding users.csv, subscriptions.csv,
+            usage_agg_30d.csv, payments_agg_90d.csv, support_agg_90d.csv and labels.csv.
+        as_of: The month's last day, YYYY-MM-DD: its snapshots are what was known then.
+        replace: Publish these files over an as_of published from other files, or
+            publish files already published for another as_of.
+        allow_gap: Accept a new latest month more than one month after the latest
+            published one.
+    """
     settings = load_settings()
     as_of_date, files = check_run(seed_dir, as_of, settings)
     url = resolve_database_url(settings)
