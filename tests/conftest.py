@@ -11,9 +11,11 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,9 +90,9 @@ def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import pgserver
 
     pgdata = tmp_path_factory.mktemp("pgdata")
-    server = pgserver.get_server(pgdata, cleanup_mode="delete")
+    server = _started(pgserver, pgdata)
     url = server.get_uri()
-    with psycopg.connect(url, autocommit=True) as conn:
+    with _connect_once_up(url) as conn:
         # Throwaway data: durability buys nothing here, speed does.
         conn.execute("ALTER SYSTEM SET fsync = off")
         conn.execute("ALTER SYSTEM SET synchronous_commit = off")
@@ -98,6 +100,36 @@ def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         conn.execute("SELECT pg_reload_conf()")
     yield url
     server.cleanup()
+
+
+def _started(pgserver: object, pgdata: Path) -> object:
+    """pgserver's server for ``pgdata``. pgserver gives pg_ctl 10 s to start it, and a
+    loaded machine (the suite's own xdist workers starting theirs) can take longer: the
+    worker's every test then errored. The postmaster goes on starting after pg_ctl is
+    cut off; asked again, pgserver finds it running."""
+    from pgserver.postgres_server import PostgresServer
+
+    for attempt in range(3):
+        try:
+            return pgserver.get_server(pgdata, cleanup_mode="delete")  # type: ignore[attr-defined]
+        except subprocess.TimeoutExpired:
+            # pgserver keeps the half-made server and would hand it out as it is.
+            PostgresServer._instances.pop(pgdata.resolve(), None)
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _connect_once_up(url: str, seconds: float = 60) -> psycopg.Connection:
+    """A connection, once a server that is still starting up takes it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return psycopg.connect(url, autocommit=True)
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

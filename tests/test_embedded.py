@@ -240,3 +240,31 @@ def _of_another_version(pgdata: Path) -> Path:
         embedded(pgdata, "stop")
     (pgdata / "PG_VERSION").write_text("15\n")
     return pgdata
+
+
+def test_the_test_server_is_asked_again_after_a_slow_start(tmp_path, monkeypatch):
+    """pgserver gives pg_ctl 10 s to start a server; under load (xdist workers starting
+    theirs, helpers busy) one worker's start took longer, and its every test errored.
+    conftest asks pgserver again, which finds the postmaster started or starts it."""
+    import pgserver
+    from conftest import _connect_once_up, _started
+    from pgserver import postgres_server
+
+    real = postgres_server.pg_ctl
+    cut: list[list[str]] = []
+
+    def impatient(args, **kwargs):
+        done = real(args, **kwargs)
+        if "start" in args and not cut:  # started, but past pg_ctl's 10 s, as it were
+            cut.append(args)
+            raise subprocess.TimeoutExpired(args, kwargs.get("timeout") or 10)
+        return done
+
+    monkeypatch.setattr(postgres_server, "pg_ctl", impatient)
+    server = _started(pgserver, tmp_path / "pg")
+    try:
+        assert cut, "the start was never cut short"
+        with _connect_once_up(server.get_uri()) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        server.cleanup()
