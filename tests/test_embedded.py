@@ -268,3 +268,30 @@ def test_the_test_server_is_asked_again_after_a_slow_start(tmp_path, monkeypatch
             assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:
         server.cleanup()
+
+
+def test_the_embedded_server_is_asked_again_after_a_slow_start(tmp_path, monkeypatch):
+    """The same on a user's loaded machine: a first start past pg_ctl's 10 s said 'did
+    not start: no answer within 10 s' though the server came up a moment later."""
+    from pgserver import postgres_server
+    from streamflow.embedded import embedded_database_url
+
+    real = postgres_server.pg_ctl
+    cut: list[list[str]] = []
+
+    def impatient(args, **kwargs):
+        done = real(args, **kwargs)
+        if "start" in args and not cut:  # started, but past pg_ctl's 10 s, as it were
+            cut.append(args)
+            raise subprocess.TimeoutExpired(args, kwargs.get("timeout") or 10)
+        return done
+
+    monkeypatch.setattr(postgres_server, "pg_ctl", impatient)
+    pgdata = tmp_path / "pgdata"
+    try:
+        url = embedded_database_url(pgdata)
+        assert cut, "the start was never cut short"
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        embedded(pgdata, "stop")
