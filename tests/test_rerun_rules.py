@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import os
 import shutil
 import signal
@@ -1040,9 +1041,11 @@ def test_a_bad_file_waits_for_the_other_copies_inside_the_writer_lock(
         return real(conn, spec, *args, **kwargs)
 
     monkeypatch.setattr(loading, "stage_file", slow_unless_users)
+    caplog.set_level(logging.INFO, logger="prefect")
     rc, _, err = run_flow(db_url, bad, JAN)
 
     assert rc == 1 and "users.csv, line 5" in err.strip().splitlines()[-1], err[-500:]
+    assert "rows staged" in caplog.text  # the tasks' logs are seen here
     assert "writer lock" not in caplog.text
     staged = scalar(db_url, "SELECT count(*) FROM staging.labels")
     assert staged == len((bad / "labels.csv").read_text().splitlines()) - 1
