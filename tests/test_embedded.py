@@ -248,19 +248,8 @@ def test_the_test_server_is_asked_again_after_a_slow_start(tmp_path, monkeypatch
     conftest asks pgserver again, which finds the postmaster started or starts it."""
     import pgserver
     from conftest import _connect_once_up, _started
-    from pgserver import postgres_server
 
-    real = postgres_server.pg_ctl
-    cut: list[list[str]] = []
-
-    def impatient(args, **kwargs):
-        done = real(args, **kwargs)
-        if "start" in args and not cut:  # started, but past pg_ctl's 10 s, as it were
-            cut.append(args)
-            raise subprocess.TimeoutExpired(args, kwargs.get("timeout") or 10)
-        return done
-
-    monkeypatch.setattr(postgres_server, "pg_ctl", impatient)
+    cut = _first_start_cut_short(monkeypatch)
     server = _started(pgserver, tmp_path / "pg")
     try:
         assert cut, "the start was never cut short"
@@ -273,20 +262,9 @@ def test_the_test_server_is_asked_again_after_a_slow_start(tmp_path, monkeypatch
 def test_the_embedded_server_is_asked_again_after_a_slow_start(tmp_path, monkeypatch):
     """The same on a user's loaded machine: a first start past pg_ctl's 10 s said 'did
     not start: no answer within 10 s' though the server came up a moment later."""
-    from pgserver import postgres_server
     from streamflow.embedded import embedded_database_url
 
-    real = postgres_server.pg_ctl
-    cut: list[list[str]] = []
-
-    def impatient(args, **kwargs):
-        done = real(args, **kwargs)
-        if "start" in args and not cut:  # started, but past pg_ctl's 10 s, as it were
-            cut.append(args)
-            raise subprocess.TimeoutExpired(args, kwargs.get("timeout") or 10)
-        return done
-
-    monkeypatch.setattr(postgres_server, "pg_ctl", impatient)
+    cut = _first_start_cut_short(monkeypatch)
     pgdata = tmp_path / "pgdata"
     try:
         url = embedded_database_url(pgdata)
@@ -295,3 +273,22 @@ def test_the_embedded_server_is_asked_again_after_a_slow_start(tmp_path, monkeyp
             assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:
         embedded(pgdata, "stop")
+
+
+def _first_start_cut_short(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """pgserver's first pg_ctl start runs, then raises as if past its 10 s: the server is
+    up, pgserver's call failed. The list gets that call's arguments."""
+    from pgserver import postgres_server
+
+    real = postgres_server.pg_ctl
+    cut: list[list[str]] = []
+
+    def impatient(args, **kwargs):
+        done = real(args, **kwargs)
+        if "start" in args and not cut:
+            cut.append(args)
+            raise subprocess.TimeoutExpired(args, kwargs.get("timeout") or 10)
+        return done
+
+    monkeypatch.setattr(postgres_server, "pg_ctl", impatient)
+    return cut
