@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -29,8 +30,6 @@ import psycopg
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 if __name__ == "__main__":
-    import signal
-
     from streamflow.errors import STOPPED, InputError
 
     def _stopped_while_starting(signum: int, frame: object) -> None:
@@ -359,7 +358,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                 # published month's run with its counts and timings.
                 _record_success(control, summary)
             except BaseException as exc:
-                stopped = isinstance(exc, KeyboardInterrupt | TerminationSignal)
+                stopped = errors.is_stop(exc)
                 _settle_failed_run(control, summary, exc, verdict, staging, published, clock)
                 raise
             finally:
@@ -425,8 +424,10 @@ def _open_run(
 
 
 def _in_words(exc: BaseException) -> str:
-    """One line for people on an error that is no IngestError: the CLI's last line and
-    the ledger's error alike (the ledger had a repr, "ValueError('...\\n...')")."""
+    """One line for people on an error: the CLI's last line and the ledger's error alike
+    (the ledger had a repr, "ValueError('...\\n...')")."""
+    if isinstance(exc, IngestError):
+        return str(exc)
     explained = db.explain_failure(exc)
     if explained is not None:
         return explained
@@ -450,9 +451,10 @@ def _settle_failed_run(
     validation passed does not stop the publisher, which commits: the run is then
     recorded whole, and PublishedThenInterrupted raised in place of ``exc``.
     """
-    verdict.reject("the run was stopped" if errors.is_stop(exc) else "the run failed")
+    stopped = errors.is_stop(exc)
+    verdict.reject("the run was stopped" if stopped else "the run failed")
     publish_error = None
-    if isinstance(exc, KeyboardInterrupt | TerminationSignal) and not verdict.rejected:
+    if stopped and not verdict.rejected:
         with clock("snapshot_month"):
             publish_error = _publishing_error(published, summary)
         if publish_error is None:
@@ -491,18 +493,15 @@ def _record_failure(
     summary.status = "failed"
     if isinstance(exc, ValidationFailed):  # the artifact's per-table expectation counts
         summary.suites = exc.suites
-    if isinstance(exc, IngestError):
-        summary.error = str(exc)
-    elif isinstance(exc, KeyboardInterrupt | TerminationSignal):  # words, not repr()
-        how = "SIGTERM" if isinstance(exc, Terminated | TerminationSignal) else "Ctrl-C or SIGINT"
-        summary.error = f"interrupted ({how}); " + (
-            "the month had passed validation, but publishing failed: "
-            f"{db.explain_failure(publish_error) or errors.first_line(publish_error)}; "
+    if errors.is_stop(exc):  # words, not repr()
+        by_sigterm = errors.stopped_by_signal(exc) == signal.SIGTERM
+        summary.error = f"interrupted ({'SIGTERM' if by_sigterm else 'Ctrl-C or SIGINT'}); " + (
+            f"the month had passed validation, but publishing failed: {_in_words(publish_error)}; "
             "nothing was published"
             if publish_error is not None
             else "nothing was published"
         )
-    else:  # the CLI's words for a database's refusal, not QueryCanceled('...')
+    else:
         summary.error = _in_words(exc)
     # The same one line the CLI prints, for runs started from the UI.
     get_run_logger().error("ingest failed: %s", summary.error)
@@ -625,10 +624,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(out)
             print(err, file=sys.stderr)
             return code
-        explained = db.explain_failure(exc)
-        if explained is not None:
-            print(f"ingest failed: {explained}", file=sys.stderr)
-            return 1
         if isinstance(exc, RuntimeError) and str(exc).startswith("Failed to reach API"):
             # Prefect's words name the address, not where it came from, nor that an HTTP
             # error (a URL without /api) reads the same.

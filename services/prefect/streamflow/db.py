@@ -177,12 +177,19 @@ def session_options(url: str, *extra: str) -> str:
 CONNECT_TIMEOUT_SECONDS = 15
 
 
+def default_connect_timeout(params: dict) -> dict[str, int]:
+    """``{"connect_timeout": 15}`` unless libpq parameters ``params`` (an empty value is
+    none) or PGCONNECT_TIMEOUT give one: for the flow's connections and GX's alike."""
+    given = params.get("connect_timeout") or os.environ.get("PGCONNECT_TIMEOUT")
+    return {} if given else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+
+
 def connect(
     url: str, *, autocommit: bool = False, application_name: str = "streamflow-ingest"
 ) -> psycopg.Connection:
     params = conninfo_to_dict(url)
+    extra = default_connect_timeout(params)
     given = params.get("connect_timeout") or os.environ.get("PGCONNECT_TIMEOUT")
-    extra = {} if given else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
     try:
         waited = timeout_from_conninfo({**params, **extra})  # what psycopg will wait
     except psycopg.ProgrammingError:

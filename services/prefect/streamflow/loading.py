@@ -32,16 +32,12 @@ CHUNK_BYTES = 1 << 20
 MAX_HEADER_BYTES = 1 << 16
 _BOM = b"\xef\xbb\xbf"
 _BLANK = b" \t\r\n"
-# What COPY says of a blank line: one empty field where the table has several, or,
-# in a file whose rows end in LF (CRLF), a line that is only CRLF (LF).
-_BLANK_LINE_ERRORS = (
-    "missing data for column",
-    "unquoted carriage return found in data",
-    "unquoted newline found in data",
-)
 # COPY's words for a file whose lines do not all end alike (a CR or LF where the
 # first line's ending says the line goes on).
 _LINE_END_ERRORS = ("unquoted carriage return found in data", "unquoted newline found in data")
+# What COPY says of a blank line: one empty field where the table has several, or,
+# in a file whose rows end in LF (CRLF), a line that is only CRLF (LF).
+_BLANK_LINE_ERRORS = ("missing data for column", *_LINE_END_ERRORS)
 _COPY_CONTEXT = re.compile(r"line (\d+)(?:, column (\w+))?(?:: \"(.*)\")?", re.DOTALL)
 # A run of quotes between two characters of a value. Outside a quoted value, COPY takes
 # any quote for the start or end of a quoted section and drops it (Fib"er opt"ic is

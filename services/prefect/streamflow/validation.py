@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from psycopg import sql
 
 from . import db
-from .db import CONNECT_TIMEOUT_SECONDS, explain_failure, queries, query, session_options
+from .db import default_connect_timeout, explain_failure, queries, query, session_options
 from .errors import IngestError, clipped, clipped_quotes, first_line
 from .outcomes import Check, ExpectationOutcome, SuiteOutcome, shown
 from .registry import BY_NAME, EARLIEST_DATE, KEY, KEY_MAX_LENGTH, PARENT, TABLES, TableSpec
@@ -262,8 +262,7 @@ def _sqlalchemy_url(database_url: str) -> str:
     # One options parameter: SQLAlchemy turns a repeated one into a tuple, which
     # libpq sends as a single malformed argument and the server refuses.
     params["options"] = session_options(database_url, GX_SESSION_OPTIONS)
-    if "connect_timeout" not in params and not os.environ.get("PGCONNECT_TIMEOUT"):
-        params["connect_timeout"] = str(CONNECT_TIMEOUT_SECONDS)  # as db.connect's
+    params.update({k: str(v) for k, v in default_connect_timeout(params).items()})
     # libpq gives every host of a list the one port; SQLAlchemy wants one port per host.
     hosts = params.get("host", "").split(",")
     if len(hosts) > 1 and "," not in params.get("port", ","):
