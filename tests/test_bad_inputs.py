@@ -925,3 +925,69 @@ def test_a_stray_quote_is_found_wherever_the_reads_split_the_file(db_url, tmp_pa
             assert loading.stage_file(conn, spec, legal).rows == 2
             staged = conn.execute("SELECT user_id FROM staging.labels ORDER BY 1").fetchall()
             assert staged == [("A-1",), ('B""2',)], size
+
+
+def test_a_quote_run_longer_than_the_carry_is_judged_whole(db_url, tmp_path, monkeypatch):
+    """A run of quotes cut by a read is judged with the byte before it, however long it is:
+    600 quotes between B and 2 outside any quoted value are refused (COPY would drop
+    them), the same run inside a quoted value (300 doubled quotes) is staged as written,
+    whatever the chunk size that splits the run."""
+    from streamflow import loading
+    from streamflow.errors import InputError
+    from streamflow.registry import BY_NAME
+
+    spec = BY_NAME["labels"]
+    stray, legal = tmp_path / "stray" / "labels.csv", tmp_path / "legal" / "labels.csv"
+    for path in (stray, legal):
+        path.parent.mkdir()
+    run = b'"' * 600
+    stray.write_bytes(b"user_id,churn_label\nA-1,true\nB" + run + b"2,false\n")
+    legal.write_bytes(b'user_id,churn_label\nA-1,true\n"B' + run + b'2",false\n')
+    with psycopg.connect(db_url) as conn:
+        for size in (7, 64, 257, 300, 333, 599, 601, 4096):
+            monkeypatch.setattr(loading, "CHUNK_BYTES", size)
+            with pytest.raises(InputError, match=r"labels\.csv, line 3: a quote inside"):
+                loading.stage_file(conn, spec, stray)
+            assert loading.stage_file(conn, spec, legal).rows == 2, size
+            staged = conn.execute("SELECT user_id FROM staging.labels ORDER BY 1").fetchall()
+            assert staged == [("A-1",), ("B" + '"' * 300 + "2",)], size
+
+
+def test_chunked_quote_search_agrees_with_one_read_of_the_file(db_url, tmp_path, monkeypatch):
+    """Whatever the reads' size, a file gets the verdict of one read of it whole: the same
+    line named for a stray quote, or the same rows staged. Seeded random files of runs
+    of 1 to 700 quotes between letters, commas and line ends."""
+    import random
+    import re
+
+    from streamflow import loading
+    from streamflow.errors import InputError
+    from streamflow.registry import BY_NAME
+
+    spec, rng = BY_NAME["labels"], random.Random(20261206)
+    path = tmp_path / "labels.csv"
+    pieces = (b"a", b"B", b'"', b'""', b"x1")
+
+    def verdict(conn: psycopg.Connection, size: int) -> tuple:
+        monkeypatch.setattr(loading, "CHUNK_BYTES", size)
+        try:
+            staged = loading.stage_file(conn, spec, path)
+        except InputError as exc:  # the value shown may be cut where the search was
+            return ("refused", re.sub(r"\(.*\)", "", str(exc), flags=re.DOTALL))
+        ids = conn.execute("SELECT user_id FROM staging.labels").fetchall()
+        return ("staged", staged.rows, ids)
+
+    with psycopg.connect(db_url) as conn:
+        for _ in range(120):
+            rows = [
+                b"".join(
+                    rng.choice((*pieces, b'"' * rng.randint(1, 700)))
+                    for _ in range(rng.randint(1, 4))
+                )
+                + b",true"
+                for _ in range(rng.randint(1, 6))
+            ]
+            path.write_bytes(b"user_id,churn_label\n" + b"\n".join(rows) + b"\n")
+            whole = verdict(conn, 1 << 20)
+            for size in rng.sample(range(1, 900), 5):
+                assert verdict(conn, size) == whole, (size, path.read_bytes())

@@ -45,7 +45,7 @@ _COPY_CONTEXT = re.compile(r"line (\d+)(?:, column (\w+))?(?:: \"(.*)\")?", re.D
 # even run is quotes (each doubled). Inside or not is the parity of the quotes before
 # the run. Searched only in chunks that hold a quote.
 _QUOTE_RUN = re.compile(rb'(?<=[^,\r\n"])"+(?=[^,\r\n"])')
-_QUOTE_CARRY = 256  # bytes of the previous chunk searched again: a run split by a read
+_QUOTE_CONTEXT = 256  # bytes before a run cut by a read, searched again with the next chunk
 
 
 @dataclass(frozen=True)
@@ -173,15 +173,22 @@ def stage_file(
             with path.open("rb") as f, cur.copy(copy) as cp:
                 left = _data_end(f, offset) - offset
                 f.seek(offset)
-                at, carry, quotes = offset, b"", 0  # quotes: in the rows before ``at``
+                # quotes: how many the rows hold before ``at``; carry: the end of what
+                # was searched, starting at file offset carry_at (see _quote_carry)
+                at, quotes, carry, carry_at = offset, 0, b"", offset
                 while left > 0 and (chunk := f.read(min(CHUNK_BYTES, left))):
                     if b'"' in chunk or b'"' in carry:  # inside the COPY: raising abandons it
+                        data = carry + chunk
                         before = quotes - carry.count(b'"')
-                        _refuse_stray_quote(path, carry + chunk, at - len(carry), before)
+                        _refuse_stray_quote(path, data, before, carry_at, len(carry), at)
                         quotes += chunk.count(b'"')
+                        carry, carry_at = _quote_carry(data, carry_at, len(carry), at)
+                    else:
+                        carry = (carry + chunk[-_QUOTE_CONTEXT:])[-_QUOTE_CONTEXT:]
+                        carry_at = at + len(chunk) - len(carry)
                     cp.write(chunk)
                     left -= len(chunk)
-                    at, carry = at + len(chunk), (carry + chunk)[-_QUOTE_CARRY:]
+                    at += len(chunk)
                 # Inside the COPY: raising here abandons it.
                 if hashed is not None and not is_hashed_file(hashed, os.fstat(f.fileno())):
                     raise InputError(
@@ -207,9 +214,15 @@ def stage_file(
     return StagedFile(spec.name, str(path), rows)
 
 
-def _refuse_stray_quote(path: Path, data: bytes, start: int, quotes_before: int) -> None:
-    """InputError naming the line of the first stray quote run in ``data`` (file bytes
-    from offset ``start``, after ``quotes_before`` quotes of the rows), if there is one."""
+def _refuse_stray_quote(
+    path: Path, data: bytes, quotes_before: int, carry_at: int, carried: int, chunk_at: int
+) -> None:
+    """InputError naming the line of the first stray quote run in ``data``, if there is one.
+
+    ``data`` is a carry (``carried`` bytes, the first at file offset ``carry_at``) then
+    a chunk read at ``chunk_at``; ``quotes_before``: the rows' quotes before ``data``,
+    counted as in ``data`` (only their parity matters).
+    """
     found, seen, counted = None, quotes_before, 0
     for run in _QUOTE_RUN.finditer(data):
         seen += data.count(b'"', counted, run.start())
@@ -222,7 +235,8 @@ def _refuse_stray_quote(path: Path, data: bytes, start: int, quotes_before: int)
     begin = max(data.rfind(b",", 0, found.start()), data.rfind(b"\n", 0, found.start())) + 1
     ends = [i for i in (data.find(b",", found.end()), data.find(b"\n", found.end())) if i >= 0]
     value = data[begin : min(ends, default=len(data))].decode("utf-8", "replace").rstrip("\r")
-    line, left = 1, start + found.start()
+    where = found.start()
+    line, left = 1, carry_at + where if where < carried else chunk_at + where - carried
     with path.open("rb") as f:
         while left > 0 and (chunk := f.read(min(CHUNK_BYTES, left))):
             line += chunk.count(b"\n")
@@ -232,6 +246,30 @@ def _refuse_stray_quote(path: Path, data: bytes, start: int, quotes_before: int)
         'a value holding quotes to be quoted whole, each quote doubled ("a""b"): '
         "PostgreSQL would read this one otherwise than other CSV readers"
     )
+
+
+def _quote_carry(data: bytes, carry_at: int, carried: int, chunk_at: int) -> tuple[bytes, int]:
+    """What of ``data`` (laid out as in ``_refuse_stray_quote``) the next search needs,
+    and the file offset of its first byte.
+
+    A run that ends ``data`` is not judged yet (the byte after it is unread): it is kept
+    whole with the byte before it, and some context for the message. A run longer than
+    the context is kept as two or three quotes, of its parity: what a quote means
+    depends only on the parity of the quotes before it, and the run's start (the offset
+    reported) does not move. So that the carry stays contiguous bytes of the file up to
+    its run, its context comes from the chunk alone when the run starts in the chunk
+    (the carry before it may hold a shortened run).
+    """
+    body = data.rstrip(b'"')
+    run = len(data) - len(body)
+    keep = run if run <= _QUOTE_CONTEXT else 2 + run % 2
+    if len(body) > carried:
+        start = max(len(body) - _QUOTE_CONTEXT, carried)
+        at = chunk_at + start - carried
+    else:  # the run goes on from the carry's: ``body`` ends where that run starts
+        start = max(len(body) - _QUOTE_CONTEXT, 0)
+        at = carry_at + start
+    return body[start:] + b'"' * keep, at
 
 
 def _data_end(f: BinaryIO, start: int) -> int:
