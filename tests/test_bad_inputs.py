@@ -633,8 +633,9 @@ CORPUS = [
     Bad(
         "number_holding_a_log_line",
         set_cell("usage_agg_30d", 2, "watch_hours_30d", "1\n" + FORGED),
-        # PostgreSQL counts the line end inside the quotes: the row's last line, 4.
-        ["usage_agg_30d.csv, line 4, column watch_hours_30d", '"1\\n2024-01-01 INFO'],
+        # The row spans lines 3-4: named by its first, as the pipeline's own messages
+        # name rows (PostgreSQL's "line N" is its last).
+        ["usage_agg_30d.csv, line 3, column watch_hours_30d", '"1\\n2024-01-01 INFO'],
     ),
     Bad(
         "first_line_of_another_file",
@@ -991,3 +992,35 @@ def test_chunked_quote_search_agrees_with_one_read_of_the_file(db_url, tmp_path,
             whole = verdict(conn, 1 << 20)
             for size in rng.sample(range(1, 900), 5):
                 assert verdict(conn, size) == whole, (size, path.read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("data", "line"),
+    [
+        # PostgreSQL counts no bare LF inside quotes in a CRLF file: it said line 4.
+        (b'user_id,churn_label\r\n"A\n1",true\r\nB,true\r\nC,nope\r\n', 5),
+        (b'user_id,churn_label\nB,true\n"A\n1",true\nC,nope\n', 5),
+        # Nor in the first row of an LF file (its line end is not known yet): it said 4.
+        (b'user_id,churn_label\n"A\n1",true\nB,true\nC,nope\n', 5),
+        # A row spanning lines 3-4 is named by its first (PostgreSQL: its last).
+        (b'user_id,churn_label\nB,true\n"A\n1",nope\nC,true\n', 3),
+        (b'user_id,churn_label\r\nB,true\r\n"A\r\n1",nope\r\nC,true\r\n', 3),
+        (b'user_id,churn_label\r\n"A\r\n1",true\r\nB,true\r\nC,nope\r\n', 5),
+        (b"user_id,churn_label\nA,true\nB,true\nC,nope\n", 4),
+    ],
+)
+def test_a_refused_row_is_named_by_the_file_line_it_starts_on(db_url, tmp_path, data, line):
+    """COPY's "line N" counts rows and only some line ends inside quotes; the message names
+    the physical line the row starts on, as an editor numbers it."""
+    from streamflow import loading
+    from streamflow.errors import InputError
+    from streamflow.registry import BY_NAME
+
+    path = tmp_path / "labels.csv"
+    path.write_bytes(data)
+    with psycopg.connect(db_url) as conn:
+        with pytest.raises(InputError) as refused:
+            loading.stage_file(conn, BY_NAME["labels"], path)
+    assert str(refused.value).startswith(f"labels.csv, line {line}, column churn_label: "), str(
+        refused.value
+    )

@@ -320,8 +320,7 @@ def explain_copy_error(
     where = file
     expected = ""
     if match:
-        # COPY numbers the rows it was sent; the header we skipped is file line 1.
-        line = int(match.group(1)) + 1
+        line = _row_line(path, int(match.group(1)))
         where += f", line {line}"
         column = match.group(2)
         if column:
@@ -353,6 +352,39 @@ def explain_copy_error(
 
 # Only ISO dates are read the same by every server (db.SESSION_OPTIONS).
 _SPELLED = {"date": "a date as YYYY-MM-DD"}
+
+
+def _row_line(path: Path | None, copy_line: int) -> int:
+    """The file line (the header is line 1) where the row COPY calls "line N" starts.
+
+    COPY counts the rows it was sent, plus the line ends inside quoted values that are
+    of the file's kind (the first row's: a bare LF inside quotes in a CRLF file is not
+    counted), and so names a row spanning lines by its last one, and every row after a
+    bare LF in a CRLF file one line early. The file is read again, on this error path
+    only, counting the same way by quote parity, to name the row by its first line,
+    as the pipeline's other messages do (lines counted by their LF, as editors do).
+    """
+    if path is not None:
+        try:
+            with path.open("rb") as f:
+                f.readline(MAX_HEADER_BYTES + 1)  # the header, as read_header took it
+                counted, inside, crlf, line, start = 0, False, None, 2, 2
+                for text in f:
+                    if not inside:
+                        start, counted = line, counted + 1
+                    if text.count(b'"') % 2:
+                        inside = not inside
+                    ends_crlf = text.endswith(b"\r\n")
+                    if not inside:
+                        crlf = ends_crlf if crlf is None else crlf
+                        if counted >= copy_line:
+                            return start
+                    elif text.endswith(b"\n") and (ends_crlf if crlf is not False else True):
+                        counted += 1  # a line end inside quotes that COPY counts
+                    line += 1
+        except OSError:
+            pass
+    return copy_line + 1  # no quoted line ends: COPY's count plus the header
 
 
 def _unclosed_quote_line(path: Path) -> int | None:
