@@ -18,7 +18,6 @@ import re
 import subprocess
 import sys
 import time
-from concurrent.futures import Future
 from datetime import date
 from pathlib import Path
 
@@ -54,11 +53,7 @@ def explain(url: str, month2: Path, as_of: date) -> list[tuple[str, float, str]]
         conn.commit()
         psycopg.Cursor.execute = recording  # type: ignore[method-assign]
         try:
-            # On one connection here, so the replay sees the history build too; the
-            # build commits its partitions in staging, where the next build drops them.
-            done: Future[dict[str, int]] = Future()
-            done.set_result(publishing.build_history(conn, as_of))
-            publishing.publish_month(conn, as_of, newest=True, history=done)
+            publishing.publish_month(conn, as_of, newest=True)
         finally:
             psycopg.Cursor.execute = original  # type: ignore[method-assign]
         conn.rollback()

@@ -587,9 +587,9 @@ def test_replace_rewrites_that_month_only(
 def test_a_failed_month_reaches_history_only_through_a_later_success(
     run_flow, db_url, months, tmp_path
 ):
-    """History partitions are built and committed in staging alongside validation, and
-    attached by the publishing transaction: a month that fails leaves them in staging,
-    out of history, and the next run's build drops them, whatever its as_of."""
+    """History partitions are built in staging by the publishing transaction, then
+    attached by it: a month that fails leaves nothing there nor in history (they used
+    to be committed in staging and left for the next run's build to drop)."""
     bad = tmp_path / "month_000"
     shutil.copytree(months / "month_000", bad)
     rows = read_rows(bad / "usage_agg_30d.csv")
@@ -605,7 +605,7 @@ def test_a_failed_month_reaches_history_only_through_a_later_success(
     assert rc == 1 and "skips_7d" in err, err[-2000:]
     n = len(SNAPSHOT_TABLES)
     with psycopg.connect(db_url) as conn:
-        assert conn.execute(month_tables).fetchall() == [("staging", "20240131", n)]
+        assert conn.execute(month_tables).fetchall() == []
     assert all(
         scalar(db_url, f'SELECT count(*) FROM "{t}"') == 0  # noqa: S608
         for t in SNAPSHOT_TABLES
@@ -926,34 +926,42 @@ def test_an_interrupt_during_validation_is_not_called_a_failed_validation(
     assert scalar(db_url, "SELECT count(*) FROM users") == 0
 
 
-def test_a_failed_publisher_stops_the_history_build(run_flow, db_url, months, monkeypatch):
-    """The publishing transaction failed on its own (its lock lost, an SQL error) while
-    the history months were being built on the second connection: it waited for the
-    five of them (tens of seconds at 1M rows) before failing, holding its locks. The
-    build now stops at its next table (here each takes 3 s)."""
-    from streamflow import publishing
-    from streamflow.errors import LockLost
+def test_a_repeatable_read_reader_sees_a_month_whole_or_not_at_all(
+    run_flow, db_url, months, monkeypatch
+):
+    """A training job reads history in one REPEATABLE READ transaction that began while a
+    month was being published. The history rows were committed in staging by their own
+    transaction before the publish, and PostgreSQL reads the partitions of a table from
+    its catalogue, not from the reader's snapshot: once attached, the month showed up
+    in every history table, though ingest_months and live did not list it (consumer
+    audit). The month's rows are now written by the publishing transaction."""
+    from streamflow import ledger
+    from streamflow.registry import SNAPSHOT_TABLES
 
-    real_build = publishing.build_history
+    ok(run_flow(db_url, months / "month_000", JAN))
+    reader = psycopg.connect(db_url)
+    reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    real = ledger.record_month
 
-    def slow_build(conn, as_of, lock_holder=None, keep_going=lambda: None):
-        def slowly() -> None:
-            keep_going()
-            time.sleep(3)
+    def then_a_reader_starts(conn, *args, **kwargs):
+        real(conn, *args, **kwargs)  # the month is written, waiting for its verdict
+        reader.execute("SELECT count(*) FROM ingest_months")  # the snapshot is taken here
 
-        return real_build(conn, as_of, lock_holder, slowly)
-
-    def lost(*args, **kwargs):
-        time.sleep(0.5)  # the build has started
-        raise LockLost("the run lost the pipeline's writer lock (test)")
-
-    monkeypatch.setattr(publishing, "build_history", slow_build)
-    monkeypatch.setattr(publishing, "publish_month", lost)
-    rc, _, err = run_flow(db_url, months / "month_000", JAN)
-
-    assert rc == 1 and "writer lock (test)" in err.strip().splitlines()[-1], err[-500:]
-    (run,) = runs(db_url)
-    assert run["timings"]["snapshot_month"] < 5, run["timings"]  # 6 tables x 3 s before
+    monkeypatch.setattr(ledger, "record_month", then_a_reader_starts)
+    with reader:
+        ok(run_flow(db_url, months / "month_001", FEB))
+        listed = reader.execute("SELECT as_of::text FROM ingest_months").fetchall()
+        seen = {
+            table: reader.execute(
+                f"SELECT DISTINCT as_of::text FROM {table} ORDER BY 1"  # noqa: S608
+            ).fetchall()
+            for table in SNAPSHOT_TABLES
+        }
+        reader.rollback()
+        assert listed == [(JAN,)]
+        assert seen == {table: [(JAN,)] for table in SNAPSHOT_TABLES}, seen
+        after = reader.execute("SELECT count(DISTINCT as_of) FROM labels_snapshots").fetchone()
+        assert after == (2,)
 
 
 def test_a_file_from_another_published_month_is_named(run_flow, db_url, months, tmp_path, caplog):

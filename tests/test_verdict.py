@@ -3,18 +3,14 @@ publisher wherever it is (no database here: the publisher's side is its callback
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import Future
-
 import pytest
-from streamflow.publishing import _built_history
 from streamflow.verdict import Rejected, Verdict
 
 
 def test_a_hook_registered_after_the_refusal_runs_at_once():
     """The refusal can come before the publishing task has registered its cancels (a
     fast failure, an interrupt right after it was submitted): they ran never, and the
-    history build went on for tens of seconds at 1M rows."""
+    publisher's writes went on for tens of seconds at 1M rows."""
     verdict = Verdict()
     verdict.reject()
     called = []
@@ -53,21 +49,6 @@ def test_a_hook_that_fails_does_not_fail_the_refusal():
     verdict.on_reject(lambda: 1 / 0)
     verdict.reject()
     assert verdict.rejected
-
-
-def test_waiting_for_the_history_build_keeps_asking():
-    """The publisher waits for the history build holding the staging tables' locks:
-    it asks every second whether to go on (the writer lock, the verdict)."""
-    never: Future[dict[str, int]] = Future()
-    asked = threading.Event()
-
-    def keep_going() -> None:
-        asked.set()
-        raise Rejected("stop")
-
-    with pytest.raises(Rejected):
-        _built_history(never, keep_going)
-    assert asked.is_set()
 
 
 def test_deciding_accepts_a_block_that_ends_and_rejects_one_that_raises():

@@ -173,10 +173,10 @@ ALTER TABLE staging.subscriptions
 -- Month partitions of the history tables. The pipeline's role may not create or
 -- alter tables; these functions do exactly that one job for it, for the five
 -- history tables only, and run with their owner's rights (SECURITY DEFINER).
--- A new month is built in the staging schema by its own transaction, alongside
--- validation and the live upserts: created, filled, keyed. Only the publishing
--- transaction moves it into public and attaches it, so a month that fails is never
--- seen in history; what it left in staging is dropped by the next build.
+-- A new month is built in the staging schema by the publishing transaction, after
+-- the live upserts: created, filled, keyed, then moved into public and attached. A
+-- month that fails is rolled back whole; no reader ever sees part of one (rows
+-- committed before the publish would show, once attached, to a snapshot older than it).
 -- ---------------------------------------------------------------------------
 -- The one allowlist: the month partition's name, for a history table only.
 CREATE OR REPLACE FUNCTION streamflow_month_partition_name(history text, month date)
@@ -209,8 +209,9 @@ BEGIN
 END
 $$;
 
--- What failed runs left in staging: month partitions never attached. Run first by
--- each history build (under the writer lock, so none is being built meanwhile).
+-- What failed runs of earlier versions (which committed the month's partitions in
+-- staging before the publish) left there, never attached. Run first by each history
+-- build (under the writer lock, so none is being built meanwhile).
 CREATE OR REPLACE FUNCTION streamflow_drop_staged_months()
 RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp

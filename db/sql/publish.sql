@@ -68,12 +68,12 @@ WHERE h.as_of = %(as_of)s
   AND NOT EXISTS (SELECT 1 FROM {staged} AS s WHERE s.user_id = h.user_id);
 
 -- name: drop_staged_months
--- Month partitions that failed runs built in staging and never attached.
+-- Month partitions that failed runs of earlier versions committed in staging.
 SELECT streamflow_drop_staged_months();
 
 -- name: new_month_partition
--- A month seen for the first time gets its own partition, built in staging by its
--- own transaction (NULL: the month is in history already).
+-- A month seen for the first time gets its own partition, built in staging by the
+-- publishing transaction (NULL: the month is in history already).
 SELECT streamflow_new_month_partition(%(history)s, %(as_of)s);
 
 -- name: insert_snapshot

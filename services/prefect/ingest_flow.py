@@ -16,10 +16,7 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
 from datetime import date
 from pathlib import Path
 
@@ -183,19 +180,12 @@ def snapshot_month(
     start = time.perf_counter()
     try:
         verdict.stop_if_rejected()  # refused before this task started (or a retry of it)
-        with (
-            db.connect(database_url) as conn,
-            db.connect(database_url) as history_conn,
-            ThreadPoolExecutor(max_workers=1) as builder,
-        ):
-            # The history partitions are built on a second connection meanwhile: a third
-            # stream of work for the cores that validation and the live upserts leave idle.
+        with db.connect(database_url) as conn:
             # A refused month stops soon: the statement in progress is cancelled, and no
-            # table is started after it (at 1M rows the writes take tens of seconds). A
+            # table is started after it (at 1M rows the writes take seconds each). A
             # cancel that lands between two statements of one table is lost to it.
             # (A short timeout: an interrupt must not wait on a server that does not answer.)
             verdict.on_reject(lambda: conn.cancel_safe(timeout=2))
-            verdict.on_reject(lambda: history_conn.cancel_safe(timeout=2))
 
             def lock_still_held() -> None:
                 db.check_writer_lock(conn, lock_holder)
@@ -204,35 +194,15 @@ def snapshot_month(
                 verdict.stop_if_rejected()
                 lock_still_held()
 
-            # The history build also stops when this side fails on its own (a lost
-            # lock, an SQL error): leaving the block waits for it, holding the locks.
-            gave_up = threading.Event()
-
-            def history_goes_on() -> None:
-                verdict.stop_if_rejected()
-                if gave_up.is_set():
-                    raise Rejected("the publishing transaction failed")
-
-            history_build = builder.submit(
-                publishing.build_history, history_conn, as_of, lock_holder, history_goes_on
-            )
-            try:
-                stats = publishing.publish_month(
-                    conn, as_of, newest=newest, history=history_build, keep_going=keep_going
+            stats = publishing.publish_month(conn, as_of, newest=newest, keep_going=keep_going)
+            ledger.record_month(conn, as_of, fingerprint, run_id, [s.as_dict() for s in stats])
+            written = time.perf_counter() - start
+            if not verdict.wait(meanwhile=lock_still_held):
+                raise NotPublished(
+                    f"{verdict.reason}: the month was rolled back, nothing published"
                 )
-                ledger.record_month(conn, as_of, fingerprint, run_id, [s.as_dict() for s in stats])
-                written = time.perf_counter() - start
-                if not verdict.wait(meanwhile=lock_still_held):
-                    raise NotPublished(
-                        f"{verdict.reason}: the month was rolled back, nothing published"
-                    )
-                lock_still_held()
-                conn.commit()
-            except BaseException:
-                gave_up.set()
-                with suppress(Exception):
-                    history_conn.cancel_safe(timeout=2)
-                raise
+            lock_still_held()
+            conn.commit()
     except (Rejected, psycopg.errors.QueryCanceled) as exc:  # the month was refused
         if not verdict.rejected:
             raise

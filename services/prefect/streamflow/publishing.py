@@ -9,14 +9,13 @@ newest month's rows all go in; a backfill's only for the users no later month li
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from datetime import date
 
 import psycopg
 from psycopg import sql
 
-from .db import check_writer_lock, ident_list, queries, query, staged
+from .db import ident_list, queries, query, staged
 from .registry import PARENT, TABLES, TableSpec
 
 
@@ -81,48 +80,44 @@ def upsert_live(
 
 
 def build_history(
-    conn: psycopg.Connection,
-    as_of: date,
-    lock_holder: int | None = None,
-    keep_going: Callable[[], None] = lambda: None,
+    cur: psycopg.Cursor, as_of: date, keep_going: Callable[[], None] = lambda: None
 ) -> dict[str, int]:
-    """Build the staged month of each history table that lacks it; commit it in staging.
+    """Build the new month partition of each history table that lacks it; no commit.
 
-    Runs on its own connection, alongside validation and the live upserts: each new
-    month partition is created, filled and keyed in the staging schema, where no
-    reader looks (what failed runs left there is dropped first). ``snapshot`` attaches
-    them in the publishing transaction. Returns the rows written per history table; a
-    table missing from it has this month in history already (a --replace).
+    Each is created, filled and keyed in the staging schema by the publishing
+    transaction, which ``snapshot`` then attaches. Its rows must be written by that
+    transaction: rows committed earlier by another one would be visible, once attached,
+    to a reader whose snapshot predates the publish (a REPEATABLE READ training job
+    would see the month in one history table and not yet in another, and not in
+    ingest_months). Returns the rows written per history table; a table missing from
+    it has this month in history already (a --replace).
     """
     built = {}
     q = queries("publish")
-    with conn.cursor() as cur:
-        cur.execute(q["drop_staged_months"])  # type: ignore[arg-type]
-        for spec in TABLES:
-            keep_going()
-            if spec.snapshot_table is None:
-                continue
-            history = spec.snapshot_table
-            params = {"history": history, "as_of": as_of}
-            partition = cur.execute(q["new_month_partition"], params).fetchone()[0]  # type: ignore[arg-type]
-            if partition is None:
-                continue
-            # The name is built by the SQL function from the registry's table name and
-            # the date; it is quoted here like every identifier.
-            cur.execute(
-                query(
-                    "publish",
-                    "insert_snapshot",
-                    partition=sql.Identifier("staging", partition),
-                    staged=staged(spec.name),
-                    columns=ident_list(spec.snapshot_columns),
-                ),
-                params,
-            )
-            built[history] = cur.rowcount
-            cur.execute(q["index_month_partition"], params)  # type: ignore[arg-type]
-    check_writer_lock(conn, lock_holder)  # the staged months of another run were dropped
-    conn.commit()
+    cur.execute(q["drop_staged_months"])  # type: ignore[arg-type]  # left by older versions
+    for spec in TABLES:
+        keep_going()
+        if spec.snapshot_table is None:
+            continue
+        history = spec.snapshot_table
+        params = {"history": history, "as_of": as_of}
+        partition = cur.execute(q["new_month_partition"], params).fetchone()[0]  # type: ignore[arg-type]
+        if partition is None:
+            continue
+        # The name is built by the SQL function from the registry's table name and
+        # the date; it is quoted here like every identifier.
+        cur.execute(
+            query(
+                "publish",
+                "insert_snapshot",
+                partition=sql.Identifier("staging", partition),
+                staged=staged(spec.name),
+                columns=ident_list(spec.snapshot_columns),
+            ),
+            params,
+        )
+        built[history] = cur.rowcount
+        cur.execute(q["index_month_partition"], params)  # type: ignore[arg-type]
     return built
 
 
@@ -156,33 +151,18 @@ def snapshot(
     return cur.rowcount, updated, removed
 
 
-def _built_history(
-    history: Future[dict[str, int]], keep_going: Callable[[], None]
-) -> dict[str, int]:
-    """The history build's result, asking ``keep_going`` every second meanwhile: this
-    transaction holds the staging tables' locks while it waits, which another run
-    (after this one lost its writer lock) may be queued behind."""
-    while True:
-        try:
-            return history.result(timeout=1)
-        except TimeoutError:
-            keep_going()
-
-
 def publish_month(
     conn: psycopg.Connection,
     as_of: date,
     *,
     newest: bool,
-    history: Future[dict[str, int]],
     keep_going: Callable[[], None] = lambda: None,
 ) -> list[TableStats]:
     """Upsert live tables (parents first), then write the as_of snapshots; no commit.
 
     ``newest``: no later month is published (else a backfill, see ``upsert_live``).
-    ``history`` is ``build_history``'s result, being built meanwhile: it is needed only
-    once the live tables are done. ``keep_going`` is called before each table, and
-    raises to stop (the month was refused meanwhile).
+    ``keep_going`` is called before each table, and raises to stop (the month was
+    refused meanwhile).
     """
     stats = []
     with conn.cursor() as cur:
@@ -203,7 +183,7 @@ def publish_month(
                 # compared, so unchanged and absent stay unknown (None), not 0.
                 s.inserted, s.updated, _ = upsert_live(cur, spec, backfill_of=as_of)
             stats.append(s)
-        built = _built_history(history, keep_going)
+        built = build_history(cur, as_of, keep_going)
         for spec, s in zip(TABLES, stats, strict=True):
             keep_going()
             if spec.snapshot_table:
