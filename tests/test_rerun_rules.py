@@ -926,44 +926,6 @@ def test_an_interrupt_during_validation_is_not_called_a_failed_validation(
     assert scalar(db_url, "SELECT count(*) FROM users") == 0
 
 
-def test_a_repeatable_read_reader_sees_a_month_whole_or_not_at_all(
-    run_flow, db_url, months, monkeypatch
-):
-    """A training job reads history in one REPEATABLE READ transaction that began while a
-    month was being published. The history rows were committed in staging by their own
-    transaction before the publish, and PostgreSQL reads the partitions of a table from
-    its catalogue, not from the reader's snapshot: once attached, the month showed up
-    in every history table, though ingest_months and live did not list it (consumer
-    audit). The month's rows are now written by the publishing transaction."""
-    from streamflow import ledger
-    from streamflow.registry import SNAPSHOT_TABLES
-
-    ok(run_flow(db_url, months / "month_000", JAN))
-    reader = psycopg.connect(db_url)
-    reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-    real = ledger.record_month
-
-    def then_a_reader_starts(conn, *args, **kwargs):
-        real(conn, *args, **kwargs)  # the month is written, waiting for its verdict
-        reader.execute("SELECT count(*) FROM ingest_months")  # the snapshot is taken here
-
-    monkeypatch.setattr(ledger, "record_month", then_a_reader_starts)
-    with reader:
-        ok(run_flow(db_url, months / "month_001", FEB))
-        listed = reader.execute("SELECT as_of::text FROM ingest_months").fetchall()
-        seen = {
-            table: reader.execute(
-                f"SELECT DISTINCT as_of::text FROM {table} ORDER BY 1"  # noqa: S608
-            ).fetchall()
-            for table in SNAPSHOT_TABLES
-        }
-        reader.rollback()
-        assert listed == [(JAN,)]
-        assert seen == {table: [(JAN,)] for table in SNAPSHOT_TABLES}, seen
-        after = reader.execute("SELECT count(DISTINCT as_of) FROM labels_snapshots").fetchone()
-        assert after == (2,)
-
-
 def test_a_file_from_another_published_month_is_named(run_flow, db_url, months, tmp_path, caplog):
     """Last month's labels.csv copied into this month's folder: a whole copied month is
     refused, but one file published again under the new as_of went without a word (the

@@ -323,7 +323,14 @@ BEGIN
     IF NOT empty THEN
         RETURN false;  -- checked before locking: a table in use is never locked here
     END IF;
-    EXECUTE format('LOCK TABLE %I IN ACCESS EXCLUSIVE MODE', tbl);
+    -- No wait: a reader holding the table would stall the run for as long as it
+    -- holds it, and every reader after it would queue behind this lock request.
+    -- The caller then appends into the keyed table.
+    BEGIN
+        EXECUTE format('LOCK TABLE %I IN ACCESS EXCLUSIVE MODE NOWAIT', tbl);
+    EXCEPTION WHEN lock_not_available THEN
+        RETURN false;
+    END;
     EXECUTE format('SELECT NOT EXISTS (SELECT 1 FROM %I)', tbl) INTO empty;
     IF NOT empty THEN
         RETURN false;

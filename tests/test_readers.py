@@ -1,0 +1,97 @@
+"""What the feature store and training jobs reading the database see while months are
+published: a month whole or not at all, and no wait of theirs stalls a run."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+from month_files import AS_OF, small_months
+from streamflow.registry import SNAPSHOT_TABLES
+
+JAN, FEB = AS_OF["month_000"], AS_OF["month_001"]
+
+
+@pytest.fixture(scope="module")
+def months(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return small_months(tmp_path_factory.mktemp("small"))
+
+
+def ok(result: tuple[int, str, str]) -> str:
+    rc, out, err = result
+    assert rc == 0, err[-3000:]
+    return out
+
+
+def test_a_repeatable_read_reader_sees_a_month_whole_or_not_at_all(
+    run_flow, db_url, months, monkeypatch
+):
+    """A training job reads history in one REPEATABLE READ transaction that began while a
+    month was being published. The history rows were committed in staging by their own
+    transaction before the publish, and PostgreSQL reads the partitions of a table from
+    its catalogue, not from the reader's snapshot: once attached, the month showed up
+    in every history table, though ingest_months and live did not list it (consumer
+    audit). The month's rows are now written by the publishing transaction."""
+    from streamflow import ledger
+
+    ok(run_flow(db_url, months / "month_000", JAN))
+    reader = psycopg.connect(db_url)
+    reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    real = ledger.record_month
+
+    def then_a_reader_starts(conn, *args, **kwargs):
+        real(conn, *args, **kwargs)  # the month is written, waiting for its verdict
+        reader.execute("SELECT count(*) FROM ingest_months")  # the snapshot is taken here
+
+    monkeypatch.setattr(ledger, "record_month", then_a_reader_starts)
+    with reader:
+        ok(run_flow(db_url, months / "month_001", FEB))
+        listed = reader.execute("SELECT as_of::text FROM ingest_months").fetchall()
+        seen = {
+            table: reader.execute(
+                f"SELECT DISTINCT as_of::text FROM {table} ORDER BY 1"  # noqa: S608
+            ).fetchall()
+            for table in SNAPSHOT_TABLES
+        }
+        reader.rollback()
+        assert listed == [(JAN,)]
+        assert seen == {table: [(JAN,)] for table in SNAPSHOT_TABLES}, seen
+        after = reader.execute("SELECT count(DISTINCT as_of) FROM labels_snapshots").fetchone()
+        assert after == (2,)
+
+
+def test_a_reader_holding_an_empty_table_does_not_stall_the_first_month(run_flow, db_url, months):
+    """A first load drops the empty child tables' keys to append, which needs an exclusive
+    lock: a reader holding one of them (a long report, LOCK TABLE ... IN ACCESS SHARE
+    MODE) stalled the run for as long as it held it, and every reader after it queued
+    behind the run's lock request (consumer audit). The run now appends into the keyed
+    table instead; here the reader lets go only after 60 s, if the run is still waiting."""
+    reader = psycopg.connect(db_url)
+    reader.execute("LOCK TABLE labels IN ACCESS SHARE MODE")
+    done = threading.Event()
+    released = []
+
+    def let_go_after_a_minute() -> None:
+        if not done.wait(60):
+            released.append("the run waited for the reader")
+            reader.rollback()
+
+    watchdog = threading.Thread(target=let_go_after_a_minute)
+    watchdog.start()
+    try:
+        ok(run_flow(db_url, months / "month_000", JAN))
+    finally:
+        done.set()
+        watchdog.join()
+    assert released == []
+    reader.rollback()  # the reader's lock was held throughout the run
+    with reader:
+        users = reader.execute("SELECT count(*) FROM users").fetchone()[0]
+        assert reader.execute("SELECT count(*) FROM labels").fetchone()[0] == users > 0
+        keyed = reader.execute(
+            "SELECT count(*) FROM pg_constraint WHERE conrelid = 'labels'::regclass "
+            "AND contype = 'p'"
+        ).fetchone()
+        assert keyed == (1,)
