@@ -813,6 +813,33 @@ def test_the_servers_datestyle_does_not_change_what_a_file_means(
     assert dump(jan_db, DATA_TABLES) == clean_feb
 
 
+@pytest.mark.parametrize("search_path", ["staging, public", "analytics, public"])
+def test_the_servers_search_path_does_not_change_which_tables_are_written(
+    search_path, jan_db, months, run_flow, pg_admin_url, clean_feb
+):
+    """A search_path set on the database (or the role) that puts another schema first:
+    "staging, public" made every MERGE INTO labels merge staging.labels into itself, and
+    the run said it had published while live kept January (operator audit); a table of
+    the same name in another schema was written instead of, or refused for, the live one."""
+    dbname = conninfo_to_dict(jan_db)["dbname"]
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE \"{dbname}\" SET search_path = {search_path}")
+    with psycopg.connect(jan_db, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA analytics")
+        conn.execute("CREATE TABLE analytics.labels (LIKE public.labels)")
+
+    rc, _, err = run_flow(jan_db, months / "month_001", AS_OF["month_001"])
+
+    assert rc == 0, err
+    with psycopg.connect(jan_db, autocommit=True) as conn:
+        conn.execute("SET search_path = public")
+        assert conn.execute("SELECT count(*) FROM analytics.labels").fetchone() == (0,)
+        conn.execute("DROP SCHEMA analytics CASCADE")
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{dbname}" RESET search_path')
+    assert dump(jan_db, DATA_TABLES) == clean_feb
+
+
 @pytest.mark.parametrize("form", ["url", "key=value"])
 def test_a_database_url_with_its_own_options_runs_a_month(
     form, jan_db, months, run_flow, clean_feb

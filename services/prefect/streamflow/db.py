@@ -156,7 +156,11 @@ def ident_list(names: Sequence[str], prefix: str | None = None) -> sql.Composed:
 # its locale at initdb ("ISO, MDY" in the postgres image, "ISO, DMY" under fr_FR): the
 # same 03/04/2024 would be March 4 on one server and 3 April on another. Under YMD,
 # PostgreSQL refuses a day- or month-first date whatever the server's setting.
-SESSION_OPTIONS = "-c DateStyle=ISO,YMD"
+# The pipeline's tables are public's, named without a schema in its SQL: a search_path
+# set on the role or database that put another schema first (staging, or one with a
+# table of the same name) would have the live upserts write there, and the run report
+# them published.
+SESSION_OPTIONS = "-c DateStyle=ISO,YMD -c search_path=public"
 
 
 def session_options(url: str, *extra: str) -> str:
