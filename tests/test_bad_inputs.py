@@ -823,7 +823,7 @@ def test_the_servers_search_path_does_not_change_which_tables_are_written(
     the same name in another schema was written instead of, or refused for, the live one."""
     dbname = conninfo_to_dict(jan_db)["dbname"]
     with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f"ALTER DATABASE \"{dbname}\" SET search_path = {search_path}")
+        conn.execute(f'ALTER DATABASE "{dbname}" SET search_path = {search_path}')
     with psycopg.connect(jan_db, autocommit=True) as conn:
         conn.execute("CREATE SCHEMA analytics")
         conn.execute("CREATE TABLE analytics.labels (LIKE public.labels)")
@@ -1051,3 +1051,36 @@ def test_a_refused_row_is_named_by_the_file_line_it_starts_on(db_url, tmp_path, 
     assert str(refused.value).startswith(f"labels.csv, line {line}, column churn_label: "), str(
         refused.value
     )
+
+
+def test_the_rows_behind_a_failed_not_null_check_are_looked_up_for_every_column(db_url):
+    """GX's not-null check of user_id fails only when its query failed (a terminated
+    backend, a statement timeout): looking up its rows then failed in turn with
+    "column reference user_id is ambiguous", and the run said that instead of why
+    (operator audit). Every required column's lookup runs; the GX error is kept."""
+    from datetime import date
+
+    from streamflow.outcomes import ExpectationOutcome, SuiteOutcome
+    from streamflow.registry import TABLES
+    from streamflow.validation import _add_row_examples
+
+    for spec in TABLES:
+        checks = [
+            ExpectationOutcome(
+                spec.name,
+                "expect_column_values_to_not_be_null",
+                col.name,
+                success=False,
+                error="terminating connection due to administrator command",
+            )
+            for col in spec.columns
+            if col.required
+        ]
+        assert any(e.column == "user_id" for e in checks)
+        suite = SuiteOutcome(spec.name, 0, len(checks), checks)
+        _add_row_examples(db_url, [suite], date(2024, 1, 31))
+        assert all(
+            e.error == "terminating connection due to administrator command"
+            and e.example_user_ids == []
+            for e in checks
+        )

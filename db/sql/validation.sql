@@ -40,8 +40,10 @@ WHERE b.{column} < 0
 -- name: empty_values
 -- The rows behind a failed "not empty" expectation, named by their user_id (an empty
 -- churn_label in a 10M-row file had nothing to search for).
-SELECT b.user_id, NULL::text FROM (SELECT user_id, {column} FROM {batch}) AS b
-WHERE b.{column} IS NULL
+-- The value is aliased: the column may be user_id itself (GX's not-null check of the
+-- key fails only if its query failed), which the subquery would list twice.
+SELECT b.user_id, NULL::text FROM (SELECT user_id, {column} AS value FROM {batch}) AS b
+WHERE b.value IS NULL
 
 -- name: outside_set
 -- The rows behind a failed value-set expectation; "allowed" is the registry's set.
