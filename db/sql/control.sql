@@ -27,8 +27,14 @@ WHERE locktype = 'advisory' AND objid = %(key)s AND granted
 SELECT pg_advisory_unlock(%(key)s);
 
 -- name: holds_writer_lock
--- Whether backend "holder" (a run's control connection) still holds the lock.
-SELECT EXISTS (
-  SELECT 1 FROM pg_locks
-  WHERE locktype = 'advisory' AND granted AND pid = %(holder)s AND objid = %(key)s
-);
+-- Whether backend "holder" (a run's control connection) still holds the lock; if not,
+-- which session of this database holds it now, if one does (a lost connection alone
+-- is not another run writing).
+SELECT
+  EXISTS (
+    SELECT 1 FROM pg_locks
+    WHERE locktype = 'advisory' AND granted AND pid = %(holder)s AND objid = %(key)s
+  ),
+  (SELECT min(pid) FROM pg_locks
+   WHERE locktype = 'advisory' AND objid = %(key)s AND granted AND pid <> %(holder)s
+     AND database = (SELECT oid FROM pg_database WHERE datname = current_database()));

@@ -320,13 +320,25 @@ def check_writer_lock(conn: psycopg.Connection, holder_pid: int | None) -> None:
     """
     if holder_pid is None:
         return
-    held = conn.execute(
+    held, taken_by = conn.execute(
         queries("control")["holds_writer_lock"],  # type: ignore[arg-type]
         {"holder": holder_pid, "key": LOCK_KEY},
     ).fetchone()
-    if not (held and held[0]):
-        raise LockLost(
-            "the run lost the pipeline's writer lock (its control connection to PostgreSQL "
-            "ended: network cut, idle_session_timeout or pg_terminate_backend), so another "
-            "run may be writing the staging tables; nothing of this run was published"
+    if held:
+        return
+    # (A terminated backend lingers in pg_stat_activity after its locks are gone: whether
+    # it is still there tells nothing.)
+    why = (
+        "its control connection to PostgreSQL ended: a server restart, a network cut, "
+        "idle_session_timeout or pg_terminate_backend"
+    )
+    if taken_by is not None:
+        then = (
+            f"; another session (pid {taken_by}) holds it now and may be writing the staging tables"
         )
+    else:
+        then = "; no other run holds it"
+    raise LockLost(
+        f"the run lost the pipeline's writer lock ({why}){then}; nothing of this run was "
+        "published: rerun it"
+    )
