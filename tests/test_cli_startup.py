@@ -764,6 +764,44 @@ def test_sigterm_mid_run_stops_the_run_like_ctrl_c(db_url, bigger_month, tmp_pat
     )
 
 
+def test_sigterm_stops_a_run_whose_copy_waits_for_a_readers_lock(db_url, bigger_month, tmp_path):
+    """Someone looks at the staging tables in an open transaction (the README invites it
+    for a refused month): the next run's COPY waits for that lock. SIGTERM logged
+    "interrupted", then the run waited on, holding the writer lock, until the reader let
+    go (operator audit: 45 s, and 11 minutes once). A stop now cancels the COPYs."""
+    with psycopg.connect(db_url) as reader:
+        reader.execute("SELECT count(*) FROM staging.users")  # its lock lasts until rollback
+        proc, servers = _start_mid_run(db_url, bigger_month, tmp_path / "prefect")
+        deadline = time.monotonic() + 60
+        with psycopg.connect(db_url, autocommit=True) as watch:
+            while not watch.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE 'TRUNCATE%%staging%%'"
+            ).fetchone():
+                assert proc.poll() is None, proc.communicate()[1][-2000:]
+                assert time.monotonic() < deadline, "no COPY waited for the reader"
+                time.sleep(0.05)
+
+        os.kill(proc.pid, signal.SIGTERM)
+        sent = time.monotonic()
+        try:
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+
+        assert (proc.returncode, err.strip().splitlines()[-1]) == (
+            143,
+            "ingest terminated (SIGTERM)",
+        )
+        assert time.monotonic() - sent < 20
+        assert reader.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        reader.rollback()
+    assert _gone_within(servers, 10)
+    assert scalar(db_url, "SELECT error FROM ingest_runs ORDER BY run_id DESC LIMIT 1") == (
+        "interrupted (SIGTERM); nothing was published"
+    )
+
+
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_the_temporary_server_dies_with_the_cli(db_url, bigger_month, tmp_path, how):
     """SIGTERM or SIGKILL of the CLI skipped its stopping of the server, which lived on,

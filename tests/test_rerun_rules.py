@@ -1051,6 +1051,36 @@ def test_an_interrupt_while_the_data_docs_are_built_leaves_the_run_whole(
     assert scalar(db_url, "SELECT run_id FROM ingest_months WHERE as_of = %s", (JAN,)) == 1
 
 
+def test_a_second_signal_waits_for_the_record_of_the_first(run_flow, db_url, months, monkeypatch):
+    """timeout and docker stop signal the process group too, and people press Ctrl-C
+    twice: a second SIGTERM that landed while the first one's failure was being written
+    left the run "running" with no error (operator audit, 1 run in 3). Signals wait for
+    the record now."""
+    from streamflow import errors, ledger, validation
+
+    def stopped(self, as_of):
+        raise errors.Terminated
+
+    real_finish = ledger.finish_run
+
+    def signalled_again(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # the handler runs between two bytecodes of this thread
+        return real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(validation.SuitesProcess, "run", stopped)
+    monkeypatch.setattr(ledger, "finish_run", signalled_again)
+    with pytest.raises(KeyboardInterrupt):
+        run_flow(db_url, months / "month_000", JAN)
+
+    (run,) = runs(db_url)
+    assert (run["status"], run["error"]) == (
+        "failed",
+        "interrupted (SIGTERM); nothing was published",
+    )
+    assert scalar(db_url, "SELECT count(*) FROM users") == 0
+
+
 # --------------------------------------------------------------------------- backfill
 
 

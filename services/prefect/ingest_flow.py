@@ -128,14 +128,27 @@ def upsert_csv(
     path: str,
     hashed: dict | None = None,
     lock_holder: int | None = None,
+    stop: Verdict | None = None,
 ) -> loading.StagedFile:
     """COPY one CSV into its staging table; published later by snapshot_month.
 
     ``hashed``: the file as the run fingerprinted it, which the staged bytes must be.
     ``lock_holder``: the backend that holds the run's writer lock.
+    ``stop``: rejected when a signal stops the run: the COPY in progress is cancelled
+    (it may be waiting for a reader's lock on its staging table, for as long as the
+    reader holds it).
     """
     with db.connect(database_url) as conn:
-        staged = loading.stage_file(conn, BY_NAME[table], Path(path), hashed, lock_holder)
+        if stop is not None:
+            stop.on_reject(lambda: conn.cancel_safe(timeout=2))
+        try:
+            if stop is not None:
+                stop.stop_if_rejected()
+            staged = loading.stage_file(conn, BY_NAME[table], Path(path), hashed, lock_holder)
+        except psycopg.errors.QueryCanceled:
+            if stop is not None and stop.rejected:
+                raise Rejected(f"{Path(path).name}: not staged, the run was stopped") from None
+            raise
     get_run_logger().info("%s: %d rows staged", Path(path).name, staged.rows)
     return staged
 
@@ -280,6 +293,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
             ledger.finish_run(control, summary.run_id, status="noop", timings=summary.timings)
         else:
             verdict = Verdict()
+            stop_staging = Verdict()  # rejected by a signal only: a bad file lets the others finish
             stopped = False  # by a signal
             suites: validation.SuitesProcess | None = None
             staging: list[PrefectFuture] = []
@@ -301,7 +315,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                     # Two COPY streams at once: one per core of a small machine.
                     hashed = {p.table: p.as_json() for p in prints}
                     staging = [
-                        upsert_csv.submit(url, t, str(p), hashed[t], lock_holder)
+                        upsert_csv.submit(url, t, str(p), hashed[t], lock_holder, stop_staging)
                         for t, p in files.items()
                     ]
                     for staged in (future.result() for future in staging):
@@ -329,6 +343,8 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                 _record_success(control, summary)
             except BaseException as exc:
                 stopped = errors.is_stop(exc)
+                if errors.is_stop(exc):
+                    stop_staging.reject("the run was stopped")
                 _settle_failed_run(control, summary, exc, verdict, staging, published, clock)
                 raise
             finally:
@@ -415,24 +431,28 @@ def _settle_failed_run(
 ) -> None:
     """Refuse the month of a run that raised ``exc``, and record the run.
 
-    Recorded first (a second signal, or docker stop's SIGKILL, may come soon), then the
-    COPYs still running are waited for while the run holds the writer lock: they check
-    it before they commit, and blamed a network cut once it was gone. A signal after
+    Recorded first (a second signal, or docker stop's SIGKILL, may come soon; a signal
+    while it is recorded waits for the record), then the COPYs still running are waited
+    for while the run holds the writer lock: they check it before they commit, and
+    blamed a network cut once it was gone (a stop has cancelled them). A signal after
     validation passed does not stop the publisher, which commits: the run is then
     recorded whole, and PublishedThenInterrupted raised in place of ``exc``.
     """
     stopped = errors.is_stop(exc)
     verdict.reject("the run was stopped" if stopped else "the run failed")
     publish_error = None
-    if stopped and not verdict.rejected:
-        with clock("snapshot_month"):
-            publish_error = _publishing_error(published, summary)
-        if publish_error is None:
-            summary.status = "succeeded"
-            _record_success(control, summary)
-            publish_artifacts(summary)
-            raise PublishedThenInterrupted(exc) from None
-    _record_failure(control, summary, exc, publish_error)
+    with errors.signals_deferred() as came:
+        if stopped and not verdict.rejected:
+            with clock("snapshot_month"):
+                publish_error = _publishing_error(published, summary)
+            if publish_error is None:
+                summary.status = "succeeded"
+                _record_success(control, summary)
+                publish_artifacts(summary)
+                raise PublishedThenInterrupted(exc) from None
+        _record_failure(control, summary, exc, publish_error)
+    if came and not stopped:  # a failed run, then stopped: stop now that it is recorded
+        raise errors.Terminated if signal.SIGTERM in came else KeyboardInterrupt
     for future in staging:
         future.wait()
 

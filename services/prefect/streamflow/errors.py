@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import re
 import signal
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -161,3 +163,24 @@ def stopped_by_signal(exc: BaseException) -> signal.Signals:
         return signal.SIGTERM
     carried = getattr(exc, "signal", None)  # not imported: this module loads before Prefect
     return signal.Signals(carried) if isinstance(carried, int) else signal.SIGINT
+
+
+@contextmanager
+def signals_deferred() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM noted, not acted on, inside the block: a second signal (timeout
+    and docker stop signal the group too; people press Ctrl-C twice) must not cut short
+    the record of a run the first one stopped. Yields the signals that came. Handlers
+    can only be set from the main thread: elsewhere the block runs as it is.
+    """
+    came: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield came
+        return
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in before:
+        signal.signal(s, lambda signum, frame: came.append(signum))
+    try:
+        yield came
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
