@@ -169,6 +169,28 @@ def test_a_database_that_refuses_the_run_says_what_it_lacks(case, db_url, months
     assert scalar(db_url, "SELECT count(*) FROM ingest_runs") == 0
 
 
+def test_owning_the_database_is_not_enough_for_the_first_run(empty_db_url, months, run_flow):
+    """The message told a login refused on the first run to "own the database", which
+    it did (operator audit): creating the schema takes a superuser (roles, GRANT SET ON
+    PARAMETER). Nothing of the schema is left behind."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(empty_db_url)
+    with psycopg.connect(empty_db_url, autocommit=True) as admin:
+        admin.execute("DROP ROLE IF EXISTS sf_db_owner")
+        admin.execute("CREATE ROLE sf_db_owner LOGIN")
+        admin.execute(f'ALTER DATABASE "{params["dbname"]}" OWNER TO sf_db_owner')
+        admin.execute("ALTER SCHEMA public OWNER TO sf_db_owner")
+    params["user"] = "sf_db_owner"
+
+    rc, _, err = run_flow(make_conninfo("", **params), months / "month_000", "2024-01-31")
+
+    message = err.strip().splitlines()[-1]
+    assert rc == 1 and "PostgreSQL refused the work: permission denied" in message, message
+    assert "needs a superuser" in message and "own the database" not in message, message
+    assert scalar(empty_db_url, "SELECT to_regclass('public.users') IS NULL") is True
+
+
 def test_a_role_out_of_connections_is_busy_not_refused(empty_db_url):
     """'too many connections for role' is FATAL too, and passes once a session ends:
     worth a retry, not a refused login."""

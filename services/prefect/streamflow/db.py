@@ -100,7 +100,8 @@ def worth_retrying(exc: BaseException) -> bool:
 _NEEDS_ROLE = "the login needs the streamflow_ingest role (GRANT streamflow_ingest TO it)"
 _NEEDS = {
     psycopg.errors.InsufficientPrivilege: (
-        f"{_NEEDS_ROLE}, or to own the database on the first run, which creates the schema"
+        f"{_NEEDS_ROLE}; the first run on a database without the pipeline's schema needs "
+        "a superuser (it creates roles and grants), or db/init/001_schema.sql applied by one"
     ),
     psycopg.errors.ReadOnlySqlTransaction: (
         "the server takes no writes: a standby, or default_transaction_read_only"
