@@ -253,6 +253,14 @@ def test_a_run_that_loses_its_writer_lock_publishes_nothing(
         "pg_terminate_backend); no other run holds it; nothing of this run was published: "
         "rerun it"
     ), err[-2000:]
+    # Recorded on a new connection: the row stayed "running" until the next run marked
+    # it abandoned, without this reason (operator audit).
+    with psycopg.connect(db_url) as conn:
+        status, error, finished = conn.execute(
+            "SELECT status, error, finished_at IS NOT NULL FROM ingest_runs "
+            "ORDER BY run_id DESC LIMIT 1"
+        ).fetchone()
+    assert (status, "ingest failed: " + error, finished) == ("failed", last, True)
     assert dump(db_url) == before
 
 

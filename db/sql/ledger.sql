@@ -2,9 +2,10 @@
 -- published as_of (its file fingerprint decides no-op / refuse / replace).
 
 -- name: abandon_stale_runs
--- Called with the writer lock held: a 'running' row now belongs to a dead run.
+-- Called with the writer lock held: a 'running' row now belongs to a dead run. When
+-- it stopped is not known: finished_at stays empty (now() gave it the next run's start).
 UPDATE ingest_runs
-SET status = 'abandoned', finished_at = now(),
+SET status = 'abandoned',
     error = coalesce(error, 'the run stopped before finishing (process killed or connection lost)')
 WHERE status = 'running';
 

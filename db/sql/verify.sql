@@ -28,7 +28,8 @@ FROM subscriptions;
 -- name: ledger
 -- A failed run says why in one line (the whole text is in ingest_runs.error).
 SELECT run_id, as_of, status, mode,
-       round(extract(epoch FROM finished_at - started_at)::numeric, 3) || ' s' AS duration,
+       coalesce(round(extract(epoch FROM finished_at - started_at)::numeric, 3) || ' s',
+                '-') AS duration,  -- an abandoned run's end is not known
        CASE WHEN length(split_part(error, E'\n', 1)) > 100
             THEN left(split_part(error, E'\n', 1), 99) || '…'
             ELSE coalesce(split_part(error, E'\n', 1), '')

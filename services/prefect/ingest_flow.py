@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import suppress
 from datetime import date
 from pathlib import Path
 
@@ -240,19 +241,27 @@ def snapshot_month(
     return stats
 
 
-def _finish_run(control: psycopg.Connection, run_id: int, **outcome: object) -> None:
-    """ledger.finish_run, unless the control connection is gone: then a warning, and the
-    run's own outcome (its error, or its published month) stands."""
+def _finish_run(control: psycopg.Connection, url: str, run_id: int, **outcome: object) -> None:
+    """ledger.finish_run. If the control connection is gone (a server restart, a
+    terminated session), once more on a new one: the row would otherwise stay
+    "running" until the next run marks it abandoned, without the reason the terminal
+    gave. If that fails too: a warning, and the run's own outcome stands."""
     try:
         ledger.finish_run(control, run_id, **outcome)  # type: ignore[arg-type]
+        return
     except psycopg.Error as exc:
         if not db.connection_lost(exc):
             raise
-        get_run_logger().warning(
-            "the run's %s outcome could not be recorded in ingest_runs: %s",
-            outcome["status"],
-            errors.first_line(exc),
-        )
+        lost = exc
+    with suppress(psycopg.Error):
+        with db.connect(url, autocommit=True) as again:
+            ledger.finish_run(again, run_id, **outcome)  # type: ignore[arg-type]
+            return
+    get_run_logger().warning(
+        "the run's %s outcome could not be recorded in ingest_runs: %s",
+        outcome["status"],
+        errors.first_line(lost),
+    )
 
 
 # A run named by its month in the UI's list (Prefect's default is a random two words).
@@ -340,12 +349,12 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                 summary.status = "succeeded"
                 # Before the wait for the Data Docs: an interrupt then leaves the
                 # published month's run with its counts and timings.
-                _record_success(control, summary)
+                _record_success(control, url, summary)
             except BaseException as exc:
                 stopped = errors.is_stop(exc)
                 if errors.is_stop(exc):
                     stop_staging.reject("the run was stopped")
-                _settle_failed_run(control, summary, exc, verdict, staging, published, clock)
+                _settle_failed_run(control, url, summary, exc, verdict, staging, published, clock)
                 raise
             finally:
                 if suites is not None:
@@ -422,6 +431,7 @@ def _in_words(exc: BaseException) -> str:
 
 def _settle_failed_run(
     control: psycopg.Connection,
+    url: str,
     summary: RunSummary,
     exc: BaseException,
     verdict: Verdict,
@@ -447,10 +457,10 @@ def _settle_failed_run(
                 publish_error = _publishing_error(published, summary)
             if publish_error is None:
                 summary.status = "succeeded"
-                _record_success(control, summary)
+                _record_success(control, url, summary)
                 publish_artifacts(summary)
                 raise PublishedThenInterrupted(exc) from None
-        _record_failure(control, summary, exc, publish_error)
+        _record_failure(control, url, summary, exc, publish_error)
     if came and not stopped:  # a failed run, then stopped: stop now that it is recorded
         raise errors.Terminated if signal.SIGTERM in came else KeyboardInterrupt
     for future in staging:
@@ -471,6 +481,7 @@ def _publishing_error(published: PrefectFuture | None, summary: RunSummary) -> B
 
 def _record_failure(
     control: psycopg.Connection,
+    url: str,
     summary: RunSummary,
     exc: BaseException,
     publish_error: BaseException | None = None,
@@ -495,9 +506,9 @@ def _record_failure(
         summary.error = _in_words(exc)
     # The same one line the CLI prints, for runs started from the UI.
     get_run_logger().error("ingest failed: %s", summary.error)
-    # (The next run marks it abandoned if the control connection broke.)
     _finish_run(
         control,
+        url,
         summary.run_id,
         status="failed",
         validation=getattr(exc, "failures", None),
@@ -526,11 +537,12 @@ def _end_suites(suites: validation.SuitesProcess, summary: RunSummary, *, stoppe
         get_run_logger().warning("GX Data Docs not built: %s", docs_error)
 
 
-def _record_success(control: psycopg.Connection, summary: RunSummary) -> None:
+def _record_success(control: psycopg.Connection, url: str, summary: RunSummary) -> None:
     """The run's counts and timings in the ledger. The commit already marked it
     succeeded: a connection lost now loses only these."""
     _finish_run(
         control,
+        url,
         summary.run_id,
         status="succeeded",
         table_stats=[t.as_dict() for t in summary.tables],
