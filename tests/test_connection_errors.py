@@ -371,6 +371,39 @@ def test_a_login_without_a_password_names_the_setting(tmp_path, monkeypatch):
     ), message
 
 
+def test_a_lock_timeout_of_the_database_names_the_statement(run_flow, db_url, months, pg_admin_url):
+    """A lock_timeout set on the database, and a session holding a lock that the month's
+    attach needs: the run said "canceling statement due to lock timeout" and nothing of
+    which statement, nor that the setting was the database's (operator audit)."""
+    import threading
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    dbname = conninfo_to_dict(db_url)["dbname"]
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE \"{dbname}\" SET lock_timeout = '200ms'")
+    holder = psycopg.connect(db_url)
+    holder.execute("SET lock_timeout = 0")
+    holder.execute("LOCK TABLE labels_snapshots IN SHARE ROW EXCLUSIVE MODE")
+    release = threading.Timer(60, holder.rollback)  # if the run waited instead
+    release.start()
+    try:
+        rc, _, err = run_flow(db_url, months / "month_000", "2024-01-31")
+    finally:
+        release.cancel()
+        holder.rollback()
+        holder.close()
+
+    message = err.strip().splitlines()[-1]
+    assert rc == 1, err[-2000:]
+    assert message.startswith(
+        "ingest failed: PostgreSQL refused the work: canceling statement due to lock "
+        'timeout (SQL statement "ALTER TABLE public.labels_snapshots ATTACH PARTITION'
+    ), message
+    assert "a statement_timeout or lock_timeout of the login, the database" in message
+    assert scalar(db_url, "SELECT count(*) FROM ingest_months") == 0
+
+
 def test_a_database_refusal_mid_run_is_in_words_in_the_ledger(
     run_flow, db_url, months, monkeypatch
 ):
@@ -390,7 +423,12 @@ def test_a_database_refusal_mid_run_is_in_words_in_the_ledger(
     monkeypatch.setattr(publishing, "publish_month", cancelled)
     rc, _, err = run_flow(db_url, months / "month_000", "2024-01-31")
 
-    words = "PostgreSQL refused the work: canceling statement due to statement timeout"
+    words = (
+        "PostgreSQL refused the work: canceling statement due to statement timeout; the "
+        "pipeline sets no timeout: a statement_timeout or lock_timeout of the login, the "
+        "database or the server stopped it (ALTER ROLE <login> SET statement_timeout = 0, "
+        "or higher, lifts it)"
+    )
     assert rc == 1
     assert err.strip().splitlines()[-1] == f"ingest failed: {words}", err[-2000:]
     last = "SELECT status, error FROM ingest_runs ORDER BY run_id DESC LIMIT 1"

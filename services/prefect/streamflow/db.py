@@ -13,7 +13,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, timeout_from_conninfo
 
-from .errors import InputError, LockLost, LockTimeout, SchemaOutdated, first_line
+from .errors import InputError, LockLost, LockTimeout, SchemaOutdated, clipped, first_line
 from .settings import DB_DIR
 
 # One key for the whole pipeline: months are published strictly one at a time.
@@ -109,6 +109,12 @@ _NEEDS = {
 }
 
 
+_TIMEOUTS = (
+    "canceling statement due to statement timeout",
+    "canceling statement due to lock timeout",
+)
+
+
 def explain_failure(exc: BaseException) -> str | None:
     """One line for people on a database error that is configuration or the server's
     state, not a bug; None for any other error."""
@@ -122,6 +128,16 @@ def explain_failure(exc: BaseException) -> str | None:
         return f"the database refused the login: {reason}" + (f"; {fix}" if fix else "")
     if connection_lost(exc):
         return f"the database could not be reached: {reason}"
+    if reason.startswith(_TIMEOUTS):
+        # The pipeline sets neither timeout: the login's, the database's or the server's
+        # did. Inside a function, the context names the statement (an ATTACH PARTITION).
+        context = (exc.diag.context or "").strip().splitlines()
+        during = f" ({clipped(context[0], 200)})" if context else ""
+        return (
+            f"PostgreSQL refused the work: {reason}{during}; the pipeline sets no timeout: "
+            "a statement_timeout or lock_timeout of the login, the database or the server "
+            "stopped it (ALTER ROLE <login> SET statement_timeout = 0, or higher, lifts it)"
+        )
     if isinstance(exc, psycopg.OperationalError):
         return f"PostgreSQL refused the work: {reason}"
     needs = _NEEDS.get(type(exc))
