@@ -730,14 +730,16 @@ def test_a_connection_lost_after_the_commit_does_not_fail_a_published_month(
 ):
     """The month committed, then the control connection went before the run's last
     ledger update (the audit stopped PostgreSQL there): the CLI said 'could not be
-    reached', exit 1, of a published month. The commit marked the run succeeded; only
-    its timings are lost, and the run says so in a warning."""
+    reached', exit 1, of a published month. The commit marked the run succeeded; its
+    timings are recorded on a new connection."""
     from streamflow import ledger
 
     real = ledger.finish_run
+    cut = []
 
     def connection_gone_first(conn, run_id, *, status, **kwargs):
-        if status == "succeeded":
+        if status == "succeeded" and not cut:
+            cut.append(conn.info.backend_pid)
             end_writer_lock_holder(db_url)
         return real(conn, run_id, status=status, **kwargs)
 
@@ -748,6 +750,7 @@ def test_a_connection_lost_after_the_commit_does_not_fail_a_published_month(
     assert "published live + history" in out
     (run,) = runs(db_url)
     assert run["status"] == "succeeded" and run["table_stats"] is not None
+    assert cut and {"upsert_csv", "validate_with_ge", "snapshot_month"} <= set(run["timings"])
 
 
 def test_the_clis_noop_look_marks_runs_killed_before_it_abandoned(db_url, months, monkeypatch):

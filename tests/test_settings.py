@@ -195,7 +195,10 @@ def test_gx_connects_with_the_urls_options_and_one_port_per_host():
     )
     args = sqlalchemy.create_engine(url).dialect.create_connect_args(url)[1]
 
-    assert args["options"] == "-c lock_timeout=7min -c work_mem=256MB -c DateStyle=ISO,YMD"
+    assert (
+        args["options"]
+        == "-c lock_timeout=7min -c work_mem=256MB -c DateStyle=ISO,YMD -c search_path=public"
+    )
     assert (args["host"], args["port"], args["dbname"]) == ("h1,h2", "5433,5433", "d")
     assert args["connect_timeout"] == "15"  # db.connect's default, not psycopg's 130 s
 
@@ -206,5 +209,11 @@ def test_pgoptions_is_kept_when_the_url_has_no_options(monkeypatch: pytest.Monke
 
     monkeypatch.setenv("PGOPTIONS", "-c statement_timeout=1234")
 
-    assert session_options("host=h") == "-c statement_timeout=1234 -c DateStyle=ISO,YMD"
-    assert session_options("host=h options='-c a=b'") == "-c a=b -c DateStyle=ISO,YMD"
+    assert (
+        session_options("host=h")
+        == "-c statement_timeout=1234 -c DateStyle=ISO,YMD -c search_path=public"
+    )
+    assert (
+        session_options("host=h options='-c a=b'")
+        == "-c a=b -c DateStyle=ISO,YMD -c search_path=public"
+    )

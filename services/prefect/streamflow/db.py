@@ -136,7 +136,7 @@ def explain_failure(exc: BaseException) -> str | None:
         return (
             f"PostgreSQL refused the work: {reason}{during}; the pipeline sets no timeout: "
             "a statement_timeout or lock_timeout of the login, the database or the server "
-            "stopped it (ALTER ROLE <login> SET statement_timeout = 0, or higher, lifts it)"
+            "stopped it (give the pipeline's login none, or a higher one)"
         )
     if isinstance(exc, psycopg.OperationalError):
         return f"PostgreSQL refused the work: {reason}"
