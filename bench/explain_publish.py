@@ -30,8 +30,7 @@ def explain(url: str, month2: Path, as_of: date) -> list[tuple[str, float, str]]
     """Record the statements publish_month runs, then replay them under EXPLAIN ANALYZE.
 
     Recording keeps this independent of how publishing builds its queries; both the
-    recorded run and the replay are rolled back (but for the month partitions the
-    recorded history build leaves in staging).
+    recorded run and the replay are rolled back.
     """
     import psycopg
     from streamflow import loading, publishing

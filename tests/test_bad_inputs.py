@@ -1034,6 +1034,11 @@ def test_chunked_quote_search_agrees_with_one_read_of_the_file(db_url, tmp_path,
         (b'user_id,churn_label\r\nB,true\r\n"A\r\n1",nope\r\nC,true\r\n', 3),
         (b'user_id,churn_label\r\n"A\r\n1",true\r\nB,true\r\nC,nope\r\n', 5),
         (b"user_id,churn_label\nA,true\nB,true\nC,nope\n", 4),
+        # A CR quoted in a CRLF file counts as a line to PostgreSQL: it said line 4.
+        (b'user_id,churn_label\r\n"A\rX",true\r\nB,nope\r\nC,true\r\n', 3),
+        (b'user_id,churn_label\r\n"A\r\r\nX",true\r\nB,nope\r\n', 4),
+        # And in an LF file's first row (its line end not known yet).
+        (b'user_id,churn_label\n"A\rX",true\nB,nope\n', 3),
     ],
 )
 def test_a_refused_row_is_named_by_the_file_line_it_starts_on(db_url, tmp_path, data, line):

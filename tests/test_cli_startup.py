@@ -802,6 +802,51 @@ def test_sigterm_stops_a_run_whose_copy_waits_for_a_readers_lock(db_url, bigger_
     )
 
 
+def test_sigterm_after_a_failure_cancels_the_copy_still_waiting(db_url, bigger_month, tmp_path):
+    """A bad users.csv fails the run while subscriptions.csv's COPY waits for a reader's
+    lock: the run records its failure, then waits for that COPY inside its writer lock.
+    A SIGTERM then went unheeded until the reader let go (diff review); it now cancels
+    the COPY, and the failure stays recorded as it was."""
+    month = tmp_path / "month_000"
+    shutil.copytree(bigger_month, month)
+    lines = (month / "users.csv").read_bytes().split(b"\n")
+    lines[2] = lines[2].rsplit(b",", 1)[0] + b",2022-13-45"
+    (month / "users.csv").write_bytes(b"\n".join(lines))
+    with psycopg.connect(db_url) as reader:
+        reader.execute("SELECT count(*) FROM staging.subscriptions")
+        proc = _start_as_a_job(db_url, month, tmp_path / "prefect")
+        deadline = time.monotonic() + 120
+        with psycopg.connect(db_url, autocommit=True) as watch:
+            while not (
+                watch.execute("SELECT 1 FROM ingest_runs WHERE status = 'failed'").fetchone()
+                and watch.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE 'TRUNCATE%%subscriptions%%'"
+                ).fetchone()
+            ):
+                assert proc.poll() is None, proc.communicate()[1][-2000:]
+                assert time.monotonic() < deadline, "the run never waited for the COPY"
+                time.sleep(0.05)
+            time.sleep(1)  # the run is in its wait for the COPY
+
+        os.kill(proc.pid, signal.SIGTERM)
+        sent = time.monotonic()
+        try:
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+
+        assert (proc.returncode, err.strip().splitlines()[-1]) == (
+            143,
+            "ingest terminated (SIGTERM)",
+        )
+        assert time.monotonic() - sent < 20
+        assert reader.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        reader.rollback()
+    error = scalar(db_url, "SELECT error FROM ingest_runs ORDER BY run_id DESC LIMIT 1")
+    assert error.startswith("users.csv, line 3, column "), error
+
+
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_the_temporary_server_dies_with_the_cli(db_url, bigger_month, tmp_path, how):
     """SIGTERM or SIGKILL of the CLI skipped its stopping of the server, which lived on,

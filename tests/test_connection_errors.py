@@ -400,7 +400,7 @@ def test_a_lock_timeout_of_the_database_names_the_statement(run_flow, db_url, mo
         "ingest failed: PostgreSQL refused the work: canceling statement due to lock "
         'timeout (SQL statement "ALTER TABLE public.labels_snapshots ATTACH PARTITION'
     ), message
-    assert "a statement_timeout or lock_timeout of the login, the database" in message
+    assert "lock_timeout of DATABASE_URL's options or PGOPTIONS, the login, the database" in message
     assert scalar(db_url, "SELECT count(*) FROM ingest_months") == 0
 
 
@@ -425,8 +425,9 @@ def test_a_database_refusal_mid_run_is_in_words_in_the_ledger(
 
     words = (
         "PostgreSQL refused the work: canceling statement due to statement timeout; the "
-        "pipeline sets no timeout: a statement_timeout or lock_timeout of the login, the "
-        "database or the server stopped it (give the pipeline's login none, or a higher one)"
+        "pipeline sets no timeout: a statement_timeout or lock_timeout of DATABASE_URL's "
+        "options or PGOPTIONS, the login, the database or the server stopped it (give the "
+        "pipeline none, or a higher one)"
     )
     assert rc == 1
     assert err.strip().splitlines()[-1] == f"ingest failed: {words}", err[-2000:]

@@ -139,16 +139,19 @@ def upsert_csv(
     (it may be waiting for a reader's lock on its staging table, for as long as the
     reader holds it).
     """
+    stopped = Rejected(f"{Path(path).name}: not staged, the run was stopped")
+    if stop is not None and stop.rejected:  # queued behind the two COPYs that ran
+        raise stopped
     with db.connect(database_url) as conn:
         if stop is not None:
             stop.on_reject(lambda: conn.cancel_safe(timeout=2))
         try:
-            if stop is not None:
-                stop.stop_if_rejected()
+            if stop is not None and stop.rejected:  # before the cancel could reach a COPY
+                raise stopped
             staged = loading.stage_file(conn, BY_NAME[table], Path(path), hashed, lock_holder)
         except psycopg.errors.QueryCanceled:
             if stop is not None and stop.rejected:
-                raise Rejected(f"{Path(path).name}: not staged, the run was stopped") from None
+                raise stopped from None
             raise
     get_run_logger().info("%s: %d rows staged", Path(path).name, staged.rows)
     return staged
@@ -243,20 +246,25 @@ def snapshot_month(
 
 def _finish_run(control: psycopg.Connection, url: str, run_id: int, **outcome: object) -> None:
     """ledger.finish_run. If the control connection is gone (a server restart, a
-    terminated session), once more on a new one: the row would otherwise stay
+    terminated session), once more, at once, on a new one: the row would otherwise stay
     "running" until the next run marks it abandoned, without the reason the terminal
-    gave. If that fails too: a warning, and the run's own outcome stands."""
+    gave. If that fails too: a warning, and the run's own outcome stands.
+
+    A signal during the write waits for it (a second Ctrl-C, or timeout's SIGTERM to the
+    group, left the row "running" with no error), then acts.
+    """
     try:
-        ledger.finish_run(control, run_id, **outcome)  # type: ignore[arg-type]
+        with errors.signals_deferred():
+            ledger.finish_run(control, run_id, **outcome)  # type: ignore[arg-type]
         return
     except psycopg.Error as exc:
         if not db.connection_lost(exc):
             raise
         lost = exc
-    with suppress(psycopg.Error):
-        with db.connect(url, autocommit=True) as again:
+    with suppress(psycopg.Error), db.connect(url, autocommit=True) as again:
+        with errors.signals_deferred():
             ledger.finish_run(again, run_id, **outcome)  # type: ignore[arg-type]
-            return
+        return
     get_run_logger().warning(
         "the run's %s outcome could not be recorded in ingest_runs: %s",
         outcome["status"],
@@ -352,9 +360,11 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                 _record_success(control, url, summary)
             except BaseException as exc:
                 stopped = errors.is_stop(exc)
-                if errors.is_stop(exc):
+                if stopped:
                     stop_staging.reject("the run was stopped")
-                _settle_failed_run(control, url, summary, exc, verdict, staging, published, clock)
+                _settle_failed_run(
+                    control, url, summary, exc, verdict, stop_staging, staging, published, clock
+                )
                 raise
             finally:
                 if suites is not None:
@@ -435,23 +445,24 @@ def _settle_failed_run(
     summary: RunSummary,
     exc: BaseException,
     verdict: Verdict,
+    stop_staging: Verdict,
     staging: list[PrefectFuture],
     published: PrefectFuture | None,
     clock: Stopwatch,
 ) -> None:
     """Refuse the month of a run that raised ``exc``, and record the run.
 
-    Recorded first (a second signal, or docker stop's SIGKILL, may come soon; a signal
-    while it is recorded waits for the record), then the COPYs still running are waited
-    for while the run holds the writer lock: they check it before they commit, and
-    blamed a network cut once it was gone (a stop has cancelled them). A signal after
-    validation passed does not stop the publisher, which commits: the run is then
-    recorded whole, and PublishedThenInterrupted raised in place of ``exc``.
+    Recorded first (a second signal, or docker stop's SIGKILL, may come soon), then the
+    COPYs still running are waited for while the run holds the writer lock: they check
+    it before they commit, and blamed a network cut once it was gone. A signal, first
+    or at any point here, cancels them instead (one may be waiting for a reader's lock).
+    A signal after validation passed does not stop the publisher, which commits: the
+    run is then recorded whole, and PublishedThenInterrupted raised in place of ``exc``.
     """
     stopped = errors.is_stop(exc)
     verdict.reject("the run was stopped" if stopped else "the run failed")
-    publish_error = None
-    with errors.signals_deferred() as came:
+    try:
+        publish_error = None
         if stopped and not verdict.rejected:
             with clock("snapshot_month"):
                 publish_error = _publishing_error(published, summary)
@@ -461,10 +472,14 @@ def _settle_failed_run(
                 publish_artifacts(summary)
                 raise PublishedThenInterrupted(exc) from None
         _record_failure(control, url, summary, exc, publish_error)
-    if came and not stopped:  # a failed run, then stopped: stop now that it is recorded
-        raise errors.Terminated if signal.SIGTERM in came else KeyboardInterrupt
-    for future in staging:
-        future.wait()
+        for future in staging:
+            future.wait()
+    except BaseException as late:
+        if errors.is_stop(late):
+            stop_staging.reject("the run was stopped")
+            for future in staging:
+                future.wait(timeout=5)  # cancelled: they end at once
+        raise
 
 
 def _publishing_error(published: PrefectFuture | None, summary: RunSummary) -> BaseException | None:

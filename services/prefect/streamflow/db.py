@@ -135,8 +135,9 @@ def explain_failure(exc: BaseException) -> str | None:
         during = f" ({clipped(context[0], 200)})" if context else ""
         return (
             f"PostgreSQL refused the work: {reason}{during}; the pipeline sets no timeout: "
-            "a statement_timeout or lock_timeout of the login, the database or the server "
-            "stopped it (give the pipeline's login none, or a higher one)"
+            "a statement_timeout or lock_timeout of DATABASE_URL's options or PGOPTIONS, "
+            "the login, the database or the server stopped it (give the pipeline none, or "
+            "a higher one)"
         )
     if isinstance(exc, psycopg.OperationalError):
         return f"PostgreSQL refused the work: {reason}"

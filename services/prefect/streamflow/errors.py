@@ -166,21 +166,23 @@ def stopped_by_signal(exc: BaseException) -> signal.Signals:
 
 
 @contextmanager
-def signals_deferred() -> Iterator[list[int]]:
-    """SIGINT and SIGTERM noted, not acted on, inside the block: a second signal (timeout
-    and docker stop signal the group too; people press Ctrl-C twice) must not cut short
-    the record of a run the first one stopped. Yields the signals that came. Handlers
-    can only be set from the main thread: elsewhere the block runs as it is.
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM held back during the block, then acted on: a second signal
+    (timeout and docker stop signal the group too; people press Ctrl-C twice) must not
+    cut a short write in two. For short blocks only: the signal waits for the block.
+    Handlers can only be set from the main thread: elsewhere the block runs as it is.
     """
-    came: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield came
+        yield
         return
+    came: list[int] = []
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for s in before:
         signal.signal(s, lambda signum, frame: came.append(signum))
     try:
-        yield came
+        yield
     finally:
         for s, handler in before.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        if came:
+            signal.raise_signal(came[0])  # the handler of before runs now

@@ -357,12 +357,13 @@ _SPELLED = {"date": "a date as YYYY-MM-DD"}
 def _row_line(path: Path | None, copy_line: int) -> int:
     """The file line (the header is line 1) where the row COPY calls "line N" starts.
 
-    COPY counts the rows it was sent, plus the line ends inside quoted values that are
-    of the file's kind (the first row's: a bare LF inside quotes in a CRLF file is not
-    counted), and so names a row spanning lines by its last one, and every row after a
-    bare LF in a CRLF file one line early. The file is read again, on this error path
-    only, counting the same way by quote parity, to name the row by its first line,
-    as the pipeline's other messages do (lines counted by their LF, as editors do).
+    COPY counts the rows it was sent, plus, inside quoted values, every LF once the
+    file's line end is known to be LF, and every CR otherwise (a CRLF file, or the first
+    row of any file): it names a row spanning lines by its last one, and every row after
+    a bare LF quoted in a CRLF file, or a CR quoted in an LF file's first row, a line off.
+    The file is read again, on this error path only, counting the same way by quote
+    parity, to name the row by its first line, as the pipeline's other messages do
+    (lines counted by their LF, as editors do).
     """
     if path is not None:
         try:
@@ -372,15 +373,14 @@ def _row_line(path: Path | None, copy_line: int) -> int:
                 for text in f:
                     if not inside:
                         start, counted = line, counted + 1
-                    if text.count(b'"') % 2:
-                        inside = not inside
-                    ends_crlf = text.endswith(b"\r\n")
+                    parts = text.split(b'"')
+                    quoted = parts[0::2] if inside else parts[1::2]
+                    counted += sum(p.count(b"\n" if crlf is False else b"\r") for p in quoted)
+                    inside ^= len(parts) % 2 == 0  # an odd number of quotes
                     if not inside:
-                        crlf = ends_crlf if crlf is None else crlf
+                        crlf = text.endswith(b"\r\n") if crlf is None else crlf
                         if counted >= copy_line:
                             return start
-                    elif text.endswith(b"\n") and (ends_crlf if crlf is not False else True):
-                        counted += 1  # a line end inside quotes that COPY counts
                     line += 1
         except OSError:
             pass
