@@ -764,6 +764,23 @@ def test_sigterm_mid_run_stops_the_run_like_ctrl_c(db_url, bigger_month, tmp_pat
     )
 
 
+def _sigterm_ends_it_while_the_reader_waits(
+    proc: subprocess.Popen, reader: psycopg.Connection
+) -> None:
+    """SIGTERM to the CLI: it says so and exits 143 within 20 s, the reader's transaction
+    (and its lock) still open, then let go."""
+    os.kill(proc.pid, signal.SIGTERM)
+    sent = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert (proc.returncode, err.strip().splitlines()[-1]) == (143, "ingest terminated (SIGTERM)")
+    assert time.monotonic() - sent < 20
+    assert reader.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    reader.rollback()
+
+
 def test_sigterm_stops_a_run_whose_copy_waits_for_a_readers_lock(db_url, bigger_month, tmp_path):
     """Someone looks at the staging tables in an open transaction (the README invites it
     for a refused month): the next run's COPY waits for that lock. SIGTERM logged
@@ -782,20 +799,7 @@ def test_sigterm_stops_a_run_whose_copy_waits_for_a_readers_lock(db_url, bigger_
                 assert time.monotonic() < deadline, "no COPY waited for the reader"
                 time.sleep(0.05)
 
-        os.kill(proc.pid, signal.SIGTERM)
-        sent = time.monotonic()
-        try:
-            _, err = proc.communicate(timeout=60)
-        finally:
-            proc.kill()
-
-        assert (proc.returncode, err.strip().splitlines()[-1]) == (
-            143,
-            "ingest terminated (SIGTERM)",
-        )
-        assert time.monotonic() - sent < 20
-        assert reader.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
-        reader.rollback()
+        _sigterm_ends_it_while_the_reader_waits(proc, reader)
     assert _gone_within(servers, 10)
     assert scalar(db_url, "SELECT error FROM ingest_runs ORDER BY run_id DESC LIMIT 1") == (
         "interrupted (SIGTERM); nothing was published"
@@ -829,20 +833,7 @@ def test_sigterm_after_a_failure_cancels_the_copy_still_waiting(db_url, bigger_m
                 time.sleep(0.05)
             time.sleep(1)  # the run is in its wait for the COPY
 
-        os.kill(proc.pid, signal.SIGTERM)
-        sent = time.monotonic()
-        try:
-            _, err = proc.communicate(timeout=60)
-        finally:
-            proc.kill()
-
-        assert (proc.returncode, err.strip().splitlines()[-1]) == (
-            143,
-            "ingest terminated (SIGTERM)",
-        )
-        assert time.monotonic() - sent < 20
-        assert reader.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
-        reader.rollback()
+        _sigterm_ends_it_while_the_reader_waits(proc, reader)
     error = scalar(db_url, "SELECT error FROM ingest_runs ORDER BY run_id DESC LIMIT 1")
     assert error.startswith("users.csv, line 3, column "), error
 
