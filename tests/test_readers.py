@@ -95,3 +95,28 @@ def test_a_reader_holding_an_empty_table_does_not_stall_the_first_month(run_flow
             "AND contype = 'p'"
         ).fetchone()
         assert keyed == (1,)
+
+
+def test_a_month_missing_from_history_stops_the_next_run(run_flow, db_url, months):
+    """A history partition detached by hand: the next month published with exit 0 while
+    January read as empty in labels_snapshots, and a --replace of January failed with
+    "unexpected CheckViolation" (operator audit). No run goes on until it is back."""
+    ok(run_flow(db_url, months / "month_000", JAN))
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        admin.execute("ALTER TABLE labels_snapshots DETACH PARTITION labels_snapshots_20240131")
+
+    rc, _, err = run_flow(db_url, months / "month_001", FEB)
+
+    assert rc == 1
+    assert err.strip().splitlines()[-1] == (
+        "ingest failed: published months missing from history: labels_snapshots 2024-01-31 "
+        "(a partition detached or dropped by hand?); nothing was run: attach the month's "
+        "partition back to its history table, or restore the database"
+    )
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        assert admin.execute("SELECT count(*) FROM ingest_months").fetchone() == (1,)
+        admin.execute(
+            "ALTER TABLE labels_snapshots ATTACH PARTITION labels_snapshots_20240131 "
+            "FOR VALUES IN ('2024-01-31')"
+        )
+    ok(run_flow(db_url, months / "month_001", FEB))

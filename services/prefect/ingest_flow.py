@@ -93,7 +93,7 @@ from streamflow.inputs import (  # noqa: E402
     replace_wanted,
     text_path,
 )
-from streamflow.registry import BY_NAME  # noqa: E402
+from streamflow.registry import BY_NAME, SNAPSHOT_TABLES  # noqa: E402
 from streamflow.reporting import RunSummary, Stopwatch, publish_artifacts  # noqa: E402
 from streamflow.rerun import Mode  # noqa: E402
 from streamflow.served import DEPLOYMENT_NAME, FLOW_NAME  # noqa: E402
@@ -303,6 +303,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
         lock_holder = control.info.backend_pid  # checked before every commit of the run
         with clock("schema"):
             db.ensure_schema(control)
+            db.check_history(control, SNAPSHOT_TABLES)
             ledger.abandon_stale_runs(control)
         prints, fingerprint = rerun.fingerprint_files(control, as_of_date, files, summary.timings)
         mode = _open_run(control, summary, as_of_date, prints, fingerprint, replace, allow_gap)

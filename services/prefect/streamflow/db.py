@@ -13,7 +13,15 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, timeout_from_conninfo
 
-from .errors import InputError, LockLost, LockTimeout, SchemaOutdated, clipped, first_line
+from .errors import (
+    HistoryIncomplete,
+    InputError,
+    LockLost,
+    LockTimeout,
+    SchemaOutdated,
+    clipped,
+    first_line,
+)
 from .settings import DB_DIR
 
 # One key for the whole pipeline: months are published strictly one at a time.
@@ -289,6 +297,26 @@ def ensure_schema(conn: psycopg.Connection) -> list[str]:
                 f"{exc.diag.message_primary}"
             ) from exc
     return apply_init_sql(conn)
+
+
+def check_history(conn: psycopg.Connection, histories: Sequence[str]) -> None:
+    """HistoryIncomplete if a published month has no partition in one of ``histories``.
+
+    A partition detached or dropped by hand leaves no error anywhere: the month just
+    reads as empty in that table, for every training set built on it.
+    """
+    missing = conn.execute(
+        queries("control")["months_missing_from_history"],  # type: ignore[arg-type]
+        {"histories": list(histories)},
+    ).fetchall()
+    if missing:
+        shown = ", ".join(f"{table} {as_of.isoformat()}" for table, as_of in missing[:5])
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise HistoryIncomplete(
+            f"published months missing from history: {shown}{more} (a partition detached "
+            "or dropped by hand?); nothing was run: attach the month's partition back to "
+            "its history table, or restore the database"
+        )
 
 
 @contextmanager

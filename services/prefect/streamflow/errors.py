@@ -120,6 +120,11 @@ class SchemaOutdated(IngestError):
     """The database predates this version's db/init and the login may not update it."""
 
 
+class HistoryIncomplete(IngestError):
+    """A published month is missing from a history table (its partition detached or
+    dropped by hand): no month is published on top of a history that lost one."""
+
+
 # The CLI's last line and exit code when a signal stops it (128 + the signal's number).
 STOPPED = {
     signal.SIGINT: ("ingest interrupted", 130),
