@@ -766,9 +766,9 @@ def test_sigterm_mid_run_stops_the_run_like_ctrl_c(db_url, bigger_month, tmp_pat
 
 def _sigterm_ends_it_while_the_reader_waits(
     proc: subprocess.Popen, reader: psycopg.Connection
-) -> None:
+) -> str:
     """SIGTERM to the CLI: it says so and exits 143 within 20 s, the reader's transaction
-    (and its lock) still open, then let go."""
+    (and its lock) still open, then let go. Returns the CLI's stderr."""
     os.kill(proc.pid, signal.SIGTERM)
     sent = time.monotonic()
     try:
@@ -779,6 +779,7 @@ def _sigterm_ends_it_while_the_reader_waits(
     assert time.monotonic() - sent < 20
     assert reader.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
     reader.rollback()
+    return err
 
 
 def test_sigterm_stops_a_run_whose_copy_waits_for_a_readers_lock(db_url, bigger_month, tmp_path):
@@ -799,7 +800,11 @@ def test_sigterm_stops_a_run_whose_copy_waits_for_a_readers_lock(db_url, bigger_
                 assert time.monotonic() < deadline, "no COPY waited for the reader"
                 time.sleep(0.05)
 
-        _sigterm_ends_it_while_the_reader_waits(proc, reader)
+        err = _sigterm_ends_it_while_the_reader_waits(proc, reader)
+        # The COPY waiting for the reader, and the files queued behind it, say why they
+        # stopped (queued ones said "the month was refused while it was being written").
+        assert "users.csv: not staged, the run was stopped" in err, err[-3000:]
+        assert "refused while it was being written" not in err, err[-3000:]
     assert _gone_within(servers, 10)
     assert scalar(db_url, "SELECT error FROM ingest_runs ORDER BY run_id DESC LIMIT 1") == (
         "interrupted (SIGTERM); nothing was published"

@@ -68,3 +68,18 @@ INSERT INTO ingest_months AS m (as_of, fingerprint, run_id)
 VALUES (%(as_of)s, %(fingerprint)s, %(run_id)s)
 ON CONFLICT (as_of) DO UPDATE
     SET fingerprint = excluded.fingerprint, run_id = excluded.run_id, published_at = now();
+
+-- name: months_missing_from_history
+-- Published months that a history table has no partition for (detached or dropped by
+-- hand): that month would read as empty in it, and a --replace of it would fail. Bounds
+-- are compared, not names. "histories" is the registry's list of history tables.
+SELECT h.history, m.as_of
+FROM ingest_months AS m
+CROSS JOIN unnest(%(histories)s::text[]) AS h (history)
+WHERE NOT EXISTS (
+  SELECT 1 FROM pg_inherits AS i
+  JOIN pg_class AS c ON c.oid = i.inhrelid
+  WHERE i.inhparent = to_regclass('public.' || h.history)
+    AND pg_get_expr(c.relpartbound, c.oid) = format('FOR VALUES IN (%%L)', m.as_of)
+)
+ORDER BY m.as_of, h.history;

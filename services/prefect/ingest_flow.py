@@ -139,18 +139,18 @@ def upsert_csv(
     (it may be waiting for a reader's lock on its staging table, for as long as the
     reader holds it).
     """
+    stop = stop or Verdict()  # never rejected: nothing to cancel
     stopped = Rejected(f"{Path(path).name}: not staged, the run was stopped")
-    if stop is not None and stop.rejected:  # queued behind the two COPYs that ran
+    if stop.rejected:  # queued behind the two COPYs that ran
         raise stopped
     with db.connect(database_url) as conn:
-        if stop is not None:
-            stop.on_reject(lambda: conn.cancel_safe(timeout=2))
+        stop.on_reject(lambda: conn.cancel_safe(timeout=2))
         try:
-            if stop is not None and stop.rejected:  # before the cancel could reach a COPY
+            if stop.rejected:  # before the cancel could reach a COPY
                 raise stopped
             staged = loading.stage_file(conn, BY_NAME[table], Path(path), hashed, lock_holder)
         except psycopg.errors.QueryCanceled:
-            if stop is not None and stop.rejected:
+            if stop.rejected:
                 raise stopped from None
             raise
     get_run_logger().info("%s: %d rows staged", Path(path).name, staged.rows)
@@ -303,7 +303,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
         lock_holder = control.info.backend_pid  # checked before every commit of the run
         with clock("schema"):
             db.ensure_schema(control)
-            db.check_history(control, SNAPSHOT_TABLES)
+            ledger.check_history(control, SNAPSHOT_TABLES)
             ledger.abandon_stale_runs(control)
         prints, fingerprint = rerun.fingerprint_files(control, as_of_date, files, summary.timings)
         mode = _open_run(control, summary, as_of_date, prints, fingerprint, replace, allow_gap)
@@ -361,8 +361,6 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                 _record_success(control, url, summary)
             except BaseException as exc:
                 stopped = errors.is_stop(exc)
-                if stopped:
-                    stop_staging.reject("the run was stopped")
                 _settle_failed_run(
                     control, url, summary, exc, verdict, stop_staging, staging, published, clock
                 )
@@ -461,8 +459,10 @@ def _settle_failed_run(
     run is then recorded whole, and PublishedThenInterrupted raised in place of ``exc``.
     """
     stopped = errors.is_stop(exc)
-    verdict.reject("the run was stopped" if stopped else "the run failed")
+    verdict.reject_for(exc)
     try:
+        if stopped:
+            stop_staging.reject_for(exc)
         publish_error = None
         if stopped and not verdict.rejected:
             with clock("snapshot_month"):
@@ -477,7 +477,7 @@ def _settle_failed_run(
             future.wait()
     except BaseException as late:
         if errors.is_stop(late):
-            stop_staging.reject("the run was stopped")
+            stop_staging.reject_for(late)
             for future in staging:
                 future.wait(timeout=5)  # cancelled: they end at once
         raise

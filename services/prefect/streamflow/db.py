@@ -13,15 +13,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, timeout_from_conninfo
 
-from .errors import (
-    HistoryIncomplete,
-    InputError,
-    LockLost,
-    LockTimeout,
-    SchemaOutdated,
-    clipped,
-    first_line,
-)
+from .errors import InputError, LockLost, LockTimeout, SchemaOutdated, clipped, first_line
 from .settings import DB_DIR
 
 # One key for the whole pipeline: months are published strictly one at a time.
@@ -207,11 +199,16 @@ def session_options(url: str, *extra: str) -> str:
 CONNECT_TIMEOUT_SECONDS = 15
 
 
+def _given_connect_timeout(params: dict) -> str | None:
+    """The connect timeout libpq parameters ``params`` or PGCONNECT_TIMEOUT give (an
+    empty value is none)."""
+    return params.get("connect_timeout") or os.environ.get("PGCONNECT_TIMEOUT")
+
+
 def default_connect_timeout(params: dict) -> dict[str, int]:
-    """``{"connect_timeout": 15}`` unless libpq parameters ``params`` (an empty value is
-    none) or PGCONNECT_TIMEOUT give one: for the flow's connections and GX's alike."""
-    given = params.get("connect_timeout") or os.environ.get("PGCONNECT_TIMEOUT")
-    return {} if given else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+    """``{"connect_timeout": 15}`` unless one is given: for the flow's connections and
+    GX's alike."""
+    return {} if _given_connect_timeout(params) else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
 
 
 def connect(
@@ -219,12 +216,12 @@ def connect(
 ) -> psycopg.Connection:
     params = conninfo_to_dict(url)
     extra = default_connect_timeout(params)
-    given = params.get("connect_timeout") or os.environ.get("PGCONNECT_TIMEOUT")
     try:
         waited = timeout_from_conninfo({**params, **extra})  # what psycopg will wait
     except psycopg.ProgrammingError:
         raise InputError(
-            f"connect_timeout {given!r} (in DATABASE_URL or PGCONNECT_TIMEOUT) is not a "
+            f"connect_timeout {_given_connect_timeout(params)!r} (in DATABASE_URL or "
+            "PGCONNECT_TIMEOUT) is not a "
             "number of seconds"
         ) from None
     try:
@@ -297,26 +294,6 @@ def ensure_schema(conn: psycopg.Connection) -> list[str]:
                 f"{exc.diag.message_primary}"
             ) from exc
     return apply_init_sql(conn)
-
-
-def check_history(conn: psycopg.Connection, histories: Sequence[str]) -> None:
-    """HistoryIncomplete if a published month has no partition in one of ``histories``.
-
-    A partition detached or dropped by hand leaves no error anywhere: the month just
-    reads as empty in that table, for every training set built on it.
-    """
-    missing = conn.execute(
-        queries("control")["months_missing_from_history"],  # type: ignore[arg-type]
-        {"histories": list(histories)},
-    ).fetchall()
-    if missing:
-        shown = ", ".join(f"{table} {as_of.isoformat()}" for table, as_of in missing[:5])
-        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise HistoryIncomplete(
-            f"published months missing from history: {shown}{more} (a partition detached "
-            "or dropped by hand?); nothing was run: attach the month's partition back to "
-            "its history table, or restore the database"
-        )
 
 
 @contextmanager

@@ -25,6 +25,13 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def first_few(shown: list[str], limit: int = 5) -> str:
+    """``shown`` joined, cut after ``limit`` with how many more: a header of 3,000
+    unknown columns made a 47,000-character line."""
+    more = f" (+{len(shown) - limit} more)" if len(shown) > limit else ""
+    return ", ".join(shown[:limit]) + more
+
+
 class IngestError(Exception):
     """A failure the operator can act on; ``str(err)`` is one line, printed as is."""
 

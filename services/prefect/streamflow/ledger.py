@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import date
 
 import psycopg
 from psycopg.types.json import Jsonb
 
 from .db import queries
+from .errors import HistoryIncomplete, first_few
 from .fingerprints import FileFingerprint
 from .registry import BY_NAME
 
@@ -28,6 +30,25 @@ def files_published_elsewhere(
         queries("ledger")["files_published_elsewhere"], {"as_of": as_of, "hashes": hashes}
     ).fetchall()
     return [(table, published) for table, published in rows]
+
+
+def check_history(conn: psycopg.Connection, histories: Sequence[str]) -> None:
+    """HistoryIncomplete if a published month has no partition in one of ``histories``.
+
+    A partition detached or dropped by hand leaves no error anywhere: the month just
+    reads as empty in that table, for every training set built on it.
+    """
+    missing = conn.execute(
+        queries("ledger")["months_missing_from_history"],  # type: ignore[arg-type]
+        {"histories": list(histories)},
+    ).fetchall()
+    if missing:
+        shown = first_few([f"{table} {as_of.isoformat()}" for table, as_of in missing])
+        raise HistoryIncomplete(
+            f"published months missing from history: {shown} (a partition detached or "
+            "dropped by hand?); nothing was run: attach the month's partition back to its "
+            "history table, or restore the database"
+        )
 
 
 def abandon_stale_runs(conn: psycopg.Connection) -> int:

@@ -64,15 +64,20 @@ class Verdict:
         try:
             yield
         except BaseException as exc:
-            # An interrupt is no verdict on the month: the publisher must not say it failed.
-            if is_stop(exc):
-                self.reject("the run was stopped")
-            else:  # the GX process may fail to run: that is no failed validation
-                failed = isinstance(exc, ValidationFailed)
-                self.reject("validation failed" if failed else "the run failed")
+            self.reject_for(exc)
             then()
             raise
         self.accept()
+
+    def reject_for(self, exc: BaseException) -> None:
+        """``reject``, with the reason ``exc`` gives: an interrupt is no verdict on the
+        month (the publisher must not say it failed), nor is a GX process that could
+        not run."""
+        if is_stop(exc):
+            self.reject("the run was stopped")
+        else:
+            failed = isinstance(exc, ValidationFailed)
+            self.reject("validation failed" if failed else "the run failed")
 
     def on_reject(self, hook: Callable[[], None]) -> None:
         """``hook`` runs on reject: the publisher cancels its statement in progress
