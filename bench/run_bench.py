@@ -1162,9 +1162,9 @@ def render_scaling(results: list[dict]) -> list[str]:
     lines = [
         "## Scaling of the pipeline (c), all runs",
         "",
-        _row("users", "c month 1 s", "c month 2 s", "c rerun s", "c peak RSS MB",
+        _row("users", "code", "c month 1 s", "c month 2 s", "c rerun s", "c peak RSS MB",
              "b month 1 s", "d month 1 s", "c / b month 1", "load avg (1 min)"),
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]  # fmt: skip
     for r in results:
         runs = _runs(r)
@@ -1173,7 +1173,8 @@ def render_scaling(results: list[dict]) -> list[str]:
         load = r["load_average"]
         lines.append(
             _row(
-                f"{r['users']:,}", _fmt(c1), _fmt(_wall(runs, "c", "month2")),
+                f"{r['users']:,}", _commit(r.get("source", {})), _fmt(c1),
+                _fmt(_wall(runs, "c", "month2")),
                 _fmt(_wall(runs, "c", "rerun")), _fmt(max(peaks) if peaks else None, 0),
                 _fmt(_wall(runs, "b", "month1")), _fmt(_wall(runs, "d", "month1")),
                 _ratio(c1, _wall(runs, "b", "month1")),
@@ -1181,6 +1182,15 @@ def render_scaling(results: list[dict]) -> list[str]:
             )
         )  # fmt: skip
     return lines
+
+
+def _commit(source: dict) -> str:
+    """The measured commit, short; runs of different code share the scaling table."""
+    if source.get("commit"):
+        return f"`{source['commit'][:7]}`"
+    if source.get("head"):
+        return f"`{source['head'][:7]}`" + (" + changes" if source.get("dirty") else "")
+    return "?"
 
 
 def render(results: list[dict]) -> str:

@@ -100,21 +100,39 @@ def test_a_reader_holding_an_empty_table_does_not_stall_the_first_month(run_flow
 def test_a_month_missing_from_history_stops_the_next_run(run_flow, db_url, months):
     """A history partition detached by hand: the next month published with exit 0 while
     January read as empty in labels_snapshots, and a --replace of January failed with
-    "unexpected CheckViolation" (operator audit). No run goes on until it is back."""
+    "unexpected CheckViolation" (operator audit). No run goes on until it is back, not
+    even an unchanged rerun (it answered "nothing to do", exit 0: docs audit), and each
+    refusal is a row of the ledger like any other."""
+    from streamflow import rerun
+    from streamflow.errors import HistoryIncomplete
+
     ok(run_flow(db_url, months / "month_000", JAN))
     with psycopg.connect(db_url, autocommit=True) as admin:
         admin.execute("ALTER TABLE labels_snapshots DETACH PARTITION labels_snapshots_20240131")
 
-    rc, _, err = run_flow(db_url, months / "month_001", FEB)
-
-    assert rc == 1
-    assert err.strip().splitlines()[-1] == (
+    refused = (
         "ingest failed: published months missing from history: labels_snapshots 2024-01-31 "
         "(a partition detached or dropped by hand?); nothing was run: attach the month's "
         "partition back to its history table, or restore the database"
     )
+    # The CLI's answer before Prefect starts: no "nothing to do" (the flow refuses).
+    with pytest.raises(HistoryIncomplete):
+        rerun.unchanged_month(str(months / "month_000"), JAN)
+    for folder, as_of in (("month_001", FEB), ("month_000", JAN)):
+        rc, _, err = run_flow(db_url, months / folder, as_of)
+        assert rc == 1
+        assert err.strip().splitlines()[-1] == refused
     with psycopg.connect(db_url, autocommit=True) as admin:
         assert admin.execute("SELECT count(*) FROM ingest_months").fetchone() == (1,)
+        runs = admin.execute(
+            "SELECT as_of::text, mode, status, error FROM ingest_runs ORDER BY run_id"
+        ).fetchall()
+        assert [r[:3] for r in runs] == [
+            (JAN, "publish", "succeeded"),
+            (FEB, "refused", "failed"),
+            (JAN, "refused", "failed"),
+        ]
+        assert runs[1][3] == runs[2][3] == refused.removeprefix("ingest failed: ")
         admin.execute(
             "ALTER TABLE labels_snapshots ATTACH PARTITION labels_snapshots_20240131 "
             "FOR VALUES IN ('2024-01-31')"

@@ -5,9 +5,11 @@
         └─snapshot_month────▶ live upserts + as_of history, one open     │
                               transaction ──▶ commit if the suites pass ◀┘ else roll back
 
-Run one month:   SEED_DIR=data/seeds/month_000 AS_OF=2024-01-31 python ingest_flow.py
-                 python ingest_flow.py --seed-dir data/seeds/month_000 --as-of 2024-01-31
-Serve it:        python ingest_flow.py serve   (deployment ingest_month/ingest-month)
+Run one month, from the repository's root:
+    SEED_DIR=data/seeds/month_000 AS_OF=2024-01-31 python services/prefect/ingest_flow.py
+    python services/prefect/ingest_flow.py --seed-dir data/seeds/month_000 --as-of 2024-01-31
+Serve it:
+    python services/prefect/ingest_flow.py serve   (deployment ingest_month/ingest-month)
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ from streamflow import (  # noqa: E402
 )
 from streamflow.embedded import resolve_database_url  # noqa: E402
 from streamflow.errors import (  # noqa: E402
+    HistoryIncomplete,
     IngestError,
     MonthConflict,
     NotPublished,
@@ -93,7 +96,7 @@ from streamflow.inputs import (  # noqa: E402
     replace_wanted,
     text_path,
 )
-from streamflow.registry import BY_NAME, SNAPSHOT_TABLES  # noqa: E402
+from streamflow.registry import BY_NAME  # noqa: E402
 from streamflow.reporting import RunSummary, Stopwatch, publish_artifacts  # noqa: E402
 from streamflow.rerun import Mode  # noqa: E402
 from streamflow.served import DEPLOYMENT_NAME, FLOW_NAME  # noqa: E402
@@ -303,7 +306,6 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
         lock_holder = control.info.backend_pid  # checked before every commit of the run
         with clock("schema"):
             db.ensure_schema(control)
-            ledger.check_history(control, SNAPSHOT_TABLES)
             ledger.abandon_stale_runs(control)
         prints, fingerprint = rerun.fingerprint_files(control, as_of_date, files, summary.timings)
         mode = _open_run(control, summary, as_of_date, prints, fingerprint, replace, allow_gap)
@@ -398,7 +400,7 @@ def _open_run(
         mode, summary.replacing = rerun.decide_mode(
             control, as_of, prints, replace=replace, allow_gap=allow_gap
         )
-    except MonthConflict as exc:
+    except (MonthConflict, HistoryIncomplete) as exc:
         summary.mode, summary.status, summary.error = "refused", "failed", str(exc)
         summary.run_id = ledger.record_refusal(
             control,

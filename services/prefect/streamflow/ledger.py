@@ -119,7 +119,8 @@ def record_refusal(
     flow_run_id: str | None = None,
 ) -> int:
     """A run the rerun rules refused: other files for a published as_of, the files of
-    another published as_of (both without --replace), or a gap."""
+    another published as_of (both without --replace), a gap, or a published month
+    missing from history."""
     run_id = start_run(
         conn,
         as_of=as_of,

@@ -29,6 +29,7 @@ from .embedded import resolve_database_url
 from .errors import InputError, MonthConflict
 from .fingerprints import FileFingerprint, month_fingerprint
 from .inputs import check_run, complete_run, months_between, next_month_end
+from .registry import SNAPSHOT_TABLES
 from .reporting import RunSummary
 from .settings import load_settings
 
@@ -73,7 +74,10 @@ def decide_mode(
     ``replacing`` is also True for files of another published as_of let through by
     --replace, so that the ledger records the override. A new latest month more than
     one month after the latest published one is refused unless ``allow_gap``.
+    HistoryIncomplete, before any rule: no month is decided, not even an unchanged one,
+    while a published month is missing from a history table.
     """
+    ledger.check_history(conn, SNAPSHOT_TABLES)
     fingerprint = month_fingerprint(prints)
     q = queries("ledger")
     row = conn.execute(q["published_month"], {"as_of": as_of}).fetchone()
