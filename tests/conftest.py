@@ -17,9 +17,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 # Prefect and GX read their settings at import time: keep their state out of $HOME.
 _STATE = Path(tempfile.mkdtemp(prefix="streamflow-tests-"))
@@ -41,6 +42,7 @@ for _name in (
 
 import psycopg  # noqa: E402
 import pytest  # noqa: E402
+from psycopg import sql  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FLOW_DIR = REPO / "services" / "prefect"
@@ -244,3 +246,31 @@ def silent_server() -> Iterator[SilentServer]:
         for conn in server.taken:
             conn.close()
         listener.close()
+
+
+_logins = itertools.count()
+
+
+def as_user(url: str, user: str, password: str) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{quote(user)}:{quote(password)}@{host}"))
+
+
+@contextmanager
+def member_login(db_url: str, admin_url: str, group: str, password: str) -> Iterator[str]:
+    """The URL of a new LOGIN role whose only privilege is membership in ``group``;
+    the role is dropped after."""
+    role = f"sf_{group}_login_{os.getpid()}_{next(_logins)}"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}").format(
+                sql.Identifier(role), sql.Literal(password), sql.Identifier(group)
+            )
+        )
+    yield as_user(db_url, role, password)
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,)
+        )
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))

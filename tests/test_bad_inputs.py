@@ -1069,6 +1069,7 @@ def test_the_rows_behind_a_failed_not_null_check_are_looked_up_for_every_column(
     from streamflow.registry import TABLES
     from streamflow.validation import _add_row_examples
 
+    conn = psycopg.connect(db_url)
     for spec in TABLES:
         checks = [
             ExpectationOutcome(
@@ -1083,9 +1084,10 @@ def test_the_rows_behind_a_failed_not_null_check_are_looked_up_for_every_column(
         ]
         assert any(e.column == "user_id" for e in checks)
         suite = SuiteOutcome(spec.name, 0, len(checks), checks)
-        _add_row_examples(db_url, [suite], date(2024, 1, 31))
+        _add_row_examples(conn, [suite], date(2024, 1, 31))
         assert all(
             e.error == "terminating connection due to administrator command"
             and e.example_user_ids == []
             for e in checks
         )
+    conn.close()

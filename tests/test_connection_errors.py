@@ -427,7 +427,7 @@ def test_a_database_refusal_mid_run_is_in_words_in_the_ledger(
         "PostgreSQL refused the work: canceling statement due to statement timeout; the "
         "pipeline sets no timeout: a statement_timeout or lock_timeout of DATABASE_URL's "
         "options or PGOPTIONS, the login, the database or the server stopped it (give the "
-        "pipeline none, or a higher one)"
+        "pipeline none, or a higher one), or someone cancelled the statement"
     )
     assert rc == 1
     assert err.strip().splitlines()[-1] == f"ingest failed: {words}", err[-2000:]

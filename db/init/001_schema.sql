@@ -173,6 +173,9 @@ ALTER TABLE staging.subscriptions
 -- Month partitions of the history tables. The pipeline's role may not create or
 -- alter tables; these functions do exactly that one job for it, for the five
 -- history tables only, and run with their owner's rights (SECURITY DEFINER).
+-- Their owner's rights would also place what they create in any tablespace the
+-- caller's default_tablespace names (a login's PGOPTIONS, without CREATE on it):
+-- they build in the database's default one.
 -- A new month is built in the staging schema by the publishing transaction, after
 -- the live upserts: created, filled, keyed, then moved into public and attached. A
 -- month that fails is rolled back whole; no reader ever sees part of one (rows
@@ -237,6 +240,7 @@ $$;
 CREATE OR REPLACE FUNCTION streamflow_new_month_partition(history text, month date)
 RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp
+SET default_tablespace = ''
 AS $$
 DECLARE
     part text := streamflow_month_partition_name(history, month);
@@ -257,6 +261,7 @@ CREATE OR REPLACE FUNCTION streamflow_index_month_partition(history text, month 
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = public, pg_temp
+SET default_tablespace = ''
 SET maintenance_work_mem = '256MB'
 AS $$
 DECLARE
@@ -344,6 +349,7 @@ CREATE OR REPLACE FUNCTION streamflow_restore_live_key(live text)
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = public, pg_temp
+SET default_tablespace = ''
 SET maintenance_work_mem = '256MB'
 AS $$
 DECLARE
@@ -439,3 +445,13 @@ GRANT SELECT ON
     support_agg_90d_snapshots, labels_snapshots,
     ingest_runs, ingest_months
     TO streamflow_reader;
+
+-- ---------------------------------------------------------------------------
+-- This file's version. A database initialised by an older one (db.ensure_schema
+-- compares the numbers) gets the whole file again: a changed function body or
+-- setting reaches it, not only new databases. Raise it with every change here.
+-- ---------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION streamflow_schema_version()
+RETURNS integer
+LANGUAGE sql IMMUTABLE
+AS 'SELECT 2';

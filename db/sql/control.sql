@@ -6,11 +6,14 @@ SELECT to_regclass('public.users') IS NOT NULL
    AND to_regclass('public.ingest_runs') IS NOT NULL;
 
 -- name: schema_is_current
--- The newest function and column of db/init: a database without them is older.
+-- The version function and the newest column of db/init: a database without them is older.
 SELECT to_regprocedure(%(signature)s) IS NOT NULL
    AND EXISTS (SELECT 1 FROM pg_attribute
                WHERE attrelid = to_regclass(%(table)s) AND attname = %(column)s
                  AND NOT attisdropped);
+
+-- name: schema_version
+SELECT streamflow_schema_version();
 
 -- name: try_writer_lock
 SELECT pg_try_advisory_lock(%(key)s);

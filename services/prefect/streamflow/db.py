@@ -109,10 +109,17 @@ _NEEDS = {
 }
 
 
-_TIMEOUTS = (
-    "canceling statement due to statement timeout",
-    "canceling statement due to lock timeout",
-)
+# A statement cancelled (statement_timeout, or someone's pg_cancel_backend) or a lock
+# not granted in time (lock_timeout): by SQLSTATE, which a server's translated
+# messages (lc_messages) leave alone. The pipeline's own cancels never reach here.
+_TIMEOUT_SQLSTATES = ("57014", "55P03")
+# A session the server ended for idling: idle_in_transaction_session_timeout (the
+# publisher idles between its checks, up to 1 s, while validation runs) or
+# idle_session_timeout.
+_IDLE_SQLSTATES = ("25P03", "57P05")
+# A server or role out of connection slots answers the login without a SQLSTATE.
+_NO_SLOTS = ("too many connections", "remaining connection slots are reserved")
+CONNECTIONS_PER_RUN = 4
 
 
 def explain_failure(exc: BaseException) -> str | None:
@@ -126,9 +133,22 @@ def explain_failure(exc: BaseException) -> str | None:
             return f"the database refused the login: {reason}; {_NEEDS_ROLE}"
         fix = _login_fix(str(exc))
         return f"the database refused the login: {reason}" + (f"; {fix}" if fix else "")
+    if any(words in reason for words in _NO_SLOTS):
+        return (
+            f"the database took no more connections: {reason}; a run needs up to "
+            f"{CONNECTIONS_PER_RUN} at once (the login's CONNECTION LIMIT, the database's, "
+            "or the server's max_connections)"
+        )
+    if exc.sqlstate in _IDLE_SQLSTATES:
+        return (
+            f"PostgreSQL ended the session: {reason}; the pipeline sets no idle timeout: the "
+            "login's, the database's or the server's did (give the pipeline none, or one of "
+            "a few seconds at least: a connection waits up to 1 s between its statements "
+            "while validation runs)"
+        )
     if connection_lost(exc):
         return f"the database could not be reached: {reason}"
-    if reason.startswith(_TIMEOUTS):
+    if exc.sqlstate in _TIMEOUT_SQLSTATES:
         # The pipeline sets neither timeout: the login's, the database's or the server's
         # did. Inside a function, the context names the statement (an ATTACH PARTITION).
         context = (exc.diag.context or "").strip().splitlines()
@@ -137,7 +157,7 @@ def explain_failure(exc: BaseException) -> str | None:
             f"PostgreSQL refused the work: {reason}{during}; the pipeline sets no timeout: "
             "a statement_timeout or lock_timeout of DATABASE_URL's options or PGOPTIONS, "
             "the login, the database or the server stopped it (give the pipeline none, or "
-            "a higher one)"
+            "a higher one), or someone cancelled the statement"
         )
     if isinstance(exc, psycopg.OperationalError):
         return f"PostgreSQL refused the work: {reason}"
@@ -205,6 +225,14 @@ def _given_connect_timeout(params: dict) -> str | None:
     return params.get("connect_timeout") or os.environ.get("PGCONNECT_TIMEOUT")
 
 
+# The files are UTF-8, and COPY reads them in the session's client encoding: one set on
+# the role or database (client_encoding), PGCLIENTENCODING, or a LATIN1 database's
+# default had é stored as "Ã©" (exit 0, every table), and let a byte that is no UTF-8
+# through. A connection parameter wins over all of them; `-c client_encoding` in the
+# options does not win over PGCLIENTENCODING.
+CLIENT_ENCODING = "UTF8"
+
+
 def default_connect_timeout(params: dict) -> dict[str, int]:
     """``{"connect_timeout": 15}`` unless one is given: for the flow's connections and
     GX's alike."""
@@ -225,11 +253,12 @@ def connect(
             "number of seconds"
         ) from None
     try:
-        return psycopg.connect(
+        conn = psycopg.connect(
             url,
             autocommit=autocommit,
             application_name=application_name,
             options=session_options(url),
+            client_encoding=CLIENT_ENCODING,
             **extra,
         )
     except psycopg.errors.ConnectionTimeout as exc:
@@ -238,6 +267,30 @@ def connect(
             f"{_server_named(params)} did not answer within {waited} s (connect_timeout in "
             "DATABASE_URL, or PGCONNECT_TIMEOUT, sets the wait)"
         ) from exc
+    check_server_encoding(conn)
+    return conn
+
+
+def check_server_encoding(conn: psycopg.Connection) -> None:
+    """InputError, the connection closed, unless the database stores UTF-8.
+
+    In a LATIN1 database a value outside LATIN1 cannot be stored at all; in a SQL_ASCII
+    one the validation's character checks (invisible characters, spelling) would read
+    bytes, not characters.
+    """
+    encoding = conn.info.parameter_status("server_encoding")
+    if encoding == CLIENT_ENCODING:
+        return
+    name = conn.info.dbname
+    conn.close()
+    raise InputError(
+        f"database {name!r} uses the encoding {encoding}: the pipeline needs a UTF8 database "
+        f"(the month files are UTF-8, and the validation reads characters); create one with "
+        f"{_UTF8_DATABASE}"
+    )
+
+
+_UTF8_DATABASE = "CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0"  # advice, not run
 
 
 def _server_named(params: dict) -> str:
@@ -265,35 +318,43 @@ def apply_init_sql(conn: psycopg.Connection) -> list[str]:
     return applied
 
 
-# The newest objects of db/init: a database initialised by an older version of this
-# pipeline lacks one, and gets the (idempotent) init SQL again.
-NEWEST_OBJECT = "streamflow_staged_month_partition(text, date, text)"
+# A database initialised by an older version of this pipeline lacks one of these, or
+# has a lower streamflow_schema_version(), and gets the (idempotent) init SQL again.
+NEWEST_OBJECT = "streamflow_schema_version()"
 NEWEST_COLUMN = ("public.ingest_runs", "flow_run_id")
+SCHEMA_VERSION = 2  # db/init/001_schema.sql's
 
 
 def ensure_schema(conn: psycopg.Connection) -> list[str]:
     """Apply the init SQL on an empty or older database; leave a current one alone."""
     if schema_present(conn):
-        table, column = NEWEST_COLUMN
-        row = conn.execute(
-            queries("control")["schema_is_current"],  # type: ignore[arg-type]
-            {"signature": NEWEST_OBJECT, "table": table, "column": column},
-        ).fetchone()
-        conn.rollback()
-        if row and row[0]:
+        if _schema_version(conn) >= SCHEMA_VERSION:
             return []
         try:
             return apply_init_sql(conn)
         except psycopg.errors.InsufficientPrivilege as exc:
             conn.rollback()
             raise SchemaOutdated(
-                f"the database was initialised by an older version of this pipeline "
-                f"(no {NEWEST_OBJECT} or {'.'.join(NEWEST_COLUMN)}), and this login may "
-                "not update it: have its owner "
-                f"run db/init/001_schema.sql once (it is idempotent). PostgreSQL said: "
+                "the database was initialised by an older version of this pipeline "
+                f"(no {'.'.join(NEWEST_COLUMN)}, or db/init's version below "
+                f"{SCHEMA_VERSION}), and this login may not update it: have its owner run "
+                "db/init/001_schema.sql once (it is idempotent). PostgreSQL said: "
                 f"{exc.diag.message_primary}"
             ) from exc
     return apply_init_sql(conn)
+
+
+def _schema_version(conn: psycopg.Connection) -> int:
+    """streamflow_schema_version(), 0 without it or without NEWEST_COLUMN."""
+    q = queries("control")
+    table, column = NEWEST_COLUMN
+    present = conn.execute(
+        q["schema_is_current"],  # type: ignore[arg-type]
+        {"signature": NEWEST_OBJECT, "table": table, "column": column},
+    ).fetchone()
+    version = conn.execute(q["schema_version"]).fetchone()[0] if present[0] else 0  # type: ignore[arg-type, index]
+    conn.rollback()
+    return version
 
 
 @contextmanager

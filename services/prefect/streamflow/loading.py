@@ -14,6 +14,7 @@ import io
 import os
 import re
 from collections.abc import Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -39,6 +40,12 @@ _LINE_END_ERRORS = ("unquoted carriage return found in data", "unquoted newline 
 # in a file whose rows end in LF (CRLF), a line that is only CRLF (LF).
 _BLANK_LINE_ERRORS = ("missing data for column", *_LINE_END_ERRORS)
 _COPY_CONTEXT = re.compile(r"line (\d+)(?:, column (\w+))?(?:: \"(.*)\")?", re.DOTALL)
+# A server whose lc_messages is not English words the context in its language ("COPY
+# users, ligne 5, colonne signup_date : « … »", "usersのCOPY、行 5、列 …"): the line is
+# then the first number standing alone (a table's name holds digits: usage_agg_30d),
+# and the column, one of the table's own names after it.
+_ALONE = "(?<![0-9A-Za-z_]){}(?![0-9A-Za-z_])"
+_NUMBER_ALONE = re.compile(_ALONE.format(r"(\d+)"))
 # A run of quotes between two characters of a value. Outside a quoted value, COPY takes
 # any quote for the start or end of a quoted section and drops it (Fib"er opt"ic is
 # read Fiber optic, 1""2 as 12) where other CSV readers keep it; inside one, only an
@@ -197,19 +204,23 @@ def stage_file(
             rows = cur.rowcount
         check_writer_lock(conn, lock_holder)
         conn.commit()
-    except psycopg.errors.DataError as exc:
-        conn.rollback()
-        raise InputError(explain_copy_error(spec, path.name, exc, path)) from exc
-    except psycopg.errors.IntegrityError as exc:  # NOT NULL on user_id
-        conn.rollback()
+    except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:  # NOT NULL on user_id
+        _roll_back(conn)
         raise InputError(explain_copy_error(spec, path.name, exc, path)) from exc
     except OSError as exc:  # the COPY was abandoned: nothing of the file is staged
-        conn.rollback()
+        _roll_back(conn)
         raise unreadable(path, exc) from exc
     except InputError:  # raised inside the COPY, which it abandoned
-        conn.rollback()
+        _roll_back(conn)
         raise
     return StagedFile(spec.name, str(path), rows)
+
+
+def _roll_back(conn: psycopg.Connection) -> None:
+    """Undo the failed COPY; a connection the server closed on the error (exit_on_error)
+    undid it already, and must not hide the file's error behind "connection lost"."""
+    with suppress(psycopg.OperationalError):
+        conn.rollback()
 
 
 def _refuse_stray_quote(
@@ -307,7 +318,7 @@ def explain_copy_error(
     """
     diag = exc.diag
     primary = clipped_quotes((diag.message_primary or str(exc)).strip())
-    match = _COPY_CONTEXT.search(diag.context or "")
+    context = copy_context(spec, diag.context or "")
     if primary.startswith("unterminated CSV quoted field") and path is not None:
         opened = _unclosed_quote_line(path)
         if opened is not None:
@@ -317,10 +328,10 @@ def explain_copy_error(
             )
     where = file
     expected = ""
-    if match:
-        line = _row_line(path, int(match.group(1)))
+    if context is not None:
+        copy_line, column, shown = context
+        line = _row_line(path, copy_line)
         where += f", line {line}"
-        column = match.group(2)
         if column:
             where += f", column {column}"
             try:
@@ -329,7 +340,7 @@ def explain_copy_error(
                 expected += ", required)" if col.required else ", empty for NULL)"
             except KeyError:
                 pass
-        elif primary.startswith(_BLANK_LINE_ERRORS) and _blank_line(match.group(3), path, line):
+        elif primary.startswith(_BLANK_LINE_ERRORS) and _blank_line(shown, path, line):
             return f"{where}: blank line (every line after the header is one user's row)"
         elif primary.startswith(_LINE_END_ERRORS):  # mixed line ends, most often
             return (
@@ -346,6 +357,25 @@ def explain_copy_error(
         where = where if ", column" in where else f"{where}, column {column}"
         return f"{where}: empty {column}; every row needs one"
     return f"{where}: {primary}{expected}"
+
+
+def copy_context(spec: TableSpec, context: str) -> tuple[int, str | None, str | None] | None:
+    """COPY's error context as (line, column or None, the row or value shown or None),
+    in English or, without the row shown, in a server's other language; None without
+    a line."""
+    english = _COPY_CONTEXT.search(context)
+    if english is not None:
+        return int(english.group(1)), english.group(2), english.group(3)
+    number = _NUMBER_ALONE.search(context)
+    if number is None:
+        return None
+    after = context[number.end() :]
+    named = [
+        (found.start(), col.name)
+        for col in spec.columns
+        if (found := re.search(_ALONE.format(re.escape(col.name)), after)) is not None
+    ]
+    return int(number.group(1)), min(named)[1] if named else None, None
 
 
 # Only ISO dates are read the same by every server (db.SESSION_OPTIONS).

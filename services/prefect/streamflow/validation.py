@@ -262,6 +262,7 @@ def _sqlalchemy_url(database_url: str) -> str:
     # One options parameter: SQLAlchemy turns a repeated one into a tuple, which
     # libpq sends as a single malformed argument and the server refuses.
     params["options"] = session_options(database_url, GX_SESSION_OPTIONS)
+    params["client_encoding"] = db.CLIENT_ENCODING  # db.py says why
     params.update({k: str(v) for k, v in default_connect_timeout(params).items()})
     # libpq gives every host of a list the one port; SQLAlchemy wants one port per host.
     hosts = params.get("host", "").split(",")
@@ -343,9 +344,17 @@ class Suites:
             )
         )
 
+        # The run's own queries go through GX's connection, not one more of their own: a
+        # run is then at most four connections (control, two COPYs or the publisher, GX),
+        # and a login limited to that many got "too many connections" instead of the
+        # reason a month failed.
+        engine = source.get_execution_engine().engine
+
         def validate(as_of: date) -> tuple[list[SuiteOutcome], Path | None]:
-            with db.connect(database_url) as conn:
+            with engine.connect() as shared:
+                conn = shared.connection.driver_connection
                 parameters = {USERS_ROWS: _staged_rows(conn, PARENT), AS_OF: as_of}
+                shared.rollback()  # no snapshot kept open across the checkpoint
             runs = list(checkpoint.run(expectation_parameters=parameters).run_results.values())
             for i, run in enumerate(runs):
                 if not run.success:
@@ -354,7 +363,9 @@ class Suites:
                         expectation_parameters=parameters,
                     )
             outcomes = [_suite_outcome(spec, run) for spec, run in zip(TABLES, runs, strict=True)]
-            _add_row_examples(database_url, outcomes, as_of)
+            with engine.connect() as shared:
+                _add_row_examples(shared.connection.driver_connection, outcomes, as_of)
+                shared.rollback()
             return outcomes, site
 
         return validate
@@ -398,7 +409,7 @@ _ROW_CHECKS = {
 }
 
 
-def _add_row_examples(database_url: str, outcomes: list[SuiteOutcome], as_of: date) -> None:
+def _add_row_examples(conn: psycopg.Connection, outcomes: list[SuiteOutcome], as_of: date) -> None:
     """GX's SUMMARY format counts unexpected rows without showing any: fetch a few."""
     failed = [
         e
@@ -408,42 +419,42 @@ def _add_row_examples(database_url: str, outcomes: list[SuiteOutcome], as_of: da
     ]
     if not failed:
         return
-    with db.connect(database_url) as conn:  # dates quoted in ISO, whatever the server's
-        for e in failed:
-            ids: dict[str, sql.Composable] = {"batch": db.staged(e.table)}
-            text = e.rows_query
-            if not text:
-                text = queries("validation")[_ROW_CHECKS[e.expectation]]
-                if e.column:
-                    ids["column"] = sql.Identifier(e.column)
-            params = None
-            if e.expectation == "expect_column_values_to_be_in_set":
-                params = {"allowed": list(BY_NAME[e.table].column(e.column).value_set or ())}
-            elif e.expectation == Check.DATE_RANGE:
-                params = {"earliest": EARLIEST_DATE, "as_of": as_of}
-                e.detail = as_of.isoformat()
-            rows_q = sql.SQL(text).format(**ids)
-            first = query("validation", "first_examples", rows=rows_q)
-            rows = conn.execute(first, params).fetchall()
-            # GX did not count these rows, or raised on a value Python cannot hold (a
-            # -infinity date): the SQL check counts them, and its rows explain the failure.
-            if e.expectation in (Check.UNIQUE, Check.MISSING_USERS) or (e.error and rows):
-                e.error = ""
-                count = query("validation", "count_rows", rows=rows_q)
-                e.unexpected_count = conn.execute(count, params).fetchone()[0]
-            e.example_user_ids = [row[0] for row in rows]
-            # Dates come as text (see outside_dates) and are shown bare, like numbers;
-            # so are the column names of all_empty.
-            show = str if e.expectation in (Check.DATE_RANGE, Check.ALL_EMPTY) else shown
-            e.examples = [show(row[1]) for row in rows if len(row) > 1]
-            if e.expectation == Check.MISSING_USERS and e.unexpected_count == 0:
-                # The row count stands in for "no user missing"; the exact anti-join says
-                # none is (users.csv repeats a user: its own "unique" check fails).
-                e.success = True
-            elif e.expectation == Check.MISSING_USERS:  # users.csv may have failed too: say both
-                rows_here = _staged_rows(conn, BY_NAME[e.table])
-                users = _staged_rows(conn, PARENT)
-                e.detail = f"{rows_here} row(s) for the {users} of {PARENT.file_name}"
+    # GX's connection: dates come quoted in ISO whatever the server's (its options).
+    for e in failed:
+        ids: dict[str, sql.Composable] = {"batch": db.staged(e.table)}
+        text = e.rows_query
+        if not text:
+            text = queries("validation")[_ROW_CHECKS[e.expectation]]
+            if e.column:
+                ids["column"] = sql.Identifier(e.column)
+        params = None
+        if e.expectation == "expect_column_values_to_be_in_set":
+            params = {"allowed": list(BY_NAME[e.table].column(e.column).value_set or ())}
+        elif e.expectation == Check.DATE_RANGE:
+            params = {"earliest": EARLIEST_DATE, "as_of": as_of}
+            e.detail = as_of.isoformat()
+        rows_q = sql.SQL(text).format(**ids)
+        first = query("validation", "first_examples", rows=rows_q)
+        rows = conn.execute(first, params).fetchall()
+        # GX did not count these rows, or raised on a value Python cannot hold (a
+        # -infinity date): the SQL check counts them, and its rows explain the failure.
+        if e.expectation in (Check.UNIQUE, Check.MISSING_USERS) or (e.error and rows):
+            e.error = ""
+            count = query("validation", "count_rows", rows=rows_q)
+            e.unexpected_count = conn.execute(count, params).fetchone()[0]
+        e.example_user_ids = [row[0] for row in rows]
+        # Dates come as text (see outside_dates) and are shown bare, like numbers;
+        # so are the column names of all_empty.
+        show = str if e.expectation in (Check.DATE_RANGE, Check.ALL_EMPTY) else shown
+        e.examples = [show(row[1]) for row in rows if len(row) > 1]
+        if e.expectation == Check.MISSING_USERS and e.unexpected_count == 0:
+            # The row count stands in for "no user missing"; the exact anti-join says
+            # none is (users.csv repeats a user: its own "unique" check fails).
+            e.success = True
+        elif e.expectation == Check.MISSING_USERS:  # users.csv may have failed too: say both
+            rows_here = _staged_rows(conn, BY_NAME[e.table])
+            users = _staged_rows(conn, PARENT)
+            e.detail = f"{rows_here} row(s) for the {users} of {PARENT.file_name}"
     for s in outcomes:
         s.failed = sum(not e.success for e in s.expectations)
         s.passed = len(s.expectations) - s.failed
