@@ -1091,3 +1091,42 @@ def test_the_rows_behind_a_failed_not_null_check_are_looked_up_for_every_column(
             for e in checks
         )
     conn.close()
+
+
+def test_a_quote_left_undoubled_at_the_end_of_a_quoted_value_is_refused(db_url, tmp_path):
+    """The most common broken export, inner quotes not doubled: "A"1"" is read A1 by
+    COPY and A1"" by pandas or Python's csv. An odd run inside a quoted value is a
+    stray quote (mutation audit: no test held this clause)."""
+    from streamflow import loading
+    from streamflow.errors import InputError
+
+    path = tmp_path / "labels.csv"
+    path.write_bytes(b'user_id,churn_label\n"A"1"",true\nB,false\n')
+    with psycopg.connect(db_url) as conn:
+        with pytest.raises(InputError, match=r"labels\.csv, line 2: a quote inside a value"):
+            loading.stage_file(conn, BY_NAME["labels"], path)
+
+
+def test_a_fully_quoted_crlf_export_is_staged(db_url, tmp_path):
+    """What Python's csv.writer with QUOTE_ALL writes: every value quoted, CRLF line
+    ends. A quote before a CR is a value's end, not a stray quote (mutation audit)."""
+    from streamflow import loading
+
+    path = tmp_path / "labels.csv"
+    path.write_bytes(b'"user_id","churn_label"\r\n"A-1","true"\r\n"B-2","false"\r\n')
+    with psycopg.connect(db_url) as conn:
+        assert loading.stage_file(conn, BY_NAME["labels"], path).rows == 2
+
+
+def test_duplicate_lines_are_not_named_unless_every_copy_is_found(tmp_path):
+    """COPY counted three rows of A, the csv module finds two: "A (3 rows: lines 2, 3)"
+    would name lines that are not all of them; no lines are named then."""
+    from streamflow.outcomes import ExpectationOutcome, SuiteOutcome, locate_duplicates
+
+    path = tmp_path / "labels.csv"
+    path.write_bytes(b"user_id,churn_label\nA,true\nA,false\n")
+    unique = ExpectationOutcome(
+        "labels", "unique", "user_id", False, 1, examples=["3"], example_user_ids=["A"]
+    )
+    locate_duplicates([SuiteOutcome("labels", 5, 1, [unique])], {"labels": path})
+    assert unique.example_lines == [[]]

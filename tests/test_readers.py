@@ -138,3 +138,68 @@ def test_a_month_missing_from_history_stops_the_next_run(run_flow, db_url, month
             "FOR VALUES IN ('2024-01-31')"
         )
     ok(run_flow(db_url, months / "month_001", FEB))
+
+
+def test_a_missing_month_is_found_among_other_months_and_by_bounds_not_name(
+    run_flow, db_url, months
+):
+    """Partitions are found by their bounds: one renamed by hand is still the month,
+    and a month detached while another remains is missing (with one month published,
+    "missing" and "no partition at all" looked alike: mutation audit). A --replace of
+    the missing month is refused, not failed with "no partition of relation ... found"."""
+    ok(run_flow(db_url, months / "month_000", JAN))
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        admin.execute("ALTER TABLE labels_snapshots_20240131 RENAME TO labels_jan_restored")
+    ok(run_flow(db_url, months / "month_001", FEB))
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        admin.execute("ALTER TABLE labels_snapshots DETACH PARTITION labels_jan_restored")
+
+    rc, _, err = run_flow(db_url, months / "month_000", JAN, "--replace")
+
+    assert rc == 1
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(
+            "ingest failed: published months missing from history: labels_snapshots 2024-01-31 "
+        )
+    ), err[-2000:]
+
+
+def test_a_session_holding_a_staging_table_does_not_stall_a_published_run(
+    run_flow, db_url, months, monkeypatch, caplog
+):
+    """Someone looks at staging with SQL (the README invites it for a refused month) and
+    holds a table when the run empties it: the emptying gives up after its lock_timeout,
+    with a warning, instead of holding the writer lock, and every run after it, for as
+    long as that session does (mutation audit)."""
+    import logging
+
+    from streamflow import loading
+
+    holder = psycopg.connect(db_url)
+    released: list[str] = []
+    done = threading.Event()
+    real_empty = loading.empty_staging
+
+    def held_then_emptied(conn: psycopg.Connection) -> None:
+        holder.execute("LOCK TABLE staging.labels IN ACCESS SHARE MODE")
+
+        def let_go() -> None:
+            if not done.wait(40):
+                released.append("the run waited for the session")
+                holder.rollback()
+
+        threading.Thread(target=let_go, daemon=True).start()
+        return real_empty(conn)
+
+    monkeypatch.setattr(loading, "empty_staging", held_then_emptied)
+    try:
+        with caplog.at_level(logging.WARNING):
+            ok(run_flow(db_url, months / "month_000", JAN))
+    finally:
+        done.set()
+        holder.rollback()
+        holder.close()
+    assert released == []
+    assert "staging not emptied" in caplog.text

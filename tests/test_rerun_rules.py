@@ -1092,6 +1092,71 @@ def test_a_second_signal_waits_for_the_record_of_the_first(run_flow, db_url, mon
     assert scalar(db_url, "SELECT count(*) FROM users") == 0
 
 
+def test_a_signal_held_back_while_a_success_is_recorded_still_stops_the_run(
+    run_flow, db_url, months, monkeypatch
+):
+    """A SIGTERM (docker stop, timeout) that lands while a published month's run is
+    written to the ledger is held back for that write, then acted on: the CLI says the
+    month was published and exits 143, rather than going on to wait for the Data Docs
+    and exit 0 (mutation audit: a held-back signal dropped passed every test)."""
+    from streamflow import errors, ledger
+    from streamflow.errors import PublishedThenInterrupted
+
+    real_finish = ledger.finish_run
+    sent = []
+
+    def signalled(*args, **kwargs):
+        if kwargs.get("status") == "succeeded" and not sent:
+            sent.append(signal.SIGTERM)
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # as a signal would
+        return real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, "finish_run", signalled)
+    previous = signal.signal(signal.SIGTERM, errors.raise_terminated)  # as the CLI sets it
+    try:
+        with pytest.raises(PublishedThenInterrupted) as stopped:
+            run_flow(db_url, months / "month_000", JAN)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert sent == [signal.SIGTERM] and stopped.value.signum == signal.SIGTERM
+    (run,) = runs(db_url)
+    assert run["status"] == "succeeded"
+
+
+def test_a_run_that_failed_without_a_verdict_is_not_called_a_failed_validation(
+    run_flow, db_url, months, monkeypatch, caplog
+):
+    """The GX process could not run: the publisher's log (the UI's) said "validation
+    failed: the month was rolled back", which it was not (mutation audit)."""
+    from streamflow import validation
+    from streamflow.errors import IngestError
+
+    def broken(self, as_of):
+        raise IngestError("validation could not run (GX process): the process died")
+
+    monkeypatch.setattr(validation.SuitesProcess, "run", broken)
+    with caplog.at_level(logging.INFO):
+        rc, _, _ = run_flow(db_url, months / "month_000", JAN)
+    assert rc == 1
+    assert "the run failed: the month was rolled back, nothing published" in caplog.text
+    assert "validation failed" not in caplog.text
+
+
+def test_replacing_one_file_warns_of_no_stale_export(run_flow, db_url, months, tmp_path, caplog):
+    """--replace of a month with one file fixed warned, for each of the five others,
+    that it "is byte for byte the ... published as of" that same month: a stale
+    export? (mutation audit). Only another month's files are worth that warning."""
+    ok(run_flow(db_url, months / "month_000", JAN))
+    jan = tmp_path / "month_000"
+    shutil.copytree(months / "month_000", jan)
+    rows = read_rows(jan / "labels.csv")
+    rows[1][-1] = {"true": "false", "false": "true", "1": "0", "0": "1"}.get(rows[1][-1], "true")
+    write_rows(jan / "labels.csv", rows)
+    with caplog.at_level(logging.WARNING):
+        ok(run_flow(db_url, jan, JAN, "--replace"))
+    assert [r.getMessage() for r in caplog.records if "byte for byte" in r.getMessage()] == []
+
+
 # --------------------------------------------------------------------------- backfill
 
 
