@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -74,6 +75,18 @@ def write_rows(path: Path, rows: list[list[str]], lineterminator: str = "\n", **
     buf = io.StringIO()
     csv.writer(buf, lineterminator=lineterminator, **fmt).writerows(rows)
     path.write_text(buf.getvalue(), encoding="utf-8", newline="")
+
+
+def with_value(
+    months: Path, folder: Path, file: str, column: str, value: str, row: int = 3
+) -> Path:
+    """``folder``: a copy of ``months/month_000`` whose ``file`` has ``value`` in
+    ``column`` on data row ``row`` (file line ``row + 1``)."""
+    shutil.copytree(months / "month_000", folder)
+    rows = read_rows(folder / file)
+    rows[row][rows[0].index(column)] = value
+    write_rows(folder / file, rows)
+    return folder
 
 
 def flow_env(url: str, **extra: str) -> dict[str, str]:

@@ -30,7 +30,7 @@ from month_files import (
     ingest,
     read_rows,
     small_months,
-    write_rows,
+    with_value,
 )
 from streamflow import validation, warmup
 from streamflow.registry import TABLES
@@ -166,12 +166,7 @@ def test_the_temporary_server_holds_no_database_password(monkeypatch, tmp_path):
 
 
 def test_a_failed_month_is_recorded_failed_and_leaves_nothing_behind(db_url, months, tmp_path):
-    bad = tmp_path / "month_000"
-    shutil.copytree(months / "month_000", bad)
-    rows = read_rows(bad / "usage_agg_30d.csv")
-    col = rows[0].index("watch_hours_30d")
-    rows[3][col] = "-4"
-    write_rows(bad / "usage_agg_30d.csv", rows)
+    bad = with_value(months, tmp_path / "month_000", "usage_agg_30d.csv", "watch_hours_30d", "-4")
     home = tmp_path / "prefect"
 
     proc = _cli(db_url, bad, home)

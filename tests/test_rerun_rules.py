@@ -14,6 +14,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -1057,31 +1058,44 @@ def test_an_interrupt_while_the_data_docs_are_built_leaves_the_run_whole(
     assert scalar(db_url, "SELECT run_id FROM ingest_months WHERE as_of = %s", (JAN,)) == 1
 
 
+@contextmanager
+def sigterm_in_finish_run(monkeypatch: pytest.MonkeyPatch, status: str) -> Iterator[list[int]]:
+    """The CLI's SIGTERM handler in place; the first ledger.finish_run of ``status`` calls
+    it, as a signal would, in this thread (a real one could kill a test worker).
+    Yields the signals sent."""
+    from streamflow import errors, ledger
+
+    real_finish = ledger.finish_run
+    sent: list[int] = []
+
+    def signalled(*args, **kwargs):
+        if kwargs.get("status") == status and not sent:
+            sent.append(signal.SIGTERM)
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        return real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, "finish_run", signalled)
+    previous = signal.signal(signal.SIGTERM, errors.raise_terminated)
+    try:
+        yield sent
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_a_second_signal_waits_for_the_record_of_the_first(run_flow, db_url, months, monkeypatch):
     """timeout and docker stop signal the process group too, and people press Ctrl-C
     twice: a second SIGTERM that landed while the first one's failure was being written
     left the run "running" with no error (operator audit, 1 run in 3). A signal waits
     for the write now, then acts. (The SIGTERM handler in place is called as a signal
     would call it, in this thread: a real one could kill a test worker.)"""
-    from streamflow import errors, ledger, validation
+    from streamflow import errors, validation
 
     def stopped(self, as_of):
         raise errors.Terminated
 
-    real_finish = ledger.finish_run
-
-    def signalled_again(*args, **kwargs):
-        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
-        return real_finish(*args, **kwargs)
-
     monkeypatch.setattr(validation.SuitesProcess, "run", stopped)
-    monkeypatch.setattr(ledger, "finish_run", signalled_again)
-    previous = signal.signal(signal.SIGTERM, errors.raise_terminated)  # as the CLI sets it
-    try:
-        with pytest.raises(BaseException) as stop:
-            run_flow(db_url, months / "month_000", JAN)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with sigterm_in_finish_run(monkeypatch, "failed"), pytest.raises(BaseException) as stop:
+        run_flow(db_url, months / "month_000", JAN)
 
     assert errors.is_stop(stop.value), stop.value
     (run,) = runs(db_url)
@@ -1099,25 +1113,13 @@ def test_a_signal_held_back_while_a_success_is_recorded_still_stops_the_run(
     written to the ledger is held back for that write, then acted on: the CLI says the
     month was published and exits 143, rather than going on to wait for the Data Docs
     and exit 0 (mutation audit: a held-back signal dropped passed every test)."""
-    from streamflow import errors, ledger
     from streamflow.errors import PublishedThenInterrupted
 
-    real_finish = ledger.finish_run
-    sent = []
-
-    def signalled(*args, **kwargs):
-        if kwargs.get("status") == "succeeded" and not sent:
-            sent.append(signal.SIGTERM)
-            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # as a signal would
-        return real_finish(*args, **kwargs)
-
-    monkeypatch.setattr(ledger, "finish_run", signalled)
-    previous = signal.signal(signal.SIGTERM, errors.raise_terminated)  # as the CLI sets it
-    try:
-        with pytest.raises(PublishedThenInterrupted) as stopped:
-            run_flow(db_url, months / "month_000", JAN)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with (
+        sigterm_in_finish_run(monkeypatch, "succeeded") as sent,
+        pytest.raises(PublishedThenInterrupted) as stopped,
+    ):
+        run_flow(db_url, months / "month_000", JAN)
     assert sent == [signal.SIGTERM] and stopped.value.signum == signal.SIGTERM
     (run,) = runs(db_url)
     assert run["status"] == "succeeded"

@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import member_login, scalar, with_database
-from month_files import AS_OF, read_rows, small_months, write_rows
+from month_files import AS_OF, read_rows, small_months, with_value, write_rows
 from psycopg import sql
 from streamflow.registry import SNAPSHOT_TABLES, TABLES
 
@@ -130,12 +130,7 @@ def test_a_run_needs_four_connections_and_says_so_when_it_has_fewer(
     failed check's example rows: a login limited to four connections had a month with
     one bad value fail with "the database could not be reached: ... too many
     connections" (twice in a row), not with the value (settings audit)."""
-    bad = tmp_path / "month_000"
-    shutil.copytree(months / "month_000", bad)
-    rows = read_rows(bad / "usage_agg_30d.csv")
-    column = rows[0].index("watch_hours_30d")
-    rows[3][column] = "-1"
-    write_rows(bad / "usage_agg_30d.csv", rows)
+    bad = with_value(months, tmp_path / "month_000", "usage_agg_30d.csv", "watch_hours_30d", "-1")
     with member_login(db_url, pg_admin_url, "streamflow_ingest", "pw") as url:
         limit_connections(url, pg_admin_url, 4)
         rc, _, err = run_flow(url, bad, JAN)
@@ -180,11 +175,7 @@ def test_exit_on_error_does_not_hide_the_bad_value(run_flow, db_url, months, tmp
     that followed raised in turn, and the run said "the database could not be reached"
     after two retries, instead of the line and column (settings audit)."""
     set_on_database(db_url, "exit_on_error", "on")
-    folder = tmp_path / "month_000"
-    shutil.copytree(months / "month_000", folder)
-    rows = read_rows(folder / "users.csv")
-    rows[4][rows[0].index("signup_date")] = "2024-13-45"
-    write_rows(folder / "users.csv", rows)
+    folder = with_value(months, tmp_path / "month_000", "users.csv", "signup_date", "2024-13-45", 4)
 
     rc, _, err = run_flow(db_url, folder, JAN)
 
