@@ -268,9 +268,12 @@ def member_login(db_url: str, admin_url: str, group: str, password: str) -> Iter
                 sql.Identifier(role), sql.Literal(password), sql.Identifier(group)
             )
         )
-    yield as_user(db_url, role, password)
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,)
-        )
-        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    try:
+        yield as_user(db_url, role, password)
+    finally:  # a failed test leaves no role behind (nor its settings)
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                (role,),
+            )
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))

@@ -374,7 +374,10 @@ def test_an_older_schema_is_brought_up_to_date_or_named(
         conn.execute(drop)  # type: ignore[arg-type]
     with psycopg.connect(ingest_url) as conn, pytest.raises(SchemaOutdated) as info:
         db.ensure_schema(conn)
-    assert "have its owner run db/init/001_schema.sql" in str(info.value)
+    assert (
+        "have a superuser (the login that initialised it; POSTGRES_USER in Docker) run "
+        "db/init/001_schema.sql" in str(info.value)
+    )
     rc, _, err = run_flow(ingest_url, months / "month_000", JAN)
     assert rc == 1 and "older version of this pipeline" in err
     with psycopg.connect(db_url) as conn:

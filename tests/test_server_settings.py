@@ -66,6 +66,31 @@ def test_a_client_encoding_set_elsewhere_does_not_change_the_stored_values(
         assert ids == ["7590-VHVéG"], table
 
 
+def test_gx_reads_the_values_as_utf8_whatever_the_client_encoding(
+    run_flow, db_url, months, tmp_path
+):
+    """A failed check's example rows come through GX's connection: under a LATIN1
+    client_encoding a user_id outside LATIN1 (€) made the lookup fail, "validation
+    could not run (GX process): UntranslatableCharacter", instead of naming the value
+    and its user (review)."""
+    set_on_database(db_url, "client_encoding", "LATIN1")
+    folder, _ = with_user_id(months, tmp_path, "7590-V€G")
+    rows = read_rows(folder / "usage_agg_30d.csv")
+    row = next(i for i, r in enumerate(rows) if r[0] == "7590-V€G")
+    rows[row][rows[0].index("watch_hours_30d")] = "-1"
+    write_rows(folder / "usage_agg_30d.csv", rows)
+
+    rc, _, err = run_flow(db_url, folder, JAN)
+
+    assert rc == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(
+        "ingest failed: validation failed: usage_agg_30d.csv, column watch_hours_30d: "
+        "1 value(s) below 0"
+    ), last
+    assert "7590-V€G" in last, last
+
+
 def test_a_byte_that_is_not_utf8_is_refused_whatever_the_client_encoding(
     run_flow, db_url, months, tmp_path, monkeypatch
 ):
@@ -151,23 +176,31 @@ def test_a_run_needs_four_connections_and_says_so_when_it_has_fewer(
         assert "a run needs up to 4 at once (the login's CONNECTION LIMIT" in last, last
 
 
-def test_an_idle_session_timeout_is_named_as_a_setting(db_url):
+@pytest.mark.parametrize(
+    ("setting", "in_transaction", "needs"),
+    [
+        ("idle_in_transaction_session_timeout", True, "the publisher waits up to 1 s"),
+        ("idle_session_timeout", False, "the control connection waits through staging"),
+    ],
+)
+def test_an_idle_session_timeout_is_named_as_a_setting(db_url, setting, in_transaction, needs):
     """idle_in_transaction_session_timeout under about a second ended the publisher's
     session while it waited for the verdict: "unexpected IdleInTransactionSessionTimeout"
-    and a traceback (settings audit)."""
+    and a traceback (settings audit); an idle_session_timeout ends the control
+    connection, idle through staging and validation, whatever its length (review)."""
     import time
 
     from streamflow import db
 
-    with psycopg.connect(db_url) as conn:
-        conn.execute("SET idle_in_transaction_session_timeout = '20ms'")
-        conn.execute("SELECT 1")  # in a transaction, then idle
-        time.sleep(0.3)
+    with psycopg.connect(db_url, autocommit=not in_transaction) as conn:
+        conn.execute(sql.SQL("SET {} = '50ms'").format(sql.Identifier(setting)))
+        conn.execute("SELECT 1")  # in a transaction or not, then idle
+        time.sleep(0.5)
         with pytest.raises(psycopg.Error) as caught:
             conn.execute("SELECT 1")
     words = db.explain_failure(caught.value)
     assert words is not None and words.startswith("PostgreSQL ended the session: "), words
-    assert "the pipeline sets no idle timeout" in words
+    assert f"the pipeline sets no {setting}" in words and needs in words, words
 
 
 def test_exit_on_error_does_not_hide_the_bad_value(run_flow, db_url, months, tmp_path):
@@ -263,9 +296,10 @@ def test_copy_errors_keep_their_line_and_column_on_a_server_speaking_another_lan
         pytest.skip("no PostgreSQL message catalogue on this machine")
     spec = BY_NAME["usage_agg_30d"]
     contexts = {
-        'COPY %s, line %llu, column %s: "%s"': ("usage_agg_30d", 7, "watch_hours_30d", "abc"),
+        # The value or row shown may hold any word, a column's name or "line 3" too.
+        'COPY %s, line %llu, column %s: "%s"': ("usage_agg_30d", 7, "watch_hours_30d", "line 3"),
         "COPY %s, line %llu, column %s: null input": ("usage_agg_30d", 7, "skips_7d"),
-        'COPY %s, line %llu: "%s"': ("usage_agg_30d", 7, "u1,2,3"),
+        'COPY %s, line %llu: "%s"': ("usage_agg_30d", 7, "u1,skips_7d,line 3"),
         "COPY %s, line %llu": ("usage_agg_30d", 7),
     }
     read = 0
@@ -279,3 +313,19 @@ def test_copy_errors_keep_their_line_and_column_on_a_server_speaking_another_lan
             assert column == (args[2] if "column" in msgid else None), (path, context)
             read += 1
     assert read == 4 * len(catalogues)
+
+
+def test_a_database_that_keeps_execute_from_public_still_runs(
+    run_flow, empty_db_url, pg_admin_url, months
+):
+    """ALTER DEFAULT PRIVILEGES ... REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC, a common
+    hardening: the ingest login could not call streamflow_schema_version(), which 001
+    left to PUBLIC, and every run failed with "permission denied for function" and the
+    advice to grant a role it had (upgrade audit)."""
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        conn.execute("ALTER DEFAULT PRIVILEGES REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC")
+    rc, _, err = run_flow(empty_db_url, months / "month_000", JAN)  # a superuser: the schema
+    assert rc == 0, err[-3000:]
+    with member_login(empty_db_url, pg_admin_url, "streamflow_ingest", "pw") as url:
+        rc, _, err = run_flow(url, months / "month_001", FEB)
+        assert rc == 0, err[-3000:]

@@ -449,9 +449,13 @@ GRANT SELECT ON
 -- ---------------------------------------------------------------------------
 -- This file's version. A database initialised by an older one (db.ensure_schema
 -- compares the numbers) gets the whole file again: a changed function body or
--- setting reaches it, not only new databases. Raise it with every change here.
+-- setting reaches it, not only new databases. Raise it, and db.SCHEMA_VERSION, with
+-- every change here (tests/test_init_scripts.py holds each version's sha256).
 -- ---------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION streamflow_schema_version()
 RETURNS integer
 LANGUAGE sql IMMUTABLE
 AS 'SELECT 2';
+-- Granted, not left to PUBLIC: a database whose default privileges revoke EXECUTE
+-- from PUBLIC (a common hardening) would refuse every run of the ingest login.
+GRANT EXECUTE ON FUNCTION streamflow_schema_version() TO streamflow_ingest, streamflow_reader;

@@ -21,10 +21,11 @@ LOCK_KEY = 0x5F1_0E_1A  # arbitrary constant, shared by every writer
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 
 
-# Connection exceptions (class 08) and a server going away (57P01-57P03): worth a retry,
+# Connection exceptions (class 08), a server going away (57P01-57P03) or ending an idle
+# session (57P05, idle_session_timeout): worth a retry,
 # and "could not be reached" is true of them. Other OperationalErrors are the
 # server refusing the work (an index row too big, a disk full, a cancelled query).
-_CONNECTION_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+_CONNECTION_SQLSTATES = ("08", "57P01", "57P02", "57P03", "57P05")
 
 
 def connection_lost(exc: BaseException) -> bool:
@@ -116,9 +117,15 @@ _TIMEOUT_SQLSTATES = ("57014", "55P03")
 # A session the server ended for idling: idle_in_transaction_session_timeout (the
 # publisher idles between its checks, up to 1 s, while validation runs) or
 # idle_session_timeout.
-_IDLE_SQLSTATES = ("25P03", "57P05")
-# A server or role out of connection slots answers the login without a SQLSTATE.
-_NO_SLOTS = ("too many connections", "remaining connection slots are reserved")
+_IDLE_IN_TRANSACTION, _IDLE_SESSION = "25P03", "57P05"
+# A server or role out of connection slots answers the login without a SQLSTATE:
+# libpq's English words are all there is (a translated server's read as a lost
+# connection, retried, then reported with its own words).
+_NO_SLOTS = (
+    "too many connections",  # the login's or the database's CONNECTION LIMIT
+    "remaining connection slots are reserved",
+    "too many clients already",  # max_connections, for a superuser too
+)
 CONNECTIONS_PER_RUN = 4
 
 
@@ -139,12 +146,18 @@ def explain_failure(exc: BaseException) -> str | None:
             f"{CONNECTIONS_PER_RUN} at once (the login's CONNECTION LIMIT, the database's, "
             "or the server's max_connections)"
         )
-    if exc.sqlstate in _IDLE_SQLSTATES:
+    if exc.sqlstate in (_IDLE_IN_TRANSACTION, _IDLE_SESSION):
+        setting, needs = (
+            ("idle_in_transaction_session_timeout", "a few seconds at least: the publisher "
+             "waits up to 1 s between its statements while validation runs")
+            if exc.sqlstate == _IDLE_IN_TRANSACTION
+            else ("idle_session_timeout", "one longer than a month's run: the control "
+                  "connection waits through staging and validation, minutes at 10M users")
+        )  # fmt: skip
         return (
-            f"PostgreSQL ended the session: {reason}; the pipeline sets no idle timeout: the "
-            "login's, the database's or the server's did (give the pipeline none, or one of "
-            "a few seconds at least: a connection waits up to 1 s between its statements "
-            "while validation runs)"
+            f"PostgreSQL ended the session: {reason}; the pipeline sets no {setting}: one of "
+            "DATABASE_URL's options or PGOPTIONS, the login, the database or the server did "
+            f"(give the pipeline none, or {needs})"
         )
     if connection_lost(exc):
         return f"the database could not be reached: {reason}"
@@ -337,7 +350,8 @@ def ensure_schema(conn: psycopg.Connection) -> list[str]:
             raise SchemaOutdated(
                 "the database was initialised by an older version of this pipeline "
                 f"(no {'.'.join(NEWEST_COLUMN)}, or db/init's version below "
-                f"{SCHEMA_VERSION}), and this login may not update it: have its owner run "
+                f"{SCHEMA_VERSION}), and this login may not update it: have a superuser (the "
+                "login that initialised it; POSTGRES_USER in Docker) run "
                 "db/init/001_schema.sql once (it is idempotent). PostgreSQL said: "
                 f"{exc.diag.message_primary}"
             ) from exc

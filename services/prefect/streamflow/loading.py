@@ -39,11 +39,12 @@ _LINE_END_ERRORS = ("unquoted carriage return found in data", "unquoted newline 
 # What COPY says of a blank line: one empty field where the table has several, or,
 # in a file whose rows end in LF (CRLF), a line that is only CRLF (LF).
 _BLANK_LINE_ERRORS = ("missing data for column", *_LINE_END_ERRORS)
-_COPY_CONTEXT = re.compile(r"line (\d+)(?:, column (\w+))?(?:: \"(.*)\")?", re.DOTALL)
+_COPY_CONTEXT = re.compile(r"COPY \S+, line (\d+)(?:, column (\w+))?(?:: \"(.*)\")?", re.DOTALL)
 # A server whose lc_messages is not English words the context in its language ("COPY
 # users, ligne 5, colonne signup_date : « … »", "usersのCOPY、行 5、列 …"): the line is
 # then the first number standing alone (a table's name holds digits: usage_agg_30d),
-# and the column, one of the table's own names after it.
+# and the column, one of the table's own names between it and the colon before the
+# value or row shown (which may hold any word).
 _ALONE = "(?<![0-9A-Za-z_]){}(?![0-9A-Za-z_])"
 _NUMBER_ALONE = re.compile(_ALONE.format(r"(\d+)"))
 # A run of quotes between two characters of a value. Outside a quoted value, COPY takes
@@ -369,7 +370,7 @@ def copy_context(spec: TableSpec, context: str) -> tuple[int, str | None, str | 
     number = _NUMBER_ALONE.search(context)
     if number is None:
         return None
-    after = context[number.end() :]
+    after = context[number.end() :].split(":", 1)[0]
     named = [
         (found.start(), col.name)
         for col in spec.columns

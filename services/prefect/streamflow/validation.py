@@ -344,17 +344,20 @@ class Suites:
             )
         )
 
-        # The run's own queries go through GX's connection, not one more of their own: a
-        # run is then at most four connections (control, two COPYs or the publisher, GX),
-        # and a login limited to that many got "too many connections" instead of the
-        # reason a month failed.
+        # A run is at most four connections: control, two COPYs then the publisher, and
+        # GX's. GX checked its tables on a connection of the data source's own engine,
+        # left idle: let go. The run's own queries (the users count, a failed check's
+        # rows) go through the checkpoint's engine, not connections of their own: a login
+        # limited to four got "too many connections" instead of why a month failed.
+        source.get_engine().dispose()
         engine = source.get_execution_engine().engine
 
         def validate(as_of: date) -> tuple[list[SuiteOutcome], Path | None]:
+            # Each `with` gives the connection back to the pool, which rolls it back: no
+            # snapshot of the staged month is kept open across the checkpoint.
             with engine.connect() as shared:
                 conn = shared.connection.driver_connection
                 parameters = {USERS_ROWS: _staged_rows(conn, PARENT), AS_OF: as_of}
-                shared.rollback()  # no snapshot kept open across the checkpoint
             runs = list(checkpoint.run(expectation_parameters=parameters).run_results.values())
             for i, run in enumerate(runs):
                 if not run.success:
@@ -365,7 +368,6 @@ class Suites:
             outcomes = [_suite_outcome(spec, run) for spec, run in zip(TABLES, runs, strict=True)]
             with engine.connect() as shared:
                 _add_row_examples(shared.connection.driver_connection, outcomes, as_of)
-                shared.rollback()
             return outcomes, site
 
         return validate
