@@ -11,4 +11,17 @@ cd "$(dirname "$0")/.."
 scripts/setup_venv.sh requirements/test.txt
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/python -m pytest -n auto --maxprocesses 4 --dist loadfile "$@"
+# A folder of this run's own for the test servers and months: pytest keeps only the
+# last three runs' folders under /tmp/pytest-of-$USER, so a run started alongside
+# (another checkout's CI, a developer's) deleted the servers of this one mid-run.
+# Kept when the run fails, for its servers' logs.
+basetemp="$(mktemp -d "${TMPDIR:-/tmp}/streamflow-tests.XXXXXX")"
+status=0
+.venv/bin/python -m pytest -n auto --maxprocesses 4 --dist loadfile --basetemp "$basetemp" "$@" \
+  || status=$?
+if [ "$status" -eq 0 ]; then
+  rm -rf "$basetemp"
+else
+  echo "test files kept in $basetemp" >&2
+fi
+exit "$status"
