@@ -45,6 +45,17 @@ def set_on_database(url: str, setting: str, value: str) -> None:
         )
 
 
+def refused_for_a_negative_watch_hours(result: tuple[int, str, str]) -> str:
+    """The CLI's last line, once checked to name the month's one negative watch_hours_30d."""
+    rc, _, err = result
+    last = err.strip().splitlines()[-1]
+    assert rc == 1 and last.startswith(
+        "ingest failed: validation failed: usage_agg_30d.csv, column watch_hours_30d: "
+        "1 value(s) below 0"
+    ), last
+    return last
+
+
 def test_a_client_encoding_set_elsewhere_does_not_change_the_stored_values(
     run_flow, db_url, months, tmp_path, monkeypatch
 ):
@@ -80,14 +91,7 @@ def test_gx_reads_the_values_as_utf8_whatever_the_client_encoding(
     rows[row][rows[0].index("watch_hours_30d")] = "-1"
     write_rows(folder / "usage_agg_30d.csv", rows)
 
-    rc, _, err = run_flow(db_url, folder, JAN)
-
-    assert rc == 1
-    last = err.strip().splitlines()[-1]
-    assert last.startswith(
-        "ingest failed: validation failed: usage_agg_30d.csv, column watch_hours_30d: "
-        "1 value(s) below 0"
-    ), last
+    last = refused_for_a_negative_watch_hours(run_flow(db_url, folder, JAN))
     assert "7590-V€G" in last, last
 
 
@@ -158,13 +162,7 @@ def test_a_run_needs_four_connections_and_says_so_when_it_has_fewer(
     bad = with_value(months, tmp_path / "month_000", "usage_agg_30d.csv", "watch_hours_30d", "-1")
     with member_login(db_url, pg_admin_url, "streamflow_ingest", "pw") as url:
         limit_connections(url, pg_admin_url, 4)
-        rc, _, err = run_flow(url, bad, JAN)
-        assert rc == 1
-        last = err.strip().splitlines()[-1]
-        assert last.startswith(
-            "ingest failed: validation failed: usage_agg_30d.csv, column watch_hours_30d: "
-            "1 value(s) below 0"
-        ), last
+        refused_for_a_negative_watch_hours(run_flow(url, bad, JAN))
         rc, _, err = run_flow(url, months / "month_000", JAN)
         assert rc == 0, err[-3000:]
 
