@@ -256,12 +256,15 @@ def test_a_run_that_loses_its_writer_lock_publishes_nothing(
     # Recorded on a new connection: the row stayed "running" until the next run marked
     # it abandoned, without this reason (operator audit).
     with psycopg.connect(db_url) as conn:
-        status, error, finished = conn.execute(
-            "SELECT status, error, finished_at IS NOT NULL FROM ingest_runs "
+        status, error, finished, timings = conn.execute(
+            "SELECT status, error, finished_at IS NOT NULL, timings FROM ingest_runs "
             "ORDER BY run_id DESC LIMIT 1"
         ).fetchone()
     assert (status, "ingest failed: " + error, finished) == ("failed", last, True)
     assert dump(db_url) == before
+    # Stopped where the lock was found lost: by the COPY's own check, before validation
+    # (the publisher's check would say the same, later: mutation audit).
+    assert ("validate_with_ge" in timings) is (when == "validation"), timings
 
 
 def test_a_writer_lock_held_by_another_session_is_not_the_runs(db_url, months):
