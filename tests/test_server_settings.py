@@ -199,6 +199,9 @@ def test_an_idle_session_timeout_is_named_as_a_setting(db_url, setting, in_trans
     words = db.explain_failure(caught.value)
     assert words is not None and words.startswith("PostgreSQL ended the session: "), words
     assert f"the pipeline sets no {setting}" in words and needs in words, words
+    # An ended idle session is a lost connection (retried, the outcome recorded on a new
+    # one); an aborted transaction is not.
+    assert db.connection_lost(caught.value) is (not in_transaction)
 
 
 def test_exit_on_error_does_not_hide_the_bad_value(run_flow, db_url, months, tmp_path):
@@ -327,3 +330,25 @@ def test_a_database_that_keeps_execute_from_public_still_runs(
     with member_login(empty_db_url, pg_admin_url, "streamflow_ingest", "pw") as url:
         rc, _, err = run_flow(url, months / "month_001", FEB)
         assert rc == 0, err[-3000:]
+
+
+def test_a_server_out_of_connections_is_named(db_url):
+    """A superuser login (the embedded server's) at the server's max_connections gets
+    "sorry, too many clients already", which read as "the database could not be
+    reached" (review): it is named as the connection limit."""
+    from streamflow import db
+
+    limit = int(scalar(db_url, "SHOW max_connections"))  # type: ignore[arg-type]
+    if limit > 200:
+        pytest.skip(f"max_connections is {limit}: too many sessions to open for a test")
+    held: list[psycopg.Connection] = []
+    try:
+        with pytest.raises(psycopg.OperationalError) as refused:
+            for _ in range(limit + 1):
+                held.append(psycopg.connect(db_url))
+    finally:
+        for conn in held:
+            conn.close()
+    words = db.explain_failure(refused.value)
+    assert "too many clients already" in str(refused.value)
+    assert words is not None and words.startswith("the database took no more connections"), words

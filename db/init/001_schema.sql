@@ -449,8 +449,8 @@ GRANT SELECT ON
 -- ---------------------------------------------------------------------------
 -- This file's version. A database initialised by an older one (db.ensure_schema
 -- compares the numbers) gets the whole file again: a changed function body or
--- setting reaches it, not only new databases. Raise it, and db.SCHEMA_VERSION, with
--- every change here (tests/test_init_scripts.py holds each version's sha256).
+-- setting reaches it, not only new databases. Raise it with every change here (the
+-- one place it is written; tests/test_init_scripts.py holds each version's sha256).
 -- ---------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION streamflow_schema_version()
 RETURNS integer

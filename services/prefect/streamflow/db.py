@@ -127,6 +127,8 @@ _NO_SLOTS = (
     "too many clients already",  # max_connections, for a superuser too
 )
 CONNECTIONS_PER_RUN = 4
+# Where a session setting the pipeline never sets comes from.
+_SET_ELSEWHERE = "DATABASE_URL's options or PGOPTIONS, the login, the database or the server"
 
 
 def explain_failure(exc: BaseException) -> str | None:
@@ -156,8 +158,7 @@ def explain_failure(exc: BaseException) -> str | None:
         )  # fmt: skip
         return (
             f"PostgreSQL ended the session: {reason}; the pipeline sets no {setting}: one of "
-            "DATABASE_URL's options or PGOPTIONS, the login, the database or the server did "
-            f"(give the pipeline none, or {needs})"
+            f"{_SET_ELSEWHERE} did (give the pipeline none, or {needs})"
         )
     if connection_lost(exc):
         return f"the database could not be reached: {reason}"
@@ -168,9 +169,8 @@ def explain_failure(exc: BaseException) -> str | None:
         during = f" ({clipped(context[0], 200)})" if context else ""
         return (
             f"PostgreSQL refused the work: {reason}{during}; the pipeline sets no timeout: "
-            "a statement_timeout or lock_timeout of DATABASE_URL's options or PGOPTIONS, "
-            "the login, the database or the server stopped it (give the pipeline none, or "
-            "a higher one), or someone cancelled the statement"
+            f"a statement_timeout or lock_timeout of {_SET_ELSEWHERE} stopped it (give the "
+            "pipeline none, or a higher one), or someone cancelled the statement"
         )
     if isinstance(exc, psycopg.OperationalError):
         return f"PostgreSQL refused the work: {reason}"
@@ -284,6 +284,9 @@ def connect(
     return conn
 
 
+_UTF8_DATABASE = "CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0"  # advice, not run
+
+
 def check_server_encoding(conn: psycopg.Connection) -> None:
     """InputError, the connection closed, unless the database stores UTF-8.
 
@@ -301,9 +304,6 @@ def check_server_encoding(conn: psycopg.Connection) -> None:
         f"(the month files are UTF-8, and the validation reads characters); create one with "
         f"{_UTF8_DATABASE}"
     )
-
-
-_UTF8_DATABASE = "CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0"  # advice, not run
 
 
 def _server_named(params: dict) -> str:
@@ -335,7 +335,18 @@ def apply_init_sql(conn: psycopg.Connection) -> list[str]:
 # has a lower streamflow_schema_version(), and gets the (idempotent) init SQL again.
 NEWEST_OBJECT = "streamflow_schema_version()"
 NEWEST_COLUMN = ("public.ingest_runs", "flow_run_id")
-SCHEMA_VERSION = 2  # db/init/001_schema.sql's
+
+
+def _init_sql_version() -> int:
+    """The version db/init/001_schema.sql gives itself: written there only."""
+    text = (DB_DIR / "init" / "001_schema.sql").read_text(encoding="utf-8")
+    found = re.search(r"FUNCTION streamflow_schema_version\(\)[^;]*?AS 'SELECT (\d+)'", text)
+    if found is None:
+        raise RuntimeError("db/init/001_schema.sql defines no streamflow_schema_version()")
+    return int(found.group(1))
+
+
+SCHEMA_VERSION = _init_sql_version()
 
 
 def ensure_schema(conn: psycopg.Connection) -> list[str]:

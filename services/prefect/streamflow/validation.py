@@ -345,11 +345,10 @@ class Suites:
         )
 
         # A run is at most four connections: control, two COPYs then the publisher, and
-        # GX's. GX checked its tables on a connection of the data source's own engine,
-        # left idle: let go. The run's own queries (the users count, a failed check's
-        # rows) go through the checkpoint's engine, not connections of their own: a login
-        # limited to four got "too many connections" instead of why a month failed.
-        source.get_engine().dispose()
+        # GX's (the data source's, which checked the tables, then the checkpoint's). The
+        # run's own queries (the users count, a failed check's rows) go through the
+        # checkpoint's engine, not connections of their own: a login limited to four got
+        # "too many connections" instead of why a month failed.
         engine = source.get_execution_engine().engine
 
         def validate(as_of: date) -> tuple[list[SuiteOutcome], Path | None]:
