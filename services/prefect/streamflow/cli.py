@@ -1,0 +1,149 @@
+"""The command line of ingest_flow.py: what happens before Prefect is imported, the
+arguments, and the one line (and exit code) a person gets at the end.
+
+Nothing here imports Prefect at module level: an unchanged month is answered, and
+GX and the API server started, before the flow module pays for that import.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .errors import STOPPED, IngestError, InputError, Terminated, first_line
+
+if TYPE_CHECKING:
+    from .warmup import Warmup
+
+_RUN_FLAGS = ("--seed-dir", "--as-of", "--replace", "--allow-gap")
+
+
+def before_prefect(argv: list[str]) -> Warmup:
+    """What the CLI does before it imports Prefect and the flow's modules: exit at once
+    on bad Prefect settings or an unchanged month, else start the API server and the
+    GX process, which start up while this process imports Prefect (warmup.py says what
+    that saves)."""
+
+    def stopped_while_starting(signum: int, frame: object) -> None:
+        # Ctrl-C or SIGTERM while Prefect and the flow's modules import: one line, not
+        # an import traceback. Nothing has started that needs stopping: the API server
+        # dies with this process, the GX process when its stdin closes.
+        line, code = STOPPED[signum]
+        print(line, file=sys.stderr)
+        os._exit(code)
+
+    for stop in STOPPED:
+        signal.signal(stop, stopped_while_starting)
+
+    from .settings import check_prefect_settings
+
+    try:
+        check_prefect_settings()
+    except InputError as exc:
+        print(f"ingest failed: {exc}", file=sys.stderr)
+        sys.exit(1)
+    from .rerun import exit_if_unchanged
+
+    exit_if_unchanged(argv)
+    from .warmup import warm_up
+
+    return warm_up(argv)
+
+
+def _without_the_api(exc: Exception) -> tuple[int, str | None, str] | None:
+    """The run's own outcome when Prefect's API stopped answering during it: (exit code,
+    stdout line, stderr line), or None for another error.
+
+    Prefect's client retries for minutes, then the flow call raises its ConnectError in
+    place of the run's outcome, though the ledger has it: a published month read as
+    'unexpected ConnectError' (exit 1), a failed one lost its reason.
+    """
+    import httpx
+
+    from .runs import LAST_RUN
+
+    if not isinstance(exc, httpx.TransportError):
+        return None
+    api = os.environ.get("PREFECT_API_URL") or "the CLI's temporary server"
+    lost = (
+        f"Prefect's API ({api}) stopped answering during the run ({first_line(exc)}): "
+        "the run's state in the Prefect UI is not its outcome, ingest_runs has it"
+    )
+    summary = LAST_RUN[0] if LAST_RUN else None
+    if summary is not None and summary.status in ("succeeded", "noop"):
+        return 0, summary.one_line(), f"warning: {lost}"
+    if summary is not None and summary.status == "failed" and summary.error:
+        return 1, None, f"ingest failed: {summary.error} ({lost})"
+    return 1, None, f"ingest failed: {lost}"
+
+
+def main(flow: Callable[..., dict], doc: str | None, argv: list[str] | None = None) -> int:
+    """Serve ``flow``, or run it once for the month the arguments (or SEED_DIR and AS_OF)
+    name; the exit code: 0 published or unchanged, 1 failed, 2 a usage error."""
+    from prefect.exceptions import TerminationSignal
+
+    from .inputs import allow_gap_wanted, cli_parser, replace_wanted, text_path
+    from .runs import in_words
+    from .served import DEPLOYMENT_NAME
+
+    parser = cli_parser(doc)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        given = [
+            a for a in (sys.argv[1:] if argv is None else argv) if a.split("=")[0] in _RUN_FLAGS
+        ]
+        if given:  # they would be ignored without a word: each run brings its own
+            parser.error(
+                f"serve takes no {', '.join(given)}: a deployment run gets seed_dir, as_of, "
+                "replace and allow_gap as its parameters"
+            )
+        flow.serve(name=DEPLOYMENT_NAME)  # type: ignore[attr-defined]
+        return 0
+    missing = [
+        f"{env} (or {flag})"
+        for env, flag, value in (
+            ("SEED_DIR", "--seed-dir", args.seed_dir),
+            ("AS_OF", "--as-of", args.as_of),
+        )
+        if not value
+    ]
+    if missing:  # a usage error, like argparse's own: exit code 2
+        print(f"ingest failed: set {' and '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        result = flow(
+            seed_dir=text_path(args.seed_dir),
+            as_of=args.as_of,
+            replace=replace_wanted(args),
+            allow_gap=allow_gap_wanted(args),
+        )
+    except IngestError as exc:
+        print(f"ingest failed: {exc}", file=sys.stderr)
+        return 1
+    except TerminationSignal:  # Prefect's SIGTERM in a flow run: stopped as on Ctrl-C
+        raise Terminated from None
+    except Exception as exc:  # still one line for people; the traceback is in the run logs
+        if (lost := _without_the_api(exc)) is not None:
+            code, out, err = lost
+            if out:
+                print(out)
+            print(err, file=sys.stderr)
+            return code
+        if isinstance(exc, RuntimeError) and str(exc).startswith("Failed to reach API"):
+            # Prefect's words name the address, not where it came from, nor that an HTTP
+            # error (a URL without /api) reads the same.
+            print(
+                f"ingest failed: {exc} (PREFECT_API_URL, or the CLI's temporary server): is "
+                "that server up, and does the URL end in /api?",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"ingest failed: {in_words(exc)}", file=sys.stderr)
+        return 1
+    print(result["line"])
+    if result.get("data_docs"):
+        print(f"GX Data Docs: {result['data_docs']}")
+    return 0

@@ -1,0 +1,249 @@
+"""One run of the flow, from its ledger row to its outcome: opened, recorded, settled.
+
+The flow (ingest_flow.py) says what a month goes through; this module says what the
+run leaves behind whichever way it ends: a ledger row with its counts or its error in
+words, the Prefect artifact, and the staging and publishing tasks brought to a stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from contextlib import suppress
+from dataclasses import dataclass, field
+from datetime import date
+from typing import TYPE_CHECKING
+
+import prefect.runtime
+import psycopg
+
+from . import db, errors, fingerprints, ledger, rerun, validation
+from .errors import (
+    HistoryIncomplete,
+    IngestError,
+    MonthConflict,
+    PublishedThenInterrupted,
+    ValidationFailed,
+)
+from .reporting import RunSummary, Stopwatch, publish_artifacts
+from .rerun import Mode
+from .verdict import Verdict
+
+if TYPE_CHECKING:
+    from prefect.futures import PrefectFuture
+
+# The run in progress, for the CLI's last word when Prefect's API goes away mid-run and
+# the flow call raises the client's error in place of the run's outcome.
+LAST_RUN: list[RunSummary] = []
+
+
+def in_words(exc: BaseException) -> str:
+    """One line for people on an error: the CLI's last line and the ledger's error alike
+    (the ledger had a repr, "ValueError('...\\n...')")."""
+    if isinstance(exc, IngestError):
+        return str(exc)
+    explained = db.explain_failure(exc)
+    if explained is not None:
+        return explained
+    return f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+@dataclass
+class MonthRun:
+    """A month's run while it holds the writer lock: its control connection, its summary
+    (what the ledger, the artifact and the CLI's last line say), and the tasks it started.
+
+    ``verdict`` decides the publisher's commit; ``stop_staging`` is rejected by a signal
+    only (a bad file lets the other COPYs finish).
+    """
+
+    control: psycopg.Connection
+    url: str
+    summary: RunSummary
+    clock: Stopwatch
+    log: logging.Logger | logging.LoggerAdapter
+    verdict: Verdict = field(default_factory=Verdict)
+    stop_staging: Verdict = field(default_factory=Verdict)
+    staging: list[PrefectFuture] = field(default_factory=list)
+    published: PrefectFuture | None = None
+
+    def open(
+        self,
+        as_of: date,
+        prints: list[fingerprints.FileFingerprint],
+        fingerprint: str,
+        *,
+        replace: bool,
+        allow_gap: bool,
+    ) -> Mode:
+        """Decide what the month is (new, backfill, replacement, no-op) and start its run
+        in the ledger. A refusal is a decision too: the ledger keeps it, then it is raised."""
+        summary = self.summary
+        try:
+            mode, summary.replacing = rerun.decide_mode(
+                self.control, as_of, prints, replace=replace, allow_gap=allow_gap
+            )
+        except (MonthConflict, HistoryIncomplete) as exc:
+            summary.mode, summary.status, summary.error = "refused", "failed", str(exc)
+            summary.run_id = ledger.record_refusal(
+                self.control,
+                as_of=as_of,
+                seed_dir=summary.seed_dir,
+                fingerprint=fingerprint,
+                files=prints,
+                timings=summary.timings,
+                error=summary.error,
+                flow_run_id=prefect.runtime.flow_run.id,
+            )
+            publish_artifacts(summary)  # the UI's run names its ledger row, as every run's does
+            raise
+        summary.mode = mode.value
+        summary.status = "noop" if mode is Mode.NOOP else "running"
+        summary.run_id = ledger.start_run(
+            self.control,
+            as_of=as_of,
+            seed_dir=summary.seed_dir,
+            status=summary.status,
+            mode=mode.value + (" (replace)" if summary.replacing else ""),
+            fingerprint=fingerprint,
+            files=prints,
+            flow_run_id=prefect.runtime.flow_run.id,  # None when the flow body runs alone
+        )
+        return mode
+
+    def record_success(self) -> None:
+        """The run's counts and timings in the ledger. The commit already marked it
+        succeeded: a connection lost now loses only these."""
+        summary = self.summary
+        summary.status = "succeeded"
+        self._finish(
+            status="succeeded",
+            table_stats=[t.as_dict() for t in summary.tables],
+            validation=[
+                {"table": s.table, "passed": s.passed, "failed": s.failed} for s in summary.suites
+            ],
+            timings=summary.timings,
+        )
+
+    def settle_failure(self, exc: BaseException) -> None:
+        """Refuse the month of a run that raised ``exc``, and record the run.
+
+        Recorded first (a second signal, or docker stop's SIGKILL, may come soon), then
+        the COPYs still running are waited for while the run holds the writer lock: they
+        check it before they commit, and blamed a network cut once it was gone. A signal,
+        first or at any point here, cancels them instead (one may be waiting for a
+        reader's lock). A signal after validation passed does not stop the publisher,
+        which commits: the run is then recorded whole, and PublishedThenInterrupted
+        raised in place of ``exc``.
+        """
+        stopped = errors.is_stop(exc)
+        self.verdict.reject_for(exc)
+        try:
+            if stopped:
+                self.stop_staging.reject_for(exc)
+            publish_error = None
+            if stopped and not self.verdict.rejected:
+                with self.clock("snapshot_month"):
+                    publish_error = self._publishing_error()
+                if publish_error is None:
+                    self.record_success()
+                    publish_artifacts(self.summary)
+                    raise PublishedThenInterrupted(exc) from None
+            self._record_failure(exc, publish_error)
+            for future in self.staging:
+                future.wait()
+        except BaseException as late:
+            if errors.is_stop(late):
+                self.stop_staging.reject_for(late)
+                for future in self.staging:
+                    future.wait(timeout=5)  # cancelled: they end at once
+            raise
+
+    def end_suites(self, suites: validation.SuitesProcess, *, stopped: bool) -> None:
+        """The GX process's end. It builds the Data Docs after its verdict, alongside the
+        commit: they are waited for, unless a signal stopped the run (a SIGTERM reaches
+        this process only, and the child would go on validating): then it is killed."""
+        if stopped:
+            suites.close()
+            return
+        try:
+            docs_error = suites.finish()
+        except KeyboardInterrupt as exc:
+            suites.close()
+            if self.summary.status == "succeeded":  # the CLI says so rather than "interrupted"
+                publish_artifacts(self.summary)
+                raise PublishedThenInterrupted(exc) from None
+            raise
+        if docs_error:
+            self.log.warning("GX Data Docs not built: %s", docs_error)
+
+    def _publishing_error(self) -> BaseException | None:
+        """None once the publisher of an accepted month has committed it (its counts go
+        to the summary), else why it did not."""
+        if self.published is None:
+            return RuntimeError("the publishing task never started")
+        try:
+            self.summary.tables = self.published.result()
+        except Exception as exc:  # its own failure (a lost writer lock): the month did not land
+            return exc
+        return None
+
+    def _record_failure(
+        self, exc: BaseException, publish_error: BaseException | None = None
+    ) -> None:
+        """The failed run in the ledger, in the run's logs and in its artifact.
+
+        ``publish_error``: an interrupted run's month had passed validation, and this is
+        why its publisher did not commit it.
+        """
+        summary = self.summary
+        summary.status = "failed"
+        if isinstance(exc, ValidationFailed):  # the artifact's per-table expectation counts
+            summary.suites = exc.suites
+        if errors.is_stop(exc):  # words, not repr()
+            by_sigterm = errors.stopped_by_signal(exc) == signal.SIGTERM
+            summary.error = f"interrupted ({'SIGTERM' if by_sigterm else 'Ctrl-C or SIGINT'}); " + (
+                f"the month had passed validation, but publishing failed: "
+                f"{in_words(publish_error)}; nothing was published"
+                if publish_error is not None
+                else "nothing was published"
+            )
+        else:
+            summary.error = in_words(exc)
+        # The same one line the CLI prints, for runs started from the UI.
+        self.log.error("ingest failed: %s", summary.error)
+        self._finish(
+            status="failed",
+            validation=getattr(exc, "failures", None),
+            timings=summary.timings,
+            error=summary.error,
+        )
+        publish_artifacts(summary)
+
+    def _finish(self, **outcome: object) -> None:
+        """ledger.finish_run. If the control connection is gone (a server restart, a
+        terminated session), once more, at once, on a new one: the row would otherwise
+        stay "running" until the next run marks it abandoned, without the reason the
+        terminal gave. If that fails too: a warning, and the run's own outcome stands.
+
+        A signal during the write waits for it (a second Ctrl-C, or timeout's SIGTERM to
+        the group, left the row "running" with no error), then acts.
+        """
+        run_id = self.summary.run_id
+        try:
+            with errors.signals_deferred():
+                ledger.finish_run(self.control, run_id, **outcome)  # type: ignore[arg-type]
+            return
+        except psycopg.Error as exc:
+            if not db.connection_lost(exc):
+                raise
+            lost = exc
+        with suppress(psycopg.Error), db.connect(self.url, autocommit=True) as again:
+            with errors.signals_deferred():
+                ledger.finish_run(again, run_id, **outcome)  # type: ignore[arg-type]
+            return
+        self.log.warning(
+            "the run's %s outcome could not be recorded in ingest_runs: %s",
+            outcome["status"],
+            errors.first_line(lost),
+        )
