@@ -27,8 +27,8 @@ def compare(url: str, month: Path, repeats: int) -> list[tuple[str, str, float, 
     import psycopg
     from psycopg import sql
     from streamflow import loading
-    from streamflow.db import query
     from streamflow.registry import KEY, PARENT, TABLES
+    from streamflow.sqlfiles import query
 
     children = [t.name for t in TABLES if t is not PARENT]  # as validation.build_suite
 

@@ -504,10 +504,14 @@ class Bench:
 
     def apply_schema(self, url: str) -> None:
         import psycopg
-        from streamflow import db
+
+        try:
+            from streamflow.bootstrap import apply_init_sql
+        except ImportError:  # a --ref from before db.py was split (7ebff19 and earlier)
+            from streamflow.db import apply_init_sql
 
         with psycopg.connect(url) as conn:
-            db.apply_init_sql(conn)
+            apply_init_sql(conn)
 
     # -- variants -------------------------------------------------------------
     def variant_a(self, months: list[Path]) -> None:

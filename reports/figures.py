@@ -49,8 +49,8 @@ SOURCE_COMMIT = os.environ.get("FIGURES_SOURCE_COMMIT")
 if str(FLOW_DIR) not in sys.path:
     sys.path.insert(0, str(FLOW_DIR))
 
-from streamflow.db import queries  # noqa: E402
 from streamflow.registry import LIVE_TABLES, SNAPSHOT_TABLES, TABLES  # noqa: E402
+from streamflow.sqlfiles import queries  # noqa: E402
 
 JAN, FEB = "2024-01-31", "2024-02-29"
 DB_NAME = "streamflow"

@@ -49,7 +49,7 @@ FLOW_DIR = REPO / "services" / "prefect"
 sys.path.insert(0, str(FLOW_DIR))
 
 import gx_forkserver  # noqa: E402
-from streamflow import db as sfdb  # noqa: E402
+from streamflow import bootstrap  # noqa: E402
 from streamflow import validation as sfvalidation  # noqa: E402
 from streamflow.registry import LIVE_TABLES, SNAPSHOT_TABLES  # noqa: E402
 
@@ -145,7 +145,7 @@ def template_db(pg_admin_url: str) -> str:
         # TEST_DATABASE_URL server apply it one at a time.
         admin.execute("SELECT pg_advisory_lock(hashtext('streamflow-tests-init'))")
         with psycopg.connect(with_database(pg_admin_url, name)) as conn:
-            sfdb.apply_init_sql(conn)
+            bootstrap.apply_init_sql(conn)
     return name
 
 

@@ -25,7 +25,7 @@ import psycopg
 import pytest
 from conftest import FLOW_DIR, SHARED_SEEDS, with_database
 from psycopg import sql
-from streamflow.db import LOCK_KEY
+from streamflow.locking import LOCK_KEY
 from streamflow.registry import LIVE_TABLES, SNAPSHOT_TABLES, TABLES
 
 MONTHS = ("month_000", "month_001")

@@ -27,7 +27,7 @@ from month_files import (
     prefect_server,
     small_months,
 )
-from streamflow.db import LOCK_KEY
+from streamflow.locking import LOCK_KEY
 from streamflow.registry import LIVE_TABLES, SNAPSHOT_TABLES
 
 JAN, FEB = AS_OF["month_000"], AS_OF["month_001"]
@@ -272,7 +272,7 @@ def test_a_writer_lock_held_by_another_session_is_not_the_runs(db_url, months):
     writer lock: the lock held by someone else (the run that took it once this one's
     went with its connection) must not pass for it. Staging's COPY then commits
     nothing."""
-    from streamflow import db, loading
+    from streamflow import loading, locking
     from streamflow.errors import LockLost
     from streamflow.registry import BY_NAME
 
@@ -288,9 +288,9 @@ def test_a_writer_lock_held_by_another_session_is_not_the_runs(db_url, months):
         before = work.execute(staged_rows).fetchall()
         work.commit()
         assert before
-        with db.writer_lock(other, 0):
+        with locking.writer_lock(other, 0):
             with pytest.raises(LockLost) as lost:
-                db.check_writer_lock(control, mine)
+                locking.check_writer_lock(control, mine)
             taken = f"another session (pid {other.info.backend_pid}) holds it now"
             assert taken in str(lost.value)
 
@@ -302,15 +302,15 @@ def test_a_writer_lock_held_by_another_session_is_not_the_runs(db_url, months):
             assert work.execute(staged_rows).fetchall() == before
             work.commit()
 
-        with db.writer_lock(control, 0):  # its own lock: the check passes
-            db.check_writer_lock(control, mine)
+        with locking.writer_lock(control, 0):  # its own lock: the check passes
+            locking.check_writer_lock(control, mine)
 
 
 def test_a_lock_timeout_names_the_holder_in_this_database(db_url, empty_db_url):
     """Advisory locks are per database: a pipeline in another database of the server
     holds its own. The timeout named the first holder of the key anywhere on the server
     (the other database's session) instead of the one this run waited for."""
-    from streamflow import db
+    from streamflow import locking
     from streamflow.errors import LockTimeout
 
     with (
@@ -322,7 +322,7 @@ def test_a_lock_timeout_names_the_holder_in_this_database(db_url, empty_db_url):
         here.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
         holder = here.info.backend_pid
         with pytest.raises(LockTimeout) as err:
-            with db.writer_lock(waiting, 0):
+            with locking.writer_lock(waiting, 0):
                 pass
 
     assert f"held by backend pid {holder})" in str(err.value)
@@ -376,7 +376,7 @@ def _waits_for_a_lock(url: str) -> bool:
 def test_a_run_waiting_for_the_lock_says_so_once(db_url):
     """A run waiting for another's writer lock (up to LOCK_WAIT_SECONDS, 10 minutes by
     default) showed 'Running' with no log line at all."""
-    from streamflow import db
+    from streamflow import locking
     from streamflow.errors import LockTimeout
 
     said: list[str] = []
@@ -386,7 +386,7 @@ def test_a_run_waiting_for_the_lock_says_so_once(db_url):
     ):
         holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
         pid = holder.info.backend_pid
-        with pytest.raises(LockTimeout), db.writer_lock(waiting, 1.0, said.append):
+        with pytest.raises(LockTimeout), locking.writer_lock(waiting, 1.0, said.append):
             pass
 
     assert said == [

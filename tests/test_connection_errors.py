@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from conftest import scalar
 from month_files import flow_command, flow_env, small_months
-from streamflow.db import connection_lost, explain_failure, login_refused, worth_retrying
+from streamflow.diagnosis import connection_lost, explain_failure, login_refused, worth_retrying
 
 UNREACHABLE = "postgresql://postgres@127.0.0.1:9/x"  # nothing listens on port 9
 
@@ -113,7 +113,7 @@ def test_a_refused_login_is_neither_lost_nor_retried(empty_db_url):
     """The server answers FATAL (no such database, wrong password): it was reached, and
     will refuse the same login again."""
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
-    from streamflow.db import login_refused
+    from streamflow.diagnosis import login_refused
 
     params = conninfo_to_dict(empty_db_url)
     params["dbname"] = "sf_no_such_database"
@@ -195,7 +195,7 @@ def test_a_role_out_of_connections_is_busy_not_refused(empty_db_url):
     """'too many connections for role' is FATAL too, and passes once a session ends:
     worth a retry, not a refused login."""
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
-    from streamflow.db import login_refused
+    from streamflow.diagnosis import login_refused
 
     with psycopg.connect(empty_db_url, autocommit=True) as admin:
         admin.execute("DROP ROLE IF EXISTS sf_no_slots")
@@ -216,7 +216,7 @@ def test_database_errors_explained_to_people_lose_their_traceback_in_the_run_log
     import logging
     import socket
 
-    from streamflow.db import explain_failure
+    from streamflow.diagnosis import explain_failure
     from streamflow.errors import WithoutTraceback
 
     with socket.socket() as s:

@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO
 from month_files import AS_OF, small_months
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from streamflow import db as sfdb
+from streamflow import bootstrap
 
 INIT_DIR = REPO / "db" / "init"
 
@@ -186,7 +186,7 @@ def test_the_maintenance_database_stays_open(cluster):
     """The embedded server keeps the pipeline in the cluster's database "postgres",
     which every client and tool expects to reach: 001 leaves its CONNECT alone."""
     with psycopg.connect(login_url(cluster, cluster["user"], "postgres"), autocommit=True) as c:
-        sfdb.apply_init_sql(c)
+        bootstrap.apply_init_sql(c)
         c.execute("CREATE ROLE someone_else LOGIN")
     with psycopg.connect(login_url(cluster, "someone_else", "postgres")) as conn:
         assert conn.execute("SELECT current_database()").fetchone() == ("postgres",)
@@ -340,7 +340,7 @@ def test_the_postgres_entrypoint_refuses_placeholders_before_initdb(tmp_path, va
     assert not called.exists()
 
 
-# db/init/001_schema.sql as each version of it ends (db.SCHEMA_VERSION, read from the
+# db/init/001_schema.sql as each version of it ends (bootstrap.SCHEMA_VERSION, read from the
 # file): an edit that does not raise the version reaches new databases only
 # (ensure_schema leaves a database of the same version alone). Raise the version its
 # streamflow_schema_version() returns, then record the new file's sha256 here.
@@ -350,10 +350,10 @@ SCHEMA_SHA256 = {
 
 
 def test_a_changed_schema_file_raises_its_version():
-    from streamflow import db
+    from streamflow import bootstrap
 
     text = (REPO / "db" / "init" / "001_schema.sql").read_bytes()
-    assert hashlib.sha256(text).hexdigest() == SCHEMA_SHA256.get(db.SCHEMA_VERSION), (
+    assert hashlib.sha256(text).hexdigest() == SCHEMA_SHA256.get(bootstrap.SCHEMA_VERSION), (
         "db/init/001_schema.sql changed: raise the version its streamflow_schema_version() "
         "returns, and record the file's sha256 in SCHEMA_SHA256"
     )

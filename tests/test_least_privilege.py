@@ -146,14 +146,14 @@ IDENTIFIER_SOURCES = {
     "history": "publishing.snapshot, build_history: = spec.snapshot_table (checked below)",
     "partition": "publishing.build_history: returned by streamflow_new_month_partition(), which "
     "builds <history table>_<YYYYMMDD> after checking the table against a fixed list",
-    "n": "db.ident_list: each of the names its callers pass (checked below)",
-    "prefix": "db.ident_list: a table alias, a string literal at every call (checked below)",
+    "n": "sqlfiles.ident_list: each of the names its callers pass (checked below)",
+    "prefix": "sqlfiles.ident_list: a table alias, a string literal at every call (checked below)",
     "column": "validation.rows_query: col.name of a registry column (checked below)",
     "c": "validation.empty_columns_query: each of the registry column names its callers "
     "pass (checked below)",
     "e.table": "ExpectationOutcome.table = spec.name of the suite's TableSpec",
     "e.column": "ExpectationOutcome.column = the column of an expectation built from the registry",
-    "table": "db.staged: each of the table names its callers pass (checked below)",
+    "table": "sqlfiles.staged: each of the table names its callers pass (checked below)",
 }
 IDENT_LIST_NAMES = {
     "spec.column_names",
@@ -358,22 +358,22 @@ def test_an_older_schema_is_brought_up_to_date_or_named(
     version of 001_schema.sql whose function bodies differ (a changed body reached new
     databases only): the owner's run re-applies the idempotent init SQL; a login that
     may not gets a clear error."""
-    from streamflow import db
+    from streamflow import bootstrap
     from streamflow.errors import SchemaOutdated
 
-    table, column = db.NEWEST_COLUMN
+    table, column = bootstrap.NEWEST_COLUMN
     drop = {
-        "function": f"DROP FUNCTION {db.NEWEST_OBJECT}",
+        "function": f"DROP FUNCTION {bootstrap.NEWEST_OBJECT}",
         "column": f"ALTER TABLE {table} DROP COLUMN {column}",
         "version": (
             "CREATE OR REPLACE FUNCTION streamflow_schema_version() RETURNS integer "
-            f"LANGUAGE sql IMMUTABLE AS 'SELECT {db.SCHEMA_VERSION - 1}'"
+            f"LANGUAGE sql IMMUTABLE AS 'SELECT {bootstrap.SCHEMA_VERSION - 1}'"
         ),
     }[lacks]
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute(drop)  # type: ignore[arg-type]
     with psycopg.connect(ingest_url) as conn, pytest.raises(SchemaOutdated) as info:
-        db.ensure_schema(conn)
+        bootstrap.ensure_schema(conn)
     assert (
         "have a superuser (the login that initialised it; POSTGRES_USER in Docker) run "
         "db/init/001_schema.sql" in str(info.value)
@@ -381,8 +381,8 @@ def test_an_older_schema_is_brought_up_to_date_or_named(
     rc, _, err = run_flow(ingest_url, months / "month_000", JAN)
     assert rc == 1 and "older version of this pipeline" in err
     with psycopg.connect(db_url) as conn:
-        assert db.ensure_schema(conn) == ["001_schema.sql"]
-        assert db.ensure_schema(conn) == []
+        assert bootstrap.ensure_schema(conn) == ["001_schema.sql"]
+        assert bootstrap.ensure_schema(conn) == []
     rc, _, err = run_flow(ingest_url, months / "month_000", JAN)
     assert rc == 0, err[-3000:]
 

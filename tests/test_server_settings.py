@@ -188,7 +188,7 @@ def test_an_idle_session_timeout_is_named_as_a_setting(db_url, setting, in_trans
     connection, idle through staging and validation, whatever its length (review)."""
     import time
 
-    from streamflow import db
+    from streamflow import diagnosis
 
     with psycopg.connect(db_url, autocommit=not in_transaction) as conn:
         conn.execute(sql.SQL("SET {} = '50ms'").format(sql.Identifier(setting)))
@@ -196,12 +196,12 @@ def test_an_idle_session_timeout_is_named_as_a_setting(db_url, setting, in_trans
         time.sleep(0.5)
         with pytest.raises(psycopg.Error) as caught:
             conn.execute("SELECT 1")
-    words = db.explain_failure(caught.value)
+    words = diagnosis.explain_failure(caught.value)
     assert words is not None and words.startswith("PostgreSQL ended the session: "), words
     assert f"the pipeline sets no {setting}" in words and needs in words, words
     # An ended idle session is a lost connection (retried, the outcome recorded on a new
     # one); an aborted transaction is not.
-    assert db.connection_lost(caught.value) is (not in_transaction)
+    assert diagnosis.connection_lost(caught.value) is (not in_transaction)
 
 
 def test_exit_on_error_does_not_hide_the_bad_value(run_flow, db_url, months, tmp_path):
@@ -336,7 +336,7 @@ def test_a_server_out_of_connections_is_named(db_url):
     """A superuser login (the embedded server's) at the server's max_connections gets
     "sorry, too many clients already", which read as "the database could not be
     reached" (review): it is named as the connection limit."""
-    from streamflow import db
+    from streamflow import diagnosis
 
     limit = int(scalar(db_url, "SHOW max_connections"))  # type: ignore[arg-type]
     if limit > 200:
@@ -349,6 +349,6 @@ def test_a_server_out_of_connections_is_named(db_url):
     finally:
         for conn in held:
             conn.close()
-    words = db.explain_failure(refused.value)
+    words = diagnosis.explain_failure(refused.value)
     assert "too many clients already" in str(refused.value)
     assert words is not None and words.startswith("the database took no more connections"), words

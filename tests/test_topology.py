@@ -53,7 +53,7 @@ import psycopg
 import pytest
 from conftest import DATA_SEEDS, FLOW_DIR, REPO, SHARED_SEEDS, scalar, with_database
 from month_files import prefect_server_command
-from streamflow import db as sfdb
+from streamflow import bootstrap
 
 pytestmark = pytest.mark.slow
 
@@ -440,7 +440,7 @@ def create_pipeline_db(pg: Postgres, name: str) -> Login:
         conn.execute(f'DROP DATABASE IF EXISTS "{login.dbname}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{login.dbname}"')
     with psycopg.connect(with_database(pg.admin_url, login.dbname)) as conn:
-        sfdb.apply_init_sql(conn)
+        bootstrap.apply_init_sql(conn)
     with pg.admin() as conn:
         if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (login.user,)).fetchone():
             conn.execute(

@@ -24,9 +24,9 @@ import psycopg
 import pytest
 from month_files import AS_OF, child_processes, read_rows, small_months, write_rows
 from streamflow import loading, validation
-from streamflow.db import queries
 from streamflow.outcomes import ExpectationOutcome, SuiteOutcome, describe_failure
 from streamflow.registry import PARENT, TABLES
+from streamflow.sqlfiles import queries
 
 JAN = AS_OF["month_000"]
 NUMERIC_COLUMNS = sum(c.pg_type == "numeric" for spec in TABLES for c in spec.columns)

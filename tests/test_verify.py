@@ -134,14 +134,14 @@ def test_an_unreachable_database_is_one_line_and_exit_1():
     assert proc.returncode == 1
     assert proc.stdout == ""
     [line] = proc.stderr.splitlines()
-    # In the flow's words (db.explain_failure), with their hints for refused logins.
+    # In the flow's words (diagnosis.explain_failure), with their hints for refused logins.
     assert line.startswith("verify failed: the database could not be reached: "), line
     assert "127.0.0.1" in line and "9" in line, line
 
 
 def test_a_refused_login_is_told_in_the_flows_words(pg_admin_url):
     """verify said 'cannot connect' of a server that answered and refused the login;
-    the flow says which (db.explain_failure), with what to fix when it knows."""
+    the flow says which (diagnosis.explain_failure), with what to fix when it knows."""
     from conftest import with_database
 
     proc = verify(with_database(pg_admin_url, "sf_no_such_database"))

@@ -40,12 +40,15 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.client.schemas.objects import State, TaskRun  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from streamflow import (  # noqa: E402
+    bootstrap,
     cli,
     db,
+    diagnosis,
     errors,
     fingerprints,
     ledger,
     loading,
+    locking,
     outcomes,
     publishing,
     rerun,
@@ -65,7 +68,7 @@ from streamflow.verdict import Rejected, Verdict  # noqa: E402
 # A failed month is reported in one line; Prefect's run loggers (terminal and UI) would
 # add the traceback of each failed task and of the flow: ~90 lines for one bad value.
 for _run_logger in ("prefect.flow_runs", "prefect.task_runs"):
-    logging.getLogger(_run_logger).addFilter(WithoutTraceback(explained=db.explain_failure))
+    logging.getLogger(_run_logger).addFilter(WithoutTraceback(explained=diagnosis.explain_failure))
 
 
 def _only_connection_errors(task: Task, task_run: TaskRun, state: State) -> bool:
@@ -73,7 +76,7 @@ def _only_connection_errors(task: Task, task_run: TaskRun, state: State) -> bool
     try:
         state.result()
     except BaseException as exc:
-        return db.worth_retrying(exc)
+        return diagnosis.worth_retrying(exc)
     return False
 
 
@@ -167,7 +170,7 @@ def snapshot_month(
             verdict.on_reject(lambda: conn.cancel_safe(timeout=2))
 
             def lock_still_held() -> None:
-                db.check_writer_lock(conn, lock_holder)
+                locking.check_writer_lock(conn, lock_holder)
 
             def keep_going() -> None:
                 verdict.stop_if_rejected()
@@ -232,11 +235,11 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
     clock = Stopwatch(summary.timings)
     with (
         db.connect(url, autocommit=True) as control,
-        db.writer_lock(control, settings.lock_wait_seconds, get_run_logger().info),
+        locking.writer_lock(control, settings.lock_wait_seconds, get_run_logger().info),
     ):
         lock_holder = control.info.backend_pid  # checked before every commit of the run
         with clock("schema"):
-            db.ensure_schema(control)
+            bootstrap.ensure_schema(control)
             ledger.abandon_stale_runs(control)
         prints, fingerprint = rerun.fingerprint_files(control, as_of_date, files, summary.timings)
         run = runs.MonthRun(control, url, summary, clock, get_run_logger())

@@ -8,10 +8,10 @@ from datetime import date
 import psycopg
 from psycopg.types.json import Jsonb
 
-from .db import queries
 from .errors import HistoryIncomplete, first_few
 from .fingerprints import FileFingerprint
 from .registry import BY_NAME
+from .sqlfiles import queries
 
 
 def published_files(conn: psycopg.Connection, as_of: date) -> dict | None:

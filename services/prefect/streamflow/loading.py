@@ -22,10 +22,11 @@ from typing import BinaryIO
 import psycopg
 from psycopg import sql
 
-from .db import check_writer_lock, ident_list, query, staged
 from .errors import InputError, clipped, clipped_quotes, first_few, unreadable
 from .fingerprints import is_hashed_file
+from .locking import check_writer_lock
 from .registry import KEY, TABLES, TableSpec
+from .sqlfiles import ident_list, query, staged
 
 CHUNK_BYTES = 1 << 20
 # A header of the registry's names is well under 1 KB; a first line past this is not
@@ -165,7 +166,7 @@ def stage_file(
     over it) is refused, and nothing of it is staged.
 
     ``lock_holder``: the backend pid holding the run's writer lock, checked before the
-    commit (``db.check_writer_lock``).
+    commit (``locking.check_writer_lock``).
     """
     header, offset = read_header(spec, path)
     staged_table = staged(spec.name)

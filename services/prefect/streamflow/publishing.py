@@ -15,8 +15,8 @@ from datetime import date
 import psycopg
 from psycopg import sql
 
-from .db import ident_list, queries, query, staged
 from .registry import PARENT, TABLES, TableSpec
+from .sqlfiles import ident_list, queries, query, staged
 
 
 @dataclass

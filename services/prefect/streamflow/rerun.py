@@ -23,8 +23,7 @@ from pathlib import Path
 
 import psycopg
 
-from . import db, fingerprints, ledger
-from .db import queries
+from . import bootstrap, db, diagnosis, fingerprints, ledger, locking
 from .embedded import resolve_database_url
 from .errors import InputError, MonthConflict
 from .fingerprints import FileFingerprint, month_fingerprint
@@ -32,6 +31,7 @@ from .inputs import check_run, complete_run, months_between, next_month_end
 from .registry import SNAPSHOT_TABLES
 from .reporting import RunSummary
 from .settings import load_settings
+from .sqlfiles import queries
 
 
 class Mode(StrEnum):
@@ -132,11 +132,11 @@ def unchanged_month(seed_dir: str, as_of: str) -> RunSummary | None:
     url = resolve_database_url(settings)
     summary = RunSummary(seed_dir=seed_dir, as_of=as_of_date.isoformat(), mode=Mode.NOOP.value)
     with db.connect(url, autocommit=True) as control:
-        if not db.schema_present(control):
+        if not bootstrap.schema_present(control):
             return None
         # No waiting here: a busy lock means a run in progress, and the flow waits for
         # it, LOCK_WAIT_SECONDS once, in a run people can see in Prefect.
-        with db.writer_lock(control, 0):
+        with locking.writer_lock(control, 0):
             ledger.abandon_stale_runs(control)  # the lock is ours: no run is alive
             prints, fingerprint = fingerprint_files(
                 control, as_of_date, files, summary.timings, remember=True
@@ -173,7 +173,7 @@ def exit_if_unchanged(argv: list[str]) -> None:
         print(f"ingest failed: {exc}", file=sys.stderr)
         sys.exit(1)
     except psycopg.errors.ConnectionTimeout as exc:  # the flow would wait as long again
-        print(f"ingest failed: {db.explain_failure(exc)}", file=sys.stderr)
+        print(f"ingest failed: {diagnosis.explain_failure(exc)}", file=sys.stderr)
         sys.exit(1)
     except Exception:  # a refusal, no database: the flow reports it, and retries
         return

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import prefect.runtime
 import psycopg
 
-from . import db, errors, fingerprints, ledger, rerun, validation
+from . import db, diagnosis, errors, fingerprints, ledger, rerun, validation
 from .errors import (
     HistoryIncomplete,
     IngestError,
@@ -42,7 +42,7 @@ def in_words(exc: BaseException) -> str:
     (the ledger had a repr, "ValueError('...\\n...')")."""
     if isinstance(exc, IngestError):
         return str(exc)
-    explained = db.explain_failure(exc)
+    explained = diagnosis.explain_failure(exc)
     if explained is not None:
         return explained
     return f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())}"
@@ -235,7 +235,7 @@ class MonthRun:
                 ledger.finish_run(self.control, run_id, **outcome)  # type: ignore[arg-type]
             return
         except psycopg.Error as exc:
-            if not db.connection_lost(exc):
+            if not diagnosis.connection_lost(exc):
                 raise
             lost = exc
         with suppress(psycopg.Error), db.connect(self.url, autocommit=True) as again:

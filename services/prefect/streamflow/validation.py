@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING
 
 from psycopg import sql
 
-from . import db
-from .db import default_connect_timeout, explain_failure, queries, query, session_options
+from . import db, sqlfiles
+from .db import default_connect_timeout, session_options
+from .diagnosis import explain_failure
 from .errors import IngestError, clipped, clipped_quotes, first_line
 from .outcomes import Check, ExpectationOutcome, SuiteOutcome, shown
 from .registry import BY_NAME, EARLIEST_DATE, KEY, KEY_MAX_LENGTH, PARENT, TABLES, TableSpec
+from .sqlfiles import queries, query
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -380,7 +382,7 @@ class Suites:
 
 
 def _staged_rows(conn: psycopg.Connection, spec: TableSpec) -> int:
-    rows = query("staging", "staged_rows", staged=db.staged(spec.name))
+    rows = query("staging", "staged_rows", staged=sqlfiles.staged(spec.name))
     return conn.execute(rows).fetchone()[0]
 
 
@@ -422,7 +424,7 @@ def _add_row_examples(conn: psycopg.Connection, outcomes: list[SuiteOutcome], as
         return
     # GX's connection: dates come quoted in ISO whatever the server's (its options).
     for e in failed:
-        ids: dict[str, sql.Composable] = {"batch": db.staged(e.table)}
+        ids: dict[str, sql.Composable] = {"batch": sqlfiles.staged(e.table)}
         text = e.rows_query
         if not text:
             text = queries("validation")[_ROW_CHECKS[e.expectation]]

@@ -16,11 +16,12 @@ import sys
 
 import psycopg
 
-from . import db
-from .db import queries, schema_present
+from . import db, diagnosis
+from .bootstrap import schema_present
 from .embedded import resolve_database_url
 from .errors import IngestError, first_line
 from .settings import load_settings
+from .sqlfiles import queries
 
 
 class NoSchema(Exception):
@@ -35,7 +36,9 @@ def connect(url: str) -> psycopg.Connection:
     try:
         return db.connect(url, application_name="streamflow-verify")
     except psycopg.OperationalError as exc:  # in the flow's words, hints included
-        said = db.explain_failure(exc) or f"cannot connect to the database: {first_line(exc)}"
+        said = (
+            diagnosis.explain_failure(exc) or f"cannot connect to the database: {first_line(exc)}"
+        )
         raise VerifyFailed(said) from exc
 
 

@@ -1,0 +1,78 @@
+"""The pipeline's schema on a database: db/init applied on an empty or older one (as
+the postgres image's entrypoint does in Docker), a current one left alone."""
+
+from __future__ import annotations
+
+import re
+
+import psycopg
+
+from .errors import SchemaOutdated
+from .settings import DB_DIR
+from .sqlfiles import queries
+
+
+def schema_present(conn: psycopg.Connection) -> bool:
+    row = conn.execute(queries("control")["schema_present"]).fetchone()  # type: ignore[arg-type]
+    return bool(row and row[0])
+
+
+def apply_init_sql(conn: psycopg.Connection) -> list[str]:
+    """Run ``db/init/*.sql`` in name order, as the postgres image's entrypoint does."""
+    applied = []
+    for path in sorted((DB_DIR / "init").glob("*.sql")):
+        conn.execute(path.read_text(encoding="utf-8"))  # type: ignore[arg-type]
+        applied.append(path.name)
+    conn.commit()
+    return applied
+
+
+# A database initialised by an older version of this pipeline lacks one of these, or
+# has a lower streamflow_schema_version(), and gets the (idempotent) init SQL again.
+NEWEST_OBJECT = "streamflow_schema_version()"
+NEWEST_COLUMN = ("public.ingest_runs", "flow_run_id")
+
+
+def _init_sql_version() -> int:
+    """The version db/init/001_schema.sql gives itself: written there only."""
+    text = (DB_DIR / "init" / "001_schema.sql").read_text(encoding="utf-8")
+    found = re.search(r"FUNCTION streamflow_schema_version\(\)[^;]*?AS 'SELECT (\d+)'", text)
+    if found is None:
+        raise RuntimeError("db/init/001_schema.sql defines no streamflow_schema_version()")
+    return int(found.group(1))
+
+
+SCHEMA_VERSION = _init_sql_version()
+
+
+def ensure_schema(conn: psycopg.Connection) -> list[str]:
+    """Apply the init SQL on an empty or older database; leave a current one alone."""
+    if schema_present(conn):
+        if _schema_version(conn) >= SCHEMA_VERSION:
+            return []
+        try:
+            return apply_init_sql(conn)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            conn.rollback()
+            raise SchemaOutdated(
+                "the database was initialised by an older version of this pipeline "
+                f"(no {'.'.join(NEWEST_COLUMN)}, or db/init's version below "
+                f"{SCHEMA_VERSION}), and this login may not update it: have a superuser (the "
+                "login that initialised it; POSTGRES_USER in Docker) run "
+                "db/init/001_schema.sql once (it is idempotent). PostgreSQL said: "
+                f"{exc.diag.message_primary}"
+            ) from exc
+    return apply_init_sql(conn)
+
+
+def _schema_version(conn: psycopg.Connection) -> int:
+    """streamflow_schema_version(), 0 without it or without NEWEST_COLUMN."""
+    q = queries("control")
+    table, column = NEWEST_COLUMN
+    present = conn.execute(
+        q["schema_is_current"],  # type: ignore[arg-type]
+        {"signature": NEWEST_OBJECT, "table": table, "column": column},
+    ).fetchone()
+    version = conn.execute(q["schema_version"]).fetchone()[0] if present[0] else 0  # type: ignore[arg-type, index]
+    conn.rollback()
+    return version

@@ -1,0 +1,164 @@
+"""What a database error means: for a retry (a lost connection, a rolled-back
+transaction) and for people (one line naming the setting or the right that is missing)."""
+
+from __future__ import annotations
+
+import psycopg
+
+from .errors import clipped, first_line
+
+# Connection exceptions (class 08), a server going away (57P01-57P03) or ending an idle
+# session (57P05, idle_session_timeout): worth a retry,
+# and "could not be reached" is true of them. Other OperationalErrors are the
+# server refusing the work (an index row too big, a disk full, a cancelled query).
+_CONNECTION_SQLSTATES = ("08", "57P01", "57P02", "57P03", "57P05")
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """True for a failure to reach or keep the server, not for an error it reported."""
+    if not isinstance(exc, psycopg.OperationalError) or login_refused(exc):
+        return False
+    state = exc.sqlstate
+    return state is None or state.startswith(_CONNECTION_SQLSTATES)
+
+
+# What a server says when it refuses a login for good (libpq's English; a translated
+# server's refusal reads as a lost connection: retried, then reported with its words).
+# A server starting up, shutting down or out of connection slots also answers FATAL,
+# and may take the same login a moment later: those are not in the list.
+_REFUSALS = (
+    "authentication failed",  # password, scram, peer, ident
+    "does not exist",  # database, role
+    "pg_hba.conf",
+    "not permitted to log in",
+    "permission denied for database",
+)
+
+
+# The login itself is incomplete: libpq had no password to send, or the session's
+# options (PGOPTIONS, the URL's options) name a setting the server refuses. The same
+# login fails the same way again, and the fix is a setting, named in the message.
+_OPTIONS = "check the session options (PGOPTIONS, or options= in DATABASE_URL)"
+_LOGIN_SETTINGS = {
+    "no password supplied": (
+        "no password was given: set POSTGRES_PASSWORD (or the password in DATABASE_URL, "
+        "PGPASSWORD, ~/.pgpass)"
+    ),
+    "unrecognized configuration parameter": _OPTIONS,
+    "invalid value for parameter": _OPTIONS,
+}
+
+
+def _login_fix(text: str) -> str | None:
+    """The setting to change, when libpq's words say the login itself was incomplete."""
+    return next((fix for words, fix in _LOGIN_SETTINGS.items() if words in text), None)
+
+
+def login_refused(exc: BaseException) -> bool:
+    """The server answered the login with a refusal (wrong password, no such database
+    or role, pg_hba), or libpq could not make a complete login: either way the same
+    login fails again.
+
+    psycopg gives connect-time errors no SQLSTATE: libpq's text is all there is.
+    """
+    if not isinstance(exc, psycopg.OperationalError) or exc.sqlstate is not None:
+        return False
+    text = str(exc)
+    if _login_fix(text) is not None:
+        return True
+    return "FATAL:" in text and any(refusal in text for refusal in _REFUSALS)
+
+
+# A deadlock, a serialization failure (class 40) or a lock not granted in time: the
+# server undid the transaction, and the same work may pass when run again.
+_RETRY_SQLSTATES = ("40", "55P03")
+
+
+def worth_retrying(exc: BaseException) -> bool:
+    """A lost connection, or a transaction the server rolled back for another's sake."""
+    if connection_lost(exc):
+        return True
+    if not isinstance(exc, psycopg.Error) or exc.sqlstate is None:
+        return False
+    return exc.sqlstate.startswith(_RETRY_SQLSTATES)
+
+
+# What a login or a server lacks, when PostgreSQL refuses the pipeline's work for it.
+_NEEDS_ROLE = "the login needs the streamflow_ingest role (GRANT streamflow_ingest TO it)"
+_NEEDS = {
+    psycopg.errors.InsufficientPrivilege: (
+        f"{_NEEDS_ROLE}; the first run on a database without the pipeline's schema needs "
+        "a superuser (it creates roles and grants), or db/init/001_schema.sql applied by one"
+    ),
+    psycopg.errors.ReadOnlySqlTransaction: (
+        "the server takes no writes: a standby, or default_transaction_read_only"
+    ),
+}
+
+
+# A statement cancelled (statement_timeout, or someone's pg_cancel_backend) or a lock
+# not granted in time (lock_timeout): by SQLSTATE, which a server's translated
+# messages (lc_messages) leave alone. The pipeline's own cancels never reach here.
+_TIMEOUT_SQLSTATES = ("57014", "55P03")
+# A session the server ended for idling: idle_in_transaction_session_timeout (the
+# publisher idles between its checks, up to 1 s, while validation runs) or
+# idle_session_timeout.
+_IDLE_IN_TRANSACTION, _IDLE_SESSION = "25P03", "57P05"
+# A server or role out of connection slots answers the login without a SQLSTATE:
+# libpq's English words are all there is (a translated server's read as a lost
+# connection, retried, then reported with its own words).
+_NO_SLOTS = (
+    "too many connections",  # the login's or the database's CONNECTION LIMIT
+    "remaining connection slots are reserved",
+    "too many clients already",  # max_connections, for a superuser too
+)
+CONNECTIONS_PER_RUN = 4
+# Where a session setting the pipeline never sets comes from.
+_SET_ELSEWHERE = "DATABASE_URL's options or PGOPTIONS, the login, the database or the server"
+
+
+def explain_failure(exc: BaseException) -> str | None:
+    """One line for people on a database error that is configuration or the server's
+    state, not a bug; None for any other error."""
+    if not isinstance(exc, psycopg.Error):
+        return None
+    reason = first_line(exc)  # libpq's message runs on with hints
+    if login_refused(exc):
+        if "permission denied for database" in reason:  # no CONNECT (db/init/001 says why)
+            return f"the database refused the login: {reason}; {_NEEDS_ROLE}"
+        fix = _login_fix(str(exc))
+        return f"the database refused the login: {reason}" + (f"; {fix}" if fix else "")
+    if any(words in reason for words in _NO_SLOTS):
+        return (
+            f"the database took no more connections: {reason}; a run needs up to "
+            f"{CONNECTIONS_PER_RUN} at once (the login's CONNECTION LIMIT, the database's, "
+            "or the server's max_connections)"
+        )
+    if exc.sqlstate in (_IDLE_IN_TRANSACTION, _IDLE_SESSION):
+        setting, needs = (
+            ("idle_in_transaction_session_timeout", "a few seconds at least: the publisher "
+             "waits up to 1 s between its statements while validation runs")
+            if exc.sqlstate == _IDLE_IN_TRANSACTION
+            else ("idle_session_timeout", "one longer than a month's run: the control "
+                  "connection waits through staging and validation, minutes at 10M users")
+        )  # fmt: skip
+        return (
+            f"PostgreSQL ended the session: {reason}; the pipeline sets no {setting}: one of "
+            f"{_SET_ELSEWHERE} did (give the pipeline none, or {needs})"
+        )
+    if connection_lost(exc):
+        return f"the database could not be reached: {reason}"
+    if exc.sqlstate in _TIMEOUT_SQLSTATES:
+        # The pipeline sets neither timeout: the login's, the database's or the server's
+        # did. Inside a function, the context names the statement (an ATTACH PARTITION).
+        context = (exc.diag.context or "").strip().splitlines()
+        during = f" ({clipped(context[0], 200)})" if context else ""
+        return (
+            f"PostgreSQL refused the work: {reason}{during}; the pipeline sets no timeout: "
+            f"a statement_timeout or lock_timeout of {_SET_ELSEWHERE} stopped it (give the "
+            "pipeline none, or a higher one), or someone cancelled the statement"
+        )
+    if isinstance(exc, psycopg.OperationalError):
+        return f"PostgreSQL refused the work: {reason}"
+    needs = _NEEDS.get(type(exc))
+    return None if needs is None else f"PostgreSQL refused the work: {reason}; {needs}"

@@ -1,0 +1,87 @@
+"""The writer lock: one session advisory lock for the whole pipeline, so that months
+are published strictly one at a time, and the check that a run still holds it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+
+import psycopg
+
+from .errors import LockLost, LockTimeout
+from .sqlfiles import queries
+
+# One key for the whole pipeline: months are published strictly one at a time.
+LOCK_KEY = 0x5F1_0E_1A  # arbitrary constant, shared by every writer
+
+
+@contextmanager
+def writer_lock(
+    conn: psycopg.Connection,
+    wait_seconds: float,
+    on_wait: Callable[[str], object] | None = None,
+) -> Iterator[None]:
+    """Hold the pipeline's session advisory lock; wait up to ``wait_seconds`` for it.
+
+    ``on_wait`` is told once, when the lock is taken: a run waiting up to 10 minutes
+    showed 'Running' with no word in the UI.
+    """
+    deadline = time.monotonic() + wait_seconds
+    q = queries("control")
+    key = {"key": LOCK_KEY}
+    told = False
+    while not conn.execute(q["try_writer_lock"], key).fetchone()[0]:  # type: ignore[arg-type]
+        holder = conn.execute(q["writer_lock_holder"], key).fetchone()  # type: ignore[arg-type]
+        who = f" (held by backend pid {holder[0]})" if holder else ""
+        if time.monotonic() >= deadline:
+            raise LockTimeout(
+                f"another ingestion is running{who}; waited {wait_seconds:g}s for it "
+                "(set LOCK_WAIT_SECONDS to wait longer)"
+            )
+        if on_wait is not None and not told:
+            on_wait(
+                f"another ingestion is running{who}: waiting for it, up to "
+                f"{wait_seconds:g}s (LOCK_WAIT_SECONDS)"
+            )
+            told = True
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        # A connection that broke took its lock with it; its error is not the run's.
+        with suppress(psycopg.Error):
+            if not conn.closed:
+                conn.execute(q["unlock_writer_lock"], key)  # type: ignore[arg-type]
+
+
+def check_writer_lock(conn: psycopg.Connection, holder_pid: int | None) -> None:
+    """Raise LockLost unless backend ``holder_pid`` (the run's control connection) still
+    holds the writer lock. Called before each commit: a session lock ends with its
+    session, silently (a network cut, idle_session_timeout, pg_terminate_backend), and
+    a waiting run then takes it and rewrites the staging tables this run reads.
+    """
+    if holder_pid is None:
+        return
+    held, taken_by = conn.execute(
+        queries("control")["holds_writer_lock"],  # type: ignore[arg-type]
+        {"holder": holder_pid, "key": LOCK_KEY},
+    ).fetchone()
+    if held:
+        return
+    # (A terminated backend lingers in pg_stat_activity after its locks are gone: whether
+    # it is still there tells nothing.)
+    why = (
+        "its control connection to PostgreSQL ended: a server restart, a network cut, "
+        "idle_session_timeout or pg_terminate_backend"
+    )
+    if taken_by is not None:
+        then = (
+            f"; another session (pid {taken_by}) holds it now and may be writing the staging tables"
+        )
+    else:
+        then = "; no other run holds it"
+    raise LockLost(
+        f"the run lost the pipeline's writer lock ({why}){then}; nothing of this run was "
+        "published: rerun it"
+    )
