@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import run_bench  # noqa: E402
+import run_bench
 
 
 def compare(url: str, month: Path, repeats: int) -> list[tuple[str, str, float, dict]]:

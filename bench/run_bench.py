@@ -723,7 +723,7 @@ class PrefectServer:
             if proc.poll() is not None:
                 raise RuntimeError(f"prefect server exited ({proc.returncode}); see {log.name}")
             try:
-                with urllib.request.urlopen(api + "/health", timeout=2) as r:  # noqa: S310
+                with urllib.request.urlopen(api + "/health", timeout=2) as r:
                     if r.status == 200:
                         return cls(proc, api, time.perf_counter() - start, log)
             except OSError:

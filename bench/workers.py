@@ -109,9 +109,14 @@ def floor(url: str, month: Path, as_of: str) -> dict:
         for spec in TABLES:
             path = month / spec.file_name
             with path.open("rb") as f:
-                header = f.readline().decode().strip().split(",")
+                # Column names from the registry, never from the file: the header
+                # is only checked to be the one the generator writes.
+                header = tuple(f.readline().decode().strip().split(","))
+                if header != spec.column_names:
+                    raise SystemExit(f"{path}: header {header}, expected {spec.column_names}")
                 stmt = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT csv)").format(
-                    sql.Identifier(spec.name), sql.SQL(", ").join(map(sql.Identifier, header))
+                    sql.Identifier(spec.name),
+                    sql.SQL(", ").join(map(sql.Identifier, spec.column_names)),
                 )
                 with conn.cursor() as cur:
                     with cur.copy(stmt) as cp:

@@ -72,7 +72,7 @@ class Template:
             cwd=FLOW_DIR,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=open(os.path.join(self._dir, "template.log"), "w"),  # noqa: SIM115
+            stderr=open(os.path.join(self._dir, "template.log"), "w"),
             text=True,
         )
         assert self._proc.stdout is not None

@@ -204,7 +204,7 @@ def prefect_server(home: Path) -> Iterator[str]:
         while True:
             assert proc.poll() is None, log_path.read_text()[-3000:]
             try:
-                with urllib.request.urlopen(api + "/health", timeout=2) as r:  # noqa: S310
+                with urllib.request.urlopen(api + "/health", timeout=2) as r:
                     if r.status == 200:
                         break
             except OSError:

@@ -319,7 +319,7 @@ def test_only_the_ingest_group_may_call_the_security_definer_functions(db_url, r
     with psycopg.connect(reader_url) as conn:
         for name in ("streamflow_drop_staged_months()", "streamflow_drop_empty_live_key('labels')"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                conn.execute(f"SELECT {name}")  # noqa: S608
+                conn.execute(f"SELECT {name}")
             conn.rollback()
 
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "reports"))
-import figures  # noqa: E402
+import figures
 
 pytestmark = pytest.mark.skipif(
     shutil.which("psql") is None, reason="psql (PostgreSQL client) is not installed"

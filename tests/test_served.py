@@ -64,3 +64,19 @@ def test_the_deployment_describes_its_parameters():
     assert set(props) == {"seed_dir", "as_of", "replace", "allow_gap"}
     assert all(p.get("description") for p in props.values()), props
     assert "YYYY-MM-DD" in props["as_of"]["description"]
+
+
+def test_the_healthcheck_imports_neither_prefect_nor_psycopg():
+    """Compose runs it every few seconds in the runner: it reads PREFECT_API_URL through
+    settings.py (the one place for configuration) without paying for psycopg (~13 MB,
+    50 ms a check) or Prefect (seconds, ~90 MB)."""
+    code = "import sys, streamflow.served; print(sorted({'psycopg', 'prefect'} & set(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(REPO / "services" / "prefect")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.strip() == "[]"

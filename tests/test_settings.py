@@ -217,3 +217,34 @@ def test_pgoptions_is_kept_when_the_url_has_no_options(monkeypatch: pytest.Monke
         session_options("host=h options='-c a=b'")
         == "-c a=b -c DateStyle=ISO,YMD -c search_path=public"
     )
+
+
+# libpq's own variables, read where the connection is made to say what libpq will do;
+# the process environment handed on to a child; telemetry switched off for Prefect and GX.
+_NOT_CONFIGURATION = {
+    "db.py": {"PGOPTIONS", "PGCONNECT_TIMEOUT", "PGHOST", "PGPORT"},
+    "validation.py": {"GX_ANALYTICS_ENABLED", "URL_ENV"},
+    "ingest_flow.py": {"PREFECT_SERVER_ANALYTICS_ENABLED"},
+}
+
+
+def test_the_pipelines_variables_are_read_in_settings_only():
+    """One place for configuration: every variable .env.example documents for the flow
+    is read by settings.py; elsewhere only libpq's own, a child's environment and
+    telemetry switches."""
+    import re
+
+    from conftest import REPO
+
+    flow_dir = REPO / "services" / "prefect"
+    read = re.compile(
+        r"""os\.(?:environ\.get|environ\.setdefault|getenv)\(\s*["']?(\w+)|os\.environ\[["']?(\w+)"""
+    )
+    found = {}
+    for path in [*sorted((flow_dir / "streamflow").glob("*.py")), flow_dir / "ingest_flow.py"]:
+        if path.name == "settings.py":
+            continue
+        names = {a or b for a, b in read.findall(path.read_text(encoding="utf-8"))}
+        if names - _NOT_CONFIGURATION.get(path.name, set()):
+            found[path.name] = sorted(names)
+    assert found == {}

@@ -128,7 +128,7 @@ class Proc:
         kwargs = {}
         if user is not None:
             kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-        self.popen = subprocess.Popen(  # noqa: S603
+        self.popen = subprocess.Popen(
             cmd,
             env=env,
             cwd=cwd,
@@ -184,7 +184,7 @@ def run_bounded(
     """
     start = time.perf_counter()
     with tempfile.TemporaryFile() as out, stderr.open("ab") if stderr else out as err:
-        popen = subprocess.Popen(  # noqa: S603
+        popen = subprocess.Popen(
             cmd,
             env=env,
             cwd=cwd,
@@ -219,7 +219,7 @@ def wait_until(what: str, check, timeout: float, *procs: Proc, every: float = 0.
                 )
         try:
             result = check()
-        except Exception:  # noqa: BLE001 - not up yet
+        except Exception:
             result = None
         if result:
             return result
@@ -311,7 +311,7 @@ def start_dedicated_postgres(bindir: Path) -> tuple[Postgres, Proc, Path]:
     if user is not None:
         os.chown(root, user.pw_uid, user.pw_gid)
     as_user = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}
-    init = subprocess.run(  # noqa: S603
+    init = subprocess.run(
         [
             str(bindir / "initdb"),
             "-D",
@@ -546,7 +546,7 @@ def stack(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Itera
     try:
         wait_until(
             "the Prefect server's /api/ready",
-            lambda: urllib.request.urlopen(f"{api_url}/ready", timeout=3).status == 200,  # noqa: S310
+            lambda: urllib.request.urlopen(f"{api_url}/ready", timeout=3).status == 200,
             180,
             server,
             every=0.2,

@@ -15,7 +15,8 @@ SELECT NOT EXISTS (SELECT 1 FROM {live});
 
 -- name: drop_empty_live_key
 -- A first load of a table keyed to users: its primary key is rebuilt after the
--- month is in (db/init/001_schema.sql says why; false: the table is not empty).
+-- month is in (db/init/001_schema.sql says why; false: the table is not empty, or
+-- a reader holds it).
 SELECT streamflow_drop_empty_live_key(%(live)s);
 
 -- name: restore_live_key

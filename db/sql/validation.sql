@@ -61,9 +61,12 @@ WHERE b.{column} > %(as_of)s OR b.{column} < %(earliest)s
 -- The columns that may be empty but are empty in every row: an export that lost them.
 -- Each registry column's name is paired with EXISTS (a non-null value), which stops at
 -- the first one: a passing month reads a few rows, not the table. A file with no rows
--- is left to its own check.
+-- is left to its own check. The VALUES list: one empty_columns_row per column.
 SELECT NULL::text AS user_id, e.name FROM (VALUES {filled}) AS e (name, filled)
 WHERE NOT e.filled AND EXISTS (SELECT 1 FROM {batch})
+
+-- name: empty_columns_row
+({column_name}, EXISTS (SELECT 1 FROM {{batch}} WHERE {column} IS NOT NULL))
 
 -- name: key_spelling
 -- user_ids that are not a plain code. (1) White space, a control or an invisible

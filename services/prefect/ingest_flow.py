@@ -35,11 +35,11 @@ if __name__ == "__main__":
 
     WARMUP = before_prefect(sys.argv[1:])
 
-from prefect import Task, flow, get_run_logger, task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.client.schemas.objects import State, TaskRun  # noqa: E402
-from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
-from streamflow import (  # noqa: E402
+from prefect import Task, flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State, TaskRun
+from prefect.task_runners import ThreadPoolTaskRunner
+from streamflow import (
     bootstrap,
     cli,
     db,
@@ -55,15 +55,15 @@ from streamflow import (  # noqa: E402
     runs,
     validation,
 )
-from streamflow.embedded import resolve_database_url  # noqa: E402
-from streamflow.errors import NotPublished, WithoutTraceback  # noqa: E402
-from streamflow.inputs import check_run  # noqa: E402
-from streamflow.registry import BY_NAME  # noqa: E402
-from streamflow.reporting import RunSummary, Stopwatch, publish_artifacts  # noqa: E402
-from streamflow.rerun import Mode  # noqa: E402
-from streamflow.served import FLOW_NAME  # noqa: E402
-from streamflow.settings import load_settings  # noqa: E402
-from streamflow.verdict import Rejected, Verdict  # noqa: E402
+from streamflow.embedded import resolve_database_url
+from streamflow.errors import NotPublished, WithoutTraceback
+from streamflow.inputs import check_run
+from streamflow.registry import BY_NAME
+from streamflow.reporting import RunSummary, Stopwatch, publish_artifacts
+from streamflow.rerun import Mode
+from streamflow.served import FLOW_NAME
+from streamflow.settings import load_settings
+from streamflow.verdict import Rejected, Verdict
 
 # A failed month is reported in one line; Prefect's run loggers (terminal and UI) would
 # add the traceback of each failed task and of the flow: ~90 lines for one bad value.

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .errors import STOPPED, IngestError, InputError, Terminated, first_line
+from .settings import prefect_api_url
 
 if TYPE_CHECKING:
     from .warmup import Warmup
@@ -67,7 +68,7 @@ def _without_the_api(exc: Exception) -> tuple[int, str | None, str] | None:
 
     if not isinstance(exc, httpx.TransportError):
         return None
-    api = os.environ.get("PREFECT_API_URL") or "the CLI's temporary server"
+    api = prefect_api_url() or "the CLI's temporary server"
     lost = (
         f"Prefect's API ({api}) stopped answering during the run ({first_line(exc)}): "
         "the run's state in the Prefect UI is not its outcome, ingest_runs has it"

@@ -120,7 +120,8 @@ class LockLost(IngestError):
 
 
 class NotPublished(IngestError):
-    """The publishing transaction was rolled back because validation failed."""
+    """The publishing transaction was rolled back: the month was refused (validation
+    failed, or the run failed or was stopped)."""
 
 
 class SchemaOutdated(IngestError):

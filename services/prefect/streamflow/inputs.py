@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .registry import EARLIEST_DATE, TABLES
-from .settings import Settings, flag, load_dotenv_if_present
+from .settings import Settings, flag, load_dotenv_if_present, month_from_env
 
 _ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
@@ -110,6 +110,7 @@ def cli_parser(description: str | None, *, add_help: bool = True) -> argparse.Ar
     The defaults come from the environment, ``.env`` included (.env.example lists them).
     """
     load_dotenv_if_present()
+    seed_dir, as_of = month_from_env()
     parser = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -119,12 +120,10 @@ def cli_parser(description: str | None, *, add_help: bool = True) -> argparse.Ar
         allow_abbrev=False,
     )
     parser.add_argument("command", nargs="?", choices=["run", "serve"], default="run")
-    parser.add_argument(
-        "--seed-dir", default=os.environ.get("SEED_DIR"), help="month folder (env SEED_DIR)"
-    )
+    parser.add_argument("--seed-dir", default=seed_dir or None, help="month folder (env SEED_DIR)")
     parser.add_argument(
         "--as-of",
-        default=os.environ.get("AS_OF"),
+        default=as_of or None,
         help="a month's last day, YYYY-MM-DD (env AS_OF)",
     )
     # Not read from REPLACE here: serve and --help never use it, and a bad value must

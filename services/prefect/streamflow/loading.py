@@ -60,7 +60,6 @@ _QUOTE_CONTEXT = 256  # bytes before a run cut by a read, searched again with th
 @dataclass(frozen=True)
 class StagedFile:
     table: str
-    path: str
     rows: int
 
 
@@ -215,7 +214,7 @@ def stage_file(
     except InputError:  # raised inside the COPY, which it abandoned
         _roll_back(conn)
         raise
-    return StagedFile(spec.name, str(path), rows)
+    return StagedFile(spec.name, rows)
 
 
 def _roll_back(conn: psycopg.Connection) -> None:

@@ -72,7 +72,8 @@ def _nn(name: str, pg_type: str) -> Column:
     return Column(name, pg_type, non_negative=True)
 
 
-# Parents first: publishing walks this order so foreign keys always find their user.
+# Parents first: users (PARENT) is the table the five others are keyed to; the live
+# publishing, the run report and the ledger walk the tables in this order.
 TABLES: tuple[TableSpec, ...] = (
     TableSpec(
         "users",

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import sys
 import urllib.error
 import urllib.request
 from urllib.parse import quote
+
+from .settings import prefect_api_auth, prefect_api_url
 
 FLOW_NAME = "ingest_month"
 DEPLOYMENT_NAME = "ingest-month"
@@ -27,17 +28,17 @@ def deployment_url(api_url: str) -> str:
 
 
 def main() -> int:
-    api_url = os.environ.get("PREFECT_API_URL")
+    api_url = prefect_api_url()
     if not api_url:
         print("PREFECT_API_URL is not set: no Prefect server to ask", file=sys.stderr)
         return 1
-    request = urllib.request.Request(deployment_url(api_url))  # noqa: S310 (http(s) from settings)
+    request = urllib.request.Request(deployment_url(api_url))
     # Prefect's client sends its basic-auth string the same way.
-    auth = os.environ.get("PREFECT_API_AUTH_STRING")
+    auth = prefect_api_auth()
     if auth:
         request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
     try:
-        with urllib.request.urlopen(request, timeout=4) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=4) as response:
             deployment = json.load(response)
     except urllib.error.HTTPError as exc:
         print(

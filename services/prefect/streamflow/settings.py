@@ -6,9 +6,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from psycopg import ProgrammingError
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
 from .errors import InputError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -60,6 +57,10 @@ def database_url_from_env(env: os._Environ[str] | dict[str, str] = os.environ) -
     host = env.get("POSTGRES_HOST", "").strip()
     if not host:
         return None
+    # Imported here, as in _checked_conninfo: the runner's healthcheck (served.py)
+    # reads this module every few seconds, and needs no psycopg.
+    from psycopg.conninfo import make_conninfo
+
     # key=value pairs, each value quoted by libpq's rules: a socket folder, an IPv6
     # address or a password holding @ or / is taken as written. Pasted into a URL, they
     # changed which server or database was meant, and a host libpq could not parse had
@@ -84,6 +85,9 @@ def _checked_conninfo(url: str) -> str:
     """DATABASE_URL, once libpq can parse it: found out before the run starts, and
     never echoed (libpq's parse error quotes the string, password and all, into the
     run's logs)."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
     try:
         conninfo_to_dict(url)
     except (ProgrammingError, ValueError):  # ValueError: bytes that are no text
@@ -115,6 +119,23 @@ def _seconds(env: os._Environ[str] | dict[str, str], name: str, default: str) ->
     if not value >= 0:  # also refuses nan
         raise InputError(f"{name} {raw!r} is not a number of seconds (e.g. {name}={default})")
     return value
+
+
+def month_from_env(env: os._Environ[str] | dict[str, str] = os.environ) -> tuple[str, str]:
+    """SEED_DIR and AS_OF ("" when unset): the month a run ingests when no flag names it."""
+    return env.get("SEED_DIR", ""), env.get("AS_OF", "")
+
+
+def prefect_api_url(env: os._Environ[str] | dict[str, str] = os.environ) -> str | None:
+    """PREFECT_API_URL, Prefect's own setting (Prefect reads it too): the server runs go
+    to; None when unset, and the CLI then starts a temporary one for its run."""
+    return env.get("PREFECT_API_URL") or None
+
+
+def prefect_api_auth(env: os._Environ[str] | dict[str, str] = os.environ) -> str | None:
+    """PREFECT_API_AUTH_STRING ("user:password"), which a server started with
+    PREFECT_SERVER_API_AUTH_STRING expects from its clients."""
+    return env.get("PREFECT_API_AUTH_STRING") or None
 
 
 # Prefect's own settings that .env.example documents for the CLI: Prefect reads them at

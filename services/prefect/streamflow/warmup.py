@@ -41,7 +41,7 @@ from . import validation
 from .embedded import resolve_database_url
 from .errors import STOPPED, IngestError, PublishedThenInterrupted, stopped_by_signal
 from .inputs import complete_run
-from .settings import load_settings
+from .settings import load_settings, prefect_api_url
 
 if TYPE_CHECKING:  # imported by the CLI only after the server is spawned
     from prefect.settings.models.server.ephemeral import ServerEphemeralSettings
@@ -111,7 +111,7 @@ class TemporaryApiServer:
     """Prefect's temporary API server (SQLite in ``PREFECT_HOME``), UI off."""
 
     def __init__(self) -> None:
-        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - read if it fails to start
+        self._log = tempfile.TemporaryFile()
         self._spawn()
 
     def _spawn(self) -> None:
@@ -199,9 +199,7 @@ API_ANSWER_SECONDS = 15
 def check_api_answers(api_url: str) -> None:
     """Raise IngestError if PREFECT_API_URL's server does not answer in time."""
     try:
-        urllib.request.urlopen(  # noqa: S310 - the user's own API URL
-            api_url.rstrip("/") + "/health", timeout=API_ANSWER_SECONDS
-        ).close()
+        urllib.request.urlopen(api_url.rstrip("/") + "/health", timeout=API_ANSWER_SECONDS).close()
     except urllib.error.HTTPError:
         return  # it answered
     except OSError as exc:  # URLError wraps a timeout while connecting; a read raises it
@@ -313,7 +311,7 @@ def warm_up(argv: list[str]) -> Warmup:
     if complete_run(argv) is None:  # help and usage errors need no API: no check either
         return Warmup(None)
     settings = load_settings()  # also reads .env, which may set PREFECT_API_URL
-    api_url = os.environ.get("PREFECT_API_URL")
+    api_url = prefect_api_url()
     server = None if api_url else TemporaryApiServer()
     with suppress(Exception):  # no database yet: the flow reports it, with context
         validation.SuitesProcess.prestart(resolve_database_url(settings), settings.gx_docs_dir)
