@@ -30,7 +30,7 @@ def compare(url: str, month: Path, repeats: int) -> list[tuple[str, str, float, 
     from streamflow.registry import KEY, PARENT, TABLES
     from streamflow.sqlfiles import query
 
-    children = [t.name for t in TABLES if t is not PARENT]  # as validation.build_suite
+    children = [t.name for t in TABLES if t is not PARENT]  # as expectations.build_suite
 
     def per_table(conn: psycopg.Connection) -> dict:
         counts = {}

@@ -246,10 +246,10 @@ def fig_docker_check() -> str:
 
 
 def fig_expectations() -> str:
-    """4.a: the expectation suites exactly as streamflow/validation.py builds them."""
+    """4.a: the expectation suites exactly as streamflow/expectations.py builds them."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations as gx
-    from streamflow.validation import build_suite
+    from streamflow.expectations import build_suite
 
     gx.get_context(mode="ephemeral")
     lines = []

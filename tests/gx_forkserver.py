@@ -105,9 +105,9 @@ class Template:
 
 def _serve(socket_path: str) -> None:
     sys.path.insert(0, str(FLOW_DIR))
-    from streamflow import validation
+    from streamflow import expectations, validation
 
-    validation._import_gx()
+    expectations.import_gx()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(socket_path)
     listener.listen(64)

@@ -148,8 +148,8 @@ IDENTIFIER_SOURCES = {
     "builds <history table>_<YYYYMMDD> after checking the table against a fixed list",
     "n": "sqlfiles.ident_list: each of the names its callers pass (checked below)",
     "prefix": "sqlfiles.ident_list: a table alias, a string literal at every call (checked below)",
-    "column": "validation.rows_query: col.name of a registry column (checked below)",
-    "c": "validation.empty_columns_query: each of the registry column names its callers "
+    "column": "expectations.rows_query: col.name of a registry column (checked below)",
+    "c": "expectations.empty_columns_query: each of the registry column names its callers "
     "pass (checked below)",
     "e.table": "ExpectationOutcome.table = spec.name of the suite's TableSpec",
     "e.column": "ExpectationOutcome.column = the column of an expectation built from the registry",
