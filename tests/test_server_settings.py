@@ -289,7 +289,7 @@ def test_copy_errors_keep_their_line_and_column_on_a_server_speaking_another_lan
     PostgreSQL ships, from its own catalogues."""
     import gettext
 
-    from streamflow.loading import copy_context
+    from streamflow.copy_errors import copy_context
     from streamflow.registry import BY_NAME
 
     catalogues = _postgres_catalogues()
