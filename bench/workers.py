@@ -133,7 +133,8 @@ def core(url: str, month: Path, as_of: str) -> dict:
     """Run ingest_flow.ingest_month's body with its tasks as plain functions.
 
     Same code as the CLI (stage, validate, publish, snapshot, ledger); only Prefect's
-    engine is out of the way: no flow/task runs, no API server, no artifacts.
+    engine is out of the way: no flow/task runs, no API server, no artifacts (publishing
+    them is a no-op outside a flow run).
     """
     os.environ["DATABASE_URL"] = url
     from concurrent.futures import ThreadPoolExecutor
@@ -150,7 +151,6 @@ def core(url: str, month: Path, as_of: str) -> dict:
         for name, value in list(vars(ingest_flow).items()):
             if isinstance(value, Task):
                 setattr(ingest_flow, name, _PlainTask(value.fn, pool))
-        ingest_flow.publish_artifacts = lambda summary: None
         result = ingest_flow.ingest_month.fn(seed_dir=str(month), as_of=as_of)
     return {"work": time.perf_counter() - imported, "import": imported - _T0, "flow": result}
 

@@ -973,6 +973,32 @@ def test_an_unexpected_error_reads_the_same_in_the_ledger_and_on_the_terminal(
     assert run["error"] == "unexpected ValueError: boom more"
 
 
+def test_a_failure_in_the_stale_export_check_fails_the_run_in_the_ledger(
+    run_flow, db_url, months, monkeypatch
+):
+    """The look for files published under another as_of runs after the run's ledger row
+    is opened: a refactor moved it out of the part that records failures, and a failure
+    there (a lost connection, a Ctrl-C) left the row "running", with no error, until a
+    later run marked it abandoned (review of the refactor)."""
+    from streamflow import ledger
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("simulated failure in the stale-export query")
+
+    monkeypatch.setattr(ledger, "files_published_elsewhere", lost)
+    rc, _, err = run_flow(db_url, months / "month_000", JAN)
+
+    assert rc == 1
+    assert err.strip().splitlines()[-1] == (
+        "ingest failed: unexpected RuntimeError: simulated failure in the stale-export query"
+    )
+    (run,) = runs(db_url)
+    assert (run["status"], run["error"]) == (
+        "failed",
+        "unexpected RuntimeError: simulated failure in the stale-export query",
+    )
+
+
 def test_a_gx_process_that_cannot_start_fails_the_run_in_the_ledger(
     run_flow, db_url, months, monkeypatch
 ):

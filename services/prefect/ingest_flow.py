@@ -247,10 +247,10 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
         if mode is Mode.NOOP:
             ledger.finish_run(control, summary.run_id, status="noop", timings=summary.timings)
         else:
-            _warn_stale_exports(control, as_of_date, prints)
             suites: validation.SuitesProcess | None = None
             stopped = False  # by a signal
             try:
+                _warn_stale_exports(control, as_of_date, prints)
                 # GX has imported and built its suites meanwhile (or does it while the
                 # month is being staged); it adds the staging tables during the COPYs.
                 suites = validation.SuitesProcess.take(url, settings.gx_docs_dir)
