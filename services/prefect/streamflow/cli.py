@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .errors import STOPPED, IngestError, InputError, Terminated, first_line
-from .settings import prefect_api_url
+from .settings import check_prefect_settings, prefect_api_url
 
 if TYPE_CHECKING:
     from .warmup import Warmup
@@ -39,19 +39,53 @@ def before_prefect(argv: list[str]) -> Warmup:
     for stop in STOPPED:
         signal.signal(stop, stopped_while_starting)
 
-    from .settings import check_prefect_settings
-
     try:
         check_prefect_settings()
     except InputError as exc:
         print(f"ingest failed: {exc}", file=sys.stderr)
         sys.exit(1)
-    from .rerun import exit_if_unchanged
-
-    exit_if_unchanged(argv)
+    _exit_if_unchanged(argv)
     from .warmup import warm_up
 
     return warm_up(argv)
+
+
+def _exit_if_unchanged(argv: list[str]) -> None:
+    """Print the no-op line and exit 0, or the input error and exit 1, or return.
+
+    A month folder, file or as_of that is plainly wrong (or a setting) is reported here,
+    in one line, rather than after Prefect has started. Everything else (a new month, a
+    replacement, a refusal, a database that cannot be reached) goes to the flow, which
+    decides again under its own lock and reports as usual.
+    """
+    # Imported here, once before_prefect's signal handlers are in place: a Ctrl-C
+    # during these imports is then one line too.
+    import psycopg
+
+    from .diagnosis import explain_failure
+    from .inputs import check_run, complete_run
+    from .rerun import unchanged_month
+    from .settings import load_settings
+
+    try:
+        args = complete_run(argv)  # reads REPLACE, which may be neither yes nor no
+        if args is None:
+            return
+        if args.replace:  # never a no-op: its inputs are checked now, not after Prefect
+            check_run(args.seed_dir, args.as_of, load_settings())
+            return
+        summary = unchanged_month(args.seed_dir, args.as_of)
+    except InputError as exc:  # no run to start: the folder, a file, as_of or a setting
+        print(f"ingest failed: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except psycopg.errors.ConnectionTimeout as exc:  # the flow would wait as long again
+        print(f"ingest failed: {explain_failure(exc)}", file=sys.stderr)
+        sys.exit(1)
+    except Exception:  # a refusal, no database: the flow reports it, and retries
+        return
+    if summary is not None:
+        print(summary.one_line())
+        sys.exit(0)
 
 
 def _without_the_api(exc: Exception) -> tuple[int, str | None, str] | None:

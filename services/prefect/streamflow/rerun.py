@@ -1,4 +1,4 @@
-"""The rerun rules, and the unchanged month answered before Prefect and GX are imported.
+"""The rerun rules, and the unchanged month recorded before Prefect and GX are imported.
 
 ``decide_mode`` compares a month's fingerprints with the ledger: a no-op, a new or
 replaced month, a backfill, or a refusal.
@@ -7,27 +7,23 @@ A month already published from byte-identical files is a no-op. Starting Prefect
 engine (and, without PREFECT_API_URL, its temporary API server) and importing GX to
 find that out costs 2 to 20 s; the answer itself is a fingerprint (the files' stat,
 if they have not changed since they were hashed) and one ledger lookup. So the CLI
-asks first, and the run is recorded in the ledger as a no-op like any other.
-A month folder, file or as_of that is plainly wrong (or a setting) is reported here
-too, in one line, rather than after Prefect has started. Everything else (a new
-month, a replacement, a refusal, a database that cannot be reached) goes to the flow,
-which decides again under its own lock and reports as usual.
+asks first (``unchanged_month``, from cli.py), and the run is recorded in the ledger
+as a no-op like any other.
 """
 
 from __future__ import annotations
 
-import sys
 from datetime import date
 from enum import StrEnum
 from pathlib import Path
 
 import psycopg
 
-from . import bootstrap, db, diagnosis, fingerprints, ledger, locking
+from . import bootstrap, db, fingerprints, ledger, locking
 from .embedded import resolve_database_url
-from .errors import InputError, MonthConflict
+from .errors import MonthConflict
 from .fingerprints import FileFingerprint, month_fingerprint
-from .inputs import check_run, complete_run, months_between, next_month_end
+from .inputs import check_run, months_between, next_month_end
 from .registry import SNAPSHOT_TABLES
 from .reporting import RunSummary
 from .settings import load_settings
@@ -156,27 +152,3 @@ def unchanged_month(seed_dir: str, as_of: str) -> RunSummary | None:
             )
             ledger.finish_run(control, summary.run_id, status="noop", timings=summary.timings)
     return summary
-
-
-def exit_if_unchanged(argv: list[str]) -> None:
-    """For ``python ingest_flow.py``: print the no-op line and exit 0, or the input
-    error and exit 1, or return."""
-    try:
-        args = complete_run(argv)  # reads REPLACE, which may be neither yes nor no
-        if args is None:
-            return
-        if args.replace:  # never a no-op: its inputs are checked now, not after Prefect
-            check_run(args.seed_dir, args.as_of, load_settings())
-            return
-        summary = unchanged_month(args.seed_dir, args.as_of)
-    except InputError as exc:  # no run to start: the folder, a file, as_of or a setting
-        print(f"ingest failed: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except psycopg.errors.ConnectionTimeout as exc:  # the flow would wait as long again
-        print(f"ingest failed: {diagnosis.explain_failure(exc)}", file=sys.stderr)
-        sys.exit(1)
-    except Exception:  # a refusal, no database: the flow reports it, and retries
-        return
-    if summary is not None:
-        print(summary.one_line())
-        sys.exit(0)
