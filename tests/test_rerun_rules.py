@@ -847,8 +847,8 @@ def test_an_interrupt_after_the_verdict_records_the_published_month_whole(
     record waits for the publishing transaction), then kept it succeeded but without its
     timings and expectation results, and the CLI said only 'interrupted'. The run is now
     recorded whole, and the interrupt says the month was published, by which signal."""
-    from streamflow import errors
-    from streamflow.errors import PublishedThenInterrupted
+    from streamflow import interrupts
+    from streamflow.interrupts import PublishedThenInterrupted
     from streamflow.verdict import Verdict
 
     real_accept = Verdict.accept
@@ -859,7 +859,7 @@ def test_an_interrupt_after_the_verdict_records_the_published_month_whole(
             from prefect.exceptions import TerminationSignal
 
             raise TerminationSignal(signal.SIGTERM)
-        raise getattr(errors, stop, KeyboardInterrupt)
+        raise getattr(interrupts, stop, KeyboardInterrupt)
 
     monkeypatch.setattr(Verdict, "accept", accept_then_interrupt)
     with pytest.raises(PublishedThenInterrupted) as stopped:
@@ -1066,11 +1066,11 @@ def test_an_interrupt_while_the_data_docs_are_built_leaves_the_run_whole(
     but without its counts and timings, and the CLI said only 'interrupted'. The run is
     now recorded whole before that wait, and the interrupt says the month was published
     (a SIGTERM there was reported as a Ctrl-C: exit 130, not 143)."""
-    from streamflow import errors, validation
-    from streamflow.errors import PublishedThenInterrupted
+    from streamflow import interrupts, validation
+    from streamflow.interrupts import PublishedThenInterrupted
 
     def interrupted(self, timeout: float = 300) -> None:
-        raise getattr(errors, stop, KeyboardInterrupt)
+        raise getattr(interrupts, stop, KeyboardInterrupt)
 
     monkeypatch.setattr(validation.SuitesProcess, "finish", interrupted)
     with pytest.raises(PublishedThenInterrupted) as stopped:
@@ -1089,7 +1089,7 @@ def sigterm_in_finish_run(monkeypatch: pytest.MonkeyPatch, status: str) -> Itera
     """The CLI's SIGTERM handler in place; the first ledger.finish_run of ``status`` calls
     it, as a signal would, in this thread (a real one could kill a test worker).
     Yields the signals sent."""
-    from streamflow import errors, ledger
+    from streamflow import interrupts, ledger
 
     real_finish = ledger.finish_run
     sent: list[int] = []
@@ -1101,7 +1101,7 @@ def sigterm_in_finish_run(monkeypatch: pytest.MonkeyPatch, status: str) -> Itera
         return real_finish(*args, **kwargs)
 
     monkeypatch.setattr(ledger, "finish_run", signalled)
-    previous = signal.signal(signal.SIGTERM, errors.raise_terminated)
+    previous = signal.signal(signal.SIGTERM, interrupts.raise_terminated)
     try:
         yield sent
     finally:
@@ -1114,16 +1114,16 @@ def test_a_second_signal_waits_for_the_record_of_the_first(run_flow, db_url, mon
     left the run "running" with no error (operator audit, 1 run in 3). A signal waits
     for the write now, then acts. (The SIGTERM handler in place is called as a signal
     would call it, in this thread: a real one could kill a test worker.)"""
-    from streamflow import errors, validation
+    from streamflow import interrupts, validation
 
     def stopped(self, as_of):
-        raise errors.Terminated
+        raise interrupts.Terminated
 
     monkeypatch.setattr(validation.SuitesProcess, "run", stopped)
     with sigterm_in_finish_run(monkeypatch, "failed"), pytest.raises(BaseException) as stop:
         run_flow(db_url, months / "month_000", JAN)
 
-    assert errors.is_stop(stop.value), stop.value
+    assert interrupts.is_stop(stop.value), stop.value
     (run,) = runs(db_url)
     assert (run["status"], run["error"]) == (
         "failed",
@@ -1139,7 +1139,7 @@ def test_a_signal_held_back_while_a_success_is_recorded_still_stops_the_run(
     written to the ledger is held back for that write, then acted on: the CLI says the
     month was published and exits 143, rather than going on to wait for the Data Docs
     and exit 0 (mutation audit: a held-back signal dropped passed every test)."""
-    from streamflow.errors import PublishedThenInterrupted
+    from streamflow.interrupts import PublishedThenInterrupted
 
     with (
         sigterm_in_finish_run(monkeypatch, "succeeded") as sent,

@@ -46,6 +46,7 @@ from streamflow import (
     diagnosis,
     errors,
     fingerprints,
+    interrupts,
     ledger,
     loading,
     locking,
@@ -285,7 +286,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                 # published month's run with its counts and timings.
                 run.record_success()
             except BaseException as exc:
-                stopped = errors.is_stop(exc)
+                stopped = interrupts.is_stop(exc)
                 run.settle_failure(exc)
                 raise
             finally:
@@ -322,5 +323,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from here
-    signal.signal(signal.SIGTERM, errors.raise_terminated)  # and Terminated, its kin
+    signal.signal(signal.SIGTERM, interrupts.raise_terminated)  # and Terminated, its kin
     WARMUP.run(main)

@@ -13,7 +13,8 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .errors import STOPPED, IngestError, InputError, Terminated, first_line
+from .errors import IngestError, InputError, first_line
+from .interrupts import STOPPED, Terminated
 from .settings import check_prefect_settings, prefect_api_url
 
 if TYPE_CHECKING:

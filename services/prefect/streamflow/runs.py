@@ -17,14 +17,9 @@ from typing import TYPE_CHECKING
 import prefect.runtime
 import psycopg
 
-from . import db, diagnosis, errors, fingerprints, ledger, rerun, validation
-from .errors import (
-    HistoryIncomplete,
-    IngestError,
-    MonthConflict,
-    PublishedThenInterrupted,
-    ValidationFailed,
-)
+from . import db, diagnosis, errors, fingerprints, interrupts, ledger, rerun, validation
+from .errors import HistoryIncomplete, IngestError, MonthConflict, ValidationFailed
+from .interrupts import PublishedThenInterrupted
 from .reporting import RunSummary, Stopwatch, publish_artifacts
 from .rerun import Mode
 from .verdict import Verdict
@@ -136,7 +131,7 @@ class MonthRun:
         which commits: the run is then recorded whole, and PublishedThenInterrupted
         raised in place of ``exc``.
         """
-        stopped = errors.is_stop(exc)
+        stopped = interrupts.is_stop(exc)
         self.verdict.reject_for(exc)
         try:
             if stopped:
@@ -153,7 +148,7 @@ class MonthRun:
             for future in self.staging:
                 future.wait()
         except BaseException as late:
-            if errors.is_stop(late):
+            if interrupts.is_stop(late):
                 self.stop_staging.reject_for(late)
                 for future in self.staging:
                     future.wait(timeout=5)  # cancelled: they end at once
@@ -200,8 +195,8 @@ class MonthRun:
         summary.status = "failed"
         if isinstance(exc, ValidationFailed):  # the artifact's per-table expectation counts
             summary.suites = exc.suites
-        if errors.is_stop(exc):  # words, not repr()
-            by_sigterm = errors.stopped_by_signal(exc) == signal.SIGTERM
+        if interrupts.is_stop(exc):  # words, not repr()
+            by_sigterm = interrupts.stopped_by_signal(exc) == signal.SIGTERM
             summary.error = f"interrupted ({'SIGTERM' if by_sigterm else 'Ctrl-C or SIGINT'}); " + (
                 f"the month had passed validation, but publishing failed: "
                 f"{in_words(publish_error)}; nothing was published"
@@ -231,7 +226,7 @@ class MonthRun:
         """
         run_id = self.summary.run_id
         try:
-            with errors.signals_deferred():
+            with interrupts.signals_deferred():
                 ledger.finish_run(self.control, run_id, **outcome)  # type: ignore[arg-type]
             return
         except psycopg.Error as exc:
@@ -239,7 +234,7 @@ class MonthRun:
                 raise
             lost = exc
         with suppress(psycopg.Error), db.connect(self.url, autocommit=True) as again:
-            with errors.signals_deferred():
+            with interrupts.signals_deferred():
                 ledger.finish_run(again, run_id, **outcome)  # type: ignore[arg-type]
             return
         self.log.warning(

@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
-from .errors import ValidationFailed, is_stop
+from .errors import ValidationFailed
+from .interrupts import is_stop
 
 
 class Rejected(Exception):

@@ -39,8 +39,9 @@ from typing import TYPE_CHECKING, NoReturn
 
 from . import validation
 from .embedded import resolve_database_url
-from .errors import STOPPED, IngestError, PublishedThenInterrupted, stopped_by_signal
+from .errors import IngestError
 from .inputs import complete_run
+from .interrupts import STOPPED, PublishedThenInterrupted, stopped_by_signal
 from .settings import load_settings, prefect_api_url
 
 if TYPE_CHECKING:  # imported by the CLI only after the server is spawned
