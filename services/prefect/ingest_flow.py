@@ -257,14 +257,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                 suites = validation.SuitesProcess.take(url, settings.gx_docs_dir)
                 suites.connect()
                 with clock("upsert_csv"):
-                    # Two COPY streams at once: one per core of a small machine.
-                    hashed = {p.table: p.as_json() for p in prints}
-                    run.staging = [
-                        upsert_csv.submit(url, t, str(p), hashed[t], lock_holder, run.stop_staging)
-                        for t, p in files.items()
-                    ]
-                    for staged in (future.result() for future in run.staging):
-                        summary.rows_read[staged.table] = staged.rows
+                    _stage_month(run, files, prints, lock_holder)
                 # Publishing and validation side by side; the verdict decides the commit.
                 # The ledger's timings stay additive: snapshot_month is what publishing
                 # adds after validation ends (its own work is logged by the task).
@@ -305,6 +298,23 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
         "line": summary.one_line(),
         "data_docs": summary.data_docs,
     }
+
+
+def _stage_month(
+    run: runs.MonthRun,
+    files: dict[str, Path],
+    prints: list[fingerprints.FileFingerprint],
+    lock_holder: int,
+) -> None:
+    """upsert_csv for each file, two COPY streams at once (one per core of a small
+    machine); the rows each staged go to the run's summary."""
+    hashed = {p.table: p.as_json() for p in prints}
+    run.staging = [
+        upsert_csv.submit(run.url, t, str(p), hashed[t], lock_holder, run.stop_staging)
+        for t, p in files.items()
+    ]
+    for staged in (future.result() for future in run.staging):
+        run.summary.rows_read[staged.table] = staged.rows
 
 
 def _warn_stale_exports(
