@@ -591,13 +591,13 @@ CORPUS = [
         lambda month: [remove("users")(month), (month / "users.csv").mkdir()],
         ["users.csv is not a regular file"],
     ),
-    Bad("seed_dir_does_not_exist", None, ["SEED_DIR", "no_such_month"], seed_dir="no_such_month"),
+    Bad("seed_dir_does_not_exist", None, ["seed_dir", "no_such_month"], seed_dir="no_such_month"),
     Bad(
         # A folder named in Latin-1 (f\xe9vrier): "unexpected UnicodeEncodeError" from
         # Prefect's JSON, naming nothing.
         "seed_dir_not_utf8",
         lambda month: month.rename(month.parent / os.fsdecode(b"mois_f\xe9vrier")),
-        ["SEED_DIR", "mois_f", "not UTF-8 text", "rename it"],
+        ["seed_dir", "mois_f", "not UTF-8 text", "rename it"],
         seed_dir=os.fsdecode(b"mois_f\xe9vrier"),
     ),
     Bad(
@@ -622,7 +622,7 @@ CORPUS = [
         ),
         ["labels.csv: column 'xxxxxxxx", "(30000 characters)' appears twice"],
     ),
-    Bad("invalid_as_of", None, ["AS_OF", "2024-02-30", "YYYY-MM-DD"], as_of="2024-02-30"),
+    Bad("invalid_as_of", None, ["as_of", "2024-02-30", "YYYY-MM-DD"], as_of="2024-02-30"),
     # Values quoted in the message, with a line end in them (a quoted CSV field may
     # hold one): the log must not show a line of the pipeline's that it never wrote.
     Bad(

@@ -282,15 +282,15 @@ def test_the_clis_server_has_time_for_a_first_start_unless_prefect_says_otherwis
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
-        ("no folder", "ingest failed: SEED_DIR '{month}' is not a directory"),
-        ("no folder, --replace", "ingest failed: SEED_DIR '{month}' is not a directory"),
+        ("no folder", "ingest failed: seed_dir '{month}' is not a directory"),
+        ("no folder, --replace", "ingest failed: seed_dir '{month}' is not a directory"),
         ("missing file", "ingest failed: {month}: missing file labels.csv (a month folder holds"),
-        ("bad as_of", "ingest failed: AS_OF '2024-02-30' is not a valid date; expected YYYY-MM-DD"),
-        ("future as_of", "ingest failed: AS_OF 2204-02-29 is after today ("),
-        ("as_of before 1900", "ingest failed: AS_OF 1899-12-31 is before 1900-01-01"),
+        ("bad as_of", "ingest failed: as_of '2024-02-30' is not a valid date; expected YYYY-MM-DD"),
+        ("future as_of", "ingest failed: as_of 2204-02-29 is after today ("),
+        ("as_of before 1900", "ingest failed: as_of 1899-12-31 is before 1900-01-01"),
         (
             "mid-month as_of",
-            "ingest failed: AS_OF 2024-01-15 is not the last day of its month; a month is "
+            "ingest failed: as_of 2024-01-15 is not the last day of its month; a month is "
             "published as of its end (2024-01-31)",
         ),
         ("bad setting", "ingest failed: LOCK_WAIT_SECONDS 'soon' is not a number of seconds"),
@@ -641,7 +641,7 @@ def test_as_of_may_be_tomorrow_for_a_zone_ahead_of_this_machine():
 
     today = date(2024, 1, 30)
     assert parse_as_of("2024-01-31", today=today) == date(2024, 1, 31)
-    with pytest.raises(InputError, match="AS_OF 2024-02-01 is after today"):
+    with pytest.raises(InputError, match="as_of 2024-02-01 is after today"):
         parse_as_of("2024-02-01", today=today)
 
 
@@ -657,7 +657,7 @@ def test_as_of_is_written_yyyy_mm_dd_and_nothing_else(value):
     with pytest.raises(InputError) as err:
         parse_as_of(value)
     assert str(err.value) == (
-        f"AS_OF {value!r} is not a valid date; expected YYYY-MM-DD, e.g. 2024-01-31"
+        f"as_of {value!r} is not a valid date; expected YYYY-MM-DD, e.g. 2024-01-31"
     )
 
 

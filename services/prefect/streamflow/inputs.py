@@ -1,5 +1,10 @@
-"""The run's inputs, checked before any database work: the month folder, AS_OF, and
-the Data Docs folder GX will write to."""
+"""The run's inputs, checked before any database work: the month folder, as_of, and
+the Data Docs folder GX will write to.
+
+Messages name the flow's parameters, seed_dir and as_of: the same words whether they
+came from SEED_DIR and AS_OF, from --seed-dir and --as-of, or from a deployment run's
+parameters in the UI (they said AS_OF to a person who had typed --as-of).
+"""
 
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ def parse_as_of(value: str, today: date | None = None) -> date:
         as_of = date.fromisoformat(value.strip())
     except (ValueError, AttributeError):
         raise InputError(
-            f"AS_OF {value!r} is not a valid date; expected YYYY-MM-DD, e.g. 2024-01-31"
+            f"as_of {value!r} is not a valid date; expected YYYY-MM-DD, e.g. 2024-01-31"
         ) from None
     today = today or date.today()
     # A month is known once it has happened. A mistyped future as_of (2204 for 2024) would
@@ -34,30 +39,31 @@ def parse_as_of(value: str, today: date | None = None) -> date:
     # yesterday where the month has already ended (a zone ahead of its clock).
     if as_of > today + timedelta(days=1):
         raise InputError(
-            f"AS_OF {as_of} is after today ({today}); a month's files describe what was "
+            f"as_of {as_of} is after today ({today}); a month's files describe what was "
             "known on its as_of, so it cannot be in the future"
         )
     if as_of < EARLIEST_DATE:  # no signup date could be on or before it
-        raise InputError(f"AS_OF {as_of} is before {EARLIEST_DATE}; expected a recent month end")
+        raise InputError(f"as_of {as_of} is before {EARLIEST_DATE}; expected a recent month end")
     # A month's files describe what was known at its end; a mid-month as_of (a day
     # typed for another) would be a second snapshot of that month.
     if as_of != (end := month_end(as_of)):
         raise InputError(
-            f"AS_OF {as_of} is not the last day of its month; a month is published as of "
+            f"as_of {as_of} is not the last day of its month; a month is published as of "
             f"its end ({end})"
         )
     return as_of
 
 
 def text_path(seed_dir: str) -> str:
-    """SEED_DIR, refused if its bytes are no UTF-8 text (a name in another encoding,
-    which the filesystem keeps): Prefect sends a run's parameters as JSON text, and the
-    run ended in "unexpected UnicodeEncodeError: ... surrogates not allowed"."""
+    """seed_dir (SEED_DIR, --seed-dir), refused if its bytes are no UTF-8 text (a name
+    in another encoding, which the filesystem keeps): Prefect sends a run's parameters
+    as JSON text, and the run ended in "unexpected UnicodeEncodeError: ... surrogates not
+    allowed"."""
     try:
         seed_dir.encode("utf-8")
     except UnicodeEncodeError:
         raise InputError(
-            f"SEED_DIR {seed_dir!r}: the folder's path is not UTF-8 text (a name written "
+            f"seed_dir {seed_dir!r}: the folder's path is not UTF-8 text (a name written "
             "in another encoding); rename it"
         ) from None
     return seed_dir
@@ -66,7 +72,7 @@ def text_path(seed_dir: str) -> str:
 def month_files(seed_dir: Path) -> dict[str, Path]:
     text_path(str(seed_dir))
     if not seed_dir.is_dir():
-        raise InputError(f"SEED_DIR {str(seed_dir)!r} is not a directory")
+        raise InputError(f"seed_dir {str(seed_dir)!r} is not a directory")
     files = expected_files(seed_dir)
     for path in files.values():
         if path.exists() and not path.is_file():  # a folder, a device: "missing" would mislead
