@@ -55,7 +55,8 @@ from streamflow.registry import LIVE_TABLES, SNAPSHOT_TABLES  # noqa: E402
 
 SHARED_SEEDS = Path(os.environ.get("SHARED_SEEDS_DIR", REPO.parent / "shared" / "seeds"))
 DATA_SEEDS = REPO / "data" / "seeds"
-ALL_TABLES = LIVE_TABLES + SNAPSHOT_TABLES + ("ingest_months",)
+DATA_TABLES = LIVE_TABLES + SNAPSHOT_TABLES
+ALL_TABLES = DATA_TABLES + ("ingest_months",)
 _counter = itertools.count()
 _REAL_CHILD_COMMAND = sfvalidation.child_command
 

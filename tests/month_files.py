@@ -23,14 +23,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import FLOW_DIR, SHARED_SEEDS, with_database
+from conftest import ALL_TABLES, FLOW_DIR, SHARED_SEEDS, with_database
 from psycopg import sql
 from streamflow.locking import LOCK_KEY
-from streamflow.registry import LIVE_TABLES, SNAPSHOT_TABLES, TABLES
+from streamflow.registry import TABLES
 
 MONTHS = ("month_000", "month_001")
 AS_OF = {"month_000": "2024-01-31", "month_001": "2024-02-29"}
-HISTORY_TABLES = LIVE_TABLES + SNAPSHOT_TABLES + ("ingest_months",)
 
 
 def child_processes(parent: int) -> dict[int, list[bytes]]:
@@ -75,6 +74,13 @@ def write_rows(path: Path, rows: list[list[str]], lineterminator: str = "\n", **
     buf = io.StringIO()
     csv.writer(buf, lineterminator=lineterminator, **fmt).writerows(rows)
     path.write_text(buf.getvalue(), encoding="utf-8", newline="")
+
+
+def ok(result: tuple[int, str, str]) -> str:
+    """The output of a run (rc, out, err) that must have succeeded."""
+    rc, out, err = result
+    assert rc == 0, err[-3000:]
+    return out
 
 
 def with_value(
@@ -150,7 +156,7 @@ def database_copy(
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def table_digests(url: str, tables: tuple[str, ...] = HISTORY_TABLES) -> dict[str, tuple]:
+def table_digests(url: str, tables: tuple[str, ...] = ALL_TABLES) -> dict[str, tuple]:
     """Per table: row count and two order-independent 64-bit hash sums of its rows.
 
     Computed in PostgreSQL (no rows fetched, no sort: ~3x faster than an md5 over

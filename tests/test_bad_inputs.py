@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import dump, scalar
+from conftest import DATA_TABLES, dump, scalar
 from month_files import (
     AS_OF,
     database_copy,
@@ -30,7 +30,7 @@ from month_files import (
     write_rows,
 )
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from streamflow.registry import BY_NAME, KEY, LIVE_TABLES, PARENT, SNAPSHOT_TABLES, TABLES
+from streamflow.registry import BY_NAME, KEY, PARENT, TABLES
 
 _names = itertools.count()
 
@@ -759,7 +759,6 @@ SAME = {
     "crlf_with_trailing_blank_lines": crlf_with_trailing_blank_lines,
     "trailing_whitespace_lines": trailing_whitespace_lines,
 }
-DATA_TABLES = LIVE_TABLES + SNAPSHOT_TABLES
 
 
 @pytest.fixture(scope="module")

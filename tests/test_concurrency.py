@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import ALL_TABLES, dump, with_database
+from conftest import ALL_TABLES, DATA_TABLES, dump, with_database
 from month_files import (
     AS_OF,
     end_writer_lock_holder,
@@ -28,10 +28,9 @@ from month_files import (
     small_months,
 )
 from streamflow.locking import LOCK_KEY
-from streamflow.registry import LIVE_TABLES, SNAPSHOT_TABLES
+from streamflow.registry import SNAPSHOT_TABLES
 
 JAN, FEB = AS_OF["month_000"], AS_OF["month_001"]
-DATA_TABLES = LIVE_TABLES + SNAPSHOT_TABLES
 APP = "streamflow-ingest"  # application_name of the flow's connections
 TIMEOUT = 300
 

@@ -31,10 +31,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import with_database
+from conftest import ALL_TABLES, with_database
 from month_files import (
     AS_OF,
-    HISTORY_TABLES,
     database_copy,
     disconnect_all,
     flow_command,
@@ -200,13 +199,13 @@ def test_sigkill_anywhere_leaves_before_or_after(
     t_start = time.monotonic()
     feb = months / "month_001"
     disconnect_all(pg_admin_url, before_db)
-    before = table_digests(with_database(pg_admin_url, before_db), HISTORY_TABLES)
+    before = table_digests(with_database(pg_admin_url, before_db), ALL_TABLES)
 
     # One uninterrupted run: the after-state, and how long each phase takes.
     with copy_db(pg_admin_url, before_db, f"sf_crash_after_{os.getpid()}") as url:
         proc = start_flow(url, feb, prefect_api, tmp_path / "clean")
         assert proc.wait(timeout=600) == 0, (tmp_path / "clean" / "stderr.txt").read_text()[-3000:]
-        after = table_digests(url, HISTORY_TABLES)
+        after = table_digests(url, ALL_TABLES)
         with psycopg.connect(url) as conn:
             timings = conn.execute(
                 "SELECT timings FROM ingest_runs WHERE as_of = %s AND status = 'succeeded'", (FEB,)
@@ -260,7 +259,7 @@ def test_sigkill_anywhere_leaves_before_or_after(
         assert status in ("running", "succeeded"), status
         killed[run_id] = "abandoned" if status == "running" else "succeeded"
 
-        state = table_digests(url, HISTORY_TABLES)
+        state = table_digests(url, ALL_TABLES)
         verdict = "before" if state == before else "after" if state == after else "MIXED"
         outcomes.append((trial, phase, seen, round(killed_at, 2), verdict))
         print(
@@ -275,7 +274,7 @@ def test_sigkill_anywhere_leaves_before_or_after(
         if verdict == "after" or phase == "snapshot_month" or trial == len(plan) - 1:
             assert ingest(url, feb, FEB) == 0
             recoveries += 1
-            assert table_digests(url, HISTORY_TABLES) == after
+            assert table_digests(url, ALL_TABLES) == after
             with psycopg.connect(url) as conn:
                 statuses = dict(
                     conn.execute(

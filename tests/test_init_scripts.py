@@ -350,9 +350,7 @@ SCHEMA_SHA256 = {
 
 
 def test_a_changed_schema_file_raises_its_version():
-    from streamflow import bootstrap
-
-    text = (REPO / "db" / "init" / "001_schema.sql").read_bytes()
+    text = (INIT_DIR / "001_schema.sql").read_bytes()
     assert hashlib.sha256(text).hexdigest() == SCHEMA_SHA256.get(bootstrap.SCHEMA_VERSION), (
         "db/init/001_schema.sql changed: raise the version its streamflow_schema_version() "
         "returns, and record the file's sha256 in SCHEMA_SHA256"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import ALL_TABLES, dump, scalar
+from conftest import ALL_TABLES, DATA_TABLES, dump, scalar
 from month_files import (
     AS_OF,
     database_copy,
@@ -27,14 +27,15 @@ from month_files import (
     flow_command,
     flow_env,
     ingest,
+    ok,
     read_rows,
     small_months,
+    with_value,
     write_rows,
 )
 from streamflow.registry import LIVE_TABLES, SNAPSHOT_TABLES, TABLES
 
 JAN, FEB = AS_OF["month_000"], AS_OF["month_001"]
-DATA_TABLES = LIVE_TABLES + SNAPSHOT_TABLES
 _names = itertools.count()
 
 
@@ -76,12 +77,6 @@ def runs(url: str) -> list[dict]:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def ok(result: tuple[int, str, str]) -> str:
-    rc, out, err = result
-    assert rc == 0, err[-3000:]
-    return out
 
 
 def changed_copy(src: Path, dest: Path, *, drop_user_row: int | None = None) -> Path:
@@ -1136,9 +1131,10 @@ def test_a_signal_held_back_while_a_success_is_recorded_still_stops_the_run(
     run_flow, db_url, months, monkeypatch
 ):
     """A SIGTERM (docker stop, timeout) that lands while a published month's run is
-    written to the ledger is held back for that write, then acted on: the CLI says the
-    month was published and exits 143, rather than going on to wait for the Data Docs
-    and exit 0 (mutation audit: a held-back signal dropped passed every test)."""
+    written to the ledger is held back for that write, then acted on: the run ends in
+    PublishedThenInterrupted for SIGTERM (the CLI's "published" line and exit 143,
+    tests/test_cli_startup.py), rather than going on to wait for the Data Docs and exit
+    0 (mutation audit: a held-back signal dropped passed every test)."""
     from streamflow.interrupts import PublishedThenInterrupted
 
     with (
@@ -1158,8 +1154,6 @@ def test_a_refused_success_record_does_not_fail_a_published_month(
     timings and expectation counts. A refusal of that write (a revoked grant, a full
     disk) made the CLI say 'ingest failed: ...' with exit 1 of a month that was
     published (review of the refactor). It is a warning now; the month stands."""
-    import logging
-
     from streamflow import ledger
 
     real_finish = ledger.finish_run
@@ -1171,7 +1165,7 @@ def test_a_refused_success_record_does_not_fail_a_published_month(
 
     monkeypatch.setattr(ledger, "finish_run", refused)
     with caplog.at_level(logging.WARNING):
-        rc, out, err = run_flow(db_url, months / "month_000", JAN)
+        rc, _, err = run_flow(db_url, months / "month_000", JAN)
 
     assert rc == 0, err
     assert "ingest failed" not in err
@@ -1208,11 +1202,9 @@ def test_replacing_one_file_warns_of_no_stale_export(run_flow, db_url, months, t
     that it "is byte for byte the ... published as of" that same month: a stale
     export? (mutation audit). Only another month's files are worth that warning."""
     ok(run_flow(db_url, months / "month_000", JAN))
-    jan = tmp_path / "month_000"
-    shutil.copytree(months / "month_000", jan)
-    rows = read_rows(jan / "labels.csv")
-    rows[1][-1] = {"true": "false", "false": "true", "1": "0", "0": "1"}.get(rows[1][-1], "true")
-    write_rows(jan / "labels.csv", rows)
+    label = read_rows(months / "month_000" / "labels.csv")[1][1]
+    flipped = {"True": "False", "False": "True"}[label]  # the files' spelling
+    jan = with_value(months, tmp_path / "month_000", "labels.csv", "churn_label", flipped, row=1)
     with caplog.at_level(logging.WARNING):
         ok(run_flow(db_url, jan, JAN, "--replace"))
     assert [r.getMessage() for r in caplog.records if "byte for byte" in r.getMessage()] == []

@@ -11,14 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import FLOW_DIR
 from month_files import prefect_server
 
 SECRET = "admin:s3cret-for-the-ui"
 
 
 def served(api: str, auth: str | None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PREFECT_API_URL": api, "PYTHONPATH": str(REPO / "services" / "prefect")}
+    env = {**os.environ, "PREFECT_API_URL": api, "PYTHONPATH": str(FLOW_DIR)}
     env.pop("PREFECT_API_AUTH_STRING", None)
     if auth is not None:
         env["PREFECT_API_AUTH_STRING"] = auth
@@ -73,7 +73,7 @@ def test_the_healthcheck_imports_neither_prefect_nor_psycopg():
     code = "import sys, streamflow.served; print(sorted({'psycopg', 'prefect'} & set(sys.modules)))"
     out = subprocess.run(
         [sys.executable, "-c", code],
-        env={**os.environ, "PYTHONPATH": str(REPO / "services" / "prefect")},
+        env={**os.environ, "PYTHONPATH": str(FLOW_DIR)},
         capture_output=True,
         text=True,
         timeout=60,

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import member_login, scalar, with_database
+from conftest import DATA_TABLES, member_login, scalar, with_database
 from month_files import AS_OF, read_rows, small_months, with_value, write_rows
 from psycopg import sql
-from streamflow.registry import SNAPSHOT_TABLES, TABLES
+from streamflow.registry import KEY, PARENT, SNAPSHOT_TABLES, TABLES
 
 JAN, FEB = AS_OF["month_000"], AS_OF["month_001"]
 
@@ -23,16 +23,20 @@ def months(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return small_months(tmp_path_factory.mktemp("small"))
 
 
-def with_user_id(months: Path, tmp_path: Path, new_id: str) -> tuple[Path, str]:
+def with_user_id(months: Path, tmp_path: Path, new_id: str) -> Path:
     """month_000 with its first user renamed ``new_id`` in all six files."""
     folder = tmp_path / "month_000"
     shutil.copytree(months / "month_000", folder)
-    old = read_rows(folder / "users.csv")[1][0]
+    old = read_rows(folder / PARENT.file_name)[1][0]
     for spec in TABLES:
         path = folder / spec.file_name
         rows = read_rows(path)
-        write_rows(path, [[new_id if v == old else v for v in row] for row in rows])
-    return folder, old
+        key = rows[0].index(KEY)
+        write_rows(
+            path,
+            [[new_id if i == key and v == old else v for i, v in enumerate(row)] for row in rows],
+        )
+    return folder
 
 
 def set_on_database(url: str, setting: str, value: str) -> None:
@@ -64,16 +68,14 @@ def test_a_client_encoding_set_elsewhere_does_not_change_the_stored_values(
     stored as 'Ã©' in every table, exit 0 (settings audit)."""
     set_on_database(db_url, "client_encoding", "LATIN1")
     monkeypatch.setenv("PGCLIENTENCODING", "WIN1252")
-    folder, _ = with_user_id(months, tmp_path, "7590-VHVéG")
+    folder = with_user_id(months, tmp_path, "7590-VHVéG")
 
     rc, _, err = run_flow(db_url, folder, JAN)
 
     assert rc == 0, err[-3000:]
-    for table in ("users", "labels", "labels_snapshots"):
-        ids = scalar(
-            db_url,
-            f"SELECT array_agg(user_id) FROM {table} WHERE user_id LIKE '7590-%%'",  # noqa: S608
-        )
+    for table in DATA_TABLES:
+        query = sql.SQL("SELECT array_agg(user_id) FROM {} WHERE user_id LIKE '7590-%%'")
+        ids = scalar(db_url, query.format(sql.Identifier(table)))
         assert ids == ["7590-VHVéG"], table
 
 
@@ -85,7 +87,7 @@ def test_gx_reads_the_values_as_utf8_whatever_the_client_encoding(
     could not run (GX process): UntranslatableCharacter", instead of naming the value
     and its user (review)."""
     set_on_database(db_url, "client_encoding", "LATIN1")
-    folder, _ = with_user_id(months, tmp_path, "7590-V€G")
+    folder = with_user_id(months, tmp_path, "7590-V€G")
     rows = read_rows(folder / "usage_agg_30d.csv")
     row = next(i for i, r in enumerate(rows) if r[0] == "7590-V€G")
     rows[row][rows[0].index("watch_hours_30d")] = "-1"

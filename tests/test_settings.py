@@ -229,14 +229,14 @@ _NOT_CONFIGURATION = {
 
 
 def test_the_pipelines_variables_are_read_in_settings_only():
-    """One place for configuration: every variable .env.example documents for the flow
-    is read by settings.py; elsewhere only libpq's own, a child's environment and
-    telemetry switches."""
+    """One place for configuration: no module of the flow but settings.py reads an
+    environment variable, except libpq's own, a child's environment and telemetry
+    switches. (That .env.example documents each variable the flow reads is
+    tests/test_static_stack.py's.)"""
     import re
 
-    from conftest import REPO
+    from conftest import FLOW_DIR as flow_dir
 
-    flow_dir = REPO / "services" / "prefect"
     read = re.compile(
         r"""os\.(?:environ\.get|environ\.setdefault|getenv)\(\s*["']?(\w+)|os\.environ\[["']?(\w+)"""
     )

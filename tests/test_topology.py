@@ -219,7 +219,7 @@ def wait_until(what: str, check, timeout: float, *procs: Proc, every: float = 0.
                 )
         try:
             result = check()
-        except Exception:
+        except Exception:  # not up yet
             result = None
         if result:
             return result

@@ -1,6 +1,6 @@
 """A COPY error in people's words: the file, the line (counted as an editor does), the
 column, the value and what was expected; COPY's own context read in English or in the
-server's language. Used on the error path only: the files are read again to say it.
+server's language. The files are read again to say it, on the error path only.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from pathlib import Path
 import psycopg
 
 from .errors import clipped_quotes
-from .loading import MAX_HEADER_BYTES
-from .registry import TableSpec
+from .registry import MAX_HEADER_BYTES, TableSpec
 
 # COPY's words for a file whose lines do not all end alike (a CR or LF where the
 # first line's ending says the line goes on).

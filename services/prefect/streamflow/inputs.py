@@ -126,10 +126,10 @@ def cli_parser(description: str | None, *, add_help: bool = True) -> argparse.Ar
         allow_abbrev=False,
     )
     parser.add_argument("command", nargs="?", choices=["run", "serve"], default="run")
-    parser.add_argument("--seed-dir", default=seed_dir or None, help="month folder (env SEED_DIR)")
+    parser.add_argument("--seed-dir", default=seed_dir, help="month folder (env SEED_DIR)")
     parser.add_argument(
         "--as-of",
-        default=as_of or None,
+        default=as_of,
         help="a month's last day, YYYY-MM-DD (env AS_OF)",
     )
     # Not read from REPLACE here: serve and --help never use it, and a bad value must

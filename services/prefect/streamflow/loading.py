@@ -22,16 +22,14 @@ from typing import BinaryIO
 import psycopg
 from psycopg import sql
 
+from .copy_errors import explain_copy_error
 from .errors import InputError, clipped, first_few, unreadable
 from .fingerprints import is_hashed_file
 from .locking import check_writer_lock
-from .registry import KEY, TABLES, TableSpec
+from .registry import KEY, MAX_HEADER_BYTES, TABLES, TableSpec
 from .sqlfiles import ident_list, query, staged
 
 CHUNK_BYTES = 1 << 20
-# A header of the registry's names is well under 1 KB; a first line past this is not
-# a header (a file whose lines end in CR alone, a binary file), and is not read whole.
-MAX_HEADER_BYTES = 1 << 16
 _BOM = b"\xef\xbb\xbf"
 _BLANK = b" \t\r\n"
 # A run of quotes between two characters of a value. Outside a quoted value, COPY takes
@@ -193,8 +191,6 @@ def stage_file(
         conn.commit()
     except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:  # NOT NULL on user_id
         _roll_back(conn)
-        from .copy_errors import explain_copy_error  # here: it imports this module
-
         raise InputError(explain_copy_error(spec, path.name, exc, path)) from exc
     except OSError as exc:  # the COPY was abandoned: nothing of the file is staged
         _roll_back(conn)

@@ -62,6 +62,9 @@ class TableSpec:
 EARLIEST_DATE = date(1900, 1, 1)
 KEY = "user_id"
 KEY_MAX_LENGTH = 64  # characters; a UUID has 36
+# A header of the registry's names is well under 1 KB; a first line past this is not
+# a header (a file whose lines end in CR alone, a binary file), and is not read whole.
+MAX_HEADER_BYTES = 1 << 16
 _key = Column(KEY, "text", required=True)
 _gender = ("Male", "Female")
 _contracts = ("Month-to-month", "One year", "Two year")

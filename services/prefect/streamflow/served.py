@@ -32,7 +32,7 @@ def main() -> int:
     if not api_url:
         print("PREFECT_API_URL is not set: no Prefect server to ask", file=sys.stderr)
         return 1
-    request = urllib.request.Request(deployment_url(api_url))
+    request = urllib.request.Request(deployment_url(api_url))  # http(s), from settings
     # Prefect's client sends its basic-auth string the same way.
     auth = prefect_api_auth()
     if auth:

@@ -121,9 +121,12 @@ def _seconds(env: os._Environ[str] | dict[str, str], name: str, default: str) ->
     return value
 
 
-def month_from_env(env: os._Environ[str] | dict[str, str] = os.environ) -> tuple[str, str]:
-    """SEED_DIR and AS_OF ("" when unset): the month a run ingests when no flag names it."""
-    return env.get("SEED_DIR", ""), env.get("AS_OF", "")
+def month_from_env(
+    env: os._Environ[str] | dict[str, str] = os.environ,
+) -> tuple[str | None, str | None]:
+    """SEED_DIR and AS_OF (None when unset or empty): the month a run ingests when no
+    flag names it."""
+    return env.get("SEED_DIR") or None, env.get("AS_OF") or None
 
 
 def prefect_api_url(env: os._Environ[str] | dict[str, str] = os.environ) -> str | None:

@@ -366,7 +366,7 @@ class SuitesProcess:
         env["PYTHONSAFEPATH"] = "1"
         # stderr in a file, not a pipe: stdout is read line by line while the child
         # runs, and a full stderr pipe would block it.
-        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # closed by finish/close
         self._asked = False
         self._proc = subprocess.Popen(
             cmd,

@@ -112,7 +112,7 @@ class TemporaryApiServer:
     """Prefect's temporary API server (SQLite in ``PREFECT_HOME``), UI off."""
 
     def __init__(self) -> None:
-        self._log = tempfile.TemporaryFile()
+        self._log = tempfile.TemporaryFile()  # read if it fails to start
         self._spawn()
 
     def _spawn(self) -> None:
@@ -200,6 +200,7 @@ API_ANSWER_SECONDS = 15
 def check_api_answers(api_url: str) -> None:
     """Raise IngestError if PREFECT_API_URL's server does not answer in time."""
     try:
+        # The user's own API URL, as Prefect's client would call it.
         urllib.request.urlopen(api_url.rstrip("/") + "/health", timeout=API_ANSWER_SECONDS).close()
     except urllib.error.HTTPError:
         return  # it answered
