@@ -340,18 +340,103 @@ def test_the_postgres_entrypoint_refuses_placeholders_before_initdb(tmp_path, va
     assert not called.exists()
 
 
-# db/init/001_schema.sql as each version of it ends (bootstrap.SCHEMA_VERSION, read from the
-# file): an edit that does not raise the version reaches new databases only
-# (ensure_schema leaves a database of the same version alone). Raise the version its
-# streamflow_schema_version() returns, then record the new file's sha256 here.
+def sql_without_comments(text: str) -> str:
+    """The SQL PostgreSQL runs: ``--`` comments (outside quotes) and blank lines dropped,
+    trailing spaces stripped. A comment inside a function body is stored with it, but
+    changes nothing it does."""
+    lines = []
+    for line in text.splitlines():
+        quoted = False
+        for i, char in enumerate(line):
+            if char == "'":
+                quoted = not quoted
+            elif char == "-" and not quoted and line.startswith("--", i):
+                line = line[:i]
+                break
+        if line.strip():
+            lines.append(line.rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def test_sql_without_comments_keeps_what_is_quoted():
+    text = "-- why\nSELECT '--kept', 1;  -- why not\n\n  -- indented\nSELECT 'it''s -- kept';\n"
+    assert sql_without_comments(text) == "SELECT '--kept', 1;\nSELECT 'it''s -- kept';\n"
+
+
+# The SQL of db/init/001_schema.sql (comments aside) as each version of it ends
+# (bootstrap.SCHEMA_VERSION, read from the file): an edit that does not raise the
+# version reaches new databases only (ensure_schema leaves a database of the same
+# version alone). Raise the version its streamflow_schema_version() returns, then
+# record the new sha256 here. A comment-only edit keeps the version: it changes nothing
+# a database does, and a new version makes every Docker volume wait for a superuser.
 SCHEMA_SHA256 = {
-    2: "de006120aa161bd0b367ab25ebc87c7fe50110727b7e3fe9595f917610dbaeba",
+    2: "c5bc50dd2697cffaa7ebd2aa19c3d23d4e41f245bafb53cd2d78d138e022075c",
 }
 
 
 def test_a_changed_schema_file_raises_its_version():
-    text = (INIT_DIR / "001_schema.sql").read_bytes()
-    assert hashlib.sha256(text).hexdigest() == SCHEMA_SHA256.get(bootstrap.SCHEMA_VERSION), (
-        "db/init/001_schema.sql changed: raise the version its streamflow_schema_version() "
-        "returns, and record the file's sha256 in SCHEMA_SHA256"
+    text = (INIT_DIR / "001_schema.sql").read_text(encoding="utf-8")
+    digest = hashlib.sha256(sql_without_comments(text).encode()).hexdigest()
+    assert digest == SCHEMA_SHA256.get(bootstrap.SCHEMA_VERSION), (
+        "db/init/001_schema.sql's SQL changed: raise the version its "
+        "streamflow_schema_version() returns, and record the new sha256 in SCHEMA_SHA256 "
+        f"({digest})"
     )
+
+
+# Tables of the pipeline's names in another shape: the lab's own history tables were
+# plain tables, and another tool's may lack a column.
+LAB_TABLES = """
+CREATE TABLE users (user_id TEXT PRIMARY KEY, signup_date DATE, user_gender TEXT,
+    user_is_senior BOOLEAN, has_family BOOLEAN, has_dependents BOOLEAN);
+CREATE TABLE support_agg_90d (user_id TEXT PRIMARY KEY REFERENCES users,
+    support_tickets_90d INTEGER);
+CREATE TABLE usage_agg_30d_snapshots (user_id TEXT NOT NULL, as_of DATE NOT NULL,
+    watch_hours_30d NUMERIC, avg_session_mins_7d NUMERIC, unique_devices_30d INTEGER,
+    skips_7d INTEGER, rebuffer_events_7d INTEGER, PRIMARY KEY (user_id, as_of));
+CREATE TABLE labels_snapshots (user_id TEXT NOT NULL, as_of DATE NOT NULL,
+    churn_label BOOLEAN, PRIMARY KEY (user_id, as_of));
+INSERT INTO usage_agg_30d_snapshots VALUES ('lab-1', '2023-12-31', 1.5, 2, 3, 4, 5);
+"""
+
+
+def test_tables_of_another_shape_are_refused_before_anything_is_created(
+    empty_db_url, run_flow, tmp_path
+):
+    """A database holding the lab's own tables: db/init's CREATE TABLE IF NOT EXISTS
+    kept them, and the month failed at its very end ('usage_agg_30d_snapshots is not
+    partitioned', with a traceback). Refused first, in words, nothing created; moved to
+    a schema of their own (docs/stack.md), they stay, and the month publishes."""
+    months = small_months(tmp_path)
+    with psycopg.connect(empty_db_url) as conn:
+        conn.execute(LAB_TABLES)
+    rc, _, err = run_flow(empty_db_url, months / "month_000", AS_OF["month_000"])
+    assert rc == 1
+    assert err.strip().splitlines()[-1] == (
+        "ingest failed: this database already has tables of the pipeline's names that it "
+        "did not create (the lab's own schema?): usage_agg_30d_snapshots is not "
+        "partitioned by as_of, support_agg_90d has no ticket_avg_resolution_hrs_90d, "
+        "labels_snapshots is not partitioned by as_of. Nothing was changed: move them to "
+        "a schema of their own or use an empty database (docs/stack.md, 'Coming from the "
+        "lab's database')"
+    )
+    with psycopg.connect(empty_db_url) as conn:
+        created = conn.execute(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname IN ('public', 'staging') AND c.relkind IN ('r', 'p')"
+        ).fetchone()
+        assert created == (4,)  # the lab's four, nothing of the pipeline's
+        assert conn.execute("SELECT to_regnamespace('staging')").fetchone() == (None,)
+        conn.execute(
+            "CREATE SCHEMA lab;"
+            "ALTER TABLE users SET SCHEMA lab; ALTER TABLE support_agg_90d SET SCHEMA lab;"
+            "ALTER TABLE usage_agg_30d_snapshots SET SCHEMA lab;"
+            "ALTER TABLE labels_snapshots SET SCHEMA lab"
+        )
+    rc, _, err = run_flow(empty_db_url, months / "month_000", AS_OF["month_000"])
+    assert rc == 0, err[-3000:]
+    with psycopg.connect(empty_db_url) as conn:
+        assert conn.execute("SELECT user_id FROM lab.usage_agg_30d_snapshots").fetchall() == [
+            ("lab-1",)
+        ]
+        assert conn.execute("SELECT count(*) FROM usage_agg_30d_snapshots").fetchone() == (200,)

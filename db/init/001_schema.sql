@@ -1,5 +1,6 @@
 -- StreamFlow ingest schema. Idempotent: safe to run on every start, in Docker
--- (docker-entrypoint-initdb.d) and by the flow itself on an empty database.
+-- (docker-entrypoint-initdb.d) and by the flow itself on an empty or older database
+-- (bootstrap.ensure_schema, when the login may).
 
 -- ---------------------------------------------------------------------------
 -- Live tables: the latest published month, exactly the lab's columns.
@@ -181,7 +182,8 @@ ALTER TABLE staging.subscriptions
 -- month that fails is rolled back whole; no reader ever sees part of one (rows
 -- committed before the publish would show, once attached, to a snapshot older than it).
 -- ---------------------------------------------------------------------------
--- The one allowlist: the month partition's name, for a history table only.
+-- The month partition's name, for one of the five history tables only: the names
+-- these functions build come from this list, never from the caller.
 CREATE OR REPLACE FUNCTION streamflow_month_partition_name(history text, month date)
 RETURNS text
 LANGUAGE plpgsql IMMUTABLE
@@ -389,7 +391,7 @@ $$;
 -- PostgreSQL lets PUBLIC connect and create temporary tables in a new database, so
 -- Prefect's login or any other could open sessions here. Only the owner may change
 -- that: a login applying this file to an older database without being the owner
--- (db.ensure_schema) leaves it as it was. Not on the cluster's maintenance database
+-- (bootstrap.ensure_schema) leaves it as it was. Not on the cluster's maintenance database
 -- (the embedded server's): every client and tool expects to reach that one.
 DO $$
 BEGIN
@@ -447,10 +449,11 @@ GRANT SELECT ON
     TO streamflow_reader;
 
 -- ---------------------------------------------------------------------------
--- This file's version. A database initialised by an older one (db.ensure_schema
+-- This file's version. A database initialised by an older one (bootstrap.ensure_schema
 -- compares the numbers) gets the whole file again: a changed function body or
--- setting reaches it, not only new databases. Raise it with every change here (the
--- one place it is written; tests/test_init_scripts.py holds each version's sha256).
+-- setting reaches it, not only new databases. Raise it with every change to its SQL (the
+-- one place it is written; tests/test_init_scripts.py holds each version's sha256 of
+-- the SQL, comments aside: a comment-only edit keeps the version).
 -- ---------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION streamflow_schema_version()
 RETURNS integer
