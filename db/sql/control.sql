@@ -12,6 +12,21 @@ SELECT to_regprocedure(%(signature)s) IS NOT NULL
                WHERE attrelid = to_regclass(%(table)s) AND attname = %(column)s
                  AND NOT attisdropped);
 
+-- name: tables_not_ours
+-- Tables of the pipeline's names that db/init did not make (the lab's own schema, an
+-- older tool's): a history table not partitioned by as_of (column NULL), or a table
+-- without a column the pipeline writes. db/init's CREATE TABLE IF NOT EXISTS would keep
+-- them as they are, and a month would be staged and validated, then fail at its end.
+SELECT w.tbl, w.col
+FROM unnest(%(tables)s::text[], %(columns)s::text[]) WITH ORDINALITY AS w (tbl, col, n)
+JOIN pg_class AS c ON c.oid = to_regclass(format('public.%%I', w.tbl))
+WHERE CASE WHEN w.col IS NULL THEN c.relkind <> 'p'
+           ELSE NOT EXISTS (SELECT 1 FROM pg_attribute AS a
+                            WHERE a.attrelid = c.oid AND a.attname = w.col
+                              AND a.attnum > 0 AND NOT a.attisdropped)
+      END
+ORDER BY w.n;
+
 -- name: schema_version
 SELECT streamflow_schema_version();
 

@@ -7,7 +7,8 @@ import re
 
 import psycopg
 
-from .errors import SchemaOutdated
+from .errors import SchemaOutdated, TablesNotOurs, first_few
+from .registry import KEY, TABLES
 from .settings import DB_DIR
 from .sqlfiles import queries
 
@@ -50,6 +51,7 @@ def ensure_schema(conn: psycopg.Connection) -> list[str]:
     if schema_present(conn):
         if _schema_version(conn) >= SCHEMA_VERSION:
             return []
+        refuse_tables_not_ours(conn)
         try:
             return apply_init_sql(conn)
         except psycopg.errors.InsufficientPrivilege as exc:
@@ -62,7 +64,41 @@ def ensure_schema(conn: psycopg.Connection) -> list[str]:
                 "db/init/001_schema.sql once (it is idempotent). PostgreSQL said: "
                 f"{exc.diag.message_primary}"
             ) from exc
+    refuse_tables_not_ours(conn)
     return apply_init_sql(conn)
+
+
+def _expected_columns() -> list[tuple[str, str | None]]:
+    """(table, column) the pipeline writes; (history table, None): partitioned by as_of."""
+    expected: list[tuple[str, str | None]] = []
+    for t in TABLES:
+        expected += [(t.name, c) for c in t.column_names]
+        if t.snapshot_table:
+            expected.append((t.snapshot_table, None))
+            expected += [(t.snapshot_table, c) for c in (KEY, "as_of", *t.snapshot_columns)]
+    return expected
+
+
+def refuse_tables_not_ours(conn: psycopg.Connection) -> None:
+    """Raise TablesNotOurs, before db/init touches the database, if it holds tables of
+    the pipeline's names in another shape."""
+    expected = _expected_columns()
+    found = conn.execute(
+        queries("control")["tables_not_ours"],  # type: ignore[arg-type]
+        {"tables": [t for t, _ in expected], "columns": [c for _, c in expected]},
+    ).fetchall()
+    conn.rollback()
+    if not found:
+        return
+    shown = [
+        f"{table} is not partitioned by as_of" if column is None else f"{table} has no {column}"
+        for table, column in found
+    ]
+    raise TablesNotOurs(
+        "this database already has tables of the pipeline's names that it did not create "
+        f"(the lab's own schema?): {first_few(shown)}. Nothing was changed: move them to a "
+        "schema of their own or use an empty database (docs/stack.md, 'Coming from the lab's database')"
+    )
 
 
 def _schema_version(conn: psycopg.Connection) -> int:

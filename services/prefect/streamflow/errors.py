@@ -124,6 +124,11 @@ class SchemaOutdated(IngestError):
     """The database predates this version's db/init and the login may not update it."""
 
 
+class TablesNotOurs(IngestError):
+    """The database has tables of the pipeline's names in another shape (the lab's own
+    schema): nothing is created or changed in it."""
+
+
 class HistoryIncomplete(IngestError):
     """A published month is missing from a history table (its partition detached or
     dropped by hand): no month is published on top of a history that lost one."""
