@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import REPO
-from month_files import AS_OF, small_months
+from month_files import AS_OF, ok, small_months
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from streamflow import bootstrap
 
@@ -440,3 +440,83 @@ def test_tables_of_another_shape_are_refused_before_anything_is_created(
             ("lab-1",)
         ]
         assert conn.execute("SELECT count(*) FROM usage_agg_30d_snapshots").fetchone() == (200,)
+
+
+def restored_elsewhere(db_url: str, cluster: dict[str, str], tmp_path: Path, *before: str) -> str:
+    """``db_url``'s database dumped (pg_dump -Fc, as its superuser) and restored into
+    ``cluster``, a new one, after running ``before`` there: the URL of the copy, as the
+    cluster's superuser. pg_restore's errors (roles the new cluster lacks) are expected."""
+    binaries = Path(cluster["bin"])
+    dump = tmp_path / "streamflow.dump"
+    subprocess.run([binaries / "pg_dump", "-Fc", "-f", dump, "-d", db_url], check=True, timeout=120)
+    admin = make_conninfo(host=cluster["host"], port=cluster.get("port"), user=cluster["user"])
+    with psycopg.connect(admin, dbname="postgres", autocommit=True) as conn:
+        conn.execute('CREATE DATABASE "streamflow"')
+        for statement in before:
+            conn.execute(statement)  # type: ignore[arg-type]
+    restored = login_url(cluster, cluster["user"])
+    subprocess.run(
+        [binaries / "pg_restore", "-d", restored, dump], capture_output=True, timeout=120
+    )
+    return restored
+
+
+def test_a_dump_restored_into_another_cluster_gets_db_inits_grants_back(
+    db_url, cluster, run_flow, months, tmp_path
+):
+    """Roles live in the cluster, not in a dump: restored into a new cluster, the
+    database came back without streamflow_ingest and streamflow_reader, pg_restore's
+    failed GRANTs left the functions that run with their owner's rights to PUBLIC, and
+    the next month failed at its end ('unexpected UndefinedObject: role
+    "streamflow_ingest" does not exist'). A superuser's run applies db/init again."""
+    ok(run_flow(db_url, months / "month_000", AS_OF["month_000"]))
+    restored = restored_elsewhere(db_url, cluster, tmp_path)
+    public_may_run = (
+        "SELECT has_function_privilege('public', "
+        "'streamflow_new_month_partition(text, date)', 'EXECUTE')"
+    )
+    with psycopg.connect(restored) as conn:
+        assert conn.execute(public_may_run).fetchone() == (True,)
+    rc, _, err = run_flow(restored, months / "month_001", AS_OF["month_001"])
+    assert rc == 0, err[-3000:]
+    assert (
+        "db/init/001_schema.sql applied again: the database's roles or grants are not "
+        "db/init's (no role streamflow_ingest, no role streamflow_reader, PUBLIC may run "
+    ) in err
+    with psycopg.connect(restored) as conn:
+        assert conn.execute(public_may_run).fetchone() == (False,)
+        published = conn.execute("SELECT as_of::text FROM ingest_months ORDER BY 1").fetchall()
+        assert published == [(AS_OF["month_000"],), (AS_OF["month_001"],)]
+
+
+def test_a_restore_the_ingest_login_cannot_mend_is_named_before_the_month(
+    db_url, cluster, run_flow, months, tmp_path
+):
+    """The group roles made by hand before the restore: the grants on tables and
+    functions come back, the cluster's grant of session_replication_role does not, and
+    the ingest login's month failed at publishing with 'the login needs the
+    streamflow_ingest role', which it has. Refused first, in words; applied by a
+    superuser, the same login publishes."""
+    ok(run_flow(db_url, months / "month_000", AS_OF["month_000"]))
+    restored = restored_elsewhere(
+        db_url,
+        cluster,
+        tmp_path,
+        "CREATE ROLE streamflow_ingest NOLOGIN",
+        "CREATE ROLE streamflow_reader NOLOGIN",
+        "CREATE ROLE app LOGIN IN ROLE streamflow_ingest",
+    )
+    app = login_url(cluster, "app")
+    rc, _, err = run_flow(app, months / "month_001", AS_OF["month_001"])
+    assert rc == 1
+    assert err.strip().splitlines()[-1] == (
+        "ingest failed: the database's roles or grants are not db/init's (streamflow_ingest "
+        "may not SET session_replication_role: a restore into another cluster?), and this "
+        "login may not update it: have a superuser (the login that initialised it; "
+        "POSTGRES_USER in Docker) run db/init/001_schema.sql once (it is idempotent). "
+        "PostgreSQL said: permission denied for schema public"
+    )
+    with psycopg.connect(restored) as conn:
+        assert conn.execute("SELECT count(*) FROM ingest_runs").fetchone() == (1,)
+        conn.execute((INIT_DIR / "001_schema.sql").read_text(encoding="utf-8"))  # type: ignore[arg-type]
+    ok(run_flow(app, months / "month_001", AS_OF["month_001"]))

@@ -387,6 +387,31 @@ def test_an_older_schema_is_brought_up_to_date_or_named(
     assert rc == 0, err[-3000:]
 
 
+def test_a_function_left_to_public_is_a_warning_until_a_superuser_runs(
+    run_flow, db_url, ingest_url, months
+):
+    """EXECUTE on a function that builds history with its owner's rights, granted to
+    PUBLIC (what a restore without the cluster's roles leaves): any login could attach
+    partitions through it. The ingest login cannot take it back and still publishes,
+    with a warning; a superuser's run applies db/init again, which revokes it."""
+    function = "streamflow_new_month_partition(text, date)"
+    public_may_run = f"SELECT has_function_privilege('public', '{function}', 'EXECUTE')"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(f"GRANT EXECUTE ON FUNCTION {function} TO PUBLIC")  # type: ignore[arg-type]
+    rc, _, err = run_flow(ingest_url, months / "month_000", JAN)
+    assert rc == 0, err[-3000:]
+    assert (
+        "the database's roles or grants are not db/init's (PUBLIC may run "
+        "streamflow_new_month_partition(), which runs with its owner's rights: a restore "
+        "into another cluster?): have a superuser run db/init/001_schema.sql once"
+    ) in err
+    assert scalar(db_url, public_may_run) is True
+    rc, _, err = run_flow(db_url, months / "month_001", FEB)
+    assert rc == 0, err[-3000:]
+    assert "db/init/001_schema.sql applied again" in err
+    assert scalar(db_url, public_may_run) is False
+
+
 def test_the_sql_allowlists_are_the_registrys_tables(db_url):
     """db/init repeats the registry's table names in its allowlists (the partition name,
     the key switch, the leftovers' pattern) and in the catalogue: a table added to one

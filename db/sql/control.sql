@@ -12,6 +12,37 @@ SELECT to_regprocedure(%(signature)s) IS NOT NULL
                WHERE attrelid = to_regclass(%(table)s) AND attname = %(column)s
                  AND NOT attisdropped);
 
+-- name: grants_not_db_init
+-- What db/init grants that a database of the current version may still lack: roles and
+-- the parameter grant are the cluster's, not the database's, so a dump restored into
+-- another cluster comes back without them, and pg_restore's failed GRANTs leave the
+-- owner-rights functions to PUBLIC. breaks_runs: the run would fail on it.
+SELECT problem, breaks_runs
+FROM (
+  SELECT 1, format('no role %s', r), true
+  FROM unnest(ARRAY['streamflow_ingest', 'streamflow_reader']) AS r
+  WHERE to_regrole(r) IS NULL
+  UNION ALL
+  SELECT 2, 'streamflow_ingest may not SET session_replication_role', true
+  WHERE to_regrole('streamflow_ingest') IS NOT NULL
+    AND NOT has_parameter_privilege('streamflow_ingest', 'session_replication_role', 'SET')
+  UNION ALL
+  SELECT 3, format('streamflow_ingest may not run %s()', p.proname), true
+  FROM pg_proc AS p
+  WHERE p.pronamespace = 'public'::regnamespace AND p.prosecdef
+    AND p.proname LIKE 'streamflow\_%%'
+    AND to_regrole('streamflow_ingest') IS NOT NULL
+    AND NOT has_function_privilege('streamflow_ingest', p.oid, 'EXECUTE')
+  UNION ALL
+  SELECT 4, format('PUBLIC may run %s(), which runs with its owner''s rights', p.proname),
+         false
+  FROM pg_proc AS p
+  WHERE p.pronamespace = 'public'::regnamespace AND p.prosecdef
+    AND p.proname LIKE 'streamflow\_%%'
+    AND has_function_privilege('public', p.oid, 'EXECUTE')
+) AS found (n, problem, breaks_runs)
+ORDER BY n, problem;
+
 -- name: tables_not_ours
 -- Tables of the pipeline's names that db/init did not make (the lab's own schema, an
 -- older tool's): a history table not partitioned by as_of (column NULL), or a table

@@ -240,7 +240,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
     ):
         lock_holder = control.info.backend_pid  # checked before every commit of the run
         with clock("schema"):
-            bootstrap.ensure_schema(control)
+            bootstrap.ensure_schema(control, warn=get_run_logger().warning)
             ledger.abandon_stale_runs(control)
         prints, fingerprint = rerun.fingerprint_files(control, as_of_date, files, summary.timings)
         run = runs.MonthRun(control, url, summary, clock, get_run_logger())

@@ -4,6 +4,7 @@ the postgres image's entrypoint does in Docker), a current one left alone."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import psycopg
 
@@ -46,26 +47,59 @@ def _init_sql_version() -> int:
 SCHEMA_VERSION = _init_sql_version()
 
 
-def ensure_schema(conn: psycopg.Connection) -> list[str]:
-    """Apply the init SQL on an empty or older database; leave a current one alone."""
+def ensure_schema(
+    conn: psycopg.Connection, warn: Callable[[str], object] = lambda message: None
+) -> list[str]:
+    """Apply the init SQL on an empty or older database, or on one of the current
+    version that lacks what db/init grants (a dump restored into another cluster);
+    leave a current, complete one alone. ``warn`` is told of what is left open when this
+    login may not apply it, and of what applying it mended."""
     if schema_present(conn):
         if _schema_version(conn) >= SCHEMA_VERSION:
-            return []
+            missing = grants_not_db_init(conn)
+            if not missing:
+                return []
+            found = first_few([problem for problem, _ in missing])
+            because = (
+                f"the database's roles or grants are not db/init's ({found}: a restore into "
+                "another cluster?)"
+            )
+        else:
+            table, column = NEWEST_COLUMN
+            missing = []
+            because = (
+                "the database was initialised by an older version of this pipeline (no "
+                f"{table}.{column}, or db/init's version below {SCHEMA_VERSION})"
+            )
         refuse_tables_not_ours(conn)
         try:
-            return apply_init_sql(conn)
+            applied = apply_init_sql(conn)
         except psycopg.errors.InsufficientPrivilege as exc:
             conn.rollback()
+            if missing and not any(breaks_runs for _, breaks_runs in missing):
+                warn(f"{because}: have a superuser run {_APPLY_ONCE}")
+                return []
             raise SchemaOutdated(
-                "the database was initialised by an older version of this pipeline "
-                f"(no {'.'.join(NEWEST_COLUMN)}, or db/init's version below "
-                f"{SCHEMA_VERSION}), and this login may not update it: have a superuser (the "
-                "login that initialised it; POSTGRES_USER in Docker) run "
-                "db/init/001_schema.sql once (it is idempotent). PostgreSQL said: "
-                f"{exc.diag.message_primary}"
+                f"{because}, and this login may not update it: have a superuser (the login "
+                f"that initialised it; POSTGRES_USER in Docker) run {_APPLY_ONCE}. PostgreSQL "
+                f"said: {exc.diag.message_primary}"
             ) from exc
+        if missing:
+            warn(f"db/init/001_schema.sql applied again: {because}")
+        return applied
     refuse_tables_not_ours(conn)
     return apply_init_sql(conn)
+
+
+_APPLY_ONCE = "db/init/001_schema.sql once (it is idempotent)"
+
+
+def grants_not_db_init(conn: psycopg.Connection) -> list[tuple[str, bool]]:
+    """(what is missing, whether a run would fail on it), in a database of the current
+    version: roles and the parameter grant live in the cluster, not in a dump."""
+    rows = conn.execute(queries("control")["grants_not_db_init"]).fetchall()  # type: ignore[arg-type]
+    conn.rollback()
+    return [(problem, breaks_runs) for problem, breaks_runs in rows]
 
 
 def _expected_columns() -> list[tuple[str, str | None]]:
@@ -97,7 +131,8 @@ def refuse_tables_not_ours(conn: psycopg.Connection) -> None:
     raise TablesNotOurs(
         "this database already has tables of the pipeline's names that it did not create "
         f"(the lab's own schema?): {first_few(shown)}. Nothing was changed: move them to a "
-        "schema of their own or use an empty database (docs/stack.md, 'Coming from the lab's database')"
+        "schema of their own or use an empty database (docs/stack.md, 'Coming from the "
+        "lab's database')"
     )
 
 
