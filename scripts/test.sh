@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The test suite: ruff (lint, then format check), then pytest on a throwaway real
-# PostgreSQL that the run starts.
+# The test suite: ruff (lint, then format check), mypy (the type hints, pyproject.toml's
+# [tool.mypy]), then pytest on a throwaway real PostgreSQL that the run starts.
 # Test modules run in parallel, one module per worker (its module-scoped servers and
 # months are built once), one worker per core up to 4: on 2 cores the suite is CPU
 # bound and takes about 8 min instead of 17 (tests/gx_forkserver.py saves ~3 of them).
@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 scripts/setup_venv.sh requirements/test.txt
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/mypy
 # A folder of this run's own for the test servers and months: pytest keeps only the
 # last three runs' folders under /tmp/pytest-of-$USER, so a run started alongside
 # (another checkout's CI, a developer's) deleted the servers of this one mid-run.

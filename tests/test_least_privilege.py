@@ -171,7 +171,7 @@ ALIASES = {
     "optional": {"[c.name for c in spec.columns if not c.required]"},
     "values": {"spec.value_columns"},
     "cols": {"spec.snapshot_columns"},
-    "partition": {"cur.execute(q['new_month_partition'], params).fetchone()[0]"},
+    "partition": {"one_row(cur.execute(q['new_month_partition'], params))[0]"},
     "columns": {"[spec.column(name).name for name in header]"},
 }
 SQL_WORDS = re.compile(

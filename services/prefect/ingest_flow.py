@@ -214,7 +214,9 @@ def snapshot_month(
 @flow(
     name=FLOW_NAME,
     flow_run_name="ingest-{as_of}",
-    task_runner=ThreadPoolTaskRunner(max_workers=2),
+    # Prefect's flow() wants a TaskRunner[PrefectFuture[Any]], which no runner of its own
+    # is (the type is invariant): PrefectHQ/prefect#16938, open.
+    task_runner=ThreadPoolTaskRunner(max_workers=2),  # type: ignore[arg-type]
 )
 def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bool = False) -> dict:
     """Ingest one month folder as of ``as_of``: all of it, validated, or nothing.
@@ -246,7 +248,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
         run = runs.MonthRun(control, url, summary, clock, get_run_logger())
         mode = run.open(as_of_date, prints, fingerprint, replace=replace, allow_gap=allow_gap)
         if mode is Mode.NOOP:
-            ledger.finish_run(control, summary.run_id, status="noop", timings=summary.timings)
+            ledger.finish_run(control, run.run_id, status="noop", timings=summary.timings)
         else:
             suites: validation.SuitesProcess | None = None
             stopped = False  # by a signal
@@ -264,7 +266,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                 run.published = snapshot_month.submit(
                     url,
                     as_of_date,
-                    summary.run_id,
+                    run.run_id,
                     fingerprint,
                     newest=mode is Mode.PUBLISH,
                     verdict=run.verdict,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .errors import IngestError, InputError, first_line
@@ -18,6 +17,8 @@ from .interrupts import STOPPED, Terminated
 from .settings import check_prefect_settings, prefect_api_url
 
 if TYPE_CHECKING:
+    from prefect import Flow
+
     from .warmup import Warmup
 
 _RUN_FLAGS = ("--seed-dir", "--as-of", "--replace", "--allow-gap")
@@ -33,7 +34,7 @@ def before_prefect(argv: list[str]) -> Warmup:
         # Ctrl-C or SIGTERM while Prefect and the flow's modules import: one line, not
         # an import traceback. Nothing has started that needs stopping: the API server
         # dies with this process, the GX process when its stdin closes.
-        line, code = STOPPED[signum]
+        line, code = STOPPED[signal.Signals(signum)]
         print(line, file=sys.stderr)
         os._exit(code)
 
@@ -116,7 +117,7 @@ def _without_the_api(exc: Exception) -> tuple[int, str | None, str] | None:
     return 1, None, f"ingest failed: {lost}"
 
 
-def main(flow: Callable[..., dict], doc: str | None, argv: list[str] | None = None) -> int:
+def main(flow: Flow[..., dict], doc: str | None, argv: list[str] | None = None) -> int:
     """Serve ``flow``, or run it once for the month the arguments (or SEED_DIR and AS_OF)
     name; the exit code: 0 published or unchanged, 1 failed, 2 a usage error."""
     from prefect.exceptions import TerminationSignal
@@ -136,7 +137,7 @@ def main(flow: Callable[..., dict], doc: str | None, argv: list[str] | None = No
                 f"serve takes no {', '.join(given)}: a deployment run gets seed_dir, as_of, "
                 "replace and allow_gap as its parameters"
             )
-        flow.serve(name=DEPLOYMENT_NAME)  # type: ignore[attr-defined]
+        flow.serve(name=DEPLOYMENT_NAME)
         return 0
     missing = [
         f"{env} (or {flag})"

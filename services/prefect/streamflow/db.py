@@ -1,12 +1,15 @@
 """Connections to PostgreSQL: the session every connection of a run gets (options,
-encoding, connect timeout), and a refusal of a database that cannot hold the files."""
+encoding, connect timeout), a refusal of a database that cannot hold the files, and the
+one row of a statement that always returns one."""
 
 from __future__ import annotations
 
 import os
+from typing import TypedDict
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, timeout_from_conninfo
+from psycopg.rows import Row
 
 from .errors import InputError
 
@@ -28,7 +31,8 @@ def session_options(url: str, *extra: str) -> str:
     URL's options, else PGOPTIONS, are kept by passing them on. (A service file's
     options, read by libpq after, would be replaced: set them in the URL instead.)
     """
-    own = conninfo_to_dict(url).get("options") or os.environ.get("PGOPTIONS")
+    given = conninfo_to_dict(url).get("options")  # str: parsed from a string
+    own = str(given) if given else os.environ.get("PGOPTIONS")
     return " ".join(o for o in (own, *extra, SESSION_OPTIONS) if o)
 
 
@@ -53,7 +57,13 @@ def _given_connect_timeout(params: dict) -> str | None:
 CLIENT_ENCODING = "UTF8"
 
 
-def default_connect_timeout(params: dict) -> dict[str, int]:
+class ConnectTimeout(TypedDict, total=False):
+    """Connection parameters the pipeline adds: psycopg.connect's keywords."""
+
+    connect_timeout: int
+
+
+def default_connect_timeout(params: dict) -> ConnectTimeout:
     """``{"connect_timeout": 15}`` unless one is given: for the flow's connections and
     GX's alike."""
     return {} if _given_connect_timeout(params) else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
@@ -65,7 +75,7 @@ def connect(
     params = conninfo_to_dict(url)
     extra = default_connect_timeout(params)
     try:
-        waited = timeout_from_conninfo({**params, **extra})  # what psycopg will wait
+        waited = timeout_from_conninfo(conninfo_to_dict(url, **extra))  # what psycopg will wait
     except psycopg.ProgrammingError:
         raise InputError(
             f"connect_timeout {_given_connect_timeout(params)!r} (in DATABASE_URL or "
@@ -121,3 +131,13 @@ def _server_named(params: dict) -> str:
     if "," in host:  # each host of a list is given the whole wait
         return f"each of {host} (port {port})"
     return f"{host} port {port}"
+
+
+def one_row(cur: psycopg.Cursor[Row]) -> Row:
+    """The row of a statement that always returns one (a count, a function's or an
+    expression's value, INSERT ... RETURNING of one row): ``fetchone()`` without the
+    None it gives when there is no row, which such a statement never has."""
+    row = cur.fetchone()
+    if row is None:
+        raise RuntimeError("a statement that returns one row returned none")
+    return row

@@ -85,7 +85,7 @@ def worth_retrying(exc: BaseException) -> bool:
 
 # What a login or a server lacks, when PostgreSQL refuses the pipeline's work for it.
 _NEEDS_ROLE = "the login needs the streamflow_ingest role (GRANT streamflow_ingest TO it)"
-_NEEDS = {
+_NEEDS: dict[type[psycopg.Error], str] = {
     psycopg.errors.InsufficientPrivilege: (
         f"{_NEEDS_ROLE}; the first run on a database without the pipeline's schema needs "
         "a superuser (it creates roles and grants), or db/init/001_schema.sql applied by one"
@@ -160,5 +160,5 @@ def explain_failure(exc: BaseException) -> str | None:
         )
     if isinstance(exc, psycopg.OperationalError):
         return f"PostgreSQL refused the work: {reason}"
-    needs = _NEEDS.get(type(exc))
-    return None if needs is None else f"PostgreSQL refused the work: {reason}; {needs}"
+    lacking = _NEEDS.get(type(exc))
+    return None if lacking is None else f"PostgreSQL refused the work: {reason}; {lacking}"

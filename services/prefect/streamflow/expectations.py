@@ -113,7 +113,7 @@ def build_suite(spec: TableSpec) -> gx.ExpectationSuite:
             suite.add_expectation(
                 gxe.ExpectColumnValuesToBeBetween(
                     column=col.name,
-                    min_value=EARLIEST_DATE.isoformat(),
+                    min_value=EARLIEST_DATE,
                     max_value={"$PARAMETER": AS_OF},
                     meta={"check": Check.DATE_RANGE},
                 )

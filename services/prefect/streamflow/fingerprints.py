@@ -65,13 +65,11 @@ def is_hashed_file(hashed: dict, st: os.stat_result) -> bool:
     being hashed has no stat there, and is never the hashed file.
     """
     seen = hashed.get("stat")
-    return (
-        bool(seen)
-        and st.st_size == hashed["bytes"]
-        and (
-            (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
-            == (seen["device"], seen["inode"], seen["mtime_ns"], seen["ctime_ns"])
-        )
+    if not seen:
+        return False
+    return st.st_size == hashed["bytes"] and (
+        (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        == (seen["device"], seen["inode"], seen["mtime_ns"], seen["ctime_ns"])
     )
 
 

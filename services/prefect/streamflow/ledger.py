@@ -8,6 +8,7 @@ from datetime import date
 import psycopg
 from psycopg.types.json import Jsonb
 
+from .db import one_row
 from .errors import HistoryIncomplete, first_few
 from .fingerprints import FileFingerprint
 from .registry import BY_NAME
@@ -39,7 +40,7 @@ def check_history(conn: psycopg.Connection, histories: Sequence[str]) -> None:
     reads as empty in that table, for every training set built on it.
     """
     missing = conn.execute(
-        queries("ledger")["months_missing_from_history"],  # type: ignore[arg-type]
+        queries("ledger")["months_missing_from_history"],
         {"histories": list(histories)},
     ).fetchall()
     if missing:
@@ -69,7 +70,7 @@ def start_run(
 ) -> int:
     """A new ingest_runs row; ``flow_run_id``: the Prefect flow run, when there is one."""
     files_json = Jsonb({f.table: f.as_json() for f in files}) if files else None
-    row = conn.execute(
+    cur = conn.execute(
         queries("ledger")["start_run"],
         {
             "as_of": as_of,
@@ -80,8 +81,8 @@ def start_run(
             "files": files_json,
             "flow_run_id": flow_run_id,
         },
-    ).fetchone()
-    return int(row[0])
+    )
+    return int(one_row(cur)[0])
 
 
 def finish_run(

@@ -9,6 +9,7 @@ from contextlib import contextmanager, suppress
 
 import psycopg
 
+from .db import one_row
 from .errors import LockLost, LockTimeout
 from .sqlfiles import queries
 
@@ -31,8 +32,8 @@ def writer_lock(
     q = queries("control")
     key = {"key": LOCK_KEY}
     told = False
-    while not conn.execute(q["try_writer_lock"], key).fetchone()[0]:  # type: ignore[arg-type]
-        holder = conn.execute(q["writer_lock_holder"], key).fetchone()  # type: ignore[arg-type]
+    while not one_row(conn.execute(q["try_writer_lock"], key))[0]:
+        holder = conn.execute(q["writer_lock_holder"], key).fetchone()
         who = f" (held by backend pid {holder[0]})" if holder else ""
         if time.monotonic() >= deadline:
             raise LockTimeout(
@@ -52,7 +53,7 @@ def writer_lock(
         # A connection that broke took its lock with it; its error is not the run's.
         with suppress(psycopg.Error):
             if not conn.closed:
-                conn.execute(q["unlock_writer_lock"], key)  # type: ignore[arg-type]
+                conn.execute(q["unlock_writer_lock"], key)
 
 
 def check_writer_lock(conn: psycopg.Connection, holder_pid: int | None) -> None:
@@ -63,10 +64,11 @@ def check_writer_lock(conn: psycopg.Connection, holder_pid: int | None) -> None:
     """
     if holder_pid is None:
         return
-    held, taken_by = conn.execute(
-        queries("control")["holds_writer_lock"],  # type: ignore[arg-type]
-        {"holder": holder_pid, "key": LOCK_KEY},
-    ).fetchone()
+    held, taken_by = one_row(
+        conn.execute(
+            queries("control")["holds_writer_lock"], {"holder": holder_pid, "key": LOCK_KEY}
+        )
+    )
     if held:
         return
     # (A terminated backend lingers in pg_stat_activity after its locks are gone: whether

@@ -133,6 +133,7 @@ def describe_failure(o: ExpectationOutcome) -> str:
                 f"1.8e308, which no float holds), e.g. {eg_values}{rows}"
             )
         case "expect_column_values_to_be_in_set":
+            assert o.column is not None  # GX's column expectations name their column
             allowed = "/".join(spec.column(o.column).value_set or ())
             what = f"{n} value(s) outside {allowed}, e.g. {eg_values}{rows}"
         case Check.ALL_EMPTY:

@@ -15,6 +15,7 @@ from datetime import date
 import psycopg
 from psycopg import sql
 
+from .db import one_row
 from .registry import PARENT, TABLES, TableSpec
 from .sqlfiles import ident_list, queries, query, staged
 
@@ -61,20 +62,20 @@ def upsert_live(
     source: sql.Composable = names["staged"]
     if backfill_of is not None:
         source = query("publish", "not_listed_later", staged=names["staged"])
-    elif spec is not PARENT and cur.execute(q["drop_empty_live_key"], params).fetchone()[0]:  # type: ignore[arg-type]
+    elif spec is not PARENT and one_row(cur.execute(q["drop_empty_live_key"], params))[0]:
         cur.execute(query("publish", "append_live", **names))
         inserted = cur.rowcount
-        cur.execute(q["restore_live_key"], params)  # type: ignore[arg-type]
+        cur.execute(q["restore_live_key"], params)
         return inserted, 0, inserted
-    elif cur.execute(query("publish", "live_is_empty", **names)).fetchone()[0]:
+    elif one_row(cur.execute(query("publish", "live_is_empty", **names)))[0]:
         cur.execute(query("publish", "insert_live", **names))
         return cur.rowcount, 0, cur.rowcount
     # MERGE reports one count for inserts and updates together (RETURNING
     # merge_action() is PostgreSQL 17+): the table's growth tells them apart.
-    before = cur.execute(query("publish", "live_rows", **names)).fetchone()[0]
+    before = one_row(cur.execute(query("publish", "live_rows", **names)))[0]
     cur.execute(query("publish", "merge_live", source=source, **names), {"as_of": backfill_of})
     changed = cur.rowcount
-    after = cur.execute(query("publish", "live_rows", **names)).fetchone()[0]
+    after = one_row(cur.execute(query("publish", "live_rows", **names)))[0]
     inserted = after - before
     return inserted, changed - inserted, after
 
@@ -94,14 +95,14 @@ def build_history(
     """
     built = {}
     q = queries("publish")
-    cur.execute(q["drop_staged_months"])  # type: ignore[arg-type]  # left by older versions
+    cur.execute(q["drop_staged_months"])  # left by older versions
     for spec in TABLES:
         keep_going()
         if spec.snapshot_table is None:
             continue
         history = spec.snapshot_table
         params = {"history": history, "as_of": as_of}
-        partition = cur.execute(q["new_month_partition"], params).fetchone()[0]  # type: ignore[arg-type]
+        partition = one_row(cur.execute(q["new_month_partition"], params))[0]
         if partition is None:
             continue
         # The name is built by the SQL function from the registry's table name and
@@ -117,7 +118,7 @@ def build_history(
             params,
         )
         built[history] = cur.rowcount
-        cur.execute(q["index_month_partition"], params)  # type: ignore[arg-type]
+        cur.execute(q["index_month_partition"], params)
     return built
 
 
@@ -135,7 +136,7 @@ def snapshot(
     q = queries("publish")
     params = {"history": history, "as_of": as_of}
     if history in built:
-        cur.execute(q["attach_month_partition"], params)  # type: ignore[arg-type]
+        cur.execute(q["attach_month_partition"], params)
         return built[history], 0, 0
     ids = {"history": sql.Identifier(history), "staged": staged(spec.name)}
     cur.execute(query("publish", "drop_vanished_snapshots", **ids), {"as_of": as_of})
@@ -166,11 +167,11 @@ def publish_month(
     """
     stats = []
     with conn.cursor() as cur:
-        cur.execute(queries("publish")["session"])  # type: ignore[arg-type]
+        cur.execute(queries("publish")["session"])
         for spec in TABLES:
             keep_going()
             cur.execute(query("staging", "staged_rows", staged=staged(spec.name)))
-            s = TableStats(spec.name, read=cur.fetchone()[0], snapshot_table=spec.snapshot_table)
+            s = TableStats(spec.name, read=one_row(cur)[0], snapshot_table=spec.snapshot_table)
             if newest:
                 s.inserted, s.updated, live_rows = upsert_live(cur, spec)
                 # Users are never deleted: those this month does not list stay live with

@@ -103,7 +103,7 @@ def decide_mode(
                 "that month"
             )
         replacing = True
-    latest = conn.execute(q["latest_published"]).fetchone()[0]
+    latest = db.one_row(conn.execute(q["latest_published"]))[0]  # max(): NULL, never no row
     if latest is not None and as_of < latest:
         return Mode.BACKFILL, replacing
     if latest is not None and as_of > (expected := next_month_end(latest)) and not allow_gap:

@@ -12,7 +12,7 @@ import signal
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import date
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Required, TypedDict, Unpack
 
 import prefect.runtime
 import psycopg
@@ -41,6 +41,16 @@ def in_words(exc: BaseException) -> str:
     if explained is not None:
         return explained
     return f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+class _Outcome(TypedDict, total=False):
+    """What ``ledger.finish_run`` records of a run, its keywords."""
+
+    status: Required[str]
+    table_stats: list[dict] | None
+    validation: list[dict] | None
+    timings: dict[str, float] | None
+    error: str | None
 
 
 @dataclass
@@ -105,6 +115,13 @@ class MonthRun:
             flow_run_id=prefect.runtime.flow_run.id,  # None when the flow body runs alone
         )
         return mode
+
+    @property
+    def run_id(self) -> int:
+        """The run's ingest_runs row, which ``open`` starts (a refusal's too)."""
+        if self.summary.run_id is None:
+            raise RuntimeError("the run has no ledger row before open()")
+        return self.summary.run_id
 
     def record_success(self) -> None:
         """The run's counts and timings in the ledger. The commit already marked it
@@ -227,7 +244,7 @@ class MonthRun:
         )
         publish_artifacts(summary)
 
-    def _finish(self, **outcome: object) -> None:
+    def _finish(self, **outcome: Unpack[_Outcome]) -> None:
         """ledger.finish_run. If the control connection is gone (a server restart, a
         terminated session), once more, at once, on a new one: the row would otherwise
         stay "running" until the next run marks it abandoned, without the reason the
@@ -236,10 +253,10 @@ class MonthRun:
         A signal during the write waits for it (a second Ctrl-C, or timeout's SIGTERM to
         the group, left the row "running" with no error), then acts.
         """
-        run_id = self.summary.run_id
+        run_id = self.run_id
         try:
             with interrupts.signals_deferred():
-                ledger.finish_run(self.control, run_id, **outcome)  # type: ignore[arg-type]
+                ledger.finish_run(self.control, run_id, **outcome)
             return
         except psycopg.Error as exc:
             if not diagnosis.connection_lost(exc):
@@ -247,7 +264,7 @@ class MonthRun:
             lost = exc
         with suppress(psycopg.Error), db.connect(self.url, autocommit=True) as again:
             with interrupts.signals_deferred():
-                ledger.finish_run(again, run_id, **outcome)  # type: ignore[arg-type]
+                ledger.finish_run(again, run_id, **outcome)
             return
         self.log.warning(
             "the run's %s outcome could not be recorded in ingest_runs: %s",

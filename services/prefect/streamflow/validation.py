@@ -105,7 +105,7 @@ class Suites:
 
         logging.getLogger("great_expectations").setLevel(logging.WARNING)
         self.context = context = gx.get_context(mode="ephemeral")
-        context.variables.progress_bars = {"globally": False}  # type: ignore[assignment]
+        context.variables.progress_bars = {"globally": False}
         self.docs_dir = docs_dir
         self.site = None
         if docs_dir is not None:
@@ -195,7 +195,7 @@ class Suites:
 
 def _staged_rows(conn: psycopg.Connection, spec: TableSpec) -> int:
     rows = query("staging", "staged_rows", staged=sqlfiles.staged(spec.name))
-    return conn.execute(rows).fetchone()[0]
+    return db.one_row(conn.execute(rows))[0]
 
 
 def prepare_suites(
@@ -237,13 +237,14 @@ def _add_row_examples(conn: psycopg.Connection, outcomes: list[SuiteOutcome], as
     # GX's connection: dates come quoted in ISO whatever the server's (its options).
     for e in failed:
         ids: dict[str, sql.Composable] = {"batch": sqlfiles.staged(e.table)}
-        text = e.rows_query
+        text = sqlfiles.own_sql(e.rows_query)  # the SQL check's, built by expectations.py
         if not text:
             text = queries("validation")[_ROW_CHECKS[e.expectation]]
             if e.column:
                 ids["column"] = sql.Identifier(e.column)
-        params = None
+        params: dict[str, object] | None = None
         if e.expectation == "expect_column_values_to_be_in_set":
+            assert e.column is not None  # GX's column expectations name their column
             params = {"allowed": list(BY_NAME[e.table].column(e.column).value_set or ())}
         elif e.expectation == Check.DATE_RANGE:
             params = {"earliest": EARLIEST_DATE, "as_of": as_of}
@@ -256,7 +257,7 @@ def _add_row_examples(conn: psycopg.Connection, outcomes: list[SuiteOutcome], as
         if e.expectation in (Check.UNIQUE, Check.MISSING_USERS) or (e.error and rows):
             e.error = ""
             count = query("validation", "count_rows", rows=rows_q)
-            e.unexpected_count = conn.execute(count, params).fetchone()[0]
+            e.unexpected_count = db.one_row(conn.execute(count, params))[0]
         e.example_user_ids = [row[0] for row in rows]
         # Dates come as text (see outside_dates) and are shown bare, like numbers;
         # so are the column names of all_empty.
@@ -279,6 +280,7 @@ def _suite_outcome(spec: TableSpec, run: ExpectationSuiteValidationResult) -> Su
     items = []
     for r in run.results:
         cfg = r.expectation_config
+        assert cfg is not None  # GX sets it on the results of a suite's validation
         res = r.result or {}
         kwargs = cfg.kwargs
         meta = cfg.meta or {}
@@ -404,8 +406,10 @@ class SuitesProcess:
 
     def _send(self, order: str) -> None:
         try:
-            self._proc.stdin.write(order + "\n")  # type: ignore[union-attr]
-            self._proc.stdin.flush()  # type: ignore[union-attr]
+            stdin = self._proc.stdin
+            assert stdin is not None  # started with stdin=PIPE
+            stdin.write(order + "\n")
+            stdin.flush()
         except BrokenPipeError:  # it died while preparing: run() reports its stderr
             pass
 

@@ -50,7 +50,7 @@ def counts(url: str) -> list[tuple[str, list[tuple]]]:
         if not schema_present(conn):
             raise NoSchema(f'database "{conn.info.dbname}" has no StreamFlow schema yet')
         for name, text in queries("verify").items():
-            cur = conn.execute(text)  # type: ignore[arg-type]
+            cur = conn.execute(text)
             header = tuple(d.name for d in cur.description or ())
             out.append((name, [header, *cur.fetchall()]))
     return out
