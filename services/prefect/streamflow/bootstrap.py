@@ -8,14 +8,15 @@ from collections.abc import Callable
 
 import psycopg
 
+from .db import one_row
 from .errors import SchemaOutdated, TablesNotOurs, first_few
 from .registry import KEY, TABLES
 from .settings import DB_DIR
-from .sqlfiles import queries
+from .sqlfiles import own_sql, queries
 
 
 def schema_present(conn: psycopg.Connection) -> bool:
-    row = conn.execute(queries("control")["schema_present"]).fetchone()  # type: ignore[arg-type]
+    row = conn.execute(queries("control")["schema_present"]).fetchone()
     return bool(row and row[0])
 
 
@@ -23,7 +24,7 @@ def apply_init_sql(conn: psycopg.Connection) -> list[str]:
     """Run ``db/init/*.sql`` in name order, as the postgres image's entrypoint does."""
     applied = []
     for path in sorted((DB_DIR / "init").glob("*.sql")):
-        conn.execute(path.read_text(encoding="utf-8"))  # type: ignore[arg-type]
+        conn.execute(own_sql(path.read_text(encoding="utf-8")))
         applied.append(path.name)
     conn.commit()
     return applied
@@ -97,7 +98,7 @@ _APPLY_ONCE = "db/init/001_schema.sql once (it is idempotent)"
 def grants_not_db_init(conn: psycopg.Connection) -> list[tuple[str, bool]]:
     """(what is missing, whether a run would fail on it), in a database of the current
     version: roles and the parameter grant live in the cluster, not in a dump."""
-    rows = conn.execute(queries("control")["grants_not_db_init"]).fetchall()  # type: ignore[arg-type]
+    rows = conn.execute(queries("control")["grants_not_db_init"]).fetchall()
     conn.rollback()
     return [(problem, breaks_runs) for problem, breaks_runs in rows]
 
@@ -118,7 +119,7 @@ def refuse_tables_not_ours(conn: psycopg.Connection) -> None:
     the pipeline's names in another shape."""
     expected = _expected_columns()
     found = conn.execute(
-        queries("control")["tables_not_ours"],  # type: ignore[arg-type]
+        queries("control")["tables_not_ours"],
         {"tables": [t for t, _ in expected], "columns": [c for _, c in expected]},
     ).fetchall()
     conn.rollback()
@@ -140,10 +141,11 @@ def _schema_version(conn: psycopg.Connection) -> int:
     """streamflow_schema_version(), 0 without it or without NEWEST_COLUMN."""
     q = queries("control")
     table, column = NEWEST_COLUMN
-    present = conn.execute(
-        q["schema_is_current"],  # type: ignore[arg-type]
-        {"signature": NEWEST_OBJECT, "table": table, "column": column},
-    ).fetchone()
-    version = conn.execute(q["schema_version"]).fetchone()[0] if present[0] else 0  # type: ignore[arg-type, index]
+    present = one_row(
+        conn.execute(
+            q["schema_is_current"], {"signature": NEWEST_OBJECT, "table": table, "column": column}
+        )
+    )
+    version = one_row(conn.execute(q["schema_version"]))[0] if present[0] else 0
     conn.rollback()
     return version
