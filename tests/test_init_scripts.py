@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -354,6 +355,8 @@ def sql_without_comments(text: str) -> str:
             elif char == "-" and not quoted and line.startswith("--", i):
                 line = line[:i]
                 break
+        # A literal spanning lines, or spelt E'...' or $tag$...$tag$, would be read wrong.
+        assert not quoted, f"a quote left open at the end of: {line}"
         if line.strip():
             lines.append(line.rstrip())
     return "\n".join(lines) + "\n"
@@ -377,6 +380,9 @@ SCHEMA_SHA256 = {
 
 def test_a_changed_schema_file_raises_its_version():
     text = (INIT_DIR / "001_schema.sql").read_text(encoding="utf-8")
+    # What sql_without_comments cannot read: E'' strings (a quote escaped by a backslash)
+    # and dollar quotes other than $$ (a -- inside one is not a comment).
+    assert not re.search(r"\bE'|\$\w+\$", text), "sql_without_comments would misread this"
     digest = hashlib.sha256(sql_without_comments(text).encode()).hexdigest()
     assert digest == SCHEMA_SHA256.get(bootstrap.SCHEMA_VERSION), (
         "db/init/001_schema.sql's SQL changed: raise the version its "
@@ -417,9 +423,9 @@ def test_tables_of_another_shape_are_refused_before_anything_is_created(
         "ingest failed: this database already has tables of the pipeline's names that it "
         "did not create (the lab's own schema?): usage_agg_30d_snapshots is not "
         "partitioned by as_of, support_agg_90d has no ticket_avg_resolution_hrs_90d, "
-        "labels_snapshots is not partitioned by as_of. Nothing was changed: move them to "
-        "a schema of their own or use an empty database (docs/stack.md, 'Coming from the "
-        "lab's database')"
+        "labels_snapshots is not partitioned by as_of. Nothing was changed: move all of "
+        "the lab's tables to a schema of their own, or use an empty database (docs/stack.md, "
+        "'Coming from the lab's database')"
     )
     with psycopg.connect(empty_db_url) as conn:
         created = conn.execute(
@@ -482,8 +488,13 @@ def test_a_dump_restored_into_another_cluster_gets_db_inits_grants_back(
         rc, _, err = run_flow(restored, months / "month_001", AS_OF["month_001"])
     assert rc == 0, err[-3000:]
     assert (
-        "db/init/001_schema.sql applied again: the database's roles or grants are not "
-        "db/init's (no role streamflow_ingest, no role streamflow_reader, PUBLIC may run "
+        "db/init/001_schema.sql applied again (the two groups' privileges are its own "
+        "again): the database's roles or grants are not db/init's (no role "
+        "streamflow_ingest, no role streamflow_reader, PUBLIC may run "
+        "streamflow_drop_staged_months(), which runs with its owner's rights, PUBLIC may "
+        "run streamflow_new_month_partition(text, date), which runs with its owner's "
+        "rights, PUBLIC may run streamflow_index_month_partition(text, date), which runs "
+        "with its owner's rights (+3 more): a restore into another cluster?)"
     ) in caplog.text
     with psycopg.connect(restored) as conn:
         assert conn.execute(public_may_run).fetchone() == (False,)
@@ -515,10 +526,42 @@ def test_a_restore_the_ingest_login_cannot_mend_is_named_before_the_month(
         "ingest failed: the database's roles or grants are not db/init's (streamflow_ingest "
         "may not SET session_replication_role: a restore into another cluster?), and this "
         "login may not update it: have a superuser (the login that initialised it; "
-        "POSTGRES_USER in Docker) run db/init/001_schema.sql once (it is idempotent). "
-        "PostgreSQL said: permission denied for schema public"
+        "POSTGRES_USER in Docker) run db/init/001_schema.sql once (it is idempotent)"
     )
     with psycopg.connect(restored) as conn:
         assert conn.execute("SELECT count(*) FROM ingest_runs").fetchone() == (1,)
         conn.execute((INIT_DIR / "001_schema.sql").read_text(encoding="utf-8"))  # type: ignore[arg-type]
     ok(run_flow(app, months / "month_001", AS_OF["month_001"]))
+
+
+def test_a_newer_versions_database_is_left_alone(db_url, run_flow, months, caplog):
+    """A database of a newer pipeline (db/init's version above this one's) that lacks a
+    grant: this older code must not apply its own, older db/init to it (its functions
+    would go back), even as a superuser; the run goes on as before."""
+    newer = bootstrap.SCHEMA_VERSION + 1
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE OR REPLACE FUNCTION streamflow_schema_version() RETURNS integer "  # type: ignore[arg-type]
+            f"LANGUAGE sql IMMUTABLE AS 'SELECT {newer}'"
+        )
+        conn.execute("GRANT EXECUTE ON FUNCTION streamflow_restore_live_key(text) TO PUBLIC")
+        assert bootstrap.ensure_schema(conn) == []
+    with caplog.at_level(logging.WARNING):
+        ok(run_flow(db_url, months / "month_000", AS_OF["month_000"]))
+    assert "applied again" not in caplog.text
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT streamflow_schema_version()").fetchone() == (newer,)
+
+
+def test_the_grants_check_names_every_function_db_init_runs_with_its_owners_rights(db_url):
+    """control.sql's grants_not_db_init lists the functions 001 creates SECURITY DEFINER:
+    one added to 001 and not there would go unchecked after a restore."""
+    listed = re.findall(
+        r"\('(streamflow_\w+\([^)]*\))'\)", (REPO / "db" / "sql" / "control.sql").read_text()
+    )
+    with psycopg.connect(db_url) as conn:
+        defined = conn.execute(
+            "SELECT p.oid::regprocedure::text FROM pg_proc AS p "
+            "WHERE p.prosecdef AND p.pronamespace = 'public'::regnamespace"
+        ).fetchall()
+    assert sorted(name.replace(", ", ",") for name in listed) == sorted(d for (d,) in defined)

@@ -404,8 +404,9 @@ def test_a_function_left_to_public_is_a_warning_until_a_superuser_runs(
     assert rc == 0, err[-3000:]
     assert (
         "the database's roles or grants are not db/init's (PUBLIC may run "
-        "streamflow_new_month_partition(), which runs with its owner's rights: a restore "
-        "into another cluster?): have a superuser run db/init/001_schema.sql once"
+        "streamflow_new_month_partition(text, date), which runs with its owner's rights: a "
+        "restore into another cluster?): have a superuser (the login that initialised it; "
+        "POSTGRES_USER in Docker) run db/init/001_schema.sql once (it is idempotent)"
     ) in caplog.text
     assert scalar(db_url, public_may_run) is True
     caplog.clear()

@@ -13,35 +13,54 @@ SELECT to_regprocedure(%(signature)s) IS NOT NULL
                  AND NOT attisdropped);
 
 -- name: grants_not_db_init
--- What db/init grants that a database of the current version may still lack: roles and
--- the parameter grant are the cluster's, not the database's, so a dump restored into
--- another cluster comes back without them, and pg_restore's failed GRANTs leave the
--- owner-rights functions to PUBLIC. breaks_runs: the run would fail on it.
+-- What db/init makes and grants that a database of the current version may still lack:
+-- roles and the parameter grant are the cluster's, not the database's, so a dump
+-- restored into another cluster comes back without them, and pg_restore's failed GRANTs
+-- leave the functions that run with their owner's rights to PUBLIC. breaks_runs: a run
+-- would fail on it. The CASEs keep each privilege function from a role or function that
+-- is not there (it raises on one), whatever order the planner chooses.
+WITH owner_rights (f) AS (
+  VALUES ('streamflow_drop_staged_months()'),
+         ('streamflow_new_month_partition(text, date)'),
+         ('streamflow_index_month_partition(text, date)'),
+         ('streamflow_attach_month_partition(text, date)'),
+         ('streamflow_drop_empty_live_key(text)'),
+         ('streamflow_restore_live_key(text)')
+), ingest (present) AS (
+  SELECT to_regrole('streamflow_ingest') IS NOT NULL
+)
 SELECT problem, breaks_runs
 FROM (
-  SELECT 1, format('no role %s', r), true
-  FROM unnest(ARRAY['streamflow_ingest', 'streamflow_reader']) AS r
-  WHERE to_regrole(r) IS NULL
+  SELECT 1, 'no role streamflow_ingest', true FROM ingest WHERE NOT present
   UNION ALL
-  SELECT 2, 'streamflow_ingest may not SET session_replication_role', true
-  WHERE to_regrole('streamflow_ingest') IS NOT NULL
-    AND NOT has_parameter_privilege('streamflow_ingest', 'session_replication_role', 'SET')
+  SELECT 2, 'no role streamflow_reader', false WHERE to_regrole('streamflow_reader') IS NULL
   UNION ALL
-  SELECT 3, format('streamflow_ingest may not run %s()', p.proname), true
-  FROM pg_proc AS p
-  WHERE p.pronamespace = 'public'::regnamespace AND p.prosecdef
-    AND p.proname LIKE 'streamflow\_%%'
-    AND to_regrole('streamflow_ingest') IS NOT NULL
-    AND NOT has_function_privilege('streamflow_ingest', p.oid, 'EXECUTE')
+  SELECT 3, 'streamflow_ingest may not SET session_replication_role', true FROM ingest
+  WHERE CASE WHEN present
+             THEN NOT has_parameter_privilege('streamflow_ingest', 'session_replication_role',
+                                              'SET')
+             ELSE false END
   UNION ALL
-  SELECT 4, format('PUBLIC may run %s(), which runs with its owner''s rights', p.proname),
-         false
-  FROM pg_proc AS p
-  WHERE p.pronamespace = 'public'::regnamespace AND p.prosecdef
-    AND p.proname LIKE 'streamflow\_%%'
-    AND has_function_privilege('public', p.oid, 'EXECUTE')
+  SELECT 4, 'streamflow_ingest may not use the staging schema', true FROM ingest
+  WHERE CASE WHEN present AND to_regnamespace('staging') IS NOT NULL
+             THEN NOT has_schema_privilege('streamflow_ingest', 'staging', 'USAGE')
+             ELSE false END
+  UNION ALL
+  SELECT 5, format('no function %s', f), true FROM owner_rights
+  WHERE to_regprocedure(f) IS NULL
+  UNION ALL
+  SELECT 6, format('streamflow_ingest may not run %s', f), true FROM owner_rights, ingest
+  WHERE CASE WHEN present AND to_regprocedure(f) IS NOT NULL
+             THEN NOT has_function_privilege('streamflow_ingest', to_regprocedure(f), 'EXECUTE')
+             ELSE false END
+  UNION ALL
+  SELECT 7, format('PUBLIC may run %s, which runs with its owner''s rights', f), false
+  FROM owner_rights
+  WHERE CASE WHEN to_regprocedure(f) IS NOT NULL
+             THEN has_function_privilege('public', to_regprocedure(f), 'EXECUTE')
+             ELSE false END
 ) AS found (n, problem, breaks_runs)
-ORDER BY n, problem;
+ORDER BY n;
 
 -- name: tables_not_ours
 -- Tables of the pipeline's names that db/init did not make (the lab's own schema, an

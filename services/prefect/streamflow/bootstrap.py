@@ -1,5 +1,6 @@
 """The pipeline's schema on a database: db/init applied on an empty or older one (as
-the postgres image's entrypoint does in Docker), a current one left alone."""
+the postgres image's entrypoint does in Docker), or on a current one that lost what
+db/init grants; a current, complete one left alone."""
 
 from __future__ import annotations
 
@@ -16,8 +17,7 @@ from .sqlfiles import own_sql, queries
 
 
 def schema_present(conn: psycopg.Connection) -> bool:
-    row = conn.execute(queries("control")["schema_present"]).fetchone()
-    return bool(row and row[0])
+    return bool(one_row(conn.execute(queries("control")["schema_present"]))[0])
 
 
 def apply_init_sql(conn: psycopg.Connection) -> list[str]:
@@ -51,48 +51,69 @@ SCHEMA_VERSION = _init_sql_version()
 def ensure_schema(
     conn: psycopg.Connection, warn: Callable[[str], object] = lambda message: None
 ) -> list[str]:
-    """Apply the init SQL on an empty or older database, or on one of the current
-    version that lacks what db/init grants (a dump restored into another cluster);
-    leave a current, complete one alone. ``warn`` is told of what is left open when this
-    login may not apply it, and of what applying it mended."""
-    if schema_present(conn):
-        if _schema_version(conn) >= SCHEMA_VERSION:
-            missing = grants_not_db_init(conn)
-            if not missing:
-                return []
-            found = first_few([problem for problem, _ in missing])
-            because = (
-                f"the database's roles or grants are not db/init's ({found}: a restore into "
-                "another cluster?)"
-            )
-        else:
-            table, column = NEWEST_COLUMN
-            missing = []
-            because = (
-                "the database was initialised by an older version of this pipeline (no "
-                f"{table}.{column}, or db/init's version below {SCHEMA_VERSION})"
-            )
+    """Apply the init SQL on an empty or older database, or on one of this version that
+    lacks what db/init grants (a dump restored into another cluster); leave a complete
+    one, or a newer version's, alone. ``warn`` hears what was mended, or left open."""
+    if not schema_present(conn):
         refuse_tables_not_ours(conn)
-        try:
-            applied = apply_init_sql(conn)
-        except psycopg.errors.InsufficientPrivilege as exc:
-            conn.rollback()
-            if missing and not any(breaks_runs for _, breaks_runs in missing):
-                warn(f"{because}: have a superuser run {_APPLY_ONCE}")
-                return []
-            raise SchemaOutdated(
-                f"{because}, and this login may not update it: have a superuser (the login "
-                f"that initialised it; POSTGRES_USER in Docker) run {_APPLY_ONCE}. PostgreSQL "
-                f"said: {exc.diag.message_primary}"
-            ) from exc
-        if missing:
-            warn(f"db/init/001_schema.sql applied again: {because}")
-        return applied
+        return apply_init_sql(conn)
+    version = _schema_version(conn)
+    if version > SCHEMA_VERSION:
+        return []  # a newer pipeline's: its functions must not go back (docs/stack.md)
+    if version == SCHEMA_VERSION:
+        return _mend_grants(conn, warn)
     refuse_tables_not_ours(conn)
-    return apply_init_sql(conn)
+    try:
+        return apply_init_sql(conn)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        conn.rollback()
+        table, column = NEWEST_COLUMN
+        raise SchemaOutdated(
+            "the database was initialised by an older version of this pipeline (no "
+            f"{table}.{column}, or db/init's version below {SCHEMA_VERSION}), and this login "
+            f"may not update it: {_ASK_SUPERUSER}. PostgreSQL said: {exc.diag.message_primary}"
+        ) from exc
 
 
-_APPLY_ONCE = "db/init/001_schema.sql once (it is idempotent)"
+_ASK_SUPERUSER = (
+    "have a superuser (the login that initialised it; POSTGRES_USER in Docker) run "
+    "db/init/001_schema.sql once (it is idempotent)"
+)
+
+
+def _mend_grants(conn: psycopg.Connection, warn: Callable[[str], object]) -> list[str]:
+    """A superuser's run applies db/init again where a grant or role is missing; another
+    login's run is refused if it would fail on what is missing, else warned. A login
+    that may not apply db/init never tries (each try would be an error in the server's
+    log, and take table locks first)."""
+    missing = grants_not_db_init(conn)
+    if not missing:
+        return []
+    because = (
+        f"the database's roles or grants are not db/init's ({_listed(missing)}: a restore "
+        "into another cluster?)"
+    )
+    if conn.info.parameter_status("is_superuser") == "on":
+        applied = apply_init_sql(conn)
+        still = grants_not_db_init(conn)
+        if any(breaks_runs for _, breaks_runs in still):
+            raise SchemaOutdated(
+                f"{because}; db/init/001_schema.sql was applied again and still leaves "
+                f"{_listed(still)}"
+            )
+        warn(
+            f"db/init/001_schema.sql applied again (the two groups' privileges are its own "
+            f"again): {because}" + (f"; still {_listed(still)}" if still else "")
+        )
+        return applied
+    if any(breaks_runs for _, breaks_runs in missing):
+        raise SchemaOutdated(f"{because}, and this login may not update it: {_ASK_SUPERUSER}")
+    warn(f"{because}: {_ASK_SUPERUSER}")
+    return []
+
+
+def _listed(problems: list[tuple[str, bool]]) -> str:
+    return first_few([problem for problem, _ in problems])
 
 
 def grants_not_db_init(conn: psycopg.Connection) -> list[tuple[str, bool]]:
@@ -131,9 +152,9 @@ def refuse_tables_not_ours(conn: psycopg.Connection) -> None:
     ]
     raise TablesNotOurs(
         "this database already has tables of the pipeline's names that it did not create "
-        f"(the lab's own schema?): {first_few(shown)}. Nothing was changed: move them to a "
-        "schema of their own or use an empty database (docs/stack.md, 'Coming from the "
-        "lab's database')"
+        f"(the lab's own schema?): {first_few(shown)}. Nothing was changed: move all of the "
+        "lab's tables to a schema of their own, or use an empty database (docs/stack.md, "
+        "'Coming from the lab's database')"
     )
 
 
