@@ -197,3 +197,34 @@ def test_a_session_holding_a_staging_table_does_not_stall_a_published_run(
         holder.close()
     assert released == []
     assert "staging not emptied" in caplog.text
+
+
+def test_a_month_in_history_the_ledger_does_not_list_stops_the_next_run(run_flow, db_url, months):
+    """ingest_months lost January's row (a plain pg_restore into an initialised database
+    left it empty behind foreign-key errors: backup audit) while its partitions stayed:
+    January's files then read as a new month, and were published again as the latest,
+    over February's live values. No run goes on, not even an unchanged rerun."""
+    from streamflow import rerun
+    from streamflow.errors import HistoryIncomplete
+
+    ok(run_flow(db_url, months / "month_000", JAN))
+    ok(run_flow(db_url, months / "month_001", FEB))
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        admin.execute("DELETE FROM ingest_months WHERE as_of = %s", (JAN,))
+        live_before = admin.execute("SELECT * FROM labels ORDER BY user_id").fetchall()
+    refused = (
+        "ingest failed: months in history that the ledger (ingest_months) does not list: "
+        "labels_snapshots 2024-01-31, payments_agg_90d_snapshots 2024-01-31, "
+        "subscriptions_profile_snapshots 2024-01-31, support_agg_90d_snapshots 2024-01-31, "
+        "usage_agg_30d_snapshots 2024-01-31 (rows deleted by hand, or a restore that "
+        "stopped part-way?); nothing was run: restore the database whole (docs/stack.md, "
+        "'Backup and restore')"
+    )
+    with pytest.raises(HistoryIncomplete):
+        rerun.unchanged_month(str(months / "month_001"), FEB)
+    for folder, as_of in (("month_000", JAN), ("month_001", FEB)):
+        rc, _, err = run_flow(db_url, months / folder, as_of)
+        assert rc == 1
+        assert err.strip().splitlines()[-1] == refused
+    with psycopg.connect(db_url) as admin:
+        assert admin.execute("SELECT * FROM labels ORDER BY user_id").fetchall() == live_before

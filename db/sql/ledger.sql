@@ -83,3 +83,20 @@ WHERE NOT EXISTS (
     AND pg_get_expr(c.relpartbound, c.oid) = format('FOR VALUES IN (%%L)', m.as_of)
 )
 ORDER BY m.as_of, h.history;
+
+-- name: history_months_not_published
+-- The converse: month partitions of a history table whose as_of the ledger does not
+-- list (ingest_months rows deleted, a restore that stopped part-way): the rerun rules,
+-- which read the ledger, would take a published month for a new one. NULL: a partition
+-- that is not one month's (a DEFAULT one attached by hand).
+SELECT h.history,
+       substring(pg_get_expr(c.relpartbound, c.oid)
+                 FROM '^FOR VALUES IN \(''([0-9-]+)''\)$')::date
+FROM unnest(%(histories)s::text[]) AS h (history)
+JOIN pg_inherits AS i ON i.inhparent = to_regclass('public.' || h.history)
+JOIN pg_class AS c ON c.oid = i.inhrelid
+WHERE NOT EXISTS (
+  SELECT 1 FROM ingest_months AS m
+  WHERE pg_get_expr(c.relpartbound, c.oid) = format('FOR VALUES IN (%%L)', m.as_of)
+)
+ORDER BY 2, 1;

@@ -34,21 +34,36 @@ def files_published_elsewhere(
 
 
 def check_history(conn: psycopg.Connection, histories: Sequence[str]) -> None:
-    """HistoryIncomplete if a published month has no partition in one of ``histories``.
+    """HistoryIncomplete if a published month has no partition in one of ``histories``,
+    or if one of them holds a month the ledger does not list.
 
     A partition detached or dropped by hand leaves no error anywhere: the month just
-    reads as empty in that table, for every training set built on it.
+    reads as empty in that table, for every training set built on it. A month in history
+    but not in the ledger (a restore that stopped part-way) would be taken for a new
+    month by the rerun rules, and republished as the latest over newer ones.
     """
-    missing = conn.execute(
-        queries("ledger")["months_missing_from_history"],
-        {"histories": list(histories)},
-    ).fetchall()
+    q = queries("ledger")
+    params = {"histories": list(histories)}
+    missing = conn.execute(q["months_missing_from_history"], params).fetchall()
     if missing:
         shown = first_few([f"{table} {as_of.isoformat()}" for table, as_of in missing])
         raise HistoryIncomplete(
             f"published months missing from history: {shown} (a partition detached or "
             "dropped by hand?); nothing was run: attach the month's partition back to its "
             "history table, or restore the database"
+        )
+    unlisted = conn.execute(q["history_months_not_published"], params).fetchall()
+    if unlisted:
+        shown = first_few(
+            [
+                f"{table} {as_of.isoformat() if as_of else '(not one month)'}"
+                for table, as_of in unlisted
+            ]
+        )
+        raise HistoryIncomplete(
+            f"months in history that the ledger (ingest_months) does not list: {shown} "
+            "(rows deleted by hand, or a restore that stopped part-way?); nothing was run: "
+            "restore the database whole (docs/stack.md, 'Backup and restore')"
         )
 
 
