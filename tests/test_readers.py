@@ -200,10 +200,11 @@ def test_a_session_holding_a_staging_table_does_not_stall_a_published_run(
 
 
 def test_a_month_in_history_the_ledger_does_not_list_stops_the_next_run(run_flow, db_url, months):
-    """ingest_months lost January's row (a plain pg_restore into an initialised database
-    left it empty behind foreign-key errors: backup audit) while its partitions stayed:
-    January's files then read as a new month, and were published again as the latest,
-    over February's live values. No run goes on, not even an unchanged rerun."""
+    """ingest_months lost January's row while its partitions stayed (a plain pg_restore
+    into an initialised database left ingest_months empty behind foreign-key errors:
+    backup audit): the rerun rules, which read the ledger, took January for a month never
+    published (here a backfill; with February's row gone too, as after that restore, the
+    latest, over February's live values). No run goes on, not even an unchanged rerun."""
     from streamflow import rerun
     from streamflow.errors import HistoryIncomplete
 
