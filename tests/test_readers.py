@@ -3,6 +3,7 @@ published: a month whole or not at all, and no wait of theirs stalls a run."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -229,3 +230,27 @@ def test_a_month_in_history_the_ledger_does_not_list_stops_the_next_run(run_flow
         assert err.strip().splitlines()[-1] == refused
     with psycopg.connect(db_url) as admin:
         assert admin.execute("SELECT * FROM labels ORDER BY user_id").fetchall() == live_before
+
+
+def test_a_run_waiting_for_a_dump_says_who_it_waits_for(run_flow, db_url, months, caplog):
+    """A pg_dump holds a lock on every table it dumps, staging's too, until the whole
+    dump ends: a run started meanwhile waited at its first TRUNCATE without a word for as
+    long as the dump ran (backup audit), and looked hung. It now names the holder after a
+    few seconds, then waits; here the "dump" lets go after 8 s and the month publishes."""
+    ok(run_flow(db_url, months / "month_000", JAN))  # Prefect's logging set up, for caplog
+    dump = psycopg.connect(db_url, application_name="pg_dump")
+    dump.execute("LOCK TABLE staging.users IN ACCESS SHARE MODE")
+    pid = dump.info.backend_pid
+    let_go = threading.Timer(8, dump.rollback)
+    let_go.start()
+    try:
+        with caplog.at_level(logging.WARNING):
+            ok(run_flow(db_url, months / "month_001", FEB))
+    finally:
+        let_go.cancel()
+        dump.close()
+    said = [r.getMessage() for r in caplog.records if "waiting for staging" in r.getMessage()]
+    assert said == [
+        f"users.csv: waiting for staging.users, held by pid {pid} (pg_dump) (a pg_dump holds "
+        "each table it dumps until it ends); the run goes on when it lets go"
+    ]

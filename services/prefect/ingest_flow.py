@@ -114,7 +114,9 @@ def upsert_csv(
         try:
             if stop.rejected:  # before the cancel could reach a COPY
                 raise stopped
-            staged = loading.stage_file(conn, BY_NAME[table], Path(path), hashed, lock_holder)
+            staged = loading.stage_file(
+                conn, BY_NAME[table], Path(path), hashed, lock_holder, get_run_logger().warning
+            )
         except psycopg.errors.QueryCanceled:
             if stop.rejected:
                 raise stopped from None

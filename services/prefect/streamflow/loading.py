@@ -13,7 +13,7 @@ import csv
 import io
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,7 @@ from .errors import InputError, clipped, first_few, unreadable
 from .fingerprints import is_hashed_file
 from .locking import check_writer_lock
 from .registry import KEY, MAX_HEADER_BYTES, TABLES, TableSpec
-from .sqlfiles import ident_list, query, staged
+from .sqlfiles import ident_list, queries, query, staged
 
 CHUNK_BYTES = 1 << 20
 _BOM = b"\xef\xbb\xbf"
@@ -134,12 +134,31 @@ def empty_staging(conn: psycopg.Connection) -> None:
         conn.execute(query("staging", "empty", tables=tables))
 
 
+def _truncate(cur: psycopg.Cursor, spec: TableSpec, waiting: Callable[[str], object]) -> None:
+    """Empty ``staging.<table>``; if another session holds it for a few seconds, say who,
+    then wait for it (the run would otherwise seem to hang for as long as a dump runs)."""
+    table = staged(spec.name)
+    try:
+        cur.execute(query("staging", "truncate_or_give_up", staged=table))
+        return
+    except psycopg.errors.LockNotAvailable:
+        cur.execute(queries("staging")["back_before_truncate"])
+    holders = cur.execute(queries("staging")["holders"], {"staged": f"staging.{spec.name}"})
+    who = first_few([f"pid {pid} ({name})" for pid, name in holders.fetchall()]) or "a session"
+    waiting(
+        f"{spec.file_name}: waiting for staging.{spec.name}, held by {who} (a pg_dump holds "
+        "each table it dumps until it ends); the run goes on when it lets go"
+    )
+    cur.execute(query("staging", "truncate", staged=table))
+
+
 def stage_file(
     conn: psycopg.Connection,
     spec: TableSpec,
     path: Path,
     hashed: dict | None = None,
     lock_holder: int | None = None,
+    waiting: Callable[[str], object] = lambda message: None,
 ) -> StagedFile:
     """Replace ``staging.<table>`` with the rows of ``path``, in one committed transaction.
 
@@ -150,6 +169,7 @@ def stage_file(
 
     ``lock_holder``: the backend pid holding the run's writer lock, checked before the
     commit (``locking.check_writer_lock``).
+    ``waiting``: told who holds the staged table when the run has to wait for them.
     """
     header, offset = read_header(spec, path)
     staged_table = staged(spec.name)
@@ -158,7 +178,7 @@ def stage_file(
     columns = [spec.column(name).name for name in header]
     try:
         with conn.cursor() as cur:
-            cur.execute(query("staging", "truncate", staged=staged_table))
+            _truncate(cur, spec, waiting)
             copy = query("staging", "copy_csv", staged=staged_table, columns=ident_list(columns))
             with path.open("rb") as f, cur.copy(copy) as cp:
                 left = _data_end(f, offset) - offset
