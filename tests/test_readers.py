@@ -97,27 +97,36 @@ def test_a_reader_holding_an_empty_table_does_not_stall_the_first_month(run_flow
         assert keyed == (1,)
 
 
+def every_run_refused(
+    run_flow, db_url: str, months: Path, unchanged: str, folders: tuple[str, ...], refused: str
+) -> None:
+    """The CLI's unchanged check (before Prefect starts) of the published month
+    ``unchanged`` raises, no "nothing to do"; each month of ``folders`` is refused with
+    ``refused`` as the CLI's last line."""
+    from streamflow import rerun
+    from streamflow.errors import HistoryIncomplete
+
+    with pytest.raises(HistoryIncomplete):
+        rerun.unchanged_month(str(months / unchanged), AS_OF[unchanged])
+    for folder in folders:
+        rc, _, err = run_flow(db_url, months / folder, AS_OF[folder])
+        assert rc == 1
+        assert err.strip().splitlines()[-1] == refused
+
+
 def test_a_month_missing_from_history_stops_the_next_run(run_flow, db_url, months):
     """A history partition detached by hand: the next month published with exit 0 while
     January read as empty in labels_snapshots, and a --replace of January failed with
     "unexpected CheckViolation" (operator audit). No run goes on until it is back, not
     even an unchanged rerun (it answered "nothing to do", exit 0: docs audit), and each
     refusal is a row of the ledger like any other."""
-    from streamflow import rerun
-    from streamflow.errors import HistoryIncomplete
 
     ok(run_flow(db_url, months / "month_000", JAN))
     with psycopg.connect(db_url, autocommit=True) as admin:
         admin.execute("ALTER TABLE labels_snapshots DETACH PARTITION labels_snapshots_20240131")
 
     refused = JAN_MISSING_FROM_HISTORY
-    # The CLI's answer before Prefect starts: no "nothing to do" (the flow refuses).
-    with pytest.raises(HistoryIncomplete):
-        rerun.unchanged_month(str(months / "month_000"), JAN)
-    for folder, as_of in (("month_001", FEB), ("month_000", JAN)):
-        rc, _, err = run_flow(db_url, months / folder, as_of)
-        assert rc == 1
-        assert err.strip().splitlines()[-1] == refused
+    every_run_refused(run_flow, db_url, months, "month_000", ("month_001", "month_000"), refused)
     with psycopg.connect(db_url, autocommit=True) as admin:
         assert admin.execute("SELECT count(*) FROM ingest_months").fetchone() == (1,)
         runs = admin.execute(
@@ -206,8 +215,6 @@ def test_a_month_in_history_the_ledger_does_not_list_stops_the_next_run(run_flow
     backup audit): the rerun rules, which read the ledger, took January for a month never
     published (here a backfill; with February's row gone too, as after that restore, the
     latest, over February's live values). No run goes on, not even an unchanged rerun."""
-    from streamflow import rerun
-    from streamflow.errors import HistoryIncomplete
 
     ok(run_flow(db_url, months / "month_000", JAN))
     ok(run_flow(db_url, months / "month_001", FEB))
@@ -222,12 +229,7 @@ def test_a_month_in_history_the_ledger_does_not_list_stops_the_next_run(run_flow
         "stopped part-way?); nothing was run: restore the database whole (docs/stack.md, "
         "'Backup and restore')"
     )
-    with pytest.raises(HistoryIncomplete):
-        rerun.unchanged_month(str(months / "month_001"), FEB)
-    for folder, as_of in (("month_000", JAN), ("month_001", FEB)):
-        rc, _, err = run_flow(db_url, months / folder, as_of)
-        assert rc == 1
-        assert err.strip().splitlines()[-1] == refused
+    every_run_refused(run_flow, db_url, months, "month_001", ("month_000", "month_001"), refused)
     with psycopg.connect(db_url) as admin:
         assert admin.execute("SELECT * FROM labels ORDER BY user_id").fetchall() == live_before
 
