@@ -417,6 +417,37 @@ def test_a_function_left_to_public_is_a_warning_until_a_superuser_runs(
     assert scalar(db_url, public_may_run) is False
 
 
+def test_a_grant_db_init_does_not_bring_back_stops_the_run(db_url, monkeypatch):
+    """A superuser's run checks again after applying db/init: what is still missing (here
+    db/init's apply made a no-op, so staging's USAGE stays revoked) stops the run in
+    words, rather than a re-apply on every run and a failure at staging; applied for
+    real, the grant is back."""
+    from streamflow import bootstrap
+    from streamflow.errors import SchemaOutdated
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("REVOKE USAGE ON SCHEMA staging FROM streamflow_ingest")
+        monkeypatch.setattr(bootstrap, "apply_init_sql", lambda conn: ["001_schema.sql"])
+        with pytest.raises(SchemaOutdated) as info:
+            bootstrap.ensure_schema(conn)
+        assert str(info.value) == (
+            "the database's roles or grants are not db/init's (streamflow_ingest may not use "
+            "the staging schema: a restore into another cluster?); db/init/001_schema.sql "
+            "was applied again and still leaves streamflow_ingest may not use the staging "
+            "schema"
+        )
+        monkeypatch.undo()
+        said: list[str] = []
+        assert bootstrap.ensure_schema(conn, warn=said.append) == ["001_schema.sql"]
+        assert said == [
+            "db/init/001_schema.sql applied again (the two groups' privileges are its own "
+            "again): the database's roles or grants are not db/init's (streamflow_ingest may "
+            "not use the staging schema: a restore into another cluster?)"
+        ]
+        usage = "SELECT has_schema_privilege('streamflow_ingest', 'staging', 'USAGE')"
+        assert conn.execute(usage).fetchone() == (True,)
+
+
 def test_the_sql_allowlists_are_the_registrys_tables(db_url):
     """db/init repeats the registry's table names in its allowlists (the partition name,
     the key switch, the leftovers' pattern) and in the catalogue: a table added to one
