@@ -234,6 +234,39 @@ def test_a_month_in_history_the_ledger_does_not_list_stops_the_next_run(run_flow
         assert admin.execute("SELECT * FROM labels ORDER BY user_id").fetchall() == live_before
 
 
+def test_a_partition_of_no_one_month_and_a_missing_month_are_both_found(run_flow, db_url, months):
+    """Both directions of the history check in one database: a DEFAULT partition
+    attached by hand (no month of its own) and a month detached. The detached month is
+    named first (attaching it back is the first repair); once it is back, the DEFAULT
+    partition still stops every run, as "(not one month)"."""
+    ok(run_flow(db_url, months / "month_000", JAN))
+    ok(run_flow(db_url, months / "month_001", FEB))
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        admin.execute("CREATE TABLE usage_by_hand PARTITION OF usage_agg_30d_snapshots DEFAULT")
+        admin.execute("ALTER TABLE labels_snapshots DETACH PARTITION labels_snapshots_20240131")
+
+    rc, _, err = run_flow(db_url, months / "month_001", FEB)
+    assert rc == 1
+    assert err.strip().splitlines()[-1] == JAN_MISSING_FROM_HISTORY, err[-2000:]
+
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        admin.execute(
+            "ALTER TABLE labels_snapshots ATTACH PARTITION labels_snapshots_20240131 "
+            "FOR VALUES IN ('2024-01-31')"
+        )
+    every_run_refused(
+        run_flow,
+        db_url,
+        months,
+        "month_001",
+        ("month_001",),
+        "ingest failed: months in history that the ledger (ingest_months) does not list: "
+        "usage_agg_30d_snapshots (not one month) (rows deleted by hand, or a restore that "
+        "stopped part-way?); nothing was run: restore the database whole (docs/stack.md, "
+        "'Backup and restore')",
+    )
+
+
 def test_a_run_waiting_for_a_dump_says_who_it_waits_for(run_flow, db_url, months, caplog):
     """A pg_dump holds a lock on every table it dumps, staging's too, until the whole
     dump ends: a run started meanwhile waited at its first TRUNCATE without a word for as

@@ -42,9 +42,11 @@ def check_history(conn: psycopg.Connection, histories: Sequence[str]) -> None:
     but not in the ledger (a restore that stopped part-way) would be taken for a new
     month by the rerun rules, and republished as the latest over newer ones.
     """
-    q = queries("ledger")
-    params = {"histories": list(histories)}
-    missing = conn.execute(q["months_missing_from_history"], params).fetchall()
+    rows = conn.execute(
+        queries("ledger")["history_against_ledger"], {"histories": list(histories)}
+    ).fetchall()
+    missing = [(table, as_of) for table, as_of, is_missing in rows if is_missing]
+    unlisted = [(table, as_of) for table, as_of, is_missing in rows if not is_missing]
     if missing:
         shown = first_few([f"{table} {as_of.isoformat()}" for table, as_of in missing])
         raise HistoryIncomplete(
@@ -52,7 +54,6 @@ def check_history(conn: psycopg.Connection, histories: Sequence[str]) -> None:
             "dropped by hand?); nothing was run: attach the month's partition back to its "
             "history table, or restore the database"
         )
-    unlisted = conn.execute(q["history_months_not_published"], params).fetchall()
     if unlisted:
         shown = first_few(
             [
