@@ -217,14 +217,34 @@ def run(users: int, months: int, every: int, statements: Path | None) -> dict:
                 row.update(measure(url, as_of, FIRST_MONTH, user_id))
             rows.append(row)
             print(_line(row), flush=True)
-        with __import__("psycopg").connect(url) as conn:
+        import psycopg
+
+        with psycopg.connect(url) as conn:
             size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+        # The control: months 1 and 2 again, into a new empty database on the same server,
+        # now. A drift of the machine over the run shows here as well; what the months
+        # themselves cost does not.
+        control = []
+        fresh = server.fresh_database("many_months_control")
+        for i, folder in enumerate(folders[:2]):
+            as_of = month_end(FIRST_MONTH, i)
+            cmd = [sys.executable, str(WORKERS), "core", fresh, str(folder), as_of.isoformat()]
+            wall, _ = timed_process(cmd, {**env, "DATABASE_URL": fresh})
+            step = ledger_timings(fresh, as_of)
+            control.append(
+                {
+                    "month": i + 1,
+                    "wall_s": round(wall, 3),
+                    **{f"step_{k}": v for k, v in step.items()},
+                }
+            )
         return {
             "users": users,
             "months": months,
             "machine": machine(),
             "server": server.describe(),
             "database_bytes": size,
+            "control": control,
             "rows": rows,
             "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "load_after": os.getloadavg()[0],
@@ -270,6 +290,11 @@ def render(result: dict) -> str:
     lines += ["| " + _line(r) + " |" for r in measured]
     second, last = measured[1], measured[-1]
     lines.append("")
+    for c in result.get("control", []):
+        lines.append(
+            f"- control, after the last month: month {c['month']} into a new empty database "
+            f"{c['wall_s']:.2f} s (validate {c.get('step_validate_with_ge', 0):.2f} s)"
+        )
     for key, title, _ in COLUMNS[2:]:
         if second.get(key) and last.get(key) is not None:
             lines.append(

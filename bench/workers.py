@@ -184,6 +184,9 @@ class _Future:
 
         wait([self._future], timeout)
 
+    def add_done_callback(self, fn) -> None:
+        self._future.add_done_callback(lambda _: fn(self))
+
 
 # ---------------------------------------------------------------------------
 # (d) the peer: dlt

@@ -6,7 +6,9 @@
 -- it stopped is not known: finished_at stays empty (now() gave it the next run's start).
 UPDATE ingest_runs
 SET status = 'abandoned',
-    error = coalesce(error, 'the run stopped before finishing (process killed or connection lost)')
+    error = coalesce(error, 'the run ended without recording its outcome (process killed, '
+                            'connection lost, or the ledger could not be written: see the '
+                            'run''s log)')
 WHERE status = 'running';
 
 -- name: published_month

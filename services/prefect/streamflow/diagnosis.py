@@ -115,6 +115,34 @@ _NO_SLOTS = (
 CONNECTIONS_PER_RUN = 4
 # Where a session setting the pipeline never sets comes from.
 _SET_ELSEWHERE = "DATABASE_URL's options or PGOPTIONS, the login, the database or the server"
+# The server out of room or resources (class 53). A full disk is disk_full (53100) when
+# the operating system said ENOSPC; a file it may not grow further (EFBIG: a ulimit on
+# the server, EDQUOT: a quota) is an internal error with the words of its hint, and read
+# as a bug ("unexpected InternalError_", a traceback) before (resource audit). Those
+# words are English: a translated server's reads as "unexpected".
+_DISK_FULL, _NO_MEMORY, _LIMIT_EXCEEDED = "53100", "53200", "53400"
+_CANNOT_GROW = ("could not extend file", "could not write to file", "Check free disk space")
+_DISK = (
+    "free space on the server's data disk (PGDATA's volume, or the tablespace's), or raise "
+    "the quota or file size limit the error names"
+)
+# The server itself went down and is recovering (a backend crashed: out of memory, a
+# full WAL disk): the run's connections end, a new one is refused for a while.
+_CRASHED = "57P02"
+_RECOVERING = "the database system is in recovery mode"
+
+
+# Errors a month's own values can cause (a data exception, a duplicate key when the
+# live key is rebuilt, a key too long for its index): validation explains them better.
+_DATA_SQLSTATES = ("22", "23", "54")
+
+
+def about_the_server(exc: BaseException) -> bool:
+    """The error is the server's state or configuration (a full disk, a limit, a right
+    missing, a lost connection), explained by ``explain_failure``, not one the month's
+    values may have caused."""
+    state = getattr(exc, "sqlstate", None) or ""
+    return not state.startswith(_DATA_SQLSTATES) and explain_failure(exc) is not None
 
 
 def explain_failure(exc: BaseException) -> str | None:
@@ -147,14 +175,20 @@ def explain_failure(exc: BaseException) -> str | None:
             f"{_SET_ELSEWHERE} did (give the pipeline none, or {needs})"
         )
     if connection_lost(exc):
+        if exc.sqlstate == _CRASHED or _RECOVERING in str(exc):
+            return (
+                f"the database server stopped and is recovering (a server process crashed: "
+                f"out of memory, a full disk; its log says which): {reason}"
+            )
         return f"the database could not be reached: {reason}"
+    out_of_room = _out_of_room(exc, reason)
+    if out_of_room is not None:
+        return out_of_room
     if exc.sqlstate in _TIMEOUT_SQLSTATES:
         # The pipeline sets neither timeout: the login's, the database's or the server's
         # did. Inside a function, the context names the statement (an ATTACH PARTITION).
-        context = (exc.diag.context or "").strip().splitlines()
-        during = f" ({clipped(context[0], 200)})" if context else ""
         return (
-            f"PostgreSQL refused the work: {reason}{during}; the pipeline sets no timeout: "
+            f"PostgreSQL refused the work: {reason}{_during(exc)}; the pipeline sets no timeout: "
             f"a statement_timeout or lock_timeout of {_SET_ELSEWHERE} stopped it (give the "
             "pipeline none, or a higher one), or someone cancelled the statement"
         )
@@ -162,3 +196,36 @@ def explain_failure(exc: BaseException) -> str | None:
         return f"PostgreSQL refused the work: {reason}"
     lacking = _NEEDS.get(type(exc))
     return None if lacking is None else f"PostgreSQL refused the work: {reason}; {lacking}"
+
+
+def _during(exc: psycopg.Error) -> str:
+    """The statement an error arose in, from PostgreSQL's context ("COPY usage_agg_30d,
+    line 3000", a function's ATTACH PARTITION), in parentheses; "" without one."""
+    context = (exc.diag.context or "").strip().splitlines()
+    return f" ({clipped(context[0], 200)})" if context else ""
+
+
+def _out_of_room(exc: psycopg.Error, reason: str) -> str | None:
+    """One line for a server out of disk, memory or a limit on either; None otherwise."""
+    state = exc.sqlstate or ""
+    if state == _DISK_FULL or (
+        state in ("XX000", "58030") and any(words in str(exc) for words in _CANNOT_GROW)
+    ):
+        return f"PostgreSQL could not write to its disk: {reason}{_during(exc)}; {_DISK}"
+    if state == _NO_MEMORY:
+        hint = exc.diag.message_hint
+        return f"PostgreSQL ran out of memory: {reason}{_during(exc)}; " + (
+            hint
+            if hint
+            else "the pipeline's statements ask for up to 256MB of work_mem or "
+            "maintenance_work_mem each (see the server's log)"
+        )
+    if state == _LIMIT_EXCEEDED:
+        return (
+            f"PostgreSQL refused the work: {reason}{_during(exc)}; a limit of "
+            f"{_SET_ELSEWHERE} stopped it (the pipeline sets none: give it none, or a "
+            "higher one)"
+        )
+    if state.startswith("53"):
+        return f"PostgreSQL ran out of resources: {reason}{_during(exc)}; see the server's log"
+    return None

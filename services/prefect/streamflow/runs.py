@@ -236,12 +236,23 @@ class MonthRun:
             summary.error = in_words(exc)
         # The same one line the CLI prints, for runs started from the UI.
         self.log.error("ingest failed: %s", summary.error)
-        self._finish(
-            status="failed",
-            validation=getattr(exc, "failures", None),
-            timings=summary.timings,
-            error=summary.error,
-        )
+        try:
+            self._finish(
+                status="failed",
+                validation=getattr(exc, "failures", None),
+                timings=summary.timings,
+                error=summary.error,
+            )
+        except psycopg.Error as unrecorded:
+            # The ledger's write refused too (the same full disk): the run's own error
+            # stays the one it reports. It replaced it, and the row stayed "running"
+            # with no error until the next run called it abandoned (resource audit).
+            self.log.warning(
+                "the run's failed outcome could not be recorded in ingest_runs (run %s "
+                "stays 'running' until the next run marks it abandoned): %s",
+                self.run_id,
+                in_words(unrecorded),
+            )
         publish_artifacts(summary)
 
     def _finish(self, **outcome: Unpack[_Outcome]) -> None:

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Callable
 from datetime import date
@@ -370,6 +371,10 @@ class SuitesProcess:
         # runs, and a full stderr pipe would block it.
         self._stderr = tempfile.TemporaryFile(mode="w+")  # closed by finish/close
         self._asked = False
+        # Set by stop_for, from the publisher's thread: why the run no longer waits.
+        self._stopped_for: BaseException | None = None
+        self._answered = False
+        self._state = threading.Lock()
         self._proc = subprocess.Popen(
             cmd,
             env=env,
@@ -418,15 +423,24 @@ class SuitesProcess:
         self._send(_CONNECT)
 
     def run(self, as_of: date) -> tuple[list[SuiteOutcome], Path | None]:
-        self._asked = True
+        """The suites' outcomes for the staged month; ``stop_for``'s error instead if
+        the run failed meanwhile."""
+        with self._state:
+            if self._stopped_for is not None:
+                raise self._stopped_for
+            self._asked = True
         self._send(f"{_GO} {as_of.isoformat()}")
         assert self._proc.stdout is not None
         for line in self._proc.stdout:
             if line.startswith(_MARKER):
                 payload = json.loads(line[len(_MARKER) :])
+                with self._state:
+                    self._answered = True
                 break
         else:  # EOF before the outcomes: it failed, its stderr says why
             self._proc.wait()
+            if self._stopped_for is not None:
+                raise self._stopped_for
             raise IngestError(f"validation could not run (GX process): {self._last_error()}")
         outcomes = [
             SuiteOutcome(
@@ -456,9 +470,22 @@ class SuitesProcess:
             return f"stopped by {name}"
         return lines[-1] if lines else f"exit code {code}"
 
+    def stop_for(self, exc: BaseException) -> None:
+        """The run failed while the suites ran (its publisher could not write the month:
+        a full disk, the writer lock lost): their verdict no longer matters, and at 10M
+        users it is minutes away, with GX's queries loading the same server. The child
+        is killed (a statement it has in flight ends on the server when it next writes
+        to the gone client); ``run`` raises ``exc``. Nothing once the outcomes are in."""
+        with self._state:
+            if self._answered:
+                return
+            self._stopped_for = exc
+        if self._proc.poll() is None:
+            self._proc.kill()
+
     def finish(self, timeout: float = 300) -> str | None:
         """Wait for the Data Docs of a validated month; None, or why they failed."""
-        if not self._asked:
+        if not self._asked or self._stopped_for is not None:
             self.close()
             return None
         try:
