@@ -213,29 +213,30 @@ def db_on_small_disk(pg_admin_url: str, template_db: str, small_disk: Path) -> I
                 sql.Identifier(space), sql.Literal(str(small_disk))
             )
         )
-        admin.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {} TABLESPACE {}").format(
-                sql.Identifier(name), sql.Identifier(template_db), sql.Identifier(space)
-            )
-        )
-    url = with_database(pg_admin_url, name)
-    with psycopg.connect(url, autocommit=True) as conn:
-        # What is being tested is the month's failure, not the ledger's (above): the
-        # ledger's tables and their indexes on the server's own disk.
-        ledger = conn.execute(
-            "SELECT c.oid::regclass::text, c.relkind FROM pg_class AS c "
-            "LEFT JOIN pg_index AS i ON i.indexrelid = c.oid "
-            "WHERE coalesce(i.indrelid, c.oid) IN ('ingest_runs'::regclass, "
-            "'ingest_months'::regclass)"
-        ).fetchall()
-        for relation, kind in ledger:
-            what = "INDEX" if kind == "i" else "TABLE"
-            conn.execute(
-                sql.SQL("ALTER {} {} SET TABLESPACE pg_default").format(
-                    sql.SQL(what), sql.Identifier(relation)
+    try:
+        with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE {} TABLESPACE {}").format(
+                    sql.Identifier(name), sql.Identifier(template_db), sql.Identifier(space)
                 )
             )
-    try:
+        url = with_database(pg_admin_url, name)
+        with psycopg.connect(url, autocommit=True) as conn:
+            # What is being tested is the month's failure, not the ledger's (above): the
+            # ledger's tables and their indexes on the server's own disk.
+            ledger = conn.execute(
+                "SELECT c.oid::regclass::text, c.relkind FROM pg_class AS c "
+                "LEFT JOIN pg_index AS i ON i.indexrelid = c.oid "
+                "WHERE coalesce(i.indrelid, c.oid) IN ('ingest_runs'::regclass, "
+                "'ingest_months'::regclass)"
+            ).fetchall()
+            for relation, kind in ledger:
+                what = "INDEX" if kind == "i" else "TABLE"
+                conn.execute(
+                    sql.SQL("ALTER {} {} SET TABLESPACE pg_default").format(
+                        sql.SQL(what), sql.Identifier(relation)
+                    )
+                )
         yield url
     finally:
         with psycopg.connect(pg_admin_url, autocommit=True) as admin:
@@ -322,18 +323,30 @@ def test_a_publisher_that_fails_ends_the_run_without_waiting_for_validation(
         blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(staged))
         return real_run(self, as_of)  # type: ignore[arg-type]
 
+    raised_at: list[float] = []
+
     def on_a_full_disk(*args: object, **kwargs: object) -> None:
         time.sleep(1)  # validation asked meanwhile, and held
+        raised_at.append(time.monotonic())
         raise disk_full
 
+    waiting_on_locks = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock'"
+    )
     monkeypatch.setattr(validation.SuitesProcess, "run", validation_held)
     monkeypatch.setattr(publishing, "publish_month", on_a_full_disk)
-    let_go = threading.Timer(60, blocker.rollback)  # without the stop: the run's end
+    let_go = threading.Timer(120, blocker.rollback)  # without the stop: the run's end
     let_go.start()
-    start = time.monotonic()
     try:
         rc, _, err = run_flow(db_url, months / "month_001", FEB)
-        took = time.monotonic() - start
+        took = time.monotonic() - raised_at[0]
+        # GX's statement, killed with its process while it waited for the locks, is
+        # ended by the server (client_connection_check_interval), not left waiting.
+        deadline = time.monotonic() + 15
+        while scalar(db_url, waiting_on_locks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left_waiting = scalar(db_url, waiting_on_locks)
     finally:
         let_go.cancel()
         blocker.rollback()
@@ -347,6 +360,7 @@ def test_a_publisher_that_fails_ends_the_run_without_waiting_for_validation(
         "quota or file size limit the error names"
     ), err[-2000:]
     assert took < 30, f"the run waited {took:.0f} s for validation"
+    assert left_waiting == 0, "GX's statement still waits on the server"
     assert table_digests(db_url) == before
 
 

@@ -874,24 +874,31 @@ def test_an_interrupt_after_the_verdict_names_why_the_publisher_did_not_commit(
     run_flow, db_url, months, monkeypatch
 ):
     """Ctrl-C once validation passed, and the publisher failed on its own (here: its
-    writer lock lost): the ledger said 'ingest_months says whether its commit
-    completed', though the run had waited for the publisher and knew. It now says what
-    stopped it, and that nothing was published."""
-    from streamflow import ledger
+    writer lock lost, found at its check before the commit): the ledger said
+    'ingest_months says whether its commit completed', though the run had waited for
+    the publisher and knew. It now says what stopped it, and that nothing was
+    published. (The lock is lost after the verdict: lost before it, the publisher's
+    failure ends the run at once, validation stopped.)"""
+    from streamflow import locking
     from streamflow.errors import LockLost
     from streamflow.verdict import Verdict
 
     real_accept = Verdict.accept
+    real_check = locking.check_writer_lock
+    accepted: list[bool] = []
 
     def accept_then_interrupt(self):
         real_accept(self)
+        accepted.append(True)
         raise KeyboardInterrupt
 
-    def lost(*args, **kwargs):
-        raise LockLost("the run lost the pipeline's writer lock (test)")
+    def lost_once_accepted(*args, **kwargs):
+        if accepted:
+            raise LockLost("the run lost the pipeline's writer lock (test)")
+        return real_check(*args, **kwargs)
 
     monkeypatch.setattr(Verdict, "accept", accept_then_interrupt)
-    monkeypatch.setattr(ledger, "record_month", lost)
+    monkeypatch.setattr(locking, "check_writer_lock", lost_once_accepted)
     with pytest.raises(KeyboardInterrupt):
         run_flow(db_url, months / "month_000", JAN)
 

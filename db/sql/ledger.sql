@@ -77,27 +77,27 @@ ON CONFLICT (as_of) DO UPDATE
 -- hand) would read as empty there, and a --replace of it would fail; a partition whose
 -- month the ledger does not list (ingest_months rows deleted, a restore that stopped
 -- part-way) would be taken for a new month by the rerun rules. Bounds are compared,
--- not names; each partition's bound is deparsed once (the costly part: a database holds
--- one partition per table per month, 13 ms for 1,200 of them). as_of NULL: a partition
--- that is not one month's (a DEFAULT one attached by hand). "histories" is the
--- registry's list of history tables.
+-- not names, as text in the session's DateStyle on both sides; each partition's bound is
+-- deparsed once (the costly part: a database holds one partition per table per month,
+-- 13 ms for 1,200 of them). as_of NULL: a partition that is not one month's (a DEFAULT
+-- one attached by hand; its date is read from the bound for the message, ISO only).
+-- "histories" is the registry's list of history tables.
 WITH partitions AS MATERIALIZED (
-  SELECT h.history,
-         substring(pg_get_expr(c.relpartbound, c.oid)
-                   FROM '^FOR VALUES IN \(''([0-9-]+)''\)$')::date AS as_of
+  SELECT h.history, pg_get_expr(c.relpartbound, c.oid) AS bound
   FROM unnest(%(histories)s::text[]) AS h (history)
   JOIN pg_inherits AS i ON i.inhparent = to_regclass('public.' || h.history)
   JOIN pg_class AS c ON c.oid = i.inhrelid
 ),
 published AS (
-  SELECT h.history, m.as_of
+  SELECT h.history, m.as_of, format('FOR VALUES IN (%%L)', m.as_of) AS bound
   FROM ingest_months AS m
   CROSS JOIN unnest(%(histories)s::text[]) AS h (history)
 )
 SELECT coalesce(m.history, p.history) AS history,
-       coalesce(m.as_of, p.as_of) AS as_of,
+       coalesce(m.as_of,
+                substring(p.bound FROM '^FOR VALUES IN \(''([0-9-]+)''\)$')::date) AS as_of,
        p.history IS NULL AS missing
 FROM published AS m
-FULL JOIN partitions AS p ON p.history = m.history AND p.as_of = m.as_of
+FULL JOIN partitions AS p ON p.history = m.history AND p.bound = m.bound
 WHERE m.history IS NULL OR p.history IS NULL
 ORDER BY 2, 1;

@@ -120,7 +120,7 @@ _SET_ELSEWHERE = "DATABASE_URL's options or PGOPTIONS, the login, the database o
 # the server, EDQUOT: a quota) is an internal error with the words of its hint, and read
 # as a bug ("unexpected InternalError_", a traceback) before (resource audit). Those
 # words are English: a translated server's reads as "unexpected".
-_DISK_FULL, _NO_MEMORY, _LIMIT_EXCEEDED = "53100", "53200", "53400"
+_DISK_FULL, _NO_MEMORY, _LIMIT_EXCEEDED, _IO_ERROR = "53100", "53200", "53400", "58030"
 _CANNOT_GROW = ("could not extend file", "could not write to file", "Check free disk space")
 _DISK = (
     "free space on the server's data disk (PGDATA's volume, or the tablespace's), or raise "
@@ -208,10 +208,15 @@ def _during(exc: psycopg.Error) -> str:
 def _out_of_room(exc: psycopg.Error, reason: str) -> str | None:
     """One line for a server out of disk, memory or a limit on either; None otherwise."""
     state = exc.sqlstate or ""
-    if state == _DISK_FULL or (
-        state in ("XX000", "58030") and any(words in str(exc) for words in _CANNOT_GROW)
-    ):
+    # Its own words, not the DETAIL or CONTEXT (a COPY's quotes a file's line).
+    said = f"{exc.diag.message_primary or ''} {exc.diag.message_hint or ''}"
+    if state == _DISK_FULL or (state == "XX000" and any(w in said for w in _CANNOT_GROW)):
         return f"PostgreSQL could not write to its disk: {reason}{_during(exc)}; {_DISK}"
+    if state == _IO_ERROR:
+        return (
+            f"PostgreSQL could not read or write its disk: {reason}{_during(exc)}; an I/O "
+            "error (a failing disk or volume): the server's and the system's logs say more"
+        )
     if state == _NO_MEMORY:
         hint = exc.diag.message_hint
         return f"PostgreSQL ran out of memory: {reason}{_during(exc)}; " + (
