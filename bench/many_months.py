@@ -43,20 +43,9 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO / "services" / "prefect"))
 
-from run_bench import OUT, RESULTS, WORKERS, Server, machine  # noqa: E402
+from run_bench import OUT, RESULTS, WORKERS, Server, base_env, machine  # noqa: E402
 
 FIRST_MONTH = dt.date(2022, 2, 28)
-# The pipeline's variables a caller's shell may hold; the runs get only the bench's.
-UNSET = (
-    "DATABASE_URL",
-    "POSTGRES_",
-    "SEED_DIR",
-    "AS_OF",
-    "REPLACE",
-    "ALLOW_GAP",
-    "PREFECT_API_URL",
-    "PREFECT_PROFILE",
-)
 
 
 def month_end(first: dt.date, offset: int) -> dt.date:
@@ -180,16 +169,7 @@ def run(users: int, months: int, every: int, statements: Path | None) -> dict:
     server = Server.start(OUT / "pg_many_months", logged if statements else {})
     try:
         url = server.fresh_database("many_months")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(UNSET)}
-        env.update(
-            DATABASE_URL=url,
-            PREFECT_HOME=str(OUT / "prefect_home"),
-            DO_NOT_TRACK="1",
-            PREFECT_SERVER_ANALYTICS_ENABLED="false",
-            PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",  # as bench/run_bench.py
-            GX_ANALYTICS_ENABLED="False",
-            GX_DOCS_DIR=str(OUT / "gx_docs"),
-        )
+        env = {**base_env(), "DATABASE_URL": url}
         flow = REPO / "services" / "prefect" / "ingest_flow.py"
         user_id = first_user(folders[0])
         rows = []

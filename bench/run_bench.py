@@ -374,6 +374,38 @@ def tail(log: Path, lines: int = 5) -> str:
 # ---------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------
+def base_env() -> dict[str, str]:
+    """This process's environment for a variant's process: the pipeline's own variables
+    of the caller's shell removed, the bench's Prefect and GX homes under bench/out."""
+    env = {k: v for k, v in os.environ.items()}
+    for name in (
+        "DATABASE_URL",
+        "POSTGRES_HOST",
+        "SEED_DIR",
+        "AS_OF",
+        "REPLACE",
+        "ALLOW_GAP",
+        "PREFECT_API_URL",
+        "PREFECT_PROFILE",
+    ):
+        env.pop(name, None)
+    env.update(
+        PREFECT_HOME=str(OUT / "prefect_home"),
+        DO_NOT_TRACK="1",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        # Prefect waits 20 s by default for its ephemeral server; on this shared
+        # 2-core machine a first start (SQLite migrations) took longer and the flow
+        # failed. A bench measures time, so it waits instead (docs/performance.md).
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+        GX_ANALYTICS_ENABLED="False",
+        GX_DOCS_DIR=str(OUT / "gx_docs"),
+        RUNTIME__DLTHUB_TELEMETRY="false",
+        PYTHONUNBUFFERED="1",
+        BENCH_FLOW_DIR=str(SRC / "services" / "prefect"),
+    )
+    return env
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -389,33 +421,7 @@ class Bench:
         self.env = self._base_env()
 
     def _base_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()}
-        for name in (
-            "DATABASE_URL",
-            "POSTGRES_HOST",
-            "SEED_DIR",
-            "AS_OF",
-            "REPLACE",
-            "ALLOW_GAP",
-            "PREFECT_API_URL",
-            "PREFECT_PROFILE",
-        ):
-            env.pop(name, None)
-        env.update(
-            PREFECT_HOME=str(OUT / "prefect_home"),
-            DO_NOT_TRACK="1",
-            PREFECT_SERVER_ANALYTICS_ENABLED="false",
-            # Prefect waits 20 s by default for its ephemeral server; on this shared
-            # 2-core machine a first start (SQLite migrations) took longer and the flow
-            # failed. A bench measures time, so it waits instead (docs/performance.md).
-            PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
-            GX_ANALYTICS_ENABLED="False",
-            GX_DOCS_DIR=str(OUT / "gx_docs"),
-            RUNTIME__DLTHUB_TELEMETRY="false",
-            PYTHONUNBUFFERED="1",
-            BENCH_FLOW_DIR=str(SRC / "services" / "prefect"),
-        )
-        return env
+        return base_env()
 
     # -- data ---------------------------------------------------------------
     def months(self) -> tuple[list[Path], float | None]:
