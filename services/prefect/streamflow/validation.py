@@ -477,8 +477,8 @@ class SuitesProcess:
         """The run failed while the suites ran (its publisher could not write the month:
         a full disk, the writer lock lost): their verdict no longer matters, and at 10M
         users it is minutes away, with GX's queries loading the same server. The child
-        is killed (a statement it has in flight ends on the server when it next writes
-        to the gone client); ``run`` raises ``exc``. Nothing once the outcomes are in."""
+        is killed (the server ends a statement it has in flight within a second:
+        GX_SESSION_OPTIONS); ``run`` raises ``exc``. Nothing once the outcomes are in."""
         with self._state:
             if self._answered:
                 return
