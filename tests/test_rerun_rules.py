@@ -929,7 +929,11 @@ def test_an_interrupt_during_validation_is_not_called_a_failed_validation(
     with caplog.at_level(logging.INFO), pytest.raises(KeyboardInterrupt):
         run_flow(db_url, months / "month_000", JAN)
 
-    text = caplog.text
+    # The run's and its tasks' words. psycopg's own warning, "error ignored in rollback
+    # ...: canceling statement due to user request", comes when the publisher's cancel
+    # reaches its connection between two statements and lands on the closing rollback:
+    # a matter of timing (a CI run saw it), not of what the tasks say.
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("prefect"))
     assert "the run was stopped: the month was rolled back, nothing published" in text, text
     assert "validation failed" not in text and "canceling statement" not in text
     assert scalar(db_url, "SELECT count(*) FROM users") == 0

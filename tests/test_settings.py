@@ -197,7 +197,8 @@ def test_gx_connects_with_the_urls_options_and_one_port_per_host():
 
     assert (
         args["options"]
-        == "-c lock_timeout=7min -c work_mem=256MB -c DateStyle=ISO,YMD -c search_path=public"
+        == "-c lock_timeout=7min -c work_mem=256MB -c client_connection_check_interval=1s "
+        "-c DateStyle=ISO,YMD -c search_path=public"
     )
     assert (args["host"], args["port"], args["dbname"]) == ("h1,h2", "5433,5433", "d")
     assert args["connect_timeout"] == "15"  # db.connect's default, not psycopg's 130 s
