@@ -43,7 +43,15 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO / "services" / "prefect"))
 
-from run_bench import OUT, RESULTS, WORKERS, Server, base_env, machine  # noqa: E402
+from run_bench import (  # noqa: E402
+    OUT,
+    RESULTS,
+    WORKERS,
+    Server,
+    base_env,
+    latest_run,
+    machine,
+)
 
 FIRST_MONTH = dt.date(2022, 2, 28)
 
@@ -143,17 +151,11 @@ def measure(url: str, as_of: dt.date, first: dt.date, user_id: str) -> dict[str,
 
 
 def ledger_timings(url: str, as_of: dt.date) -> dict[str, float]:
-    import psycopg
-
-    with psycopg.connect(url) as conn:
-        row = conn.execute(
-            "SELECT timings FROM ingest_runs WHERE as_of = %s AND status = 'succeeded' "
-            "ORDER BY run_id DESC LIMIT 1",
-            (as_of,),
-        ).fetchone()
-    if row is None or row[0] is None:
-        raise SystemExit(f"as_of {as_of}: no succeeded run with timings in ingest_runs")
-    return row[0]
+    """The step timings of the run just made, which must be as_of's and have published."""
+    run = latest_run(url)
+    if run.get("as_of") != as_of or run.get("status") != "succeeded":
+        raise SystemExit(f"as_of {as_of}: the last run in ingest_runs did not publish it: {run}")
+    return run["timings"]
 
 
 def first_user(month: Path) -> str:

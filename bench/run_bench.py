@@ -406,6 +406,30 @@ def base_env() -> dict[str, str]:
     return env
 
 
+def latest_run(url: str) -> dict:
+    """The flow's latest ingest_runs row: as_of, status, mode and per-step seconds."""
+    import psycopg
+
+    try:
+        with psycopg.connect(url) as conn:
+            row = conn.execute(
+                "SELECT run_id, as_of, status, mode, timings FROM ingest_runs "
+                "ORDER BY run_id DESC LIMIT 1"
+            ).fetchone()
+    except psycopg.Error:
+        return {}
+    if row is None:
+        return {}
+    run_id, as_of, status, mode, timings = row
+    return {
+        "run_id": run_id,
+        "as_of": as_of,
+        "status": status,
+        "mode": mode,
+        "timings": timings or {},
+    }
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -478,22 +502,6 @@ class Bench:
         flow = SRC / "services" / "prefect" / "ingest_flow.py"
         return [sys.executable, str(flow), "--seed-dir", str(month), "--as-of", as_of]
 
-    def ledger(self, url: str) -> dict:
-        """The flow's latest ingest_runs row: status, mode and per-step seconds."""
-        import psycopg
-
-        try:
-            with psycopg.connect(url) as conn:
-                row = conn.execute(
-                    "SELECT run_id, status, mode, timings FROM ingest_runs "
-                    "ORDER BY run_id DESC LIMIT 1"
-                ).fetchone()
-        except psycopg.Error:
-            return {}
-        if row is None:
-            return {}
-        return {"run_id": row[0], "status": row[1], "mode": row[2], "timings": row[3] or {}}
-
     def counts(self, url: str, tables: list[str], schema: str = "public") -> dict[str, int]:
         import psycopg
         from psycopg import sql
@@ -551,7 +559,7 @@ class Bench:
                 self.worker_cmd("core", url, month, as_of) if core else self.flow_cmd(month, as_of)
             )
             run = self.step(key, step, cmd, env)
-            run.detail["ledger"] = self.ledger(url)
+            run.detail["ledger"] = latest_run(url)
             if core and run.ok:
                 run.detail.pop("flow", None)
             if not run.ok:
@@ -640,7 +648,7 @@ class Bench:
         )
         run = self.step("o", label, cmd, env)
         self.runs.remove(run)
-        run.detail["ledger"] = self.ledger(url)
+        run.detail["ledger"] = latest_run(url)
         run.detail.pop("flow", None)
         self.server.drop_database(dbname)
         return run

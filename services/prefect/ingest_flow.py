@@ -39,7 +39,6 @@ if __name__ == "__main__":
 from prefect import Task, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
-from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 from streamflow import (
     bootstrap,
@@ -59,7 +58,7 @@ from streamflow import (
     validation,
 )
 from streamflow.embedded import resolve_database_url
-from streamflow.errors import LockLost, NotPublished, WithoutTraceback
+from streamflow.errors import NotPublished, WithoutTraceback
 from streamflow.inputs import check_run
 from streamflow.registry import BY_NAME
 from streamflow.reporting import RunSummary, Stopwatch, publish_artifacts
@@ -276,7 +275,7 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                     verdict=run.verdict,
                     lock_holder=lock_holder,
                 )
-                run.published.add_done_callback(partial(_stop_validation_if_failed, suites))
+                run.published.add_done_callback(partial(runs.stop_validation_if_failed, suites))
                 with run.verdict.deciding(then=run.published.wait), clock("validate_with_ge"):
                     summary.suites = validate_with_ge(suites, files, as_of_date)
                     summary.data_docs = str(settings.gx_docs_dir / "index.html")
@@ -305,22 +304,6 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
         "line": summary.one_line(),
         "data_docs": summary.data_docs,
     }
-
-
-def _stop_validation_if_failed(suites: validation.SuitesProcess, published: PrefectFuture) -> None:
-    """A publisher stopped by the server's state (a full disk, a limit, a right missing,
-    the writer lock lost) decides the run: validation is stopped rather than waited for,
-    and the run fails with the publisher's error at once (the audit's full disk was
-    reported once GX had finished, about 2 minutes later at 10M users). An error of the
-    data itself (a duplicate key when the live key is rebuilt) waits for validation,
-    which names the file, column and rows; so does the verdict's own refusal."""
-    try:
-        published.result()
-    except NotPublished:
-        return
-    except Exception as exc:
-        if isinstance(exc, LockLost) or diagnosis.about_the_server(exc):
-            suites.stop_for(exc)
 
 
 def _stage_month(

@@ -18,7 +18,14 @@ import prefect.runtime
 import psycopg
 
 from . import db, diagnosis, errors, fingerprints, interrupts, ledger, rerun, validation
-from .errors import HistoryIncomplete, IngestError, MonthConflict, ValidationFailed
+from .errors import (
+    HistoryIncomplete,
+    IngestError,
+    LockLost,
+    MonthConflict,
+    NotPublished,
+    ValidationFailed,
+)
 from .interrupts import PublishedThenInterrupted
 from .reporting import RunSummary, Stopwatch, publish_artifacts
 from .rerun import Mode
@@ -282,3 +289,19 @@ class MonthRun:
             outcome["status"],
             errors.first_line(lost),
         )
+
+
+def stop_validation_if_failed(suites: validation.SuitesProcess, published: PrefectFuture) -> None:
+    """A publisher stopped by the server's state (a full disk, a limit, a right missing,
+    the writer lock lost) decides the run: validation is stopped rather than waited for,
+    and the run fails with the publisher's error at once (the audit's full disk was
+    reported once GX had finished, about 2 minutes later at 10M users). An error of the
+    data itself (a duplicate key when the live key is rebuilt) waits for validation,
+    which names the file, column and rows; so does the verdict's own refusal."""
+    try:
+        published.result()
+    except NotPublished:
+        return
+    except Exception as exc:
+        if isinstance(exc, LockLost) or diagnosis.about_the_server(exc):
+            suites.stop_for(exc)
