@@ -385,6 +385,8 @@ def base_env() -> dict[str, str]:
         "AS_OF",
         "REPLACE",
         "ALLOW_GAP",
+        "ALLOW_DROP",
+        "MAX_USERS_DROP_PERCENT",
         "PREFECT_API_URL",
         "PREFECT_PROFILE",
     ):

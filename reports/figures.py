@@ -50,6 +50,7 @@ if str(FLOW_DIR) not in sys.path:
     sys.path.insert(0, str(FLOW_DIR))
 
 from streamflow.registry import LIVE_TABLES, SNAPSHOT_TABLES, TABLES  # noqa: E402
+from streamflow.settings import RUN_VARIABLES  # noqa: E402
 from streamflow.sqlfiles import queries  # noqa: E402
 
 JAN, FEB = "2024-01-31", "2024-02-29"
@@ -502,8 +503,7 @@ class FlowCli:
         env = {
             k: v
             for k, v in os.environ.items()
-            if k
-            not in ("DATABASE_URL", "POSTGRES_HOST", "SEED_DIR", "AS_OF", "REPLACE", "ALLOW_GAP")
+            if k not in ("DATABASE_URL", "POSTGRES_HOST", *RUN_VARIABLES)
             and not k.startswith("PREFECT_")
         }
         env.update(

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from streamflow.settings import RUN_VARIABLES  # pyproject's pythonpath; imports no Prefect
+
 # Prefect and GX read their settings at import time: keep their state out of $HOME.
 _STATE = Path(tempfile.mkdtemp(prefix="streamflow-tests-"))
 os.environ.setdefault("PREFECT_HOME", str(_STATE / "prefect"))
@@ -34,7 +36,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # A developer's shell must not steer the tests: the run's inputs, the database (libpq
 # reads PG* under any URL), a Prefect server or profile of their own.
 for _name in (
-    *("DATABASE_URL", "POSTGRES_HOST", "SEED_DIR", "AS_OF", "REPLACE", "ALLOW_GAP"),
+    *("DATABASE_URL", "POSTGRES_HOST", *RUN_VARIABLES),
     *("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGOPTIONS", "PGSERVICE"),
     *("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_API_AUTH_STRING"),
 ):

@@ -27,6 +27,7 @@ from conftest import ALL_TABLES, FLOW_DIR, SHARED_SEEDS, with_database
 from psycopg import sql
 from streamflow.locking import LOCK_KEY
 from streamflow.registry import TABLES
+from streamflow.settings import RUN_VARIABLES
 
 MONTHS = ("month_000", "month_001")
 AS_OF = {"month_000": "2024-01-31", "month_001": "2024-02-29"}
@@ -97,11 +98,7 @@ def with_value(
 
 def flow_env(url: str, **extra: str) -> dict[str, str]:
     """Environment for a flow subprocess: this interpreter's env, the DB, nothing else steering."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("SEED_DIR", "AS_OF", "REPLACE", "ALLOW_GAP")
-    }
+    env = {k: v for k, v in os.environ.items() if k not in RUN_VARIABLES}
     env.update(DATABASE_URL=url, PYTHONPATH=str(FLOW_DIR), PYTHONUNBUFFERED="1", **extra)
     return env
 

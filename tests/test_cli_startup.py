@@ -296,6 +296,11 @@ def test_the_clis_server_has_time_for_a_first_start_unless_prefect_says_otherwis
         ("bad setting", "ingest failed: LOCK_WAIT_SECONDS 'soon' is not a number of seconds"),
         ("bad REPLACE", "ingest failed: REPLACE 'maybe' is neither yes nor no"),
         ("bad ALLOW_GAP", "ingest failed: ALLOW_GAP 'sure' is neither yes nor no"),
+        ("bad ALLOW_DROP", "ingest failed: ALLOW_DROP 'ok' is neither yes nor no"),
+        (
+            "bad drop limit",
+            "ingest failed: MAX_USERS_DROP_PERCENT '150' is not a percentage from 0 to 100",
+        ),
         ("bad docs dir", "ingest failed: GX_DOCS_DIR '{docs}' cannot be written: Not a directory"),
         ("docs dir a file", "ingest failed: GX_DOCS_DIR '{afile}' is a file; expected a folder"),
         ("bad DATABASE_URL", "ingest failed: DATABASE_URL is not a PostgreSQL connection string"),
@@ -326,6 +331,10 @@ def test_bad_inputs_are_answered_before_prefect_starts(db_url, months, tmp_path,
         month, env = months / "month_000", {"REPLACE": "maybe"}
     elif case == "bad ALLOW_GAP":
         month, env = months / "month_000", {"ALLOW_GAP": "sure"}
+    elif case == "bad ALLOW_DROP":
+        month, env = months / "month_000", {"ALLOW_DROP": "ok"}
+    elif case == "bad drop limit":
+        month, env = months / "month_000", {"MAX_USERS_DROP_PERCENT": "150"}
     elif case == "mid-month as_of":  # a second snapshot of January, under another date
         month, as_of = months / "month_000", "2024-01-15"
     elif case == "bad docs dir":  # under a file: the GX process could never write there

@@ -54,14 +54,14 @@ def test_without_a_server_the_healthcheck_says_so(auth):
 
 
 def test_the_deployment_describes_its_parameters():
-    """The UI's form for a deployment run showed seed_dir, as_of, replace and allow_gap
+    """The UI's form for a deployment run showed seed_dir, as_of and its flags
     with no word on what each takes (Prefect reads the flow's docstring for them)."""
     import ingest_flow
     from prefect.utilities.callables import parameter_schema
 
     props = parameter_schema(ingest_flow.ingest_month.fn).model_dump()["properties"]
 
-    assert set(props) == {"seed_dir", "as_of", "replace", "allow_gap"}
+    assert set(props) == {"seed_dir", "as_of", "replace", "allow_gap", "allow_drop"}
     assert all(p.get("description") for p in props.values()), props
     assert "YYYY-MM-DD" in props["as_of"]["description"]
 

@@ -46,6 +46,21 @@ def test_an_unusable_setting_is_named(monkeypatch: pytest.MonkeyPatch, value: st
     )
 
 
+def test_the_users_drop_limit_is_a_percentage(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MAX_USERS_DROP_PERCENT", "")
+    assert load_settings().max_users_drop_percent == 50
+    monkeypatch.setenv("MAX_USERS_DROP_PERCENT", " 12.5% ")
+    assert load_settings().max_users_drop_percent == 12.5
+    for value in ("abc", "-1", "101", "nan", "0.5x"):
+        monkeypatch.setenv("MAX_USERS_DROP_PERCENT", value)
+        with pytest.raises(InputError) as err:
+            load_settings()
+        assert str(err.value) == (
+            f"MAX_USERS_DROP_PERCENT {value!r} is not a percentage from 0 to 100 "
+            "(e.g. MAX_USERS_DROP_PERCENT=50)"
+        )
+
+
 def test_the_run_parameters_may_come_from_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path):
     """.env.example lists SEED_DIR, AS_OF, REPLACE and ALLOW_GAP with the other settings:
     a .env that sets them is a complete command, as the environment is."""

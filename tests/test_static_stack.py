@@ -39,7 +39,7 @@ STACK_DOC = ROOT / "docs" / "stack.md"
 
 PASSWORD_VARS = ("POSTGRES_PASSWORD", "INGEST_DB_PASSWORD", "PREFECT_DB_PASSWORD")
 
-# Every variable the stack and the flow use (the list, plus LOCK_WAIT_SECONDS).
+# Every variable the stack and the flow use (the list, plus the flow's own).
 REQUIRED_ENV_DOC = (
     "POSTGRES_USER",
     "POSTGRES_PASSWORD",
@@ -60,6 +60,9 @@ REQUIRED_ENV_DOC = (
     "PREFECT_SERVER_API_AUTH_STRING",
     "PREFECT_API_AUTH_STRING",
     "LOCK_WAIT_SECONDS",
+    "ALLOW_GAP",
+    "ALLOW_DROP",
+    "MAX_USERS_DROP_PERCENT",
 )
 FLOW_DIR = ROOT / "services" / "prefect"
 # How the flow's code reads a variable: os.environ.get("X"), env.get("X"),

@@ -54,6 +54,7 @@ import pytest
 from conftest import DATA_SEEDS, FLOW_DIR, REPO, SHARED_SEEDS, scalar, with_database
 from month_files import prefect_server_command
 from streamflow import bootstrap
+from streamflow.settings import RUN_VARIABLES
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +98,7 @@ def clean_env(prefect_home: Path, **extra: str) -> dict[str, str]:
     """The machine's environment without anything that steers Prefect, the flow or libpq."""
     drop = ("PREFECT_", "POSTGRES_", "GX_", "PG")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    for name in ("DATABASE_URL", "SEED_DIR", "AS_OF", "REPLACE", "ALLOW_GAP", "TEST_DATABASE_URL"):
+    for name in ("DATABASE_URL", *RUN_VARIABLES, "TEST_DATABASE_URL"):
         env.pop(name, None)
     env.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",

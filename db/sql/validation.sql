@@ -99,3 +99,13 @@ SELECT * FROM ({rows}) AS r LIMIT 5
 -- name: count_rows
 -- A failed check's query, counted when GX did not count it.
 SELECT count(*) FROM ({rows}) AS r
+
+-- name: month_before
+-- The latest month published before this as_of: the one the users-drop check
+-- compares the staged month with (no row: none was).
+SELECT as_of FROM ingest_months WHERE as_of < %(as_of)s ORDER BY as_of DESC LIMIT 1;
+
+-- name: users_of_month
+-- Every published month lists all its users in labels_snapshots (each file lists
+-- the users of users.csv); a constant as_of reads that month's partition only.
+SELECT count(*) FROM labels_snapshots WHERE as_of = %(as_of)s;

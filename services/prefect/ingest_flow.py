@@ -128,10 +128,17 @@ def upsert_csv(
 
 @task(name="validate_with_ge", cache_policy=NO_CACHE)
 def validate_with_ge(
-    suites: validation.SuitesProcess, files: dict[str, Path], as_of: date
+    suites: validation.SuitesProcess,
+    files: dict[str, Path],
+    as_of: date,
+    drop_limit: float | None = None,
 ) -> list[outcomes.SuiteOutcome]:
-    """Run the six GX suites inside PostgreSQL; raise ValidationFailed on any failure."""
-    found, site = suites.run(as_of)
+    """Run the six GX suites inside PostgreSQL; raise ValidationFailed on any failure.
+
+    ``drop_limit``: how many percent fewer users than the month published before it
+    the month may list (None: any number).
+    """
+    found, site = suites.run(as_of, drop_limit)
     outcomes.locate_duplicates(found, files)
     logger = get_run_logger()
     for suite in found:
@@ -221,7 +228,13 @@ def snapshot_month(
     # is (the type is invariant): PrefectHQ/prefect#16938, open.
     task_runner=ThreadPoolTaskRunner(max_workers=2),  # type: ignore[arg-type]
 )
-def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bool = False) -> dict:
+def ingest_month(
+    seed_dir: str,
+    as_of: str,
+    replace: bool = False,
+    allow_gap: bool = False,
+    allow_drop: bool = False,
+) -> dict:
     """Ingest one month folder as of ``as_of``: all of it, validated, or nothing.
 
     Args:
@@ -232,6 +245,8 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
             publish files already published for another as_of.
         allow_gap: Accept a new latest month more than one month after the latest
             published one.
+        allow_drop: Accept a month that lists more than MAX_USERS_DROP_PERCENT fewer
+            users than the month published before it.
     """
     settings = load_settings()
     as_of_date, files = check_run(seed_dir, as_of, settings)
@@ -277,7 +292,8 @@ def ingest_month(seed_dir: str, as_of: str, replace: bool = False, allow_gap: bo
                 )
                 run.published.add_done_callback(partial(runs.stop_validation_if_failed, suites))
                 with run.verdict.deciding(then=run.published.wait), clock("validate_with_ge"):
-                    summary.suites = validate_with_ge(suites, files, as_of_date)
+                    drop_limit = None if allow_drop else settings.max_users_drop_percent
+                    summary.suites = validate_with_ge(suites, files, as_of_date, drop_limit)
                     summary.data_docs = str(settings.gx_docs_dir / "index.html")
                 with clock("snapshot_month"):
                     summary.tables = run.published.result()

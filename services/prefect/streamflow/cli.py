@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from .warmup import Warmup
 
-_RUN_FLAGS = ("--seed-dir", "--as-of", "--replace", "--allow-gap")
+_RUN_FLAGS = ("--seed-dir", "--as-of", "--replace", "--allow-gap", "--allow-drop")
 
 
 def before_prefect(argv: list[str]) -> Warmup:
@@ -122,7 +122,13 @@ def main(flow: Flow[..., dict], doc: str | None, argv: list[str] | None = None) 
     name; the exit code: 0 published or unchanged, 1 failed, 2 a usage error."""
     from prefect.exceptions import TerminationSignal
 
-    from .inputs import allow_gap_wanted, cli_parser, replace_wanted, text_path
+    from .inputs import (
+        allow_drop_wanted,
+        allow_gap_wanted,
+        cli_parser,
+        replace_wanted,
+        text_path,
+    )
     from .runs import in_words
     from .served import DEPLOYMENT_NAME
 
@@ -135,7 +141,7 @@ def main(flow: Flow[..., dict], doc: str | None, argv: list[str] | None = None) 
         if given:  # they would be ignored without a word: each run brings its own
             parser.error(
                 f"serve takes no {', '.join(given)}: a deployment run gets seed_dir, as_of, "
-                "replace and allow_gap as its parameters"
+                "replace, allow_gap and allow_drop as its parameters"
             )
         flow.serve(name=DEPLOYMENT_NAME)
         return 0
@@ -156,6 +162,7 @@ def main(flow: Flow[..., dict], doc: str | None, argv: list[str] | None = None) 
             as_of=args.as_of,
             replace=replace_wanted(args),
             allow_gap=allow_gap_wanted(args),
+            allow_drop=allow_drop_wanted(args),
         )
     except IngestError as exc:
         print(f"ingest failed: {exc}", file=sys.stderr)

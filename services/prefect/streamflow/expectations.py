@@ -90,6 +90,16 @@ def build_suite(spec: TableSpec) -> gx.ExpectationSuite:
                 column=KEY, max_value=KEY_MAX_LENGTH, meta={"check": Check.KEY_LENGTH}
             )
         )
+        # A month cut short (an export that stopped part-way, one region's files) passes
+        # every other check: its six files agree with each other. Only the month
+        # published before it shows that most of its users are gone. The floor is 0
+        # when there is none, or the run allows the drop. GX counts the rows once for
+        # every row-count expectation: no extra scan.
+        suite.add_expectation(
+            gxe.ExpectTableRowCountToBeBetween(
+                min_value={"$PARAMETER": USERS_FLOOR}, meta={"check": Check.USERS_DROP}
+            )
+        )
     for col in spec.columns:
         if col.required:
             suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=col.name))
@@ -151,8 +161,10 @@ def build_suite(spec: TableSpec) -> gx.ExpectationSuite:
     return suite
 
 
-# Expectation parameters, given at run time: rows staged from users.csv, the run's as_of.
+# Expectation parameters, given at run time: rows staged from users.csv, the run's as_of,
+# the fewest users the month may list (validation.UsersBefore).
 USERS_ROWS = "users_rows"
+USERS_FLOOR = "users_floor"
 AS_OF = "as_of"
 COUNTED_ROWS = "expect_query_to_return_no_rows"  # counted_rows_expectation's GX type
 

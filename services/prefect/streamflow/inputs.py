@@ -110,7 +110,8 @@ def check_run(seed_dir: str, as_of: str, settings: Settings) -> tuple[date, dict
 
 
 def cli_parser(description: str | None, *, add_help: bool = True) -> argparse.ArgumentParser:
-    """``ingest_flow.py [run|serve] [--seed-dir D] [--as-of YYYY-MM-DD] [--replace] [--allow-gap]``.
+    """``ingest_flow.py [run|serve] [--seed-dir D] [--as-of YYYY-MM-DD] [--replace]
+    [--allow-gap] [--allow-drop]``.
 
     ``add_help=False`` for the CLI's early looks at its arguments (``complete_run``).
     The defaults come from the environment, ``.env`` included (.env.example lists them).
@@ -147,6 +148,13 @@ def cli_parser(description: str | None, *, add_help: bool = True) -> argparse.Ar
         default=None,
         help="publish a month more than one month after the latest published one (env ALLOW_GAP=1)",
     )
+    parser.add_argument(
+        "--allow-drop",
+        action="store_true",
+        default=None,
+        help="publish a month that lists more than MAX_USERS_DROP_PERCENT fewer users than "
+        "the month published before it (env ALLOW_DROP=1)",
+    )
     return parser
 
 
@@ -158,6 +166,11 @@ def replace_wanted(args: argparse.Namespace) -> bool:
 def allow_gap_wanted(args: argparse.Namespace) -> bool:
     """--allow-gap, else ALLOW_GAP (InputError if it is neither yes nor no)."""
     return bool(args.allow_gap) or flag("ALLOW_GAP")
+
+
+def allow_drop_wanted(args: argparse.Namespace) -> bool:
+    """--allow-drop, else ALLOW_DROP (InputError if it is neither yes nor no)."""
+    return bool(args.allow_drop) or flag("ALLOW_DROP")
 
 
 def complete_run(argv: list[str]) -> argparse.Namespace | None:
@@ -174,6 +187,7 @@ def complete_run(argv: list[str]) -> argparse.Namespace | None:
         return None
     args.replace = replace_wanted(args)
     args.allow_gap = allow_gap_wanted(args)
+    args.allow_drop = allow_drop_wanted(args)
     return args
 
 

@@ -27,6 +27,7 @@ class Check(StrEnum):
     ALL_EMPTY = "all_empty"
     ORPHANS = "orphans"
     MISSING_USERS = "missing_users"
+    USERS_DROP = "users_drop"
 
 
 @dataclass
@@ -159,6 +160,12 @@ def describe_failure(o: ExpectationOutcome) -> str:
             )
         case "expect_table_row_count_to_be_between":
             what = "no data rows; expected at least one"
+        case Check.USERS_DROP:
+            what = (
+                f"{n} users, {o.detail}: an export cut short? If that many users really "
+                "left, rerun with --allow-drop (ALLOW_DROP=1; a deployment run: --param "
+                "allow_drop=true)"
+            )
         case Check.ORPHANS:
             what = f"{n} row(s) whose user_id is not in {PARENT.file_name}, e.g. {eg_ids}"
             where = f"{spec.file_name}, column {KEY}"

@@ -22,6 +22,17 @@ def _app_dir() -> Path:
 APP_DIR = _app_dir()
 DB_DIR = APP_DIR / "db"  # db/init and db/sql
 
+# What a run publishes, and which checks it may skip: the inputs of a run, which a
+# test, a benchmark or the report's figures must not take from a developer's shell.
+RUN_VARIABLES = (
+    "SEED_DIR",
+    "AS_OF",
+    "REPLACE",
+    "ALLOW_GAP",
+    "ALLOW_DROP",
+    "MAX_USERS_DROP_PERCENT",
+)
+
 _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"", "0", "false", "no", "n", "off"}
 
@@ -33,6 +44,8 @@ class Settings:
     embedded_pgdata: Path
     gx_docs_dir: Path
     lock_wait_seconds: float
+    max_users_drop_percent: float
+    """How much smaller than the month published before it a month may be, in users."""
 
 
 def load_dotenv_if_present() -> None:
@@ -121,6 +134,19 @@ def _seconds(env: os._Environ[str] | dict[str, str], name: str, default: str) ->
     return value
 
 
+def _percent(env: os._Environ[str] | dict[str, str], name: str, default: str) -> float:
+    raw = env.get(name, "").strip() or default
+    try:
+        value = float(raw.removesuffix("%"))
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 100:  # also refuses nan
+        raise InputError(
+            f"{name} {raw!r} is not a percentage from 0 to 100 (e.g. {name}={default})"
+        )
+    return value
+
+
 def month_from_env(
     env: os._Environ[str] | dict[str, str] = os.environ,
 ) -> tuple[str | None, str | None]:
@@ -166,4 +192,5 @@ def load_settings() -> Settings:
         embedded_pgdata=Path(env.get("STREAMFLOW_PGDATA") or APP_DIR / ".pgdata").resolve(),
         gx_docs_dir=Path(env.get("GX_DOCS_DIR") or APP_DIR / "var" / "gx_docs").resolve(),
         lock_wait_seconds=_seconds(env, "LOCK_WAIT_SECONDS", "600"),
+        max_users_drop_percent=_percent(env, "MAX_USERS_DROP_PERCENT", "50"),
     )

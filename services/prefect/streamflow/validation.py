@@ -18,7 +18,9 @@ import tempfile
 import threading
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import date
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,7 +30,7 @@ from . import db, sqlfiles
 from .db import default_connect_timeout, session_options
 from .diagnosis import explain_failure
 from .errors import IngestError, clipped, clipped_quotes, first_line
-from .expectations import AS_OF, COUNTED_ROWS, USERS_ROWS, build_suite, import_gx
+from .expectations import AS_OF, COUNTED_ROWS, USERS_FLOOR, USERS_ROWS, build_suite, import_gx
 from .outcomes import Check, ExpectationOutcome, SuiteOutcome, shown
 from .registry import BY_NAME, EARLIEST_DATE, KEY, PARENT, TABLES, TableSpec
 from .sqlfiles import queries, query
@@ -130,8 +132,10 @@ class Suites:
 
     def connect(
         self, database_url: str
-    ) -> Callable[[date], tuple[list[SuiteOutcome], Path | None]]:
-        """Returns the call that validates ``staging.*`` as it is when called.
+    ) -> Callable[[date, float | None], tuple[list[SuiteOutcome], Path | None]]:
+        """Returns the call that validates ``staging.*`` as it is when called: for an
+        as_of, and how many percent fewer users than the month before it the month may
+        list (None: any number).
 
         It does not build the Data Docs (``build_docs``): the verdict comes first.
         """
@@ -169,12 +173,19 @@ class Suites:
         # "too many connections" instead of why a month failed.
         engine = source.get_execution_engine().engine
 
-        def validate(as_of: date) -> tuple[list[SuiteOutcome], Path | None]:
+        def validate(
+            as_of: date, drop_limit: float | None
+        ) -> tuple[list[SuiteOutcome], Path | None]:
             # Each `with` gives the connection back to the pool, which rolls it back: no
             # snapshot of the staged month is kept open across the checkpoint.
             with engine.connect() as shared:
                 conn = shared.connection.driver_connection
-                parameters = {USERS_ROWS: _staged_rows(conn, PARENT), AS_OF: as_of}
+                before = UsersBefore.of(conn, as_of, drop_limit)
+                parameters = {
+                    USERS_ROWS: _staged_rows(conn, PARENT),
+                    AS_OF: as_of,
+                    USERS_FLOOR: before.floor,
+                }
             runs = list(checkpoint.run(expectation_parameters=parameters).run_results.values())
             for i, run in enumerate(runs):
                 if not run.success:
@@ -183,6 +194,7 @@ class Suites:
                         expectation_parameters=parameters,
                     )
             outcomes = [_suite_outcome(spec, run) for spec, run in zip(TABLES, runs, strict=True)]
+            before.describe(outcomes)
             with engine.connect() as shared:
                 _add_row_examples(shared.connection.driver_connection, outcomes, as_of)
             return outcomes, site
@@ -204,17 +216,66 @@ def _staged_rows(conn: psycopg.Connection, spec: TableSpec) -> int:
 
 def prepare_suites(
     database_url: str, docs_dir: Path | None
-) -> Callable[[date], tuple[list[SuiteOutcome], Path | None]]:
-    """Build the suites and connect them: the call that validates ``staging.*``."""
+) -> Callable[..., tuple[list[SuiteOutcome], Path | None]]:
+    """Build the suites and connect them: the call that validates ``staging.*``, in
+    this process (the tests' way; runs use ``SuitesProcess``)."""
     suites = Suites(docs_dir)
     validate = suites.connect(database_url)
 
-    def validate_and_document(as_of: date) -> tuple[list[SuiteOutcome], Path | None]:
-        result = validate(as_of)
+    def validate_and_document(
+        as_of: date, drop_limit: float | None = None
+    ) -> tuple[list[SuiteOutcome], Path | None]:
+        result = validate(as_of, drop_limit)
         suites.build_docs()
         return result
 
     return validate_and_document
+
+
+@dataclass(frozen=True)
+class UsersBefore:
+    """The month published before the one validated, for the users-drop check."""
+
+    as_of: date | None
+    users: int
+    drop_limit: float | None
+    """Percent; None: the run allows any drop."""
+
+    @classmethod
+    def of(cls, conn: psycopg.Connection, as_of: date, drop_limit: float | None) -> UsersBefore:
+        if drop_limit is None:
+            return cls(None, 0, None)
+        q = queries("validation")
+        row = conn.execute(q["month_before"], {"as_of": as_of}).fetchone()
+        if row is None:
+            return cls(None, 0, drop_limit)
+        users = db.one_row(conn.execute(q["users_of_month"], {"as_of": row[0]}))[0]
+        return cls(row[0], users, drop_limit)
+
+    @property
+    def floor(self) -> int:
+        """The fewest users the month may list: 0 when nothing is compared."""
+        if self.as_of is None or self.drop_limit is None:
+            return 0
+        # Exact: 50% of 7,043 users leaves a floor of 3,522, not 3,521.4999…
+        kept = self.users * (100 - Fraction(str(self.drop_limit))) / 100
+        return -(-kept.numerator // kept.denominator)
+
+    def describe(self, outcomes: list[SuiteOutcome]) -> None:
+        """Word a failed users-drop expectation: against which month, by how much."""
+        for e in (e for s in outcomes for e in s.expectations):
+            if e.expectation == Check.USERS_DROP and not e.success and self.users:
+                fewer = (self.users - (e.unexpected_count or 0)) * 100 / self.users
+                # The percentages are rounded; the floor is exact.
+                e.detail = (
+                    f"{_percent(fewer)}% fewer than the {self.users} of {self.as_of}, the "
+                    f"month published before it; expected at least {self.floor} (at most "
+                    f"{_percent(self.drop_limit or 0)}% fewer: MAX_USERS_DROP_PERCENT)"
+                )
+
+
+def _percent(value: float) -> str:
+    return f"{value:.2f}".rstrip("0").rstrip(".")  # 50.007 as 50.01, 60.0 as 60
 
 
 # The rows behind a failed GX expectation (the SQL checks carry their own query).
@@ -331,6 +392,7 @@ URL_ENV = "STREAMFLOW_VALIDATION_URL"  # the URL may hold a password: never in a
 _MARKER = "STREAMFLOW_SUITES "
 _CONNECT = "connect"
 _GO = "validate"
+_NO_LIMIT = "-"
 
 
 def child_command() -> list[str]:
@@ -425,14 +487,18 @@ class SuitesProcess:
         """The staging tables exist: the child may add them to its data source."""
         self._send(_CONNECT)
 
-    def run(self, as_of: date) -> tuple[list[SuiteOutcome], Path | None]:
+    def run(
+        self, as_of: date, drop_limit: float | None = None
+    ) -> tuple[list[SuiteOutcome], Path | None]:
         """The suites' outcomes for the staged month; ``stop_for``'s error instead if
-        the run failed meanwhile."""
+        the run failed meanwhile. ``drop_limit``: how many percent fewer users than
+        the month published before it the month may list (None: any number)."""
         with self._state:
             if self._stopped_for is not None:
                 raise self._stopped_for
             self._asked = True
-        self._send(f"{_GO} {as_of.isoformat()}")
+        limit = _NO_LIMIT if drop_limit is None else repr(drop_limit)
+        self._send(f"{_GO} {as_of.isoformat()} {limit}")
         assert self._proc.stdout is not None
         for line in self._proc.stdout:
             if line.startswith(_MARKER):
@@ -534,9 +600,10 @@ def _child_main(argv: list[str] | None = None) -> int:
     try:
         validate = suites.connect(os.environ[URL_ENV])
         order = sys.stdin.readline().split()
-        if len(order) != 2 or order[0] != _GO:
+        if len(order) != 3 or order[0] != _GO:
             return 0
-        outcomes, site = validate(date.fromisoformat(order[1]))
+        limit = None if order[2] == _NO_LIMIT else float(order[2])
+        outcomes, site = validate(date.fromisoformat(order[1]), limit)
     except Exception as exc:
         # GX wraps the database's error in SQLAlchemy's, in its own: the flow's message
         # gets the innermost, in the CLI's words, not a repr with its "\n\t". The

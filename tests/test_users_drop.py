@@ -1,0 +1,121 @@
+"""A month cut short: six files that agree with each other, listing far fewer users than
+the month published before it (an export that stopped part-way). Every other check
+passes such a month; the users-drop check refuses it, unless the run allows the drop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import pytest
+from conftest import ALL_TABLES, dump, scalar
+from month_files import AS_OF, ok, small_months
+from streamflow.registry import TABLES
+
+JAN, FEB = AS_OF["month_000"], AS_OF["month_001"]
+REMEDY = (
+    ": an export cut short? If that many users really left, rerun with --allow-drop "
+    "(ALLOW_DROP=1; a deployment run: --param allow_drop=true)"
+)
+
+
+@pytest.fixture(scope="module")
+def months(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return small_months(tmp_path_factory.mktemp("drop"), users=200)
+
+
+def first_users(month: Path, users: int, into: Path) -> Path:
+    """``month`` cut to its first ``users`` users, in all six files alike (they list the
+    same users in the same order): a month whose files agree, only shorter."""
+    into.mkdir(parents=True)
+    for spec in TABLES:
+        with (month / spec.file_name).open("rb") as f:
+            lines = [f.readline() for _ in range(users + 1)]
+        (into / spec.file_name).write_bytes(b"".join(lines))
+    return into
+
+
+def users_listed(url: str, as_of: str) -> int:
+    return scalar(url, "SELECT count(*) FROM labels_snapshots WHERE as_of = %s", (as_of,))
+
+
+def last_run(url: str) -> dict:
+    with psycopg.connect(url) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        return cur.execute("SELECT * FROM ingest_runs ORDER BY run_id DESC LIMIT 1").fetchone()
+
+
+def test_a_month_cut_short_is_refused_unless_allowed(run_flow, db_url, months, tmp_path):
+    ok(run_flow(db_url, months / "month_000", JAN))
+    before = dump(db_url, ALL_TABLES)
+    short = first_users(months / "month_001", 90, tmp_path / "short")
+
+    rc, _, err = run_flow(db_url, short, FEB)
+
+    assert rc == 1
+    assert err.strip().splitlines()[-1] == (
+        "ingest failed: validation failed: users.csv: 90 users, 55% fewer than the 200 of "
+        "2024-01-31, the month published before it; expected at least 100 (at most 50% "
+        f"fewer: MAX_USERS_DROP_PERCENT){REMEDY}"
+    )
+    assert dump(db_url, ALL_TABLES) == before
+    run = last_run(db_url)
+    assert run["status"] == "failed"
+    # A failed run's validation holds its failed expectations: this one alone.
+    assert [(e["table"], e["expectation"], e["unexpected_count"]) for e in run["validation"]] == [
+        ("users", "users_drop", 90)
+    ]
+
+    ok(run_flow(db_url, short, FEB, "--allow-drop"))
+
+    assert users_listed(db_url, FEB) == 90
+    assert users_listed(db_url, JAN) == 200
+
+
+def test_the_limit_is_a_setting_and_the_floor_is_exact(
+    run_flow, db_url, months, tmp_path, monkeypatch
+):
+    """50% of 200 users is a floor of 100: a month of 100 users passes by default. With
+    MAX_USERS_DROP_PERCENT=10, 179 users (10.5% fewer than January's 200) are refused,
+    180 are not; ALLOW_DROP=yes lets any number through."""
+    ok(run_flow(db_url, months / "month_000", JAN))
+    ok(run_flow(db_url, first_users(months / "month_001", 100, tmp_path / "half"), FEB))
+    assert users_listed(db_url, FEB) == 100
+
+    monkeypatch.setenv("MAX_USERS_DROP_PERCENT", "10")
+    rc, _, err = run_flow(
+        db_url, first_users(months / "month_001", 179, tmp_path / "a"), FEB, "--replace"
+    )
+    assert rc == 1
+    assert err.strip().splitlines()[-1] == (
+        "ingest failed: validation failed: users.csv: 179 users, 10.5% fewer than the 200 "
+        "of 2024-01-31, the month published before it; expected at least 180 (at most 10% "
+        f"fewer: MAX_USERS_DROP_PERCENT){REMEDY}"
+    )
+    assert users_listed(db_url, FEB) == 100
+    ok(run_flow(db_url, first_users(months / "month_001", 180, tmp_path / "b"), FEB, "--replace"))
+    assert users_listed(db_url, FEB) == 180
+
+    monkeypatch.setenv("ALLOW_DROP", "yes")
+    ok(run_flow(db_url, first_users(months / "month_001", 89, tmp_path / "c"), FEB, "--replace"))
+    assert users_listed(db_url, FEB) == 89
+
+
+def test_the_month_compared_is_the_one_published_before_its_as_of(
+    run_flow, db_url, months, tmp_path
+):
+    """Not the latest: a backfill and a --replace compare with the month before their
+    own as_of, and a month with none before it is compared with nothing."""
+    ok(run_flow(db_url, first_users(months / "month_001", 40, tmp_path / "feb"), FEB))
+    # January, backfilled after February: nothing published before it, so its 200
+    # users are compared with nothing (February's 40 come after it).
+    ok(run_flow(db_url, months / "month_000", JAN))
+    assert (users_listed(db_url, JAN), users_listed(db_url, FEB)) == (200, 40)
+
+    # February again, with 60 users: still 70% fewer than January's 200.
+    rc, _, err = run_flow(
+        db_url, first_users(months / "month_001", 60, tmp_path / "feb60"), FEB, "--replace"
+    )
+    assert rc == 1
+    assert "users.csv: 60 users, 70% fewer than the 200 of 2024-01-31" in err
+    assert users_listed(db_url, FEB) == 40
