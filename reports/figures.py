@@ -301,6 +301,7 @@ def fig_publish_sql() -> dict[str, str]:
         "insert_live",
         "merge_live",
         "not_listed_later",
+        "backfill_rows",
     )
     return {
         "sql_publish_live": "\n\n".join(

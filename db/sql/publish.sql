@@ -35,7 +35,7 @@ SELECT count(*) FROM {live};
 -- are inserted, users whose values changed are rewritten (IS DISTINCT FROM treats
 -- NULLs as values), unchanged rows are not touched. An UPDATE then an anti-join
 -- INSERT would join the two tables twice (~1.4 s per 1M-row table). The source is
--- the staged table, or for a backfill the subquery not_listed_later.
+-- the staged table, or for a backfill the subquery backfill_rows.
 MERGE INTO {live} AS t
 USING {source} AS s ON t.user_id = s.user_id
 WHEN MATCHED AND ({live_values}) IS DISTINCT FROM ({staged_values}) THEN
@@ -44,16 +44,27 @@ WHEN NOT MATCHED THEN
   INSERT ({columns}) VALUES ({staged_columns});
 
 -- name: not_listed_later
--- A backfill's rows for merge_live: the live tables hold each user's latest listed
--- month, so only the users no later published month lists take this month's values
--- (a user who left before the newer months, or who appears only here). Every
--- published month lists all its users in labels_snapshots (validated: each file lists
--- the users of users.csv).
+-- A backfill's users whose live values it writes: the live tables hold each user's
+-- latest listed month, so only the users no later published month lists take this
+-- month's values (a user who left before the newer months, or who appears only here).
+-- Every published month lists all its users in labels_snapshots (validated: each file
+-- lists the users of users.csv). An anti-join against every later month, so found once
+-- for the six tables: it grows with the months after this one.
+CREATE TEMP TABLE backfill_users ON COMMIT DROP AS
+SELECT s.user_id FROM staging.users AS s
+WHERE NOT EXISTS (
+  SELECT 1 FROM labels_snapshots AS later
+  WHERE later.as_of > %(as_of)s AND later.user_id = s.user_id
+);
+
+-- name: analyze_backfill_users
+-- Its row count for the planner of the six semi-joins (a table just created has none).
+ANALYZE pg_temp.backfill_users;
+
+-- name: backfill_rows
+-- The source of merge_live for a backfill: the staged rows of not_listed_later's users.
 (SELECT s.* FROM {staged} AS s
- WHERE NOT EXISTS (
-   SELECT 1 FROM labels_snapshots AS later
-   WHERE later.as_of > %(as_of)s AND later.user_id = s.user_id
- ))
+ WHERE EXISTS (SELECT 1 FROM pg_temp.backfill_users AS b WHERE b.user_id = s.user_id))
 
 -- name: insert_live
 -- A first load into an empty table: the whole month, in key order, so the primary

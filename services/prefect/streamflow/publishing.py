@@ -40,12 +40,12 @@ class TableStats:
 
 
 def upsert_live(
-    cur: psycopg.Cursor, spec: TableSpec, backfill_of: date | None = None
+    cur: psycopg.Cursor, spec: TableSpec, backfill: bool = False
 ) -> tuple[int, int, int]:
     """Returns (inserted, updated, live rows after); unchanged rows are not touched.
 
-    ``backfill_of``: the month is older than the latest published one; only the users
-    no later month lists are written.
+    ``backfill``: the month is older than the latest published one; only the users
+    no later month lists are written (publish_month has found them).
     """
     values = spec.value_columns
     names = {
@@ -60,8 +60,8 @@ def upsert_live(
     q = queries("publish")
     params = {"live": spec.name}
     source: sql.Composable = names["staged"]
-    if backfill_of is not None:
-        source = query("publish", "not_listed_later", staged=names["staged"])
+    if backfill:
+        source = query("publish", "backfill_rows", staged=names["staged"])
     elif spec is not PARENT and one_row(cur.execute(q["drop_empty_live_key"], params))[0]:
         cur.execute(query("publish", "append_live", **names))
         inserted = cur.rowcount
@@ -73,7 +73,7 @@ def upsert_live(
     # MERGE reports one count for inserts and updates together (RETURNING
     # merge_action() is PostgreSQL 17+): the table's growth tells them apart.
     before = one_row(cur.execute(query("publish", "live_rows", **names)))[0]
-    cur.execute(query("publish", "merge_live", source=source, **names), {"as_of": backfill_of})
+    cur.execute(query("publish", "merge_live", source=source, **names))
     changed = cur.rowcount
     after = one_row(cur.execute(query("publish", "live_rows", **names)))[0]
     inserted = after - before
@@ -168,6 +168,9 @@ def publish_month(
     stats = []
     with conn.cursor() as cur:
         cur.execute(queries("publish")["session"])
+        if not newest:
+            cur.execute(queries("publish")["not_listed_later"], {"as_of": as_of})
+            cur.execute(queries("publish")["analyze_backfill_users"])
         for spec in TABLES:
             keep_going()
             cur.execute(query("staging", "staged_rows", staged=staged(spec.name)))
@@ -182,7 +185,7 @@ def publish_month(
             else:
                 # A backfill leaves the newer months' users alone: those rows were not
                 # compared, so unchanged and absent stay unknown (None), not 0.
-                s.inserted, s.updated, _ = upsert_live(cur, spec, backfill_of=as_of)
+                s.inserted, s.updated, _ = upsert_live(cur, spec, backfill=True)
             stats.append(s)
         built = build_history(cur, as_of, keep_going)
         for spec, s in zip(TABLES, stats, strict=True):
