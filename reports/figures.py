@@ -262,14 +262,29 @@ def fig_expectations() -> str:
     return "\n".join(lines)
 
 
+# The row-count floors given at run time (streamflow/expectations.py's parameters).
+_ROW_FLOORS = {
+    "users_rows": "the rows of users.csv (a row per user)",
+    "users_floor": (
+        "the users of the month published before the as_of, less MAX_USERS_DROP_PERCENT "
+        "(0 for a first month, or with --allow-drop)"
+    ),
+}
+
+
+def _parameter(value: object) -> object:
+    return value.get("$PARAMETER") if isinstance(value, dict) else None
+
+
 def _describe(e) -> str:
     kw = e.configuration.kwargs
     if e.expectation_type == "expect_table_columns_to_match_set":
         return ", ".join(kw["column_set"])
     if e.expectation_type == "expect_table_row_count_to_be_between":
-        return f"min_value={kw['min_value']}"
+        return f"min_value={_ROW_FLOORS.get(_parameter(kw['min_value']), kw['min_value'])}"
     if e.expectation_type == "expect_column_values_to_be_between" and kw.get("max_value"):
-        return f"{kw['min_value']} <= {kw['column']} <= {kw['max_value']} (the run's as_of)"
+        top = "the run's as_of" if _parameter(kw["max_value"]) == "as_of" else kw["max_value"]
+        return f"{kw['min_value']} <= {kw['column']} <= {top}"
     if e.expectation_type == "expect_column_value_lengths_to_be_between":
         return f"{kw['column']}: at most {kw['max_value']} characters"
     if e.expectation_type == "expect_column_values_to_be_between":
