@@ -417,6 +417,44 @@ def test_a_function_left_to_public_is_a_warning_until_a_superuser_runs(
     assert scalar(db_url, public_may_run) is False
 
 
+def test_a_backfill_without_temporary_tables_is_named(run_flow, db_url, ingest_url, months, caplog):
+    """A backfill finds its users once, into a temporary table: a database whose
+    TEMPORARY privilege the ingest group lacks (revoked from PUBLIC, db/init applied by a
+    login that does not own the database) still publishes new months, with a warning,
+    and refuses a backfill in words, not with "the login needs the streamflow_ingest
+    role"; a superuser's run applies db/init again, which grants it back."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        database = conn.info.dbname
+        conn.execute(
+            sql.SQL("REVOKE TEMPORARY ON DATABASE {} FROM PUBLIC, streamflow_ingest").format(
+                sql.Identifier(database)
+            )
+        )
+    with caplog.at_level(logging.WARNING):
+        rc, _, err = run_flow(ingest_url, months / "month_001", FEB)
+    assert rc == 0, err[-3000:]
+    assert (
+        "streamflow_ingest may not create temporary tables in this database, which a "
+        "backfill (a month older than the latest) needs"
+    ) in caplog.text
+    before = scalar(db_url, "SELECT count(*) FROM labels_snapshots")
+
+    rc, _, err = run_flow(ingest_url, months / "month_000", JAN)
+
+    assert rc == 1
+    assert err.strip().splitlines()[-1] == (
+        "ingest failed: PostgreSQL refused the work: permission denied to create temporary "
+        f'tables in database "{database}"; a backfill (a month older than the latest) needs '
+        "TEMPORARY on the database: GRANT TEMPORARY ON DATABASE <it> TO streamflow_ingest, "
+        "or have its owner apply db/init/001_schema.sql"
+    )
+    assert scalar(db_url, "SELECT count(*) FROM labels_snapshots") == before
+    rc, _, err = run_flow(db_url, months / "month_000", JAN)
+    assert rc == 0, err[-3000:]
+    temporary = "SELECT has_database_privilege('streamflow_ingest', current_database(), 'TEMP')"
+    assert scalar(db_url, temporary) is True
+
+
 def test_a_grant_db_init_does_not_bring_back_stops_the_run(db_url, monkeypatch):
     """A superuser's run checks again after applying db/init: what is still missing (here
     db/init's apply made a no-op, so staging's USAGE stays revoked) stops the run in

@@ -319,9 +319,9 @@ def test_a_publisher_that_fails_ends_the_run_without_waiting_for_validation(
     staged = sql.SQL(", ").join(sql.Identifier("staging", t.name) for t in TABLES)
     real_run = validation.SuitesProcess.run
 
-    def validation_held(self: validation.SuitesProcess, as_of: object) -> object:
+    def validation_held(self: validation.SuitesProcess, as_of: object, floor: int) -> object:
         blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(staged))
-        return real_run(self, as_of)  # type: ignore[arg-type]
+        return real_run(self, as_of, floor)  # type: ignore[arg-type]
 
     raised_at: list[float] = []
 

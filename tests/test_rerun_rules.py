@@ -1122,7 +1122,7 @@ def test_a_second_signal_waits_for_the_record_of_the_first(run_flow, db_url, mon
     would call it, in this thread: a real one could kill a test worker.)"""
     from streamflow import interrupts, validation
 
-    def stopped(self, as_of):
+    def stopped(self, as_of, users_floor):
         raise interrupts.Terminated
 
     monkeypatch.setattr(validation.SuitesProcess, "run", stopped)
@@ -1197,7 +1197,7 @@ def test_a_run_that_failed_without_a_verdict_is_not_called_a_failed_validation(
     from streamflow import validation
     from streamflow.errors import IngestError
 
-    def broken(self, as_of):
+    def broken(self, as_of, users_floor):
         raise IngestError("validation could not run (GX process): the process died")
 
     monkeypatch.setattr(validation.SuitesProcess, "run", broken)

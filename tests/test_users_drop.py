@@ -5,6 +5,7 @@ passes such a month; the users-drop check refuses it, unless the run allows the 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import psycopg
@@ -14,6 +15,7 @@ from month_files import AS_OF, ok, small_months
 from streamflow.registry import TABLES
 
 JAN, FEB = AS_OF["month_000"], AS_OF["month_001"]
+USERS_IN_MONTHS = 200
 REMEDY = (
     ": an export cut short? If that many users really left, rerun with --allow-drop "
     "(ALLOW_DROP=1; a deployment run: --param allow_drop=true)"
@@ -22,7 +24,7 @@ REMEDY = (
 
 @pytest.fixture(scope="module")
 def months(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return small_months(tmp_path_factory.mktemp("drop"), users=200)
+    return small_months(tmp_path_factory.mktemp("drop"), users=USERS_IN_MONTHS)
 
 
 def first_users(month: Path, users: int, into: Path) -> Path:
@@ -119,3 +121,87 @@ def test_the_month_compared_is_the_one_published_before_its_as_of(
     assert rc == 1
     assert "users.csv: 60 users, 70% fewer than the 200 of 2024-01-31" in err
     assert users_listed(db_url, FEB) == 40
+
+
+def test_validation_reads_nothing_the_publisher_holds(run_flow, db_url, months, monkeypatch):
+    """The count of the month before was read by the GX process while the publisher held
+    its locks (the new partition attached to labels_snapshots, uncommitted until the
+    verdict): behind another session's lock request there (a DROP of an old partition),
+    validation waited for the publisher, which waited for validation, until that request
+    gave up (review, 9.6 s of a 10 s lock_timeout). The flow reads it before publishing."""
+    import threading
+
+    from streamflow import publishing, validation
+
+    ok(run_flow(db_url, months / "month_000", JAN))
+    written = threading.Event()
+    real_publish, real_run = publishing.publish_month, validation.SuitesProcess.run
+
+    def publish_then_say(*args, **kwargs):
+        stats = real_publish(*args, **kwargs)
+        written.set()
+        return stats
+
+    outcome: dict[str, object] = {}
+
+    def drop_an_old_partition() -> None:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("SET lock_timeout = '10s'")
+            try:
+                conn.execute("BEGIN")
+                conn.execute("LOCK TABLE labels_snapshots IN ACCESS EXCLUSIVE MODE")
+                conn.execute("ROLLBACK")
+                outcome["lock"] = "granted"
+            except psycopg.errors.LockNotAvailable:
+                outcome["lock"] = "timed out"
+
+    def run_once_a_lock_waits(self, as_of, users_floor):
+        assert written.wait(60), "the publisher did not write the month"
+        locker = threading.Thread(target=drop_an_old_partition)
+        locker.start()
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE 'LOCK TABLE labels_snapshots%%'"
+        )
+        deadline = time.monotonic() + 10
+        while scalar(db_url, waiting) == 0:
+            assert time.monotonic() < deadline, "the LOCK TABLE never waited"
+            time.sleep(0.05)
+        started = time.monotonic()
+        try:
+            return real_run(self, as_of, users_floor)
+        finally:
+            outcome["validation_s"] = time.monotonic() - started
+            outcome["locker"] = locker
+
+    monkeypatch.setattr(publishing, "publish_month", publish_then_say)
+    monkeypatch.setattr(validation.SuitesProcess, "run", run_once_a_lock_waits)
+
+    ok(run_flow(db_url, months / "month_001", FEB))
+
+    outcome["locker"].join(30)  # type: ignore[attr-defined]
+    assert outcome["validation_s"] < 5, outcome
+    assert outcome["lock"] == "granted", outcome  # once the month was committed
+    assert users_listed(db_url, FEB) == USERS_IN_MONTHS
+
+
+def test_the_drop_is_never_shown_as_the_limit_it_exceeds():
+    """100,000 users against 200,001 are 50.0002% fewer: rounded to two digits that read
+    "50% fewer … at most 50% fewer"."""
+    from datetime import date
+
+    from streamflow.outcomes import Check, ExpectationOutcome, SuiteOutcome
+    from streamflow.validation import UsersBefore
+
+    before = UsersBefore(date(2024, 1, 31), 200_001, 50.0)
+    drop = ExpectationOutcome("users", Check.USERS_DROP, None, False, unexpected_count=100_000)
+    before.describe([SuiteOutcome("users", 0, 1, [drop])])
+
+    assert before.floor == 100_001
+    assert drop.detail == (
+        "50.0002% fewer than the 200001 of 2024-01-31, the month published before it; "
+        "expected at least 100001 (at most 50% fewer: MAX_USERS_DROP_PERCENT)"
+    )
+    assert UsersBefore(date(2024, 1, 31), 7, 12.5).floor == 7  # 6.125 users kept: 7
+    assert UsersBefore(date(2024, 1, 31), 200, 100).floor == 0
+    assert UsersBefore(None, 0, 50.0).floor == 0  # nothing published before it

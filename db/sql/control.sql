@@ -59,6 +59,15 @@ FROM (
   WHERE CASE WHEN to_regprocedure(f) IS NOT NULL
              THEN has_function_privilege('public', to_regprocedure(f), 'EXECUTE')
              ELSE false END
+  UNION ALL
+  -- A backfill finds its users once, into a temporary table (publish.sql): only a run
+  -- of a month older than the latest would fail.
+  SELECT 8, 'streamflow_ingest may not create temporary tables in this database, which a '
+            'backfill (a month older than the latest) needs', false FROM ingest
+  WHERE CASE WHEN present
+             THEN NOT has_database_privilege('streamflow_ingest', current_database(),
+                                             'TEMPORARY')
+             ELSE false END
 ) AS found (n, problem, breaks_runs)
 ORDER BY n;
 

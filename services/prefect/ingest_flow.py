@@ -131,14 +131,15 @@ def validate_with_ge(
     suites: validation.SuitesProcess,
     files: dict[str, Path],
     as_of: date,
-    drop_limit: float | None = None,
+    before: validation.UsersBefore,
 ) -> list[outcomes.SuiteOutcome]:
     """Run the six GX suites inside PostgreSQL; raise ValidationFailed on any failure.
 
-    ``drop_limit``: how many percent fewer users than the month published before it
-    the month may list (None: any number).
+    ``before``: the month published before this one, which it may list at most
+    MAX_USERS_DROP_PERCENT fewer users than.
     """
-    found, site = suites.run(as_of, drop_limit)
+    found, site = suites.run(as_of, before.floor)
+    before.describe(found)
     outcomes.locate_duplicates(found, files)
     logger = get_run_logger()
     for suite in found:
@@ -272,6 +273,8 @@ def ingest_month(
             stopped = False  # by a signal
             try:
                 _warn_stale_exports(control, as_of_date, prints)
+                drop_limit = None if allow_drop else settings.max_users_drop_percent
+                before = validation.UsersBefore.of(control, as_of_date, drop_limit)
                 # GX has imported and built its suites meanwhile (or does it while the
                 # month is being staged); it adds the staging tables during the COPYs.
                 suites = validation.SuitesProcess.take(url, settings.gx_docs_dir)
@@ -292,8 +295,7 @@ def ingest_month(
                 )
                 run.published.add_done_callback(partial(runs.stop_validation_if_failed, suites))
                 with run.verdict.deciding(then=run.published.wait), clock("validate_with_ge"):
-                    drop_limit = None if allow_drop else settings.max_users_drop_percent
-                    summary.suites = validate_with_ge(suites, files, as_of_date, drop_limit)
+                    summary.suites = validate_with_ge(suites, files, as_of_date, before)
                     summary.data_docs = str(settings.gx_docs_dir / "index.html")
                 with clock("snapshot_month"):
                     summary.tables = run.published.result()

@@ -195,6 +195,15 @@ def explain_failure(exc: BaseException) -> str | None:
     if isinstance(exc, psycopg.OperationalError):
         return f"PostgreSQL refused the work: {reason}"
     lacking = _NEEDS.get(type(exc))
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege) and "temporary" in reason:
+        # A backfill's lookup (publish.sql not_listed_later): the role is there, the
+        # database's TEMPORARY privilege is not (revoked from PUBLIC, and db/init applied
+        # by a login that does not own the database, which therefore granted nothing).
+        lacking = (
+            "a backfill (a month older than the latest) needs TEMPORARY on the database: "
+            "GRANT TEMPORARY ON DATABASE <it> TO streamflow_ingest, or have its owner apply "
+            "db/init/001_schema.sql"
+        )
     return None if lacking is None else f"PostgreSQL refused the work: {reason}; {lacking}"
 
 

@@ -132,10 +132,9 @@ class Suites:
 
     def connect(
         self, database_url: str
-    ) -> Callable[[date, float | None], tuple[list[SuiteOutcome], Path | None]]:
+    ) -> Callable[[date, int], tuple[list[SuiteOutcome], Path | None]]:
         """Returns the call that validates ``staging.*`` as it is when called: for an
-        as_of, and how many percent fewer users than the month before it the month may
-        list (None: any number).
+        as_of, and the fewest users it may list (``UsersBefore.floor``).
 
         It does not build the Data Docs (``build_docs``): the verdict comes first.
         """
@@ -173,18 +172,15 @@ class Suites:
         # "too many connections" instead of why a month failed.
         engine = source.get_execution_engine().engine
 
-        def validate(
-            as_of: date, drop_limit: float | None
-        ) -> tuple[list[SuiteOutcome], Path | None]:
+        def validate(as_of: date, users_floor: int) -> tuple[list[SuiteOutcome], Path | None]:
             # Each `with` gives the connection back to the pool, which rolls it back: no
             # snapshot of the staged month is kept open across the checkpoint.
             with engine.connect() as shared:
                 conn = shared.connection.driver_connection
-                before = UsersBefore.of(conn, as_of, drop_limit)
                 parameters = {
                     USERS_ROWS: _staged_rows(conn, PARENT),
                     AS_OF: as_of,
-                    USERS_FLOOR: before.floor,
+                    USERS_FLOOR: users_floor,
                 }
             runs = list(checkpoint.run(expectation_parameters=parameters).run_results.values())
             for i, run in enumerate(runs):
@@ -194,7 +190,6 @@ class Suites:
                         expectation_parameters=parameters,
                     )
             outcomes = [_suite_outcome(spec, run) for spec, run in zip(TABLES, runs, strict=True)]
-            before.describe(outcomes)
             with engine.connect() as shared:
                 _add_row_examples(shared.connection.driver_connection, outcomes, as_of)
             return outcomes, site
@@ -223,9 +218,9 @@ def prepare_suites(
     validate = suites.connect(database_url)
 
     def validate_and_document(
-        as_of: date, drop_limit: float | None = None
+        as_of: date, users_floor: int = 0
     ) -> tuple[list[SuiteOutcome], Path | None]:
-        result = validate(as_of, drop_limit)
+        result = validate(as_of, users_floor)
         suites.build_docs()
         return result
 
@@ -234,7 +229,13 @@ def prepare_suites(
 
 @dataclass(frozen=True)
 class UsersBefore:
-    """The month published before the one validated, for the users-drop check."""
+    """The month published before the one validated, for the users-drop check.
+
+    Read by the flow on its control connection before the month is published, not by
+    the GX process: that one's reads would wait, behind another session's lock request
+    (a DROP of an old partition), for the publishing transaction, which waits for
+    validation's verdict: a wait no deadlock detector sees.
+    """
 
     as_of: date | None
     users: int
@@ -266,16 +267,22 @@ class UsersBefore:
         for e in (e for s in outcomes for e in s.expectations):
             if e.expectation == Check.USERS_DROP and not e.success and self.users:
                 fewer = (self.users - (e.unexpected_count or 0)) * 100 / self.users
-                # The percentages are rounded; the floor is exact.
+                limit = _percent(self.drop_limit or 0)
                 e.detail = (
-                    f"{_percent(fewer)}% fewer than the {self.users} of {self.as_of}, the "
-                    f"month published before it; expected at least {self.floor} (at most "
-                    f"{_percent(self.drop_limit or 0)}% fewer: MAX_USERS_DROP_PERCENT)"
+                    f"{_percent(fewer, unlike=limit)}% fewer than the {self.users} of "
+                    f"{self.as_of}, the month published before it; expected at least "
+                    f"{self.floor} (at most {limit}% fewer: MAX_USERS_DROP_PERCENT)"
                 )
 
 
-def _percent(value: float) -> str:
-    return f"{value:.2f}".rstrip("0").rstrip(".")  # 50.007 as 50.01, 60.0 as 60
+def _percent(value: float, unlike: str = "") -> str:
+    """50.007 as 50.01, 60.0 as 60; with as many more digits as it takes not to read as
+    ``unlike`` (100,000 users of 200,001 are 50.0002% fewer, not "50%" against 50)."""
+    for digits in range(2, 10):
+        text = f"{value:.{digits}f}".rstrip("0").rstrip(".")
+        if text != unlike:
+            break
+    return text
 
 
 # The rows behind a failed GX expectation (the SQL checks carry their own query).
@@ -392,7 +399,6 @@ URL_ENV = "STREAMFLOW_VALIDATION_URL"  # the URL may hold a password: never in a
 _MARKER = "STREAMFLOW_SUITES "
 _CONNECT = "connect"
 _GO = "validate"
-_NO_LIMIT = "-"
 
 
 def child_command() -> list[str]:
@@ -487,18 +493,14 @@ class SuitesProcess:
         """The staging tables exist: the child may add them to its data source."""
         self._send(_CONNECT)
 
-    def run(
-        self, as_of: date, drop_limit: float | None = None
-    ) -> tuple[list[SuiteOutcome], Path | None]:
+    def run(self, as_of: date, users_floor: int = 0) -> tuple[list[SuiteOutcome], Path | None]:
         """The suites' outcomes for the staged month; ``stop_for``'s error instead if
-        the run failed meanwhile. ``drop_limit``: how many percent fewer users than
-        the month published before it the month may list (None: any number)."""
+        the run failed meanwhile. ``users_floor``: the fewest users it may list."""
         with self._state:
             if self._stopped_for is not None:
                 raise self._stopped_for
             self._asked = True
-        limit = _NO_LIMIT if drop_limit is None else repr(drop_limit)
-        self._send(f"{_GO} {as_of.isoformat()} {limit}")
+        self._send(f"{_GO} {as_of.isoformat()} {users_floor:d}")
         assert self._proc.stdout is not None
         for line in self._proc.stdout:
             if line.startswith(_MARKER):
@@ -602,8 +604,7 @@ def _child_main(argv: list[str] | None = None) -> int:
         order = sys.stdin.readline().split()
         if len(order) != 3 or order[0] != _GO:
             return 0
-        limit = None if order[2] == _NO_LIMIT else float(order[2])
-        outcomes, site = validate(date.fromisoformat(order[1]), limit)
+        outcomes, site = validate(date.fromisoformat(order[1]), int(order[2]))
     except Exception as exc:
         # GX wraps the database's error in SQLAlchemy's, in its own: the flow's message
         # gets the innermost, in the CLI's words, not a repr with its "\n\t". The
