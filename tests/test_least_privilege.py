@@ -445,7 +445,7 @@ def test_a_backfill_without_temporary_tables_is_named(run_flow, db_url, ingest_u
     assert err.strip().splitlines()[-1] == (
         "ingest failed: PostgreSQL refused the work: permission denied to create temporary "
         f'tables in database "{database}"; a backfill (a month older than the latest) needs '
-        "TEMPORARY on the database: GRANT TEMPORARY ON DATABASE <it> TO streamflow_ingest, "
+        "TEMPORARY on the database: GRANT TEMPORARY ON DATABASE <database> TO streamflow_ingest, "
         "or have its owner apply db/init/001_schema.sql"
     )
     assert scalar(db_url, "SELECT count(*) FROM labels_snapshots") == before

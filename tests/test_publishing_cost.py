@@ -50,7 +50,8 @@ def settled_rows_read(url: str, table: str, before: int, wait: float = 10) -> in
 def test_a_backfill_reads_each_later_month_once(run_flow, db_url, months):
     """January backfilled after February: which of its users February lists is one
     anti-join against February's labels, shared by the six live tables (it was one per
-    table: six times the later months' rows, ~5 s each at 1M users and 58 later months)."""
+    table: six times the later months' rows, about 2 s each already at 200k users and 24
+    later months, docs/performance.md item 40)."""
     ok(run_flow(db_url, months / "month_001", FEB))
     february = scalar(
         db_url,

@@ -62,24 +62,25 @@ def test_the_users_drop_limit_is_a_percentage(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_the_run_parameters_may_come_from_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path):
-    """.env.example lists SEED_DIR, AS_OF, REPLACE and ALLOW_GAP with the other settings:
-    a .env that sets them is a complete command, as the environment is."""
-    for name in ("SEED_DIR", "AS_OF", "REPLACE", "ALLOW_GAP"):
+    """.env.example lists SEED_DIR, AS_OF, REPLACE, ALLOW_GAP and ALLOW_DROP with the
+    other settings: a .env that sets them is a complete command, as the environment is."""
+    for name in ("SEED_DIR", "AS_OF", "REPLACE", "ALLOW_GAP", "ALLOW_DROP"):
         # Set, then removed: the undo then removes what .env will have set (a bare
         # delenv of an absent name records nothing, and REPLACE=1 would outlive the test).
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
     (tmp_path / ".env").write_text(
-        "SEED_DIR=months/month_001\nAS_OF=2024-02-29\nREPLACE=1\nALLOW_GAP=yes\n"
+        "SEED_DIR=months/month_001\nAS_OF=2024-02-29\nREPLACE=1\nALLOW_GAP=yes\nALLOW_DROP=on\n"
     )
     monkeypatch.chdir(tmp_path)
 
     args = complete_run([])
 
     assert args is not None
-    assert (args.seed_dir, args.as_of, args.replace, args.allow_gap) == (
+    assert (args.seed_dir, args.as_of, args.replace, args.allow_gap, args.allow_drop) == (
         "months/month_001",
         "2024-02-29",
+        True,
         True,
         True,
     )
@@ -89,7 +90,7 @@ def test_the_run_parameters_may_come_from_dotenv(monkeypatch: pytest.MonkeyPatch
 
 def test_the_dotenv_test_left_nothing_behind():
     """Runs after the test above (same module, same process): no REPLACE=1 for the rest."""
-    assert not {"SEED_DIR", "AS_OF", "REPLACE", "ALLOW_GAP"} & set(os.environ)
+    assert not {"SEED_DIR", "AS_OF", "REPLACE", "ALLOW_GAP", "ALLOW_DROP"} & set(os.environ)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,8 @@ SELECT to_regprocedure(%(signature)s) IS NOT NULL
 -- What db/init makes and grants that a database of the current version may still lack:
 -- roles and the parameter grant are the cluster's, not the database's, so a dump
 -- restored into another cluster comes back without them, and pg_restore's failed GRANTs
--- leave the functions that run with their owner's rights to PUBLIC. breaks_runs: a run
+-- leave the functions that run with their owner's rights to PUBLIC; the database's own
+-- CONNECT/TEMPORARY grants come back only with pg_dump --create. breaks_runs: every run
 -- would fail on it. The CASEs keep each privilege function from a role or function that
 -- is not there (it raises on one), whatever order the planner chooses.
 WITH owner_rights (f) AS (

@@ -201,7 +201,8 @@ def explain_failure(exc: BaseException) -> str | None:
         # by a login that does not own the database, which therefore granted nothing).
         lacking = (
             "a backfill (a month older than the latest) needs TEMPORARY on the database: "
-            "GRANT TEMPORARY ON DATABASE <it> TO streamflow_ingest, or have its owner apply "
+            "GRANT TEMPORARY ON DATABASE <database> TO streamflow_ingest, or have its owner "
+            "apply "
             "db/init/001_schema.sql"
         )
     return None if lacking is None else f"PostgreSQL refused the work: {reason}; {lacking}"

@@ -152,8 +152,8 @@ def cli_parser(description: str | None, *, add_help: bool = True) -> argparse.Ar
         "--allow-drop",
         action="store_true",
         default=None,
-        help="publish a month that lists more than MAX_USERS_DROP_PERCENT fewer users than "
-        "the month published before it (env ALLOW_DROP=1)",
+        help="publish a month that lists more than MAX_USERS_DROP_PERCENT (default 50) "
+        "percent fewer users than the month published before it (env ALLOW_DROP=1)",
     )
     return parser
 

@@ -45,7 +45,8 @@ class Settings:
     gx_docs_dir: Path
     lock_wait_seconds: float
     max_users_drop_percent: float
-    """How much smaller than the month published before it a month may be, in users."""
+    """How many percent fewer users than the month published before it a month may list
+    (0-100)."""
 
 
 def load_dotenv_if_present() -> None:
