@@ -444,7 +444,7 @@ def test_serve_refuses_the_flags_of_a_run(tmp_path):
         .splitlines()[-1]
         .endswith(
             "serve takes no --as-of=2024-01-31, --replace, --allow-gap: a deployment run gets "
-            "seed_dir, as_of, replace and allow_gap as its parameters"
+            "seed_dir, as_of, replace, allow_gap and allow_drop as its parameters"
         )
     ), proc.stderr[-2000:]
     assert not (tmp_path / "prefect" / "prefect.db").exists()
