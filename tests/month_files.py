@@ -47,16 +47,29 @@ def child_processes(parent: int) -> dict[int, list[bytes]]:
     return found
 
 
+def first_users(month: Path, users: int, into: Path) -> Path:
+    """``month``'s six files cut to their first ``users`` users, in ``into``: they list the
+    same users in the same order, so the cut month's files agree with each other."""
+    into.mkdir(parents=True, exist_ok=True)
+    for spec in TABLES:
+        with (month / spec.file_name).open("rb") as f:
+            head = b"".join(f.readline() for _ in range(users + 1))
+        (into / spec.file_name).write_bytes(head)
+    return into
+
+
+def runs(url: str) -> list[dict]:
+    """Every row of ingest_runs, oldest first."""
+    with psycopg.connect(url) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        return cur.execute("SELECT * FROM ingest_runs ORDER BY run_id").fetchall()
+
+
 def small_months(root: Path, users: int = 200) -> Path:
     """``root/month_000`` and ``root/month_001`` with ``users`` users each; returns ``root``."""
     root.mkdir(parents=True, exist_ok=True)
     if (SHARED_SEEDS / "month_001" / "users.csv").is_file():
         for month in MONTHS:
-            (root / month).mkdir(exist_ok=True)
-            for spec in TABLES:
-                with (SHARED_SEEDS / month / spec.file_name).open("rb") as f:
-                    head = b"".join(f.readline() for _ in range(users + 1))
-                (root / month / spec.file_name).write_bytes(head)
+            first_users(SHARED_SEEDS / month, users, root / month)
         return root
     try:
         from streamflow import seeds

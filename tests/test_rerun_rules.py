@@ -29,6 +29,7 @@ from month_files import (
     ingest,
     ok,
     read_rows,
+    runs,
     small_months,
     with_value,
     write_rows,
@@ -68,11 +69,6 @@ class ExitStackOfDatabases:
 
     def __exit__(self, *exc: object) -> None:
         self._stack.__exit__(*exc)
-
-
-def runs(url: str) -> list[dict]:
-    with psycopg.connect(url) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-        return cur.execute("SELECT * FROM ingest_runs ORDER BY run_id").fetchall()
 
 
 def sha256(path: Path) -> str:

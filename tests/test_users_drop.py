@@ -11,8 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import ALL_TABLES, dump, scalar
-from month_files import AS_OF, ok, small_months
-from streamflow.registry import TABLES
+from month_files import AS_OF, first_users, ok, runs, small_months
 
 JAN, FEB = AS_OF["month_000"], AS_OF["month_001"]
 USERS_IN_MONTHS = 200
@@ -27,24 +26,8 @@ def months(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return small_months(tmp_path_factory.mktemp("drop"), users=USERS_IN_MONTHS)
 
 
-def first_users(month: Path, users: int, into: Path) -> Path:
-    """``month`` cut to its first ``users`` users, in all six files alike (they list the
-    same users in the same order): a month whose files agree, only shorter."""
-    into.mkdir(parents=True)
-    for spec in TABLES:
-        with (month / spec.file_name).open("rb") as f:
-            lines = [f.readline() for _ in range(users + 1)]
-        (into / spec.file_name).write_bytes(b"".join(lines))
-    return into
-
-
 def users_listed(url: str, as_of: str) -> int:
     return scalar(url, "SELECT count(*) FROM labels_snapshots WHERE as_of = %s", (as_of,))
-
-
-def last_run(url: str) -> dict:
-    with psycopg.connect(url) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-        return cur.execute("SELECT * FROM ingest_runs ORDER BY run_id DESC LIMIT 1").fetchone()
 
 
 def test_a_month_cut_short_is_refused_unless_allowed(run_flow, db_url, months, tmp_path):
@@ -61,7 +44,7 @@ def test_a_month_cut_short_is_refused_unless_allowed(run_flow, db_url, months, t
         f"fewer: MAX_USERS_DROP_PERCENT){REMEDY}"
     )
     assert dump(db_url, ALL_TABLES) == before
-    run = last_run(db_url)
+    run = runs(db_url)[-1]
     assert run["status"] == "failed"
     # A failed run's validation holds its failed expectations: this one alone.
     assert [(e["table"], e["expectation"], e["unexpected_count"]) for e in run["validation"]] == [

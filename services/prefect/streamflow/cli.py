@@ -122,13 +122,7 @@ def main(flow: Flow[..., dict], doc: str | None, argv: list[str] | None = None) 
     name; the exit code: 0 published or unchanged, 1 failed, 2 a usage error."""
     from prefect.exceptions import TerminationSignal
 
-    from .inputs import (
-        allow_drop_wanted,
-        allow_gap_wanted,
-        cli_parser,
-        replace_wanted,
-        text_path,
-    )
+    from .inputs import cli_parser, flags_wanted, text_path
     from .runs import in_words
     from .served import DEPLOYMENT_NAME
 
@@ -160,9 +154,7 @@ def main(flow: Flow[..., dict], doc: str | None, argv: list[str] | None = None) 
         result = flow(
             seed_dir=text_path(args.seed_dir),
             as_of=args.as_of,
-            replace=replace_wanted(args),
-            allow_gap=allow_gap_wanted(args),
-            allow_drop=allow_drop_wanted(args),
+            **flags_wanted(args),
         )
     except IngestError as exc:
         print(f"ingest failed: {exc}", file=sys.stderr)

@@ -134,7 +134,7 @@ def cli_parser(description: str | None, *, add_help: bool = True) -> argparse.Ar
         help="a month's last day, YYYY-MM-DD (env AS_OF)",
     )
     # Not read from REPLACE here: serve and --help never use it, and a bad value must
-    # not stop them (replace_wanted reads it for a run).
+    # not stop them (flags_wanted reads it for a run).
     parser.add_argument(
         "--replace",
         action="store_true",
@@ -158,19 +158,15 @@ def cli_parser(description: str | None, *, add_help: bool = True) -> argparse.Ar
     return parser
 
 
-def replace_wanted(args: argparse.Namespace) -> bool:
-    """--replace, else REPLACE (InputError if it is neither yes nor no)."""
-    return bool(args.replace) or flag("REPLACE")
+# A run's yes/no flags: the flow's parameter (--allow-gap for allow_gap), and the
+# variable read when the flag is not given.
+RUN_FLAGS = {"replace": "REPLACE", "allow_gap": "ALLOW_GAP", "allow_drop": "ALLOW_DROP"}
 
 
-def allow_gap_wanted(args: argparse.Namespace) -> bool:
-    """--allow-gap, else ALLOW_GAP (InputError if it is neither yes nor no)."""
-    return bool(args.allow_gap) or flag("ALLOW_GAP")
-
-
-def allow_drop_wanted(args: argparse.Namespace) -> bool:
-    """--allow-drop, else ALLOW_DROP (InputError if it is neither yes nor no)."""
-    return bool(args.allow_drop) or flag("ALLOW_DROP")
+def flags_wanted(args: argparse.Namespace) -> dict[str, bool]:
+    """Each of RUN_FLAGS: given on the command line, else its variable (InputError if that
+    is neither yes nor no)."""
+    return {name: bool(getattr(args, name)) or flag(env) for name, env in RUN_FLAGS.items()}
 
 
 def complete_run(argv: list[str]) -> argparse.Namespace | None:
@@ -185,9 +181,7 @@ def complete_run(argv: list[str]) -> argparse.Namespace | None:
         return None
     if any(a in ("-h", "--help") for a in argv):
         return None
-    args.replace = replace_wanted(args)
-    args.allow_gap = allow_gap_wanted(args)
-    args.allow_drop = allow_drop_wanted(args)
+    vars(args).update(flags_wanted(args))
     return args
 
 
