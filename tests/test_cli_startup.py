@@ -28,6 +28,7 @@ from month_files import (
     flow_command,
     flow_env,
     ingest,
+    migrated_prefect_home,
     read_rows,
     small_months,
     with_value,
@@ -167,7 +168,7 @@ def test_the_temporary_server_holds_no_database_password(monkeypatch, tmp_path):
 
 def test_a_failed_month_is_recorded_failed_and_leaves_nothing_behind(db_url, months, tmp_path):
     bad = with_value(months, tmp_path / "month_000", "usage_agg_30d.csv", "watch_hours_30d", "-4")
-    home = tmp_path / "prefect"
+    home = migrated_prefect_home(tmp_path / "prefect")
 
     proc = _cli(db_url, bad, home)
 
@@ -207,7 +208,7 @@ def test_a_refused_month_names_its_flow_run_in_the_ledger(db_url, months, tmp_pa
     had no flow_run_id and the run no artifact naming the row, so neither led to the
     other (every other run links both ways)."""
     assert ingest(db_url, months / "month_000", JAN) == 0
-    home = tmp_path / "prefect"
+    home = migrated_prefect_home(tmp_path / "prefect")
 
     proc = _cli(db_url, months / "month_001", home)  # other files for a published as_of
 
@@ -709,7 +710,7 @@ def _start_mid_run(db_url: str, month: Path, home: Path) -> tuple[subprocess.Pop
     and its temporary API server up: (process, server pids)."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         last = conn.execute("SELECT coalesce(max(run_id), 0) FROM ingest_runs").fetchone()[0]
-    proc = _start_as_a_job(db_url, month, home)
+    proc = _start_as_a_job(db_url, month, migrated_prefect_home(home))
     deadline = time.monotonic() + 120
     with psycopg.connect(db_url, autocommit=True) as conn:
         while not conn.execute(
@@ -827,7 +828,7 @@ def test_sigterm_after_a_failure_cancels_the_copy_still_waiting(db_url, bigger_m
     (month / "users.csv").write_bytes(b"\n".join(lines))
     with psycopg.connect(db_url) as reader:
         reader.execute("SELECT count(*) FROM staging.subscriptions")
-        proc = _start_as_a_job(db_url, month, tmp_path / "prefect")
+        proc = _start_as_a_job(db_url, month, migrated_prefect_home(tmp_path / "prefect"))
         deadline = time.monotonic() + 120
         with psycopg.connect(db_url, autocommit=True) as watch:
             while not (
@@ -918,16 +919,15 @@ def test_a_signal_once_validation_passed_says_the_month_was_published(
         "sys.argv.pop(0)\n"
         "runpy.run_path(sys.argv[0], run_name='__main__')\n"
     )
-    proc = _cli(db_url, months / "month_000", tmp_path / "prefect", str(wrapper))
+    home = migrated_prefect_home(tmp_path / "prefect")
+    proc = _cli(db_url, months / "month_000", home, str(wrapper))
 
     assert proc.returncode == code, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last == f"{line} once the month was published (its Data Docs were not built)"
     assert scalar(db_url, "SELECT status FROM ingest_runs") == "succeeded"
     # The UI's run has the summary artifact of a published month, as any published run.
-    [(stored,)] = _prefect_db(
-        tmp_path / "prefect", "SELECT data FROM artifact WHERE type = 'markdown'"
-    )
+    [(stored,)] = _prefect_db(home, "SELECT data FROM artifact WHERE type = 'markdown'")
     assert "✅ published" in json.loads(stored)
     rows = len(read_rows(months / "month_000" / "labels.csv")) - 1  # the header
     assert scalar(db_url, "SELECT count(*) FROM labels_snapshots") == rows

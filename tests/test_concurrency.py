@@ -24,6 +24,7 @@ from month_files import (
     end_writer_lock_holder,
     flow_command,
     flow_env,
+    migrated_prefect_home,
     prefect_server,
     small_months,
 )
@@ -37,7 +38,7 @@ TIMEOUT = 300
 
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with prefect_server(tmp_path_factory.mktemp("prefect_server")) as api:
+    with prefect_server(migrated_prefect_home(tmp_path_factory.mktemp("prefect_server"))) as api:
         yield api
 
 
@@ -334,7 +335,7 @@ def test_a_prefect_api_lost_mid_run_leaves_the_run_its_own_outcome(db_url, month
     (exit 1), after Prefect's 'Error logging to API' below its last line. It now prints
     the run's own line, exit 0, and a warning that the UI's state is not the outcome.
     Publishing is held by a reader's SHARE lock on users until the server is gone."""
-    (tmp_path / "server").mkdir()
+    migrated_prefect_home(tmp_path / "server")
     with psycopg.connect(db_url) as reader:
         reader.execute("LOCK TABLE users IN SHARE MODE")
         with prefect_server(tmp_path / "server") as api:

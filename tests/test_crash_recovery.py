@@ -39,6 +39,7 @@ from month_files import (
     flow_command,
     flow_env,
     ingest,
+    migrated_prefect_home,
     prefect_server,
     table_digests,
 )
@@ -68,7 +69,7 @@ def months(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One ``prefect server start`` for every flow process of this module."""
-    with prefect_server(tmp_path_factory.mktemp("prefect_server")) as api:
+    with prefect_server(migrated_prefect_home(tmp_path_factory.mktemp("prefect_server"))) as api:
         yield api
 
 

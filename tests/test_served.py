@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FLOW_DIR
-from month_files import prefect_server
+from month_files import migrated_prefect_home, prefect_server
 
 SECRET = "admin:s3cret-for-the-ui"
 
@@ -33,8 +33,7 @@ def served(api: str, auth: str | None) -> subprocess.CompletedProcess[str]:
 
 def test_the_healthcheck_passes_the_servers_basic_auth(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("PREFECT_SERVER_API_AUTH_STRING", SECRET)
-    home = tmp_path / "prefect"
-    home.mkdir()
+    home = migrated_prefect_home(tmp_path / "prefect")
     with prefect_server(home) as api:
         without, wrong, right = (served(api, a) for a in (None, "admin:wrong", SECRET))
 
