@@ -1,17 +1,23 @@
 """A month cut short: six files that agree with each other, listing far fewer users than
-the month published before it (an export that stopped part-way). Every other check
-passes such a month; the users-drop check refuses it, unless the run allows the drop.
+the month published before it (an export that stopped part-way); or as many users, but
+not the same ones (re-keyed user_ids). Every other check passes such a month; the
+users-drop and users-kept checks refuse it, unless the run allows the drop.
 """
 
 from __future__ import annotations
 
+import re
 import time
+from datetime import date
 from pathlib import Path
 
 import psycopg
 import pytest
 from conftest import ALL_TABLES, dump, scalar
-from month_files import AS_OF, first_users, ok, runs, small_months
+from month_files import AS_OF, first_users, ok, read_rows, runs, small_months, write_rows
+from streamflow import seeds
+from streamflow.registry import TABLES
+from streamflow.validation import SAMPLE_USERS, UsersBefore
 
 JAN, FEB = AS_OF["month_000"], AS_OF["month_001"]
 USERS_IN_MONTHS = 200
@@ -178,7 +184,7 @@ def test_the_drop_is_never_shown_as_the_limit_it_exceeds():
 
     before = UsersBefore(date(2024, 1, 31), 200_001, 50.0)
     drop = ExpectationOutcome("users", Check.USERS_DROP, None, False, unexpected_count=100_000)
-    before.describe([SuiteOutcome("users", 0, 1, [drop])])
+    before.judge([SuiteOutcome("users", 0, 1, [drop])])
 
     assert before.floor == 100_001
     assert drop.detail == (
@@ -188,3 +194,86 @@ def test_the_drop_is_never_shown_as_the_limit_it_exceeds():
     assert UsersBefore(date(2024, 1, 31), 7, 12.5).floor == 7  # 6.125 users kept: 7
     assert UsersBefore(date(2024, 1, 31), 200, 100).floor == 0
     assert UsersBefore(None, 0, 50.0).floor == 0  # nothing published before it
+
+
+def rekeyed(month: Path, into: Path, users: int | None = None) -> Path:
+    """``month`` with its first ``users`` user_ids (all by default) re-spelt in all six
+    files alike: a month as many users long, whose files agree with each other."""
+    into.mkdir(parents=True, exist_ok=True)
+    for spec in TABLES:
+        header, *rows = read_rows(month / spec.file_name)
+        for row in rows[:users]:
+            row[0] = "R-" + row[0]
+        write_rows(into / spec.file_name, [header, *rows])
+    return into
+
+
+def test_a_month_of_other_users_is_refused_unless_allowed(run_flow, db_url, months, tmp_path):
+    """Every user_id re-keyed by the export (or another export's month), as many users:
+    each file agrees with the others and the count matches, so it passed, and left last
+    month's 200 users live beside 200 new ones. Of the month before's users, at most
+    MAX_USERS_DROP_PERCENT may be missing."""
+    ok(run_flow(db_url, months / "month_000", JAN))
+    before = dump(db_url, ALL_TABLES)
+
+    rc, _, err = run_flow(db_url, rekeyed(months / "month_001", tmp_path / "all"), FEB)
+
+    assert rc == 1
+    assert err.strip().splitlines()[-1] == (
+        "ingest failed: validation failed: users.csv, column user_id: 200 of the 200 users "
+        "of 2024-01-31, the month published before it, are not listed (100%; at most 50% "
+        "may be: MAX_USERS_DROP_PERCENT): were its user_ids re-keyed, or is it another "
+        "export? If those users really left, rerun with --allow-drop (ALLOW_DROP=1; a "
+        "deployment run: --param allow_drop=true)"
+    )
+    assert dump(db_url, ALL_TABLES) == before
+    assert [(e["expectation"], e["unexpected_count"]) for e in runs(db_url)[-1]["validation"]] == [
+        ("users_kept", 200)
+    ]
+
+    # Half of them re-keyed is the 50% allowed; one more is not.
+    ok(run_flow(db_url, rekeyed(months / "month_001", tmp_path / "half", 100), FEB))
+    rc, _, err = run_flow(
+        db_url, rekeyed(months / "month_001", tmp_path / "more", 101), FEB, "--replace"
+    )
+    assert rc == 1
+    assert "101 of the 200 users of 2024-01-31, the month published before it, are not " in err
+    assert "(50.5%; at most 50% may be" in err
+
+    ok(
+        run_flow(
+            db_url,
+            rekeyed(months / "month_001", tmp_path / "all"),
+            FEB,
+            "--replace",
+            "--allow-drop",
+        )
+    )
+    assert scalar(db_url, "SELECT count(*) FROM users") == 400  # January's stay live
+
+
+def test_a_big_month_is_compared_on_a_sample_of_its_users(run_flow, db_url, tmp_path):
+    """Past 1,000 users the month before is sampled (whole pages, the same each time),
+    not read whole: 1,000 lookups in the staged users.csv, whatever the month's size."""
+    seeds.generate(tmp_path / "big", users=6000, months=2, seed=5)
+    ok(run_flow(db_url, tmp_path / "big" / "month_000", JAN))
+
+    rc, _, err = run_flow(db_url, rekeyed(tmp_path / "big" / "month_001", tmp_path / "re"), FEB)
+
+    assert rc == 1
+    line = err.strip().splitlines()[-1]
+    found = re.search(r": (\d+) of (\d+) users picked at random among the 6000 of 2024-01-31", line)
+    assert found, line
+    assert found[1] == found[2]  # all of them missing
+    assert SAMPLE_USERS / 2 <= int(found[2]) <= SAMPLE_USERS, line
+    # The first 1,000 by user_id would all fall in the first sixth of the ids.
+    with psycopg.connect(db_url) as conn:
+        sample = UsersBefore.of(conn, date.fromisoformat(FEB), 50.0).sample
+        ids = conn.execute(
+            "SELECT user_id FROM labels_snapshots WHERE as_of = %s ORDER BY user_id", (JAN,)
+        ).fetchall()
+    rank = {user_id: i for i, (user_id,) in enumerate(ids)}
+    assert {rank[u] * 6 // len(ids) for u in sample} == set(range(6))
+
+    # A month that keeps them all, a sixth re-keyed: passes.
+    ok(run_flow(db_url, rekeyed(tmp_path / "big" / "month_001", tmp_path / "sixth", 1000), FEB))

@@ -109,3 +109,18 @@ SELECT as_of FROM ingest_months WHERE as_of < %(as_of)s ORDER BY as_of DESC LIMI
 -- Every published month lists all its users in labels_snapshots (each file lists
 -- the users of users.csv); a constant as_of reads that month's partition only.
 SELECT count(*) FROM labels_snapshots WHERE as_of = %(as_of)s;
+
+-- name: users_sample
+-- Users of the month before, to count how many this month still lists: a re-keyed
+-- export lists as many users, none of them known. Whole pages of its partition picked
+-- at random (SYSTEM: the rest is not read), the same pages every time (REPEATABLE),
+-- so the sample spans the ids where the first ones by user_id would not: an export
+-- cut short at either end shows. "percent" is sized for about twice "rows".
+SELECT user_id FROM labels_snapshots TABLESAMPLE SYSTEM (%(percent)s) REPEATABLE (0)
+WHERE as_of = %(as_of)s
+LIMIT %(rows)s;
+
+-- name: still_listed
+-- How many users of that sample the staged users.csv lists (duplicates are a check of
+-- their own).
+SELECT count(DISTINCT user_id) FROM staging.users WHERE user_id = ANY(%(sample)s);

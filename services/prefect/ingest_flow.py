@@ -136,10 +136,11 @@ def validate_with_ge(
     """Run the six GX suites inside PostgreSQL; raise ValidationFailed on any failure.
 
     ``before``: the month published before this one, which it may list at most
-    MAX_USERS_DROP_PERCENT fewer users than.
+    MAX_USERS_DROP_PERCENT fewer users than, and leave out at most that share of the
+    users of (``UsersBefore.judge``).
     """
     found, site = suites.run(as_of, before.floor)
-    before.describe(found)
+    before.judge(found)
     outcomes.locate_duplicates(found, files)
     logger = get_run_logger()
     for suite in found:
@@ -247,7 +248,8 @@ def ingest_month(
         allow_gap: Accept a new latest month more than one month after the latest
             published one.
         allow_drop: Accept a month that lists more than MAX_USERS_DROP_PERCENT fewer
-            users than the month published before it.
+            users than the month published before it, or leaves out more than that
+            share of its users.
     """
     settings = load_settings()
     as_of_date, files = check_run(seed_dir, as_of, settings)
@@ -295,6 +297,7 @@ def ingest_month(
                 )
                 run.published.add_done_callback(partial(runs.stop_validation_if_failed, suites))
                 with run.verdict.deciding(then=run.published.wait), clock("validate_with_ge"):
+                    before = before.count_listed(control)  # while publishing starts
                     summary.suites = validate_with_ge(suites, files, as_of_date, before)
                     summary.data_docs = str(settings.gx_docs_dir / "index.html")
                 with clock("snapshot_month"):

@@ -153,7 +153,8 @@ def cli_parser(description: str | None, *, add_help: bool = True) -> argparse.Ar
         action="store_true",
         default=None,
         help="publish a month that lists more than MAX_USERS_DROP_PERCENT (default 50) "
-        "percent fewer users than the month published before it (env ALLOW_DROP=1)",
+        "percent fewer users than the month published before it, or leaves out more than "
+        "that share of its users (env ALLOW_DROP=1)",
     )
     return parser
 

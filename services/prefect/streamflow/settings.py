@@ -45,8 +45,8 @@ class Settings:
     gx_docs_dir: Path
     lock_wait_seconds: float
     max_users_drop_percent: float
-    """How many percent fewer users than the month published before it a month may list
-    (0-100)."""
+    """How many percent fewer users than the month published before it a month may list,
+    and how many percent of that month's users it may leave out (0-100)."""
 
 
 def load_dotenv_if_present() -> None:
