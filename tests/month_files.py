@@ -250,9 +250,15 @@ def migrated_prefect_home(home: Path) -> Path:
     global _migrated_home
     if _migrated_home is None:
         made = STATE / "migrated-prefect-home"
+        shutil.rmtree(made, ignore_errors=True)  # a start that failed before (its error shown)
         made.mkdir()
-        with prefect_server(made):  # Prefect's own server start: migrations, blocks
-            pass
+        # Prefect's own server start (migrations, blocks), in the environment of no test:
+        # one may have set a server setting (an auth string) with monkeypatch.
+        with pytest.MonkeyPatch.context() as mp:
+            for name in [n for n in os.environ if n.startswith("PREFECT_SERVER_")]:
+                mp.delenv(name)
+            with prefect_server(made):
+                pass
         (made / "server.log").unlink()
         _migrated_home = made
     shutil.copytree(_migrated_home, home, dirs_exist_ok=True)

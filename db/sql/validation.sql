@@ -112,15 +112,19 @@ SELECT count(*) FROM labels_snapshots WHERE as_of = %(as_of)s;
 
 -- name: users_sample
 -- Users of the month before, to count how many this month still lists: a re-keyed
--- export lists as many users, none of them known. Whole pages of its partition picked
--- at random (SYSTEM: the rest is not read), the same pages every time (REPEATABLE),
--- so the sample spans the ids where the first ones by user_id would not: an export
--- cut short at either end shows. "percent" is sized for about twice "rows".
-SELECT user_id FROM labels_snapshots TABLESAMPLE SYSTEM (%(percent)s) REPEATABLE (0)
-WHERE as_of = %(as_of)s
-LIMIT %(rows)s;
+-- export lists as many users, none of them known. Each row is kept with the same
+-- chance (BERNOULLI: every page is read, ~9 ms at 1M users), the same rows each run
+-- (REPEATABLE). Not whole pages (SYSTEM): a dozen pages would stand for the month,
+-- and a file's neighbouring rows (one region, an id range) go missing together.
+SELECT user_id FROM labels_snapshots TABLESAMPLE BERNOULLI (%(percent)s) REPEATABLE (0)
+WHERE as_of = %(as_of)s;
 
 -- name: still_listed
 -- How many users of that sample the staged users.csv lists (duplicates are a check of
--- their own).
+-- their own). In WHERE: as a FILTER of count(*) on the same scan it took 379 ms at 1M
+-- users, not 44.
 SELECT count(DISTINCT user_id) FROM staging.users WHERE user_id = ANY(%(sample)s);
+
+-- name: staged_users
+-- How many rows the staged users.csv has, for the message of a failed users-kept check.
+SELECT count(*) FROM staging.users;

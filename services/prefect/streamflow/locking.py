@@ -73,17 +73,25 @@ def check_writer_lock(conn: psycopg.Connection, holder_pid: int | None) -> None:
         return
     # (A terminated backend lingers in pg_stat_activity after its locks are gone: whether
     # it is still there tells nothing.)
+    raise lock_lost(taken_by)
+
+
+def lock_lost(taken_by: int | None, looked: bool = True) -> LockLost:
+    """The run's control connection ended, and the writer lock with it. ``taken_by``:
+    the backend holding the lock now; ``looked``: whether anyone looked."""
     why = (
         "its control connection to PostgreSQL ended: a server restart, a network cut, "
         "idle_session_timeout or pg_terminate_backend"
     )
-    if taken_by is not None:
+    if not looked:
+        then = ""
+    elif taken_by is not None:
         then = (
             f"; another session (pid {taken_by}) holds it now and may be writing the staging tables"
         )
     else:
         then = "; no other run holds it"
-    raise LockLost(
+    return LockLost(
         f"the run lost the pipeline's writer lock ({why}){then}; nothing of this run was "
         "published: rerun it"
     )

@@ -216,10 +216,6 @@ def check(outcomes: list[SuiteOutcome]) -> None:
         if e.expectation == _NO_ROWS
         or not (e.table in empty or (PARENT.name in empty and e.expectation == Check.ORPHANS))
     ]
-    # A month cut short leaves out the users it lacks: the users-kept check then only
-    # repeats the users-drop one, whose words say what happened.
-    if any(e.expectation == Check.USERS_DROP for e in failures):
-        failures = [e for e in failures if e.expectation != Check.USERS_KEPT]
     # GX raises on values it cannot hold (1e400 as a float); the SQL check of the same
     # column says what the value is, so that failure is the one to show.
     explained = {(e.table, e.column) for e in failures if not e.error and e.column}

@@ -24,19 +24,20 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psycopg
 from psycopg import sql
 
 from . import db, sqlfiles
 from .db import default_connect_timeout, session_options
-from .diagnosis import explain_failure
+from .diagnosis import connection_lost, explain_failure
 from .errors import IngestError, clipped, clipped_quotes, first_line
 from .expectations import AS_OF, COUNTED_ROWS, USERS_FLOOR, USERS_ROWS, build_suite, import_gx
+from .locking import lock_lost
 from .outcomes import Check, ExpectationOutcome, SuiteOutcome, shown
 from .registry import BY_NAME, EARLIEST_DATE, KEY, PARENT, TABLES, TableSpec
 from .sqlfiles import queries, query
 
 if TYPE_CHECKING:
-    import psycopg
     from great_expectations.core.expectation_validation_result import (
         ExpectationSuiteValidationResult,
     )
@@ -227,9 +228,9 @@ def prepare_suites(
     return validate_and_document
 
 
-# Users of the month before looked up in this month's users.csv: enough to tell 99% gone
-# from 50% (±3 points at 1,000), few enough to cost ~70 ms at 1M users (one scan of
-# staging.users with a hashed list).
+# Users of the month before looked up in this month's users.csv, about this many: enough
+# to tell 99% gone from 50% (a simple random sample: ±3 points at 1,000), few enough to
+# cost ~45 ms at 1M users (one scan of staging.users with a hashed list).
 SAMPLE_USERS = 1000
 
 
@@ -250,9 +251,12 @@ class UsersBefore:
     drop_limit: float | None
     """Percent; None: the run allows any drop."""
     sample: tuple[str, ...] = ()
-    """Some of the month's users (``SAMPLE_USERS`` at most: all of a small month)."""
+    """Some of the month's users, each with the same chance: about ``SAMPLE_USERS`` (all
+    of a month that has no more)."""
     listed: int | None = None
     """How many of ``sample`` the staged users.csv lists (``count_listed``)."""
+    staged: int = 0
+    """How many rows the staged users.csv has (``count_listed``, when too few are kept)."""
 
     @classmethod
     def of(cls, conn: psycopg.Connection, as_of: date, drop_limit: float | None) -> UsersBefore:
@@ -263,18 +267,35 @@ class UsersBefore:
         if row is None:
             return cls(None, 0, drop_limit)
         users = db.one_row(conn.execute(q["users_of_month"], {"as_of": row[0]}))[0]
-        # Twice the rows wanted, in pages: a page holds users of neighbouring ids.
-        percent = min(100.0, 200.0 * SAMPLE_USERS / users) if users else 100.0
-        picked = {"as_of": row[0], "percent": percent, "rows": SAMPLE_USERS}
+        percent = min(100.0, 100.0 * SAMPLE_USERS / users) if users else 100.0
+        picked = {"as_of": row[0], "percent": percent}
         sample = tuple(r[0] for r in conn.execute(q["users_sample"], picked))
         return cls(row[0], users, drop_limit, sample)
 
     def count_listed(self, conn: psycopg.Connection) -> UsersBefore:
-        """This, with how many of its sampled users the staged month lists."""
+        """This, with how many of its sampled users the staged month lists (and, when
+        too few, how many users it lists, for the message)."""
         if not self.sample or self.drop_limit is None:
             return self
-        found = conn.execute(queries("validation")["still_listed"], {"sample": list(self.sample)})
-        return replace(self, listed=db.one_row(found)[0])
+        q = queries("validation")
+        try:
+            listed = db.one_row(conn.execute(q["still_listed"], {"sample": list(self.sample)}))[0]
+            staged = 0
+            if not self._kept(listed):
+                staged = db.one_row(conn.execute(q["staged_users"]))[0]
+        except psycopg.OperationalError as exc:
+            # The run's control connection: the writer lock ended with it, and that is
+            # what the run must say ("could not be reached" was not true).
+            if connection_lost(exc):
+                raise lock_lost(None, looked=False) from exc
+            raise
+        return replace(self, listed=listed, staged=staged)
+
+    def _kept(self, listed: int) -> bool:
+        """Whether at most ``drop_limit`` percent of the sample is missing. Fractions: 500
+        missing of 1,000 is exactly the 50% allowed, not a float's hair above it."""
+        missing = len(self.sample) - listed
+        return Fraction(missing * 100, len(self.sample)) <= Fraction(str(self.drop_limit))
 
     @property
     def floor(self) -> int:
@@ -290,21 +311,23 @@ class UsersBefore:
         add the users-kept check to users.csv's outcome: a month whose users are as many
         but others (re-keyed ids, another region's export) passes the count."""
         limit = _percent(self.drop_limit or 0)
+        dropped = False
         for e in (e for s in outcomes for e in s.expectations):
             if e.expectation == Check.USERS_DROP and not e.success and self.users:
+                dropped = True
                 fewer = (self.users - (e.unexpected_count or 0)) * 100 / self.users
                 e.detail = (
                     f"{_percent(fewer, unlike=limit)}% fewer than the {self.users} of "
                     f"{self.as_of}, the month published before it; expected at least "
                     f"{self.floor} (at most {limit}% fewer: MAX_USERS_DROP_PERCENT)"
                 )
-        if self.listed is None or self.drop_limit is None:
+        # A month cut short leaves out the users it lacks: the users-kept check would
+        # only repeat the users-drop one, whose words say what happened.
+        if self.listed is None or self.drop_limit is None or dropped:
             return
         sampled = len(self.sample)
         missing = sampled - self.listed
-        # Fractions: 500 missing of 1,000 is exactly the 50% allowed, not a float's
-        # hair above it.
-        kept = Fraction(missing * 100, sampled) <= Fraction(str(self.drop_limit))
+        kept = self._kept(self.listed)
         among = (
             f"the {self.users} users"
             if sampled == self.users
@@ -319,7 +342,8 @@ class UsersBefore:
             unexpected_count=missing,
             detail=(
                 f"{missing} of {among} of {self.as_of}, the month published before it, are "
-                f"not listed ({share}%; at most {limit}% may be: MAX_USERS_DROP_PERCENT)"
+                f"not among its {self.staged} ({share}%; at most {limit}% may be: "
+                "MAX_USERS_DROP_PERCENT)"
             ),
         )
         users = next(o for o in outcomes if o.table == PARENT.name)
