@@ -676,11 +676,14 @@ def test_as_of_is_written_yyyy_mm_dd_and_nothing_else(value):
 
 @pytest.fixture(scope="module")
 def bigger_month(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Big enough (40,000 users) that a signal lands while the month is in progress."""
+    """Big enough (200,000 users: ~5 s of work) that a signal lands while the month is in
+    progress, however long the test takes to send it once it sees the run start: with
+    40,000 users a loaded machine once let the run finish first (exit 0). The tests stop
+    the run early: the size costs them the month's generation (~1 s) and its hashing."""
     from streamflow import seeds
 
     root = tmp_path_factory.mktemp("bigger")
-    seeds.generate(root, users=40_000, months=1, seed=3)
+    seeds.generate(root, users=200_000, months=1, seed=3)
     return root / "month_000"
 
 
