@@ -958,3 +958,67 @@ def test_nothing_reaches_the_terminal_after_the_last_line():
         logger.handlers.clear()
     assert terminal.getvalue() == ""
     assert api == ["Still processing items: 18 items remaining...", "Failed to send 3 events"]
+
+
+@pytest.mark.parametrize(
+    ("signum", "where", "code", "line", "published"),
+    [
+        ("SIGTERM", "validation", 143, "ingest terminated (SIGTERM)", False),
+        ("SIGINT", "validation", 130, "ingest interrupted", False),
+        (
+            "SIGTERM",
+            "verdict",
+            143,
+            "ingest terminated (SIGTERM) once the month was published (its Data Docs were not "
+            "built)",
+            True,
+        ),
+    ],
+    ids=["SIGTERM-validating", "SIGINT-validating", "SIGTERM-after-verdict"],
+)
+def test_a_signal_python_swallows_in_a_finalizer_still_stops_the_run(
+    db_url, months, tmp_path, signum, where, code, line, published
+):
+    """A handler that raises while the main thread runs a ``__del__`` has its exception
+    swallowed ("Exception ignored in ..."): a SIGTERM went that way once in CI, and the
+    run published its month and exited 0. The run notes its signals and stops at its
+    checkpoints: before the verdict (nothing published), and once recorded (published,
+    and said so)."""
+    patched = (
+        ("streamflow.validation", "SuitesProcess", "run")
+        if where == "validation"
+        else ("streamflow.verdict", "Verdict", "accept")
+    )
+    module, cls, method = patched
+    wrapper = tmp_path / "swallowed.py"
+    wrapper.write_text(
+        "import os, runpy, signal, sys\n"
+        f"from {module} import {cls}\n"
+        f"real = {cls}.{method}\n"
+        "class Finalizer:\n"
+        "    def __del__(self):\n"
+        f"        os.kill(os.getpid(), signal.{signum})\n"
+        "        for _ in range(1000):  # the handler runs here, inside __del__\n"
+        "            pass\n"
+        "def swallow_then_go_on(self, *args, **kwargs):\n"
+        f"    if {where!r} == 'verdict':\n"
+        "        real(self, *args, **kwargs)\n"
+        "    Finalizer()  # made and collected at once\n"
+        f"    if {where!r} == 'validation':\n"
+        "        return real(self, *args, **kwargs)\n"
+        f"{cls}.{method} = swallow_then_go_on\n"
+        "sys.argv.pop(0)\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    home = migrated_prefect_home(tmp_path / "prefect")
+    proc = _cli(db_url, months / "month_000", home, str(wrapper))
+
+    assert "Exception ignored in" in proc.stderr, proc.stderr[-2000:]  # Python swallowed it
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == line
+    assert scalar(db_url, "SELECT count(*) FROM ingest_months") == int(published)
+    if not published:
+        by = "SIGTERM" if signum == "SIGTERM" else "Ctrl-C or SIGINT"
+        assert scalar(db_url, "SELECT error FROM ingest_runs") == (
+            f"interrupted ({by}); nothing was published"
+        )

@@ -258,6 +258,7 @@ def ingest_month(
     runs.LAST_RUN[:] = [summary]  # the CLI's word on the run if Prefect's API goes away
     clock = Stopwatch(summary.timings)
     with (
+        interrupts.signals_noted(),
         db.connect(url, autocommit=True) as control,
         locking.writer_lock(control, settings.lock_wait_seconds, get_run_logger().info),
     ):
@@ -300,11 +301,13 @@ def ingest_month(
                     before = before.count_listed(control)  # while publishing starts
                     summary.suites = validate_with_ge(suites, files, as_of_date, before)
                     summary.data_docs = str(settings.gx_docs_dir / "index.html")
+                    interrupts.stop_if_signalled()  # before the verdict lets the commit go
                 with clock("snapshot_month"):
                     summary.tables = run.published.result()
                 # Before the wait for the Data Docs: an interrupt then leaves the
                 # published month's run with its counts and timings.
                 run.record_success()
+                interrupts.stop_if_signalled()  # the month is published: the CLI says so
             except BaseException as exc:
                 stopped = interrupts.is_stop(exc)
                 run.settle_failure(exc)

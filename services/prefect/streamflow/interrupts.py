@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import Any, NoReturn
 
 # The CLI's last line and exit code when a signal stops it (128 + the signal's number).
 STOPPED = {
@@ -76,3 +76,49 @@ def signals_deferred() -> Iterator[None]:
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
         if came:
             signal.raise_signal(came[0])  # the handler of before runs now
+
+
+# The signals of the run in progress, as their handlers saw them (signals_noted).
+_NOTED: list[int] = []
+
+
+@contextmanager
+def signals_noted() -> Iterator[None]:
+    """SIGINT and SIGTERM handled as before during the block, and noted: a handler that
+    raises while the main thread runs a finalizer (a ``__del__``, a weakref callback,
+    the garbage collector) has its exception swallowed by Python ("Exception ignored
+    in ..."). A SIGTERM once went that way, and the run published its month and exited 0
+    (a CI flake). ``stop_if_signalled`` then stops the run at its next checkpoint.
+    Main thread only, as handlers are.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _NOTED.clear()
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s, handler in before.items():
+        if callable(handler):
+            signal.signal(s, _noting(handler))
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            if callable(handler):
+                signal.signal(s, handler)
+        _NOTED.clear()
+
+
+def _noting(handler: Callable[[int, Any], Any]) -> Callable[[int, Any], Any]:
+    def note_then_handle(signum: int, frame: Any) -> Any:
+        _NOTED.append(signum)
+        return handler(signum, frame)
+
+    return note_then_handle
+
+
+def stop_if_signalled() -> None:
+    """Raise the stop of a signal noted during the run (``signals_noted``): one whose
+    handler's exception was swallowed. A signal handled as it should be never lets the
+    run get this far."""
+    if _NOTED:
+        raise Terminated if _NOTED[0] == signal.SIGTERM else KeyboardInterrupt
