@@ -973,47 +973,64 @@ def test_nothing_reaches_the_terminal_after_the_last_line():
             "built)",
             True,
         ),
+        ("SIGTERM", "end", 143, "ingest terminated (SIGTERM) once the month was published", True),
+        # Not swallowed: the flow's own handling had ended, and the CLI said only
+        # "ingest terminated (SIGTERM)" of a month that was in.
+        (
+            "SIGTERM",
+            "end-raised",
+            143,
+            "ingest terminated (SIGTERM) once the month was published",
+            True,
+        ),
     ],
-    ids=["SIGTERM-validating", "SIGINT-validating", "SIGTERM-after-verdict"],
+    ids=[
+        "SIGTERM-validating",
+        "SIGINT-validating",
+        "SIGTERM-after-verdict",
+        "SIGTERM-at-end",
+        "SIGTERM-at-end-not-swallowed",
+    ],
 )
 def test_a_signal_python_swallows_in_a_finalizer_still_stops_the_run(
     db_url, months, tmp_path, signum, where, code, line, published
 ):
     """A handler that raises while the main thread runs a ``__del__`` has its exception
     swallowed ("Exception ignored in ..."): a SIGTERM went that way once in CI, and the
-    run published its month and exited 0. The run notes its signals and stops at its
-    checkpoints: before the verdict (nothing published), and once recorded (published,
-    and said so)."""
-    patched = (
-        ("streamflow.validation", "SuitesProcess", "run")
-        if where == "validation"
-        else ("streamflow.verdict", "Verdict", "accept")
-    )
-    module, cls, method = patched
+    run published its month and exited 0. The run keeps what Python swallowed and stops
+    at its checkpoints: before the verdict (nothing published), once recorded, and at its
+    end (published, and said so)."""
+    module, owner, name = {
+        "validation": ("streamflow.validation", "SuitesProcess", "run"),
+        "verdict": ("streamflow.verdict", "Verdict", "accept"),
+        "end": ("streamflow.reporting", "", "publish_artifacts"),  # the run's last step
+        "end-raised": ("streamflow.reporting", "", "publish_artifacts"),
+    }[where]
+    swallowed = where != "end-raised"
     wrapper = tmp_path / "swallowed.py"
     wrapper.write_text(
-        "import os, runpy, signal, sys\n"
-        f"from {module} import {cls}\n"
-        f"real = {cls}.{method}\n"
+        "import importlib, os, runpy, signal, sys\n"
+        f"owner = importlib.import_module({module!r})\n"
+        f"owner = getattr(owner, {owner!r}) if {owner!r} else owner\n"
+        f"real = getattr(owner, {name!r})\n"
         "class Finalizer:\n"
         "    def __del__(self):\n"
         f"        os.kill(os.getpid(), signal.{signum})\n"
         "        for _ in range(1000):  # the handler runs here, inside __del__\n"
         "            pass\n"
-        "def swallow_then_go_on(self, *args, **kwargs):\n"
-        f"    if {where!r} == 'verdict':\n"
-        "        real(self, *args, **kwargs)\n"
-        "    Finalizer()  # made and collected at once\n"
-        f"    if {where!r} == 'validation':\n"
-        "        return real(self, *args, **kwargs)\n"
-        f"{cls}.{method} = swallow_then_go_on\n"
+        "def swallow_then_go_on(*args, **kwargs):\n"
+        f"    if {where!r} != 'validation':\n"
+        "        done = real(*args, **kwargs)\n"
+        f"    Finalizer() if {swallowed} else Finalizer.__del__(None)  # collected at once\n"
+        f"    return real(*args, **kwargs) if {where!r} == 'validation' else done\n"
+        f"setattr(owner, {name!r}, swallow_then_go_on)\n"
         "sys.argv.pop(0)\n"
         "runpy.run_path(sys.argv[0], run_name='__main__')\n"
     )
     home = migrated_prefect_home(tmp_path / "prefect")
     proc = _cli(db_url, months / "month_000", home, str(wrapper))
 
-    assert "Exception ignored in" in proc.stderr, proc.stderr[-2000:]  # Python swallowed it
+    assert ("Exception ignored in" in proc.stderr) == swallowed, proc.stderr[-2000:]
     assert proc.returncode == code, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == line
     assert scalar(db_url, "SELECT count(*) FROM ingest_months") == int(published)
@@ -1022,3 +1039,27 @@ def test_a_signal_python_swallows_in_a_finalizer_still_stops_the_run(
         assert scalar(db_url, "SELECT error FROM ingest_runs") == (
             f"interrupted ({by}); nothing was published"
         )
+
+
+def test_prefects_own_sigterm_handler_stays_installed_during_a_run(
+    run_flow, db_url, months, monkeypatch
+):
+    """A runner's cancel (the UI, `prefect flow-run cancel`, docker stop of the runner) is
+    acknowledged by the run's process only while Prefect's own SIGTERM handler is the
+    installed one. The first version of the swallowed-signal check wrapped it for the
+    whole run (review): a cancelled served run would have been recorded Crashed. That
+    check reads sys.unraisablehook instead."""
+    from prefect.utilities.engine import _prefect_sigterm_handler
+
+    seen = []
+    real = validation.SuitesProcess.run
+
+    def look_then_run(self, *args, **kwargs):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(validation.SuitesProcess, "run", look_then_run)
+    rc, _, err = run_flow(db_url, months / "month_000", JAN)
+
+    assert rc == 0, err[-2000:]
+    assert seen == [_prefect_sigterm_handler]

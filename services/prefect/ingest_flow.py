@@ -319,8 +319,10 @@ def ingest_month(
                 loading.empty_staging(control)
             except psycopg.Error as exc:  # the month is published: only disk is at stake
                 get_run_logger().warning("staging not emptied: %s", errors.first_line(exc))
-    publish_artifacts(summary)
-    get_run_logger().info(summary.one_line())
+        # Still inside signals_noted: a stop Python swallows here is not lost either.
+        publish_artifacts(summary)
+        get_run_logger().info(summary.one_line())
+        interrupts.stop_if_signalled()  # the CLI says whether the month is in (cli.main)
     return {
         "status": summary.status,
         "mode": summary.mode,

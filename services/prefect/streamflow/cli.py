@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from .errors import IngestError, InputError, first_line
-from .interrupts import STOPPED, Terminated
+from .interrupts import STOPPED, PublishedThenInterrupted, Terminated
 from .settings import check_prefect_settings, prefect_api_url
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ def main(flow: Flow[..., dict], doc: str | None, argv: list[str] | None = None) 
     from prefect.exceptions import TerminationSignal
 
     from .inputs import cli_parser, flags_wanted, text_path
-    from .runs import in_words
+    from .runs import LAST_RUN, in_words
     from .served import DEPLOYMENT_NAME
 
     parser = cli_parser(doc)
@@ -150,6 +150,7 @@ def main(flow: Flow[..., dict], doc: str | None, argv: list[str] | None = None) 
     if missing:  # a usage error, like argparse's own: exit code 2
         print(f"ingest failed: set {' and '.join(missing)}", file=sys.stderr)
         return 2
+    LAST_RUN.clear()  # the flow names its run there: no earlier run's (in-process tests)
     try:
         result = flow(
             seed_dir=text_path(args.seed_dir),
@@ -159,8 +160,14 @@ def main(flow: Flow[..., dict], doc: str | None, argv: list[str] | None = None) 
     except IngestError as exc:
         print(f"ingest failed: {exc}", file=sys.stderr)
         return 1
-    except TerminationSignal:  # Prefect's SIGTERM in a flow run: stopped as on Ctrl-C
-        raise Terminated from None
+    except (KeyboardInterrupt, TerminationSignal) as exc:
+        if not isinstance(exc, PublishedThenInterrupted) and _published():
+            # Stopped after the flow's own handling of a stop ended (emptying staging,
+            # the lock's release, Prefect's end of the run): the month is in, say so.
+            raise PublishedThenInterrupted(exc, docs_built=None) from None
+        if isinstance(exc, TerminationSignal):  # Prefect's SIGTERM: stopped as on Ctrl-C
+            raise Terminated from None
+        raise
     except Exception as exc:  # still one line for people; the traceback is in the run logs
         if (lost := _without_the_api(exc)) is not None:
             code, out, err = lost
@@ -179,7 +186,19 @@ def main(flow: Flow[..., dict], doc: str | None, argv: list[str] | None = None) 
             return 1
         print(f"ingest failed: {in_words(exc)}", file=sys.stderr)
         return 1
-    print(result["line"])
-    if result.get("data_docs"):
-        print(f"GX Data Docs: {result['data_docs']}")
+    try:
+        print(result["line"])
+        if result.get("data_docs"):
+            print(f"GX Data Docs: {result['data_docs']}")
+    except KeyboardInterrupt as exc:
+        if result.get("status") == "succeeded":
+            raise PublishedThenInterrupted(exc, docs_built=None) from None
+        raise
     return 0
+
+
+def _published() -> bool:
+    """Whether the run of this process published its month (runs.LAST_RUN)."""
+    from .runs import LAST_RUN
+
+    return bool(LAST_RUN) and LAST_RUN[0].status == "succeeded"

@@ -5,8 +5,9 @@ and a known exit code, whatever it was doing, and never cut a short write in two
 from __future__ import annotations
 
 import signal
+import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
@@ -28,11 +29,23 @@ def raise_terminated(signum: int, frame: object) -> NoReturn:
 
 class PublishedThenInterrupted(KeyboardInterrupt):
     """A signal that stopped the run once its month had committed: while the run was
-    being recorded, or while its Data Docs were being built."""
+    being recorded, or while its Data Docs were being built (``docs_built`` False), or
+    later (None: whether they were is not known)."""
 
-    def __init__(self, stopped_by: BaseException | None = None) -> None:
+    def __init__(
+        self, stopped_by: BaseException | None = None, docs_built: bool | None = False
+    ) -> None:
         super().__init__()  # no arguments kept: it unpickles (Prefect may store it)
         self.signum = signal.SIGINT if stopped_by is None else stopped_by_signal(stopped_by)
+        self.docs_built = docs_built
+
+    def line(self) -> tuple[str, int]:
+        """The CLI's last line and exit code."""
+        line, code = STOPPED.get(self.signum, STOPPED[signal.SIGINT])
+        line += " once the month was published"
+        if self.docs_built is False:
+            line += " (its Data Docs were not built)"
+        return line, code
 
 
 def is_stop(exc: BaseException) -> bool:
@@ -78,47 +91,47 @@ def signals_deferred() -> Iterator[None]:
             signal.raise_signal(came[0])  # the handler of before runs now
 
 
-# The signals of the run in progress, as their handlers saw them (signals_noted).
-_NOTED: list[int] = []
+# The interrupts Python swallowed during the run in progress (signals_noted).
+_SWALLOWED: list[BaseException] = []
 
 
 @contextmanager
 def signals_noted() -> Iterator[None]:
-    """SIGINT and SIGTERM handled as before during the block, and noted: a handler that
-    raises while the main thread runs a finalizer (a ``__del__``, a weakref callback,
-    the garbage collector) has its exception swallowed by Python ("Exception ignored
-    in ..."). A SIGTERM once went that way, and the run published its month and exited 0
-    (a CI flake). ``stop_if_signalled`` then stops the run at its next checkpoint.
-    Main thread only, as handlers are.
+    """A signal handler's exception raised while the main thread runs a finalizer (a
+    ``__del__``, a weakref callback, the garbage collector) is swallowed by Python
+    ("Exception ignored in ...", through ``sys.unraisablehook``). A SIGTERM once went
+    that way, and the run published its month and exited 0 (a CI flake). During the
+    block such an interrupt is kept, and ``stop_if_signalled`` raises it at the run's
+    next checkpoint. The handlers themselves are left alone: Prefect acknowledges a
+    runner's cancel only while its own SIGTERM handler is the one installed.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _NOTED.clear()
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s, handler in before.items():
-        if callable(handler):
-            signal.signal(s, _noting(handler))
+    _SWALLOWED.clear()
+    before = sys.unraisablehook
+
+    def keep_interrupts(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if (
+            exc is not None
+            and is_stop(exc)
+            and threading.current_thread() is threading.main_thread()
+        ):
+            _SWALLOWED.append(exc)
+        before(unraisable)
+
+    sys.unraisablehook = keep_interrupts
     try:
         yield
     finally:
-        for s, handler in before.items():
-            if callable(handler):
-                signal.signal(s, handler)
-        _NOTED.clear()
-
-
-def _noting(handler: Callable[[int, Any], Any]) -> Callable[[int, Any], Any]:
-    def note_then_handle(signum: int, frame: Any) -> Any:
-        _NOTED.append(signum)
-        return handler(signum, frame)
-
-    return note_then_handle
+        if sys.unraisablehook is keep_interrupts:
+            sys.unraisablehook = before
+        _SWALLOWED.clear()
 
 
 def stop_if_signalled() -> None:
-    """Raise the stop of a signal noted during the run (``signals_noted``): one whose
-    handler's exception was swallowed. A signal handled as it should be never lets the
-    run get this far."""
-    if _NOTED:
-        raise Terminated if _NOTED[0] == signal.SIGTERM else KeyboardInterrupt
+    """Raise the interrupt Python swallowed during the run (``signals_noted``), as its
+    handler raised it: Prefect's TerminationSignal stays one (a runner's cancel)."""
+    if _SWALLOWED:
+        raise _SWALLOWED[0].with_traceback(None)

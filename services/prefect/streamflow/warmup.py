@@ -278,10 +278,11 @@ class Warmup:
             code = 1
         except SystemExit as exc:  # argparse, after printing its usage line
             code = exc.code if isinstance(exc.code, int) else 1
+        except PublishedThenInterrupted as exc:
+            line, code = exc.line()
+            print(line, file=sys.stderr)
         except KeyboardInterrupt as exc:
             line, code = STOPPED.get(stopped_by_signal(exc), STOPPED[signal.SIGINT])
-            if isinstance(exc, PublishedThenInterrupted):
-                line += " once the month was published (its Data Docs were not built)"
             print(line, file=sys.stderr)
         self.exit(code)
 
