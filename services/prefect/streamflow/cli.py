@@ -161,13 +161,7 @@ def main(flow: Flow[..., dict], doc: str | None, argv: list[str] | None = None) 
         print(f"ingest failed: {exc}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, TerminationSignal) as exc:
-        if not isinstance(exc, PublishedThenInterrupted) and _published():
-            # Stopped after the flow's own handling of a stop ended (emptying staging,
-            # the lock's release, Prefect's end of the run): the month is in, say so.
-            raise PublishedThenInterrupted(exc, docs_built=None) from None
-        if isinstance(exc, TerminationSignal):  # Prefect's SIGTERM: stopped as on Ctrl-C
-            raise Terminated from None
-        raise
+        raise _stopped(exc) from None
     except Exception as exc:  # still one line for people; the traceback is in the run logs
         if (lost := _without_the_api(exc)) is not None:
             code, out, err = lost
@@ -191,14 +185,21 @@ def main(flow: Flow[..., dict], doc: str | None, argv: list[str] | None = None) 
         if result.get("data_docs"):
             print(f"GX Data Docs: {result['data_docs']}")
     except KeyboardInterrupt as exc:
-        if result.get("status") == "succeeded":
-            raise PublishedThenInterrupted(exc, docs_built=None) from None
-        raise
+        raise _stopped(exc) from None
     return 0
 
 
-def _published() -> bool:
-    """Whether the run of this process published its month (runs.LAST_RUN)."""
+def _stopped(exc: BaseException) -> BaseException:
+    """What a stop during or after the run raises to Warmup.run. After the flow's own
+    handling of a stop ended (emptying staging, the lock's release, Prefect's end of the
+    run, printing its line), a published month (runs.LAST_RUN) is said to be in;
+    Prefect's SIGTERM is stopped as on Ctrl-C."""
+    from prefect.exceptions import TerminationSignal
+
     from .runs import LAST_RUN
 
-    return bool(LAST_RUN) and LAST_RUN[0].status == "succeeded"
+    if isinstance(exc, PublishedThenInterrupted):
+        return exc
+    if LAST_RUN and LAST_RUN[0].status == "succeeded":
+        return PublishedThenInterrupted(exc, docs_built=None)
+    return Terminated() if isinstance(exc, TerminationSignal) else exc
