@@ -14,6 +14,7 @@ import csv
 import itertools
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,9 @@ from month_files import (
     write_rows,
 )
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from streamflow import validation
 from streamflow.registry import BY_NAME, KEY, PARENT, TABLES
+from streamflow.validation import SuitesProcess
 
 _names = itertools.count()
 
@@ -809,6 +812,48 @@ def test_the_servers_datestyle_does_not_change_what_a_file_means(
     assert rc == 0, err
     with psycopg.connect(pg_admin_url, autocommit=True) as conn:
         conn.execute(f'ALTER DATABASE "{dbname}" RESET DateStyle')
+    assert dump(jan_db, DATA_TABLES) == clean_feb
+
+
+@pytest.mark.parametrize("datestyle", ["ISO, DMY", "SQL, MDY"])
+def test_a_datestyle_in_the_clients_environment_does_not_change_what_a_file_means(
+    datestyle, months, jan_db, run_flow, monkeypatch, tmp_path, clean_feb
+):
+    """libpq sends PGDATESTYLE as a setting of its own, which the server applies after
+    the connection's options: 03/04/2023 was published as 3 April (date audit)."""
+    from streamflow import db
+
+    monkeypatch.setenv("PGDATESTYLE", datestyle)
+    with db.connect(jan_db) as conn:
+        # The pin leaves no transaction open: callers still switch to autocommit.
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert conn.execute("SHOW DateStyle").fetchone() == ("ISO, YMD",)
+    # GX's connections are SQLAlchemy's: its process starts without the variable.
+    child = SuitesProcess(jan_db, None)
+    proc = Path(f"/proc/{child._proc.pid}")
+    try:
+        # Until its exec, a forked child shows the parent's first environment.
+        command = [a.encode() for a in validation.child_command()]
+        while proc.joinpath("cmdline").read_bytes().split(b"\0")[: len(command)] != command:
+            time.sleep(0.01)
+        environ = proc.joinpath("environ").read_bytes().split(b"\0")
+    finally:
+        child.close()
+    assert not [v for v in environ if v.startswith(b"PGDATESTYLE=")]
+    month = tmp_path / "month_001"
+    shutil.copytree(months / "month_001", month)
+    set_cell("users", 7, "signup_date", "03/04/2023")(month)
+
+    rc, _, err = run_flow(jan_db, month, AS_OF["month_001"])
+
+    assert rc != 0
+    message = err.strip().splitlines()[-1]
+    for part in ("users.csv, line 8, column signup_date", "03/04/2023", "YYYY-MM-DD"):
+        assert part in message, message
+
+    rc, _, err = run_flow(jan_db, months / "month_001", AS_OF["month_001"])
+
+    assert rc == 0, err
     assert dump(jan_db, DATA_TABLES) == clean_feb
 
 

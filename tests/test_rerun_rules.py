@@ -487,6 +487,15 @@ def test_same_as_of_other_files_is_refused_without_replace(run_flow, db_url, mon
     assert message.startswith("ingest failed: ")
     assert FEB in message and "--replace" in message and "REPLACE=1" in message
     assert "; labels.csv changed)" in message  # only the labels were flipped
+    # February is the latest month: March's folder run with February's AS_OF left set.
+    assert "check SEED_DIR and AS_OF (the month after it, 2024-03-31, is not published)" in message
+    assert dump(db_url, ALL_TABLES) == before
+
+    rc, out, err = run_flow(db_url, changed_copy(months / "month_000", tmp_path / "jan"), JAN)
+
+    assert rc == 1
+    message = err.strip().splitlines()[-1]
+    assert "check SEED_DIR and AS_OF;" in message and "not published" not in message
     assert dump(db_url, ALL_TABLES) == before
 
 

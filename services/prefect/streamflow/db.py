@@ -11,6 +11,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, timeout_from_conninfo
 from psycopg.rows import Row
 
+from . import sqlfiles
 from .errors import InputError
 
 # COPY reads the files' dates under the session's DateStyle, which a server takes from
@@ -22,6 +23,13 @@ from .errors import InputError
 # table of the same name) would have the live upserts write there, and the run report
 # them published.
 SESSION_OPTIONS = "-c DateStyle=ISO,YMD -c search_path=public"
+DATE_STYLE = "ISO, YMD"  # as the server reports it
+
+# libpq sends these variables of the client's environment as settings of their own,
+# which the server applies after the options' -c switches: PGDATESTYLE="ISO, DMY" had
+# 03/04/2023 published as 3 April again. Connections of the pipeline's own child process
+# are made without them; ``connect`` sets DateStyle again when the server reports another.
+LIBPQ_SESSION_ENV = ("PGDATESTYLE",)
 
 
 def session_options(url: str, *extra: str) -> str:
@@ -98,7 +106,18 @@ def connect(
             "DATABASE_URL, or PGCONNECT_TIMEOUT, sets the wait)"
         ) from exc
     check_server_encoding(conn)
+    _pin_date_style(conn)
     return conn
+
+
+def _pin_date_style(conn: psycopg.Connection) -> None:
+    """DateStyle back to ``DATE_STYLE`` if the client's environment changed it; costs
+    nothing otherwise, the server reports DateStyle with the connection."""
+    if conn.info.parameter_status("DateStyle") == DATE_STYLE:
+        return
+    conn.execute(sqlfiles.query("session", "pin_date_style"))
+    if not conn.autocommit:
+        conn.commit()  # a SET outlives its transaction only once committed
 
 
 _UTF8_DATABASE = "CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0"  # advice, not run

@@ -92,18 +92,26 @@ def decide_mode(
             "REPLACE=1) to publish them for this as_of too"
         )
     replacing = copied is not None
+    latest = db.one_row(conn.execute(q["latest_published"]))[0]  # max(): NULL, never no row
     if row is not None:
         if row[0] != fingerprint and not replace:
             # Byte for byte: a re-export with other quoting or line ends is "different".
             changed = changed_files(ledger.published_files(conn, as_of), prints)
             which = f"; {', '.join(changed)} changed" if changed else ""
+            # The usual cause is next month's folder run with last month's AS_OF still
+            # set (.env): --replace alone would put it in that month's place.
+            following = (
+                f" (the month after it, {next_month_end(as_of).isoformat()}, is not published)"
+                if as_of == latest
+                else ""
+            )
             raise MonthConflict(
                 f"as_of {as_of.isoformat()} was already published from different files "
-                f"(run {row[1]}{which}); rerun with --replace (or REPLACE=1) to replace "
-                "that month"
+                f"(run {row[1]}{which}). If these are another month's files, check SEED_DIR "
+                f"and AS_OF{following}; if they correct this month, rerun with --replace "
+                "(or REPLACE=1) to replace it"
             )
         replacing = True
-    latest = db.one_row(conn.execute(q["latest_published"]))[0]  # max(): NULL, never no row
     if latest is not None and as_of < latest:
         return Mode.BACKFILL, replacing
     if latest is not None and as_of > (expected := next_month_end(latest)) and not allow_gap:

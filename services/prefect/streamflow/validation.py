@@ -508,6 +508,8 @@ class SuitesProcess:
     def __init__(self, database_url: str, docs_dir: Path | None) -> None:
         self.key = (database_url, docs_dir)
         env = dict(os.environ, **{URL_ENV: database_url})
+        for name in db.LIBPQ_SESSION_ENV:  # GX's connections keep the session's options
+            env.pop(name, None)
         cmd = child_command()
         if docs_dir is not None:
             cmd += ["--docs-dir", str(docs_dir.resolve())]
