@@ -32,6 +32,7 @@ from month_files import (
     read_rows,
     small_months,
     with_value,
+    write_rows,
 )
 from streamflow import validation, warmup
 from streamflow.registry import TABLES
@@ -230,6 +231,32 @@ def test_a_refused_month_names_its_flow_run_in_the_ledger(db_url, months, tmp_pa
     summary = json.loads(stored)
     assert f"| ledger run_id | {run_id} |" in summary
     assert "| mode | refused |" in summary and "❌ failed" in summary
+
+
+def test_prefects_default_retries_do_not_hide_why_a_month_failed(db_url, months, tmp_path):
+    """PREFECT_TASKS_DEFAULT_RETRIES (read when the tasks are defined) retried
+    validate_with_ge, whose GX process had answered and exited: the run said "validation
+    could not run (GX process): exit code 0" (environment audit). The flow's default
+    retries would record the refusal twice."""
+    month = tmp_path / "month_000"
+    shutil.copytree(months / "month_000", month)
+    path = month / "usage_agg_30d.csv"
+    rows = read_rows(path)
+    rows[7][rows[0].index("watch_hours_30d")] = "-3.5"
+    write_rows(path, rows)
+    home = migrated_prefect_home(tmp_path / "prefect")
+
+    proc = _cli(
+        db_url, month, home, PREFECT_TASKS_DEFAULT_RETRIES="2", PREFECT_FLOWS_DEFAULT_RETRIES="1"
+    )
+
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith(
+        "ingest failed: validation failed: usage_agg_30d.csv, column watch_hours_30d"
+    ), message
+    assert scalar(db_url, "SELECT count(*) FROM ingest_runs") == 1
+    assert scalar(db_url, "SELECT count(*) FROM users") == 0
 
 
 def test_no_temporary_server_when_prefect_forbids_one(db_url, months, tmp_path):

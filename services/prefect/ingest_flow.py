@@ -126,7 +126,9 @@ def upsert_csv(
     return staged
 
 
-@task(name="validate_with_ge", cache_policy=NO_CACHE)
+# No retries, whatever PREFECT_TASKS_DEFAULT_RETRIES says: the GX process answers once,
+# and a retry's "GX process: exit code 0" replaced why the month failed.
+@task(name="validate_with_ge", retries=0, cache_policy=NO_CACHE)
 def validate_with_ge(
     suites: validation.SuitesProcess,
     files: dict[str, Path],
@@ -229,6 +231,9 @@ def snapshot_month(
     # Prefect's flow() wants a TaskRunner[PrefectFuture[Any]], which no runner of its own
     # is (the type is invariant): PrefectHQ/prefect#16938, open.
     task_runner=ThreadPoolTaskRunner(max_workers=2),  # type: ignore[arg-type]
+    # A refused or failed month is not retried (PREFECT_FLOWS_DEFAULT_RETRIES): the same
+    # files give the same verdict, recorded once more in the ledger.
+    retries=0,
 )
 def ingest_month(
     seed_dir: str,
