@@ -329,6 +329,33 @@ def test_a_session_option_the_server_refuses_is_a_refused_login(empty_db_url, mo
     assert message.endswith("; check the session options (PGOPTIONS, or options= in DATABASE_URL)")
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "parameter"),
+    [
+        ("PGTZ", "Foo/Bar", "TimeZone"),
+        ("PGDATESTYLE", "bogus", "DateStyle"),
+        ("PGGEQO", "bogus", "geqo"),
+    ],
+)
+def test_a_bad_libpq_variable_is_named_not_pgoptions(
+    empty_db_url, monkeypatch, variable, value, parameter
+):
+    """libpq sends PGTZ, PGDATESTYLE and PGGEQO as session settings of their own: a bad
+    value was blamed on PGOPTIONS, or (geqo) read as "could not be reached"."""
+    from streamflow import db
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(psycopg.OperationalError) as caught:
+        db.connect(empty_db_url)
+    assert login_refused(caught.value) and not worth_retrying(caught.value)
+    message = explain_failure(caught.value)
+    assert message is not None and message.startswith("the database refused the login: ")
+    assert f'parameter "{parameter}"' in message
+    assert message.endswith(
+        f"; check {variable} in the environment, which libpq sends as {parameter}"
+    )
+
+
 def test_a_login_without_a_password_names_the_setting(tmp_path, monkeypatch):
     """POSTGRES_HOST set and POSTGRES_PASSWORD forgotten, against a server that asks for
     one: libpq has nothing to send. That login fails the same way every time. (A cluster

@@ -3,6 +3,9 @@ transaction) and for people (one line naming the setting or the right that is mi
 
 from __future__ import annotations
 
+import os
+import re
+
 import psycopg
 
 from .errors import clipped, first_line
@@ -46,12 +49,24 @@ _LOGIN_SETTINGS = {
     ),
     "unrecognized configuration parameter": _OPTIONS,
     "invalid value for parameter": _OPTIONS,
+    "requires a Boolean value": _OPTIONS,
 }
+
+# libpq sends these variables of the client's environment as session settings of their
+# own: a bad value is refused like a bad option, and PGOPTIONS was blamed for PGTZ.
+_LIBPQ_SETTING_VARIABLES = {"datestyle": "PGDATESTYLE", "timezone": "PGTZ", "geqo": "PGGEQO"}
+_PARAMETER = re.compile(r'parameter "(\w+)"')
 
 
 def _login_fix(text: str) -> str | None:
     """The setting to change, when libpq's words say the login itself was incomplete."""
-    return next((fix for words, fix in _LOGIN_SETTINGS.items() if words in text), None)
+    fix = next((fix for words, fix in _LOGIN_SETTINGS.items() if words in text), None)
+    named = _PARAMETER.search(text)
+    if fix == _OPTIONS and named is not None:
+        variable = _LIBPQ_SETTING_VARIABLES.get(named[1].lower())
+        if variable is not None and os.environ.get(variable):
+            return f"check {variable} in the environment, which libpq sends as {named[1]}"
+    return fix
 
 
 def login_refused(exc: BaseException) -> bool:
