@@ -70,6 +70,68 @@ def test_uri_psql_and_stop_reach_the_server_the_flow_would_use(tmp_path):
         embedded(pgdata, "stop")
 
 
+def test_the_uri_names_the_servers_port_whatever_pgport_says(tmp_path, monkeypatch):
+    """The URI named no port and pgserver starts postgres without -p: the socket took the
+    PGPORT of the run that started the server, each client that of its own run, and a
+    run with another PGPORT said 'could not be reached: ... .s.PGSQL.5433: No such file'.
+    A PGPORT that is no port stopped the server from starting at all."""
+    pgdata = tmp_path / "pgdata"
+
+    def pgport(value: str | None) -> None:
+        if value is None:
+            monkeypatch.delenv("PGPORT", raising=False)
+        else:
+            monkeypatch.setenv("PGPORT", value)
+
+    try:
+        for started, later in ((None, "5433"), ("5433", None), ("abc", "5433")):
+            pgport(started)
+            first = embedded(pgdata, "uri")
+            assert first.returncode == 0, (started, first.stderr)
+            pgport(later)
+            url = embedded(pgdata, "uri").stdout.strip()
+            with psycopg.connect(url, connect_timeout=5) as conn:  # as the flow connects
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+            psql = embedded(pgdata, "psql", "-At", "-c", "SELECT 41 + 1")
+            assert (psql.returncode, psql.stdout.strip()) == (0, "42"), (started, psql.stderr)
+            assert embedded(pgdata, "stop").returncode == 0
+
+        # A server already running on another port (started by hand, or before PGPORT
+        # was ignored) keeps its port, and the URI names it.
+        pgport(None)
+        import pgserver
+
+        pg_ctl = Path(pgserver.__file__).parent / "pginstall" / "bin" / "pg_ctl"
+        socket_dir = _socket_dir(pgdata)
+        owner = pgdata.stat()  # pg_ctl refuses root: the server runs as pgserver's user
+        subprocess.run(
+            [str(pg_ctl), "-D", str(pgdata), "-w", "-l", str(pgdata / "log")]
+            + ["-o", f"-p 5499 -h '' -k {socket_dir}", "start"],
+            user=owner.st_uid if os.geteuid() == 0 else None,
+            group=owner.st_gid if os.geteuid() == 0 else None,
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        uri = embedded(pgdata, "uri")
+        assert uri.returncode == 0, uri.stderr
+        assert uri.stdout.strip().endswith("&port=5499")
+        with psycopg.connect(uri.stdout.strip(), connect_timeout=5) as conn:
+            assert conn.execute("SHOW port").fetchone() == ("5499",)
+    finally:
+        embedded(pgdata, "stop")
+
+
+def _socket_dir(pgdata: Path) -> str:
+    """The socket folder pgserver chose for ``pgdata`` (postmaster.pid's 5th line), the
+    server started and stopped once to learn it."""
+    try:
+        assert embedded(pgdata, "uri").returncode == 0
+        return (pgdata / "postmaster.pid").read_text().splitlines()[4]
+    finally:
+        embedded(pgdata, "stop")
+
+
 def test_only_psql_takes_arguments(tmp_path):
     """`stop now` or `uri x` is a mistake, not a stop or a uri: a usage error, nothing run."""
     pgdata = tmp_path / "pgdata"
@@ -138,9 +200,14 @@ def test_the_uri_encodes_its_socket_folder():
     from psycopg.conninfo import conninfo_to_dict
     from streamflow.embedded import socket_uri
 
-    uri = socket_uri(Path("/tmp/pg%41data x/.pgdata"))
+    uri = socket_uri(Path("/tmp/pg%41data x/.pgdata"), 5432)
 
-    assert conninfo_to_dict(uri)["host"] == "/tmp/pg%41data x/.pgdata"
+    assert conninfo_to_dict(uri) == {
+        "user": "postgres",
+        "dbname": "postgres",
+        "host": "/tmp/pg%41data x/.pgdata",
+        "port": "5432",
+    }
 
 
 @pytest.mark.skipif(not Path("/proc/self/comm").exists(), reason="Linux: /proc names a process")

@@ -237,10 +237,12 @@ def test_pgoptions_is_kept_when_the_url_has_no_options(monkeypatch: pytest.Monke
 
 
 # libpq's own variables, read where the connection is made to say what libpq will do;
-# the process environment handed on to a child; telemetry switched off for Prefect and GX.
+# the process environment handed on to a child (the embedded server's PGPORT, pinned
+# while it starts); telemetry switched off for Prefect and GX.
 _NOT_CONFIGURATION = {
     "db.py": {"PGOPTIONS", "PGCONNECT_TIMEOUT", "PGHOST", "PGPORT"},
     "diagnosis.py": {"variable"},  # one of PGDATESTYLE, PGTZ, PGGEQO
+    "embedded.py": {"PGPORT"},
     "validation.py": {"GX_ANALYTICS_ENABLED", "URL_ENV"},
     "ingest_flow.py": {"PREFECT_SERVER_ANALYTICS_ENABLED"},
 }

@@ -19,7 +19,8 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -60,17 +61,44 @@ def embedded_database_url(pgdata: Path) -> str:
             "expected an empty or new folder, or one the embedded server created"
         )
     server = _server(pgserver, pgdata)
-    socket_dir = server.get_postmaster_info().socket_dir
-    if socket_dir is None:  # a TCP server (not what pgserver starts on Linux)
+    info = server.get_postmaster_info()
+    if info.socket_dir is None:  # a TCP server (not what pgserver starts on Linux)
         return server.get_uri()
-    return socket_uri(socket_dir)
+    # The port the server took at its start (postmaster.pid's 4th line): a server started
+    # before PGPORT was ignored, or by hand, may listen on another than _PORT.
+    return socket_uri(info.socket_dir, info.port or _PORT)
 
 
-def socket_uri(socket_dir: Path) -> str:
+def socket_uri(socket_dir: Path, port: int) -> str:
     """The server's URI, its socket folder percent-encoded: pgserver's own pastes the path
     in as it is, and libpq decodes a '%41' in it to another folder (a server started
-    at such a path before they were run through a link)."""
-    return f"postgresql://postgres@/postgres?host={quote(str(socket_dir), safe='/')}"
+    at such a path before they were run through a link). The port names the socket
+    (.s.PGSQL.<port>): left out, each client took PGPORT's, not the server's."""
+    folder = quote(str(socket_dir), safe="/")
+    return f"postgresql://postgres@/postgres?host={folder}&port={port}"
+
+
+# The embedded server's port, whatever PGPORT says: pgserver starts postgres without -p,
+# so the socket was named after the PGPORT of the first run's shell (a later run with
+# another said 'No such file or directory'), and a PGPORT that is no port stopped the
+# server from starting. PGPORT is for a DATABASE_URL naming none; this server listens
+# on its own socket folder only (no TCP), so the same port never clashes with another.
+_PORT = 5432
+
+
+@contextmanager
+def _pgport(port: int) -> Iterator[None]:
+    """PGPORT set to ``port`` for what starts meanwhile: pg_ctl, then postgres, inherit
+    this process's environment, and pgserver builds their command line itself."""
+    before = os.environ.get("PGPORT")
+    os.environ["PGPORT"] = str(port)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["PGPORT"]
+        else:
+            os.environ["PGPORT"] = before
 
 
 # pgserver hands its socket folder (the data folder) to pg_ctl -o '-k <folder>', which a
@@ -91,7 +119,8 @@ def _server(pgserver: ModuleType, pgdata: Path) -> PostgresServer:
     failed: Exception | None = None
     for _ in range(2):
         try:
-            return _start(pgserver, pgdata)
+            with _pgport(_PORT):
+                return _start(pgserver, pgdata)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, AssertionError) as exc:
             failed = exc
             _forget_instance(pgdata)
