@@ -474,6 +474,38 @@ def test_cli_validates_in_a_child_process(db_url, months):
 # --------------------------------------------------------------------------- other files
 
 
+@pytest.mark.parametrize("name", ["docs$HOME", "docs${NO_SUCH_VARIABLE}"])
+def test_a_dollar_in_the_docs_folder_is_a_dollar(
+    run_flow, db_url, months, tmp_path, monkeypatch, name
+):
+    """GX reads $NAME in its config as a variable: the docs went to <folder>/root (and
+    the CLI printed the folder it asked for), or, the variable unset, were not built."""
+    docs = tmp_path / name
+    monkeypatch.setenv("GX_DOCS_DIR", str(docs))
+
+    rc, out, err = run_flow(db_url, months / "month_000", JAN)
+
+    assert rc == 0, err
+    assert (docs / "index.html").is_file()
+    assert f"GX Data Docs: {docs / 'index.html'}" in out.splitlines()
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_data_docs_that_could_not_be_built_are_not_announced(
+    run_flow, db_url, months, tmp_path, monkeypatch
+):
+    """The CLI printed "GX Data Docs: <path>" after GX had failed to write them."""
+    docs = tmp_path / "docs"
+    (docs / "index.html").mkdir(parents=True)  # where GX writes its index page
+    monkeypatch.setenv("GX_DOCS_DIR", str(docs))
+
+    rc, out, err = run_flow(db_url, months / "month_000", JAN)
+
+    assert rc == 0, err
+    assert "GX Data Docs not built: IsADirectoryError" in err, err[-3000:]
+    assert "GX Data Docs" not in out, out
+
+
 def test_same_as_of_other_files_is_refused_without_replace(run_flow, db_url, months, tmp_path):
     ok(run_flow(db_url, months / "month_000", JAN))
     ok(run_flow(db_url, months / "month_001", FEB))

@@ -207,6 +207,7 @@ class MonthRun:
             raise
         if docs_error:
             self.log.warning("GX Data Docs not built: %s", docs_error)
+            self.summary.data_docs = None  # the CLI and the artifact name no docs
 
     def _publishing_error(self) -> BaseException | None:
         """None once the publisher of an accepted month has committed it (its counts go

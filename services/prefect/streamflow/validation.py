@@ -123,7 +123,9 @@ class Suites:
                     "class_name": "SiteBuilder",
                     "store_backend": {
                         "class_name": "TupleFilesystemStoreBackend",
-                        "base_directory": str(docs_dir),
+                        # GX reads $NAME in its config as a variable: a folder with a
+                        # '$' in its path had the docs written elsewhere, or not at all.
+                        "base_directory": str(docs_dir).replace("$", r"\$"),
                     },
                     "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
                 },
