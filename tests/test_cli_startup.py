@@ -417,6 +417,60 @@ def test_help_is_the_full_help_and_starts_nothing(db_url, months, tmp_path):
     assert _processes_with(f"PREFECT_HOME={home}") == {}
 
 
+def test_an_ascii_terminal_gets_the_folders_name_escaped_and_exit_0(db_url, months, tmp_path):
+    """An ASCII stdout (PYTHONIOENCODING, a C locale) and a month folder, and a Data Docs
+    folder, named with an é and an emoji: the month is published, its lines printed
+    with those characters escaped, exit 0; the rerun's "nothing to do" too. Both
+    crashed with UnicodeEncodeError and exit 1, the first once the month was in."""
+    seed_dir = tmp_path / "données_🙂" / "month_000"
+    shutil.copytree(months / "month_000", seed_dir)
+    home = tmp_path / "prefect"
+    docs = tmp_path / "docs_é"
+
+    def shown(path: Path) -> str:
+        return str(path).encode("ascii", "backslashreplace").decode()
+
+    first = _cli(db_url, seed_dir, home, PYTHONIOENCODING="ascii", GX_DOCS_DIR=str(docs))
+
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.isascii(), first.stdout
+    lines = first.stdout.splitlines()
+    assert lines[0].startswith(f"{shown(seed_dir)} as_of {JAN}: published live + history"), lines
+    assert f"GX Data Docs: {shown(docs / 'index.html')}" in lines, lines
+    assert "\\U0001f642" in lines[0] and "\\xe9" in lines[0], lines
+    assert (docs / "index.html").is_file()
+    published = "SELECT status, seed_dir FROM ingest_runs ORDER BY run_id"
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute(published).fetchall() == [("succeeded", str(seed_dir))]
+    assert scalar(db_url, "SELECT count(*) FROM users") == 200
+
+    again = _cli(db_url, seed_dir, home, PYTHONIOENCODING="ascii", GX_DOCS_DIR=str(docs))
+
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.splitlines() == [
+        f"{shown(seed_dir)} as_of {JAN}: already published from the same files; nothing to do"
+    ]
+    with psycopg.connect(db_url) as conn:
+        statuses = [s for (s,) in conn.execute("SELECT status FROM ingest_runs ORDER BY run_id")]
+    assert statuses == ["succeeded", "noop"]
+
+
+def test_help_reaches_an_ascii_terminal_with_its_diagram_escaped(tmp_path):
+    """The help is the module's docstring, whose diagram draws with ─ and ▶: an ASCII
+    stdout gets them escaped, exit 0 (a UnicodeEncodeError traceback, exit 1)."""
+    python, *script = flow_command(tmp_path, JAN)
+    env = flow_env("postgresql://postgres@127.0.0.1:9/x", PREFECT_HOME=str(tmp_path / "p"))
+    env.update(PYTHONIOENCODING="ascii")
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run(
+        [python, *script, "--help"], env=env, capture_output=True, text=True, timeout=120
+    )
+
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "StreamFlow monthly ingestion, as a Prefect flow." in proc.stdout
+    assert "\\u2500" in proc.stdout and "\\u25b6" in proc.stdout, proc.stdout
+
+
 def test_a_mistyped_flag_is_a_usage_error_even_for_a_published_month(db_url, months, tmp_path):
     """``--replce`` for ``--replace``: refused at once (exit 2), not answered "nothing to
     do" because the month happens to be unchanged, and no server or GX process."""

@@ -24,10 +24,10 @@ UNREACHABLE = "postgresql://postgres@127.0.0.1:9/x"
 LEDGER_HEADER = re.compile(r"^run_id \| as_of +\| status +\| mode +\| duration +\| error")
 
 
-def verify(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+def verify(url: str, *args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
     # Only DATABASE_URL steers it: no POSTGRES_* from the developer's shell.
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSTGRES_")}
-    env.update(DATABASE_URL=url, PYTHONPATH=str(FLOW_DIR))
+    env.update(DATABASE_URL=url, PYTHONPATH=str(FLOW_DIR), **extra_env)
     return subprocess.run(
         [sys.executable, "-m", "streamflow.verify", *args],
         cwd=REPO,
@@ -115,6 +115,35 @@ def test_a_failed_run_says_why_in_the_ledger(db_url, run_flow, tmp_path: Path):
     ), row
     # The whole message (with the user_id) is longer: clipped, and marked as clipped.
     assert len(error) == 100 and error.endswith("…"), error  # clipped by verify.sql
+
+
+def test_an_error_an_ascii_terminal_cannot_show_is_printed_escaped(db_url, run_flow, tmp_path):
+    """An ASCII stdout (PYTHONIOENCODING, a C locale) and a run whose error quotes a
+    cell with an emoji, clipped with "…": the counts are printed, each character it
+    cannot encode as its escape, exit 0 (it crashed with UnicodeEncodeError, exit 1)."""
+    bad = tmp_path / "month_000"
+    shutil.copytree(MONTH_000, bad)
+    rows = read_rows(bad / "usage_agg_30d.csv")
+    rows[5][rows[0].index("watch_hours_30d")] = "3.5 🙂"
+    write_rows(bad / "usage_agg_30d.csv", rows)
+    rc, _, err = run_flow(db_url, bad, AS_OF_000)
+    assert rc == 1, err
+    with psycopg.connect(db_url) as conn:
+        [(error,)] = conn.execute("SELECT error FROM ingest_runs").fetchall()
+    assert "🙂" in error.splitlines()[0][:99] and len(error.splitlines()[0]) > 100, error
+
+    proc = verify(db_url, PYTHONIOENCODING="ascii")
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert proc.stdout.isascii()
+    [header, _, row] = block(proc.stdout, "ledger")
+    assert LEDGER_HEADER.match(header), header
+    shown = row.split(" | ", 5)[5]
+    assert shown == error.splitlines()[0][:99].encode("ascii", "backslashreplace").decode() + (
+        "\\u2026"
+    ), shown
+    assert "\\U0001f642" in shown, shown
 
 
 def test_a_database_without_the_schema_is_one_line_and_exit_1(empty_db_url):

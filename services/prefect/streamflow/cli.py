@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from .errors import IngestError, InputError, first_line
 from .interrupts import STOPPED, PublishedThenInterrupted, Terminated
 from .settings import check_prefect_settings, prefect_api_url
+from .streams import escape_unencodable
 
 if TYPE_CHECKING:
     from prefect import Flow
@@ -29,6 +30,7 @@ def before_prefect(argv: list[str]) -> Warmup:
     on bad Prefect settings or an unchanged month, else start the API server and the
     GX process, which start up while this process imports Prefect (warmup.py says what
     that saves)."""
+    escape_unencodable()  # before the first line: the no-op one names the month's folder
 
     def stopped_while_starting(signum: int, frame: object) -> None:
         # Ctrl-C or SIGTERM while Prefect and the flow's modules import: one line, not
@@ -126,6 +128,9 @@ def main(flow: Flow[..., dict], doc: str | None, argv: list[str] | None = None) 
     from .runs import LAST_RUN, in_words
     from .served import DEPLOYMENT_NAME
 
+    # Also here, for ingest_flow.main() called without before_prefect: --help prints the
+    # module's diagram (box-drawing characters), the last line names the month's folder.
+    escape_unencodable()
     parser = cli_parser(doc)
     args = parser.parse_args(argv)
     if args.command == "serve":

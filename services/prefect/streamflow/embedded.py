@@ -28,6 +28,7 @@ from urllib.parse import quote
 
 from .errors import IngestError
 from .settings import Settings, load_settings
+from .streams import escape_unencodable
 
 if TYPE_CHECKING:
     from pgserver import PostgresServer
@@ -273,6 +274,7 @@ def stop(pgdata: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    escape_unencodable()  # its lines name STREAMFLOW_PGDATA, a folder people choose
     parser = argparse.ArgumentParser(
         prog="python -m streamflow.embedded",
         description="The embedded PostgreSQL of runs with no DATABASE_URL nor POSTGRES_HOST "

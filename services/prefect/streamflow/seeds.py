@@ -30,6 +30,8 @@ from typing import IO
 
 import numpy as np
 
+from .streams import escape_unencodable
+
 __all__ = ["DEFAULT_CHUNK_SIZE", "FILES", "HEADERS", "generate", "main"]
 
 DEFAULT_CHUNK_SIZE = 100_000
@@ -690,6 +692,7 @@ def _out_dir(value: str) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    escape_unencodable()  # it prints the month folders it wrote, under --out
     parser = argparse.ArgumentParser(
         prog="python -m streamflow.seeds",
         description="Generate deterministic monthly seed exports shaped like the lab files.",

@@ -18,6 +18,7 @@ import urllib.request
 from urllib.parse import quote
 
 from .settings import prefect_api_auth, prefect_api_url
+from .streams import escape_unencodable
 
 FLOW_NAME = "ingest_month"
 DEPLOYMENT_NAME = "ingest-month"
@@ -28,6 +29,7 @@ def deployment_url(api_url: str) -> str:
 
 
 def main() -> int:
+    escape_unencodable()  # its lines quote the API's URL and errors
     api_url = prefect_api_url()
     if not api_url:
         print("PREFECT_API_URL is not set: no Prefect server to ask", file=sys.stderr)

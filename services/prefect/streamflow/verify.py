@@ -22,6 +22,7 @@ from .embedded import resolve_database_url
 from .errors import IngestError, first_line
 from .settings import load_settings
 from .sqlfiles import queries
+from .streams import escape_unencodable
 
 
 class NoSchema(Exception):
@@ -87,6 +88,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    escape_unencodable()  # the ledger quotes runs' errors, and clips them with "…"
     # Arguments first: --help and usage errors must not start or touch a database.
     parser().parse_args(argv)
     try:
