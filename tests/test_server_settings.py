@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import DATA_TABLES, member_login, scalar, with_database
+from conftest import DATA_TABLES, dump, member_login, scalar, with_database
 from month_files import AS_OF, read_rows, small_months, with_value, write_rows
 from psycopg import sql
 from streamflow.registry import KEY, PARENT, SNAPSHOT_TABLES, TABLES
@@ -354,3 +354,38 @@ def test_a_server_out_of_connections_is_named(db_url):
     words = diagnosis.explain_failure(refused.value)
     assert "too many clients already" in str(refused.value)
     assert words is not None and words.startswith("the database took no more connections"), words
+
+
+def test_a_server_without_wal_for_new_tables_publishes_the_same_months(
+    run_flow, db_url, months, tmp_path
+):
+    """wal_level=minimal (docs/stack.md, optional): the month partitions, created and
+    filled by the publishing transaction, then write no WAL and are synced at the
+    commit. The same runs (a first month, the next on top, that month replaced, a
+    backfill) give the same tables as on the default server."""
+    import pgserver
+    from streamflow import embedded
+
+    pgdata = tmp_path / "pgdata"
+    server = pgserver.get_server(pgdata, cleanup_mode="delete")
+    try:
+        with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET wal_level = minimal")
+            conn.execute("ALTER SYSTEM SET max_wal_senders = 0")
+        embedded.stop(pgdata)  # wal_level is read at the server's start only
+        embedded._forget_instance(pgdata)
+        server = pgserver.get_server(pgdata, cleanup_mode="delete")
+        minimal = server.get_uri()
+        assert scalar(minimal, "SHOW wal_level") == "minimal"
+        replaced = with_value(months, tmp_path / "feb", "labels.csv", "churn_label", "True", 5)
+        older = with_value(months, tmp_path / "dec", "usage_agg_30d.csv", "watch_hours_30d", "1")
+        for url in (db_url, minimal):
+            assert run_flow(url, months / "month_000", JAN)[0] == 0
+            assert run_flow(url, months / "month_001", FEB)[0] == 0
+            assert run_flow(url, replaced, FEB, "--replace")[0] == 0
+            assert run_flow(url, older, "2023-12-31")[0] == 0
+
+        assert dump(minimal, DATA_TABLES) == dump(db_url, DATA_TABLES)
+        assert scalar(minimal, "SELECT count(DISTINCT as_of) FROM labels_snapshots") == 3
+    finally:
+        server.cleanup()
