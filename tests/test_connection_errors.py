@@ -356,6 +356,22 @@ def test_a_bad_libpq_variable_is_named_not_pgoptions(
     )
 
 
+def test_a_libpq_variable_that_refuses_the_server_is_named(empty_db_url, monkeypatch):
+    """PGTARGETSESSIONATTRS=read-only left in a shell: the server answered, and the run
+    said it "could not be reached" without naming the variable (environment audit)."""
+    from streamflow import db
+
+    monkeypatch.setenv("PGTARGETSESSIONATTRS", "read-only")
+    monkeypatch.setenv("PGAPPNAME", "not-a-connection-setting")
+    with pytest.raises(psycopg.OperationalError) as caught:
+        db.connect(empty_db_url)
+    message = explain_failure(caught.value)
+    assert message is not None and message.startswith("the database could not be reached: ")
+    assert message.endswith(
+        "; libpq's variables set in the environment: PGTARGETSESSIONATTRS=read-only"
+    ), message
+
+
 def test_a_login_without_a_password_names_the_setting(tmp_path, monkeypatch):
     """POSTGRES_HOST set and POSTGRES_PASSWORD forgotten, against a server that asks for
     one: libpq has nothing to send. That login fails the same way every time. (A cluster

@@ -58,6 +58,27 @@ _LIBPQ_SETTING_VARIABLES = {"datestyle": "PGDATESTYLE", "timezone": "PGTZ", "geq
 _PARAMETER = re.compile(r'parameter "(\w+)"')
 
 
+# libpq variables that decide how (not where) a connection is made: one left in a shell
+# (PGTARGETSESSIONATTRS=read-only, PGREQUIREAUTH, PGSERVICE, ...) refused a server that
+# answered, in words that never named it. PGPASSWORD is not shown.
+_LIBPQ_CONNECTION_VARIABLES = (
+    "PGSERVICE", "PGSERVICEFILE", "PGHOSTADDR", "PGTARGETSESSIONATTRS", "PGLOADBALANCEHOSTS",
+    "PGREQUIREAUTH", "PGCHANNELBINDING", "PGGSSENCMODE", "PGSSLMODE", "PGSSLNEGOTIATION",
+    "PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY", "PGSSLCRL", "PGSSLMINPROTOCOLVERSION",
+    "PGSSLMAXPROTOCOLVERSION", "PGKRBSRVNAME", "PGGSSLIB",
+)  # fmt: skip
+
+
+def _libpq_environment() -> str:
+    """ "; libpq's variables set in the environment: NAME=value, ..." or ""."""
+    found = [
+        f"{variable}={value}"
+        for variable in _LIBPQ_CONNECTION_VARIABLES
+        if (value := os.environ.get(variable))
+    ]
+    return f"; libpq's variables set in the environment: {', '.join(found)}" if found else ""
+
+
 def _login_fix(text: str) -> str | None:
     """The setting to change, when libpq's words say the login itself was incomplete."""
     fix = next((fix for words, fix in _LOGIN_SETTINGS.items() if words in text), None)
@@ -195,7 +216,7 @@ def explain_failure(exc: BaseException) -> str | None:
                 f"the database server stopped and is recovering (a server process crashed: "
                 f"out of memory, a full disk; its log says which): {reason}"
             )
-        return f"the database could not be reached: {reason}"
+        return f"the database could not be reached: {reason}{_libpq_environment()}"
     out_of_room = _out_of_room(exc, reason)
     if out_of_room is not None:
         return out_of_room
