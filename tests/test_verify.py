@@ -93,14 +93,19 @@ def test_counts_and_ledger_after_month_000(db_url, run_flow):
     assert re.fullmatch(r"1      \| 2024-01-31 \| succeeded \| \w+ +\| +\d+\.\d{3} s +\|", row), row
 
 
-def test_a_failed_run_says_why_in_the_ledger(db_url, run_flow, tmp_path: Path):
+def failed_run(db_url: str, run_flow, tmp_path: Path, watch_hours: str) -> None:
+    """A first month refused for one user's watch_hours_30d (file line 6)."""
     bad = tmp_path / "month_000"
     shutil.copytree(MONTH_000, bad)
     rows = read_rows(bad / "usage_agg_30d.csv")
-    rows[5][rows[0].index("watch_hours_30d")] = "-3.5"
+    rows[5][rows[0].index("watch_hours_30d")] = watch_hours
     write_rows(bad / "usage_agg_30d.csv", rows)
     rc, _, err = run_flow(db_url, bad, AS_OF_000)
     assert rc == 1, err
+
+
+def test_a_failed_run_says_why_in_the_ledger(db_url, run_flow, tmp_path: Path):
+    failed_run(db_url, run_flow, tmp_path, "-3.5")
 
     proc = verify(db_url)
 
@@ -121,13 +126,7 @@ def test_an_error_an_ascii_terminal_cannot_show_is_printed_escaped(db_url, run_f
     """An ASCII stdout (PYTHONIOENCODING, a C locale) and a run whose error quotes a
     cell with an emoji, clipped with "…": the counts are printed, each character it
     cannot encode as its escape, exit 0 (it crashed with UnicodeEncodeError, exit 1)."""
-    bad = tmp_path / "month_000"
-    shutil.copytree(MONTH_000, bad)
-    rows = read_rows(bad / "usage_agg_30d.csv")
-    rows[5][rows[0].index("watch_hours_30d")] = "3.5 🙂"
-    write_rows(bad / "usage_agg_30d.csv", rows)
-    rc, _, err = run_flow(db_url, bad, AS_OF_000)
-    assert rc == 1, err
+    failed_run(db_url, run_flow, tmp_path, "3.5 🙂")
     with psycopg.connect(db_url) as conn:
         [(error,)] = conn.execute("SELECT error FROM ingest_runs").fetchall()
     assert "🙂" in error.splitlines()[0][:99] and len(error.splitlines()[0]) > 100, error
