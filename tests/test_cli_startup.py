@@ -1013,6 +1013,10 @@ def test_a_signal_once_validation_passed_says_the_month_was_published(
     # The UI's run has the summary artifact of a published month, as any published run.
     [(stored,)] = _prefect_db(home, "SELECT data FROM artifact WHERE type = 'markdown'")
     assert "✅ published" in json.loads(stored)
+    # And its log, for a deployment run (a cancel is a SIGTERM): no CLI line there.
+    logged = [m for (m,) in _prefect_db(home, "SELECT message FROM log")]
+    said = f"{last}: run 1 is recorded as succeeded"
+    assert said in logged, logged[-5:]
     rows = len(read_rows(months / "month_000" / "labels.csv")) - 1  # the header
     assert scalar(db_url, "SELECT count(*) FROM labels_snapshots") == rows
 

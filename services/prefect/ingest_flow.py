@@ -264,6 +264,7 @@ def ingest_month(
     clock = Stopwatch(summary.timings)
     with (
         interrupts.signals_noted(),
+        runs.published_then_stopped_said(summary, get_run_logger()),
         db.connect(url, autocommit=True) as control,
         locking.writer_lock(control, settings.lock_wait_seconds, get_run_logger().info),
     ):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import signal
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import date
 from typing import TYPE_CHECKING, Required, TypedDict, Unpack
@@ -48,6 +49,24 @@ def in_words(exc: BaseException) -> str:
     if explained is not None:
         return explained
     return f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+@contextmanager
+def published_then_stopped_said(
+    summary: RunSummary, log: logging.Logger | logging.LoggerAdapter
+) -> Iterator[None]:
+    """A signal that stops the run once its month has committed is said in the run's
+    log. The CLI says it in its last line; a deployment run cancelled from the UI (a
+    SIGTERM, 4-5 s after the click) showed Cancelled, and nothing said the month was in.
+    """
+    try:
+        yield
+    except BaseException as exc:
+        if interrupts.is_stop(exc) and summary.status == "succeeded":
+            said = exc if isinstance(exc, PublishedThenInterrupted) else None
+            line, _ = (said or PublishedThenInterrupted(exc, docs_built=None)).line()
+            log.warning("%s: run %s is recorded as succeeded", line, summary.run_id)
+        raise
 
 
 class _Outcome(TypedDict, total=False):
