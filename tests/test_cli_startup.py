@@ -312,6 +312,11 @@ def test_the_clis_server_has_time_for_a_first_start_unless_prefect_says_otherwis
     [
         ("no folder", "ingest failed: seed_dir '{month}' is not a directory"),
         ("no folder, --replace", "ingest failed: seed_dir '{month}' is not a directory"),
+        (
+            "relative folder",  # a deployment's working folder is the image's WORKDIR
+            "ingest failed: seed_dir 'no/such/month_000' is not a directory (from the working "
+            "folder {cwd})",
+        ),
         ("missing file", "ingest failed: {month}: missing file labels.csv (a month folder holds"),
         ("bad as_of", "ingest failed: as_of '2024-02-30' is not a valid date; expected YYYY-MM-DD"),
         ("future as_of", "ingest failed: as_of 2204-02-29 is after today ("),
@@ -378,6 +383,8 @@ def test_bad_inputs_are_answered_before_prefect_starts(db_url, months, tmp_path,
         env = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "abc"}
     elif case == "no folder, --replace":
         extra = ["--replace"]
+    elif case == "relative folder":
+        month = Path("no/such/month_000")
     python, *script = flow_command(month, as_of, *extra)
     full_env = flow_env(db_url, PREFECT_HOME=str(home))
     full_env.update(env)
@@ -389,9 +396,8 @@ def test_bad_inputs_are_answered_before_prefect_starts(db_url, months, tmp_path,
     assert proc.returncode == 1, proc.stderr[-2000:]
     docs = tmp_path / "a_file" / "docs"
     afile = tmp_path / "a_file"
-    assert proc.stderr.strip().startswith(expected.format(month=month, docs=docs, afile=afile)), (
-        proc.stderr[-2000:]
-    )
+    said = expected.format(month=month, docs=docs, afile=afile, cwd=os.getcwd())
+    assert proc.stderr.strip().startswith(said), proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
     assert "s3cret" not in proc.stderr + proc.stdout
     assert not home.exists() or not any(home.iterdir())

@@ -522,6 +522,7 @@ def test_same_as_of_other_files_is_refused_without_replace(run_flow, db_url, mon
     message = err.strip().splitlines()[-1]
     assert message.startswith("ingest failed: ")
     assert FEB in message and "--replace" in message and "REPLACE=1" in message
+    assert "a deployment run: --param replace=true" in message
     assert "; labels.csv changed)" in message  # only the labels were flipped
     # February is the latest month: March's folder run with February's AS_OF left set.
     assert "check SEED_DIR and AS_OF (the month after it, 2024-03-31, is not published)" in message
@@ -548,7 +549,7 @@ def test_the_same_files_under_another_as_of_are_refused_without_replace(run_flow
     assert message.startswith(
         f"ingest failed: as_of {FEB}: these files were already published as as_of {JAN} (run 1)"
     ), message
-    assert "--replace" in message
+    assert "--replace" in message and "a deployment run: --param replace=true" in message
     assert dump(db_url, ALL_TABLES) == before
     assert (runs(db_url)[-1]["status"], runs(db_url)[-1]["mode"]) == ("failed", "refused")
 

@@ -72,7 +72,10 @@ def text_path(seed_dir: str) -> str:
 def month_files(seed_dir: Path) -> dict[str, Path]:
     text_path(str(seed_dir))
     if not seed_dir.is_dir():
-        raise InputError(f"seed_dir {str(seed_dir)!r} is not a directory")
+        # A relative path is the runner's working folder's: a deployment's is the image's
+        # WORKDIR (/app), not where the months are mounted.
+        where = "" if seed_dir.is_absolute() else f" (from the working folder {os.getcwd()})"
+        raise InputError(f"seed_dir {str(seed_dir)!r} is not a directory{where}")
     files = expected_files(seed_dir)
     for path in files.values():
         if path.exists() and not path.is_file():  # a folder, a device: "missing" would mislead

@@ -57,6 +57,10 @@ def changed_files(recorded: dict | None, prints: list[FileFingerprint]) -> list[
     return [p.file for p in prints if (recorded.get(p.table) or {}).get("sha256") != p.sha256]
 
 
+# How a deployment run (the Prefect UI, `prefect deployment run`) asks for it.
+_DEPLOYMENT_REPLACE = "a deployment run: --param replace=true"
+
+
 def decide_mode(
     conn: psycopg.Connection,
     as_of: date,
@@ -89,7 +93,7 @@ def decide_mode(
             f"as_of {as_of.isoformat()}: these files were already published as as_of "
             f"{copied[0].isoformat()} (run {copied[1]}); a month's files describe what was "
             "known on its as_of. Check SEED_DIR and AS_OF, or rerun with --replace (or "
-            "REPLACE=1) to publish them for this as_of too"
+            f"REPLACE=1; {_DEPLOYMENT_REPLACE}) to publish them for this as_of too"
         )
     replacing = copied is not None
     latest = db.one_row(conn.execute(q["latest_published"]))[0]  # max(): NULL, never no row
@@ -109,7 +113,7 @@ def decide_mode(
                 f"as_of {as_of.isoformat()} was already published from different files "
                 f"(run {row[1]}{which}). If these are another month's files, check SEED_DIR "
                 f"and AS_OF{following}; if they correct this month, rerun with --replace "
-                "(or REPLACE=1) to replace it"
+                f"(or REPLACE=1; {_DEPLOYMENT_REPLACE}) to replace it"
             )
         replacing = True
     if latest is not None and as_of < latest:
