@@ -192,6 +192,8 @@ def test_a_failed_month_is_recorded_failed_and_leaves_nothing_behind(db_url, mon
     assert not any("Traceback" in m for m in logs), [m for m in logs if "Traceback" in m][:1]
     assert _processes_with(f"PREFECT_HOME={home}") == {}
     assert "usage_agg_30d_suite" in _validated_suites(home / "gx_docs")
+    # Where to see the failing check with its examples (it was in the log only).
+    assert proc.stdout.splitlines() == [f"GX Data Docs: {home / 'gx_docs' / 'index.html'}"]
     # The table artifact has each suite's counts, and no published counts of 0 (it had
     # "-" expectations for every table, and 0 rows inserted, updated, unchanged).
     [(stored,)] = _prefect_db(

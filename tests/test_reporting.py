@@ -36,3 +36,18 @@ def test_a_folder_name_with_backticks_and_a_pipe_stays_one_code_cell():
     cell = html.split("<td>month folder</td>", 1)[1].split("</td>", 1)[0]
     assert cell.strip().startswith("<td><code>") and "![pwn]" in cell and "\\n" in cell
     assert html.count("<tr>") == 7  # the header row and six: no row split by the pipe
+
+
+def test_users_has_no_snapshot_count_in_the_table_artifact():
+    """users has no history table: its "snapshot rows written" was 0, as if none were."""
+    from streamflow.publishing import TableStats
+
+    summary = RunSummary(seed_dir="m", as_of="2024-02-29", mode="publish", status="succeeded")
+    summary.tables = [
+        TableStats("users", read=3, inserted=3),
+        TableStats("labels", read=3, inserted=3, snapshot_table="labels_snapshots",
+                   snapshot_inserted=3),
+    ]  # fmt: skip
+    rows = {r["table"]: r for r in summary.table_rows()}
+    assert rows["users"]["snapshot rows written"] == "-"
+    assert rows["labels"]["snapshot rows written"] == 3

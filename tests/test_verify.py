@@ -16,6 +16,7 @@ from pathlib import Path
 import psycopg
 from conftest import DATA_SEEDS, FLOW_DIR, REPO
 from month_files import read_rows, write_rows
+from streamflow.registry import TABLES
 
 MONTH_000 = DATA_SEEDS / "month_000"
 AS_OF_000 = "2024-01-31"
@@ -63,6 +64,7 @@ def test_counts_and_ledger_after_month_000(db_url, run_flow):
     assert proc.stderr == ""
     live = block(proc.stdout, "live_tables")
     assert live[0] == "table_name       | row_count"
+    assert [r.split(" | ")[0].strip() for r in live[2:]] == [t.name for t in TABLES]
     assert "users            | 7043" in live
     assert "labels           | 7043" in live
     [header, rule, *rows] = block(proc.stdout, "snapshots_by_as_of")

@@ -2,12 +2,15 @@
 -- Each can be pasted into psql as is.
 
 -- name: live_tables
-SELECT 'users' AS table_name, count(*) AS row_count FROM users
-UNION ALL SELECT 'subscriptions', count(*) FROM subscriptions
-UNION ALL SELECT 'usage_agg_30d', count(*) FROM usage_agg_30d
-UNION ALL SELECT 'payments_agg_90d', count(*) FROM payments_agg_90d
-UNION ALL SELECT 'support_agg_90d', count(*) FROM support_agg_90d
-UNION ALL SELECT 'labels', count(*) FROM labels;
+-- In the files' order: a UNION ALL alone has none (a parallel plan printed users last).
+SELECT table_name, row_count
+FROM (SELECT 1 AS n, 'users' AS table_name, count(*) AS row_count FROM users
+      UNION ALL SELECT 2, 'subscriptions', count(*) FROM subscriptions
+      UNION ALL SELECT 3, 'usage_agg_30d', count(*) FROM usage_agg_30d
+      UNION ALL SELECT 4, 'payments_agg_90d', count(*) FROM payments_agg_90d
+      UNION ALL SELECT 5, 'support_agg_90d', count(*) FROM support_agg_90d
+      UNION ALL SELECT 6, 'labels', count(*) FROM labels) AS live
+ORDER BY n;
 
 -- name: snapshots_by_as_of
 SELECT as_of,

@@ -163,6 +163,8 @@ def main(flow: Flow[..., dict], doc: str | None, argv: list[str] | None = None) 
             **flags_wanted(args),
         )
     except IngestError as exc:
+        if LAST_RUN and LAST_RUN[0].data_docs:  # a refused month's, its failures shown
+            print(f"GX Data Docs: {LAST_RUN[0].data_docs}")
         print(f"ingest failed: {exc}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, TerminationSignal) as exc:

@@ -49,8 +49,10 @@ class RunSummary:
                     "updated": t.updated if t else "-",
                     "unchanged": _known(t.unchanged) if t else "-",
                     "absent, kept live": _known(t.absent) if t else "-",
-                    "snapshot rows written": (
-                        (t.snapshot_inserted + t.snapshot_updated) if t else "-"
+                    "snapshot rows written": (  # "-" for users too: it has no history
+                        (t.snapshot_inserted + t.snapshot_updated)
+                        if t and t.snapshot_table
+                        else "-"
                     ),
                     "expectations passed": s.passed if s else "-",
                     "expectations failed": s.failed if s else "-",

@@ -637,6 +637,13 @@ class SuitesProcess:
         if self._proc.poll() is None:
             self._proc.kill()
 
+    @property
+    def docs_index(self) -> Path | None:
+        """The Data Docs' index page, once ``finish`` found them built for this run."""
+        docs_dir = self.key[1]
+        built = self._asked and self._stopped_for is None and self._proc.returncode == 0
+        return docs_dir.resolve() / "index.html" if built and docs_dir is not None else None
+
     def finish(self, timeout: float = 300) -> str | None:
         """Wait for the Data Docs of a validated month; None, or why they failed."""
         if not self._asked or self._stopped_for is not None:
