@@ -227,6 +227,9 @@ def test_a_refused_month_names_its_flow_run_in_the_ledger(db_url, months, tmp_pa
         .fetchone()
     )
     assert (mode, ledger_flow_run) == ("refused", str(flow_run))
+    # Its log says it in the words of every failed run's (only Prefect's repr was there).
+    logs = [m for (m,) in _prefect_db(home, "SELECT message FROM log")]
+    assert any(m.startswith("ingest failed: as_of 2024-01-31 was already") for m in logs), logs
     [(stored,)] = _prefect_db(
         home, "SELECT data FROM artifact WHERE flow_run_id = ? AND type = 'markdown'", flow_run
     )

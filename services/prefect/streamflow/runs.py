@@ -127,6 +127,7 @@ class MonthRun:
                 flow_run_id=prefect.runtime.flow_run.id,
             )
             publish_artifacts(summary)  # the UI's run names its ledger row, as every run's does
+            self.log.error("ingest failed: %s", summary.error)  # as any failed run's log
             raise
         summary.mode = mode.value
         summary.status = "noop" if mode is Mode.NOOP else "running"
