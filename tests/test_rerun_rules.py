@@ -491,6 +491,17 @@ def test_a_dollar_in_the_docs_folder_is_a_dollar(
     assert [p.name for p in tmp_path.iterdir()] == [name]
 
 
+def test_the_run_is_named_after_its_month_as_read(run_flow, db_url, months):
+    """An as_of given with spaces is read trimmed; the UI's run was named with them."""
+    from prefect.client.orchestration import get_client
+
+    ok(run_flow(db_url, months / "month_000", f" {JAN} "))
+
+    flow_run_id = runs(db_url)[-1]["flow_run_id"]
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(flow_run_id).name == f"ingest-{JAN}"
+
+
 def test_data_docs_that_could_not_be_built_are_not_announced(
     run_flow, db_url, months, tmp_path, monkeypatch, caplog
 ):

@@ -224,10 +224,17 @@ def snapshot_month(
     return stats
 
 
-# A run named by its month in the UI's list (Prefect's default is a random two words).
+def _run_name() -> str:
+    """ingest-<as_of>, the month in the UI's list (Prefect's default is two random words).
+    Trimmed as the run reads it: ' 2024-01-31 ' was named with its spaces."""
+    import prefect.runtime
+
+    return f"ingest-{str(prefect.runtime.flow_run.parameters.get('as_of', '')).strip()}"
+
+
 @flow(
     name=FLOW_NAME,
-    flow_run_name="ingest-{as_of}",
+    flow_run_name=_run_name,
     # Prefect's flow() wants a TaskRunner[PrefectFuture[Any]], which no runner of its own
     # is (the type is invariant): PrefectHQ/prefect#16938, open.
     task_runner=ThreadPoolTaskRunner(max_workers=2),  # type: ignore[arg-type]
