@@ -788,72 +788,62 @@ def test_same_month_in_another_shape_gives_the_same_database(
     assert scalar(jan_db, "SELECT count(*) FROM subscriptions WHERE plan_stream_tv IS NULL") > 0
 
 
-@pytest.mark.parametrize("datestyle", ["ISO, DMY", "SQL, DMY"])
-def test_the_servers_datestyle_does_not_change_what_a_file_means(
-    datestyle, months, jan_db, run_flow, pg_admin_url, tmp_path, clean_feb
+@pytest.mark.parametrize(
+    ("where", "datestyle", "cell"),
+    [
+        ("database", "ISO, DMY", "13/04/2023"),  # 13 April to this server
+        ("database", "SQL, DMY", "13/04/2023"),
+        ("client environment", "ISO, DMY", "03/04/2023"),
+        ("client environment", "SQL, MDY", "03/04/2023"),
+    ],
+)
+def test_a_datestyle_set_elsewhere_does_not_change_what_a_file_means(
+    where, datestyle, cell, months, jan_db, run_flow, pg_admin_url, monkeypatch, tmp_path, clean_feb
 ):
-    """initdb takes DateStyle from the server's locale ("ISO, DMY" under fr_FR)."""
-    dbname = conninfo_to_dict(jan_db)["dbname"]
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f"ALTER DATABASE \"{dbname}\" SET DateStyle = '{datestyle}'")
-    month = tmp_path / "month_001"
-    shutil.copytree(months / "month_001", month)
-    set_cell("users", 7, "signup_date", "13/04/2023")(month)  # 13 April to this server
-
-    rc, _, err = run_flow(jan_db, month, AS_OF["month_001"])
-
-    assert rc != 0
-    message = err.strip().splitlines()[-1]
-    for part in ("users.csv, line 8, column signup_date", "13/04/2023", "YYYY-MM-DD"):
-        assert part in message, message
-
-    rc, _, err = run_flow(jan_db, months / "month_001", AS_OF["month_001"])
-
-    assert rc == 0, err
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'ALTER DATABASE "{dbname}" RESET DateStyle')
-    assert dump(jan_db, DATA_TABLES) == clean_feb
-
-
-@pytest.mark.parametrize("datestyle", ["ISO, DMY", "SQL, MDY"])
-def test_a_datestyle_in_the_clients_environment_does_not_change_what_a_file_means(
-    datestyle, months, jan_db, run_flow, monkeypatch, tmp_path, clean_feb
-):
-    """libpq sends PGDATESTYLE as a setting of its own, which the server applies after
-    the connection's options: 03/04/2023 was published as 3 April (date audit)."""
+    """initdb takes DateStyle from the server's locale ("ISO, DMY" under fr_FR); libpq
+    sends PGDATESTYLE as a setting of its own, which the server applies after the
+    connection's options: 03/04/2023 was published as 3 April (date audit)."""
     from streamflow import db
 
-    monkeypatch.setenv("PGDATESTYLE", datestyle)
-    with db.connect(jan_db) as conn:
-        # The pin leaves no transaction open: callers still switch to autocommit.
-        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-        assert conn.execute("SHOW DateStyle").fetchone() == ("ISO, YMD",)
-    # GX's connections are SQLAlchemy's: its process starts without the variable.
-    child = SuitesProcess(jan_db, None)
-    proc = Path(f"/proc/{child._proc.pid}")
-    try:
-        # Until its exec, a forked child shows the parent's first environment.
-        command = [a.encode() for a in validation.child_command()]
-        while proc.joinpath("cmdline").read_bytes().split(b"\0")[: len(command)] != command:
-            time.sleep(0.01)
-        environ = proc.joinpath("environ").read_bytes().split(b"\0")
-    finally:
-        child.close()
-    assert not [v for v in environ if v.startswith(b"PGDATESTYLE=")]
+    dbname = conninfo_to_dict(jan_db)["dbname"]
+    if where == "database":
+        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+            conn.execute(f"ALTER DATABASE \"{dbname}\" SET DateStyle = '{datestyle}'")
+    else:
+        monkeypatch.setenv("PGDATESTYLE", datestyle)
+        with db.connect(jan_db) as conn:
+            # The pin leaves no transaction open: callers still switch to autocommit.
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            assert conn.execute("SHOW DateStyle").fetchone() == ("ISO, YMD",)
+        # GX's connections are SQLAlchemy's: its process starts without the variable.
+        child = SuitesProcess(jan_db, None)
+        proc = Path(f"/proc/{child._proc.pid}")
+        try:
+            # Until its exec, a forked child shows the parent's first environment.
+            command = [a.encode() for a in validation.child_command()]
+            while proc.joinpath("cmdline").read_bytes().split(b"\0")[: len(command)] != command:
+                time.sleep(0.01)
+            environ = proc.joinpath("environ").read_bytes().split(b"\0")
+        finally:
+            child.close()
+        assert not [v for v in environ if v.startswith(b"PGDATESTYLE=")]
     month = tmp_path / "month_001"
     shutil.copytree(months / "month_001", month)
-    set_cell("users", 7, "signup_date", "03/04/2023")(month)
+    set_cell("users", 7, "signup_date", cell)(month)
 
     rc, _, err = run_flow(jan_db, month, AS_OF["month_001"])
 
     assert rc != 0
     message = err.strip().splitlines()[-1]
-    for part in ("users.csv, line 8, column signup_date", "03/04/2023", "YYYY-MM-DD"):
+    for part in ("users.csv, line 8, column signup_date", cell, "YYYY-MM-DD"):
         assert part in message, message
 
     rc, _, err = run_flow(jan_db, months / "month_001", AS_OF["month_001"])
 
     assert rc == 0, err
+    if where == "database":
+        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{dbname}" RESET DateStyle')
     assert dump(jan_db, DATA_TABLES) == clean_feb
 
 

@@ -36,6 +36,7 @@ if __name__ == "__main__":
 
     WARMUP = before_prefect(sys.argv[1:])
 
+import prefect.runtime
 from prefect import Task, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
@@ -227,8 +228,6 @@ def snapshot_month(
 def _run_name() -> str:
     """ingest-<as_of>, the month in the UI's list (Prefect's default is two random words).
     Trimmed as the run reads it: ' 2024-01-31 ' was named with its spaces."""
-    import prefect.runtime
-
     return f"ingest-{str(prefect.runtime.flow_run.parameters.get('as_of', '')).strip()}"
 
 
@@ -313,7 +312,6 @@ def ingest_month(
                 with run.verdict.deciding(then=run.published.wait), clock("validate_with_ge"):
                     before = before.count_listed(control)  # while publishing starts
                     summary.suites = validate_with_ge(suites, files, as_of_date, before)
-                    summary.data_docs = str(settings.gx_docs_dir / "index.html")
                     interrupts.stop_if_signalled()  # before the verdict lets the commit go
                 with clock("snapshot_month"):
                     summary.tables = run.published.result()

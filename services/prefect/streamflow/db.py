@@ -25,11 +25,13 @@ from .errors import InputError
 SESSION_OPTIONS = "-c DateStyle=ISO,YMD -c search_path=public"
 DATE_STYLE = "ISO, YMD"  # as the server reports it
 
-# libpq sends these variables of the client's environment as settings of their own,
-# which the server applies after the options' -c switches: PGDATESTYLE="ISO, DMY" had
-# 03/04/2023 published as 3 April again. Connections of the pipeline's own child process
-# are made without them; ``connect`` sets DateStyle again when the server reports another.
-LIBPQ_SESSION_ENV = ("PGDATESTYLE",)
+# libpq sends these variables of the client's environment as session settings of their
+# own (setting: variable), which the server applies after the options' -c switches:
+# PGDATESTYLE="ISO, DMY" had 03/04/2023 published as 3 April again. The pipeline's
+# child process starts without the one it pins; ``connect`` sets DateStyle again when
+# the server reports another.
+LIBPQ_SETTING_VARIABLES = {"datestyle": "PGDATESTYLE", "timezone": "PGTZ", "geqo": "PGGEQO"}
+LIBPQ_SESSION_ENV = (LIBPQ_SETTING_VARIABLES["datestyle"],)
 
 
 def session_options(url: str, *extra: str) -> str:

@@ -8,6 +8,7 @@ import re
 
 import psycopg
 
+from .db import LIBPQ_SETTING_VARIABLES
 from .errors import clipped, first_line
 
 # Connection exceptions (class 08), a server going away (57P01-57P03) or ending an idle
@@ -52,9 +53,8 @@ _LOGIN_SETTINGS = {
     "requires a Boolean value": _OPTIONS,
 }
 
-# libpq sends these variables of the client's environment as session settings of their
-# own: a bad value is refused like a bad option, and PGOPTIONS was blamed for PGTZ.
-_LIBPQ_SETTING_VARIABLES = {"datestyle": "PGDATESTYLE", "timezone": "PGTZ", "geqo": "PGGEQO"}
+# A bad value of one of db.LIBPQ_SETTING_VARIABLES is refused like a bad option: the
+# message blamed PGOPTIONS for PGTZ.
 _PARAMETER = re.compile(r'parameter "(\w+)"')
 
 
@@ -84,7 +84,7 @@ def _login_fix(text: str) -> str | None:
     fix = next((fix for words, fix in _LOGIN_SETTINGS.items() if words in text), None)
     named = _PARAMETER.search(text)
     if fix == _OPTIONS and named is not None:
-        variable = _LIBPQ_SETTING_VARIABLES.get(named[1].lower())
+        variable = LIBPQ_SETTING_VARIABLES.get(named[1].lower())
         if variable is not None and os.environ.get(variable):
             return f"check {variable} in the environment, which libpq sends as {named[1]}"
     return fix

@@ -227,10 +227,10 @@ class MonthRun:
             raise
         if docs_error:
             self.log.warning("GX Data Docs not built: %s", docs_error)
-            self.summary.data_docs = None  # the CLI and the artifact name no docs
-        elif self.summary.data_docs is None and suites.docs_index is not None:
-            # A refused month's: its failing checks, with examples. The CLI prints where.
-            self.summary.data_docs = str(suites.docs_index)
+        # Only docs this run built are named (by the CLI, the artifact): a refused
+        # month's too, its failing checks with examples.
+        index = None if docs_error else suites.docs_index
+        self.summary.data_docs = None if index is None else str(index)
 
     def _publishing_error(self) -> BaseException | None:
         """None once the publisher of an accepted month has committed it (its counts go
