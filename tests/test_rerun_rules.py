@@ -1127,6 +1127,7 @@ def test_an_interrupt_while_the_data_docs_are_built_leaves_the_run_whole(
     (a SIGTERM there was reported as a Ctrl-C: exit 130, not 143)."""
     from streamflow import interrupts, validation
     from streamflow.interrupts import PublishedThenInterrupted
+    from streamflow.runs import LAST_RUN
 
     def interrupted(self, timeout: float = 300) -> None:
         raise getattr(interrupts, stop, KeyboardInterrupt)
@@ -1136,6 +1137,8 @@ def test_an_interrupt_while_the_data_docs_are_built_leaves_the_run_whole(
         run_flow(db_url, months / "month_000", JAN)
 
     assert stopped.value.signum == signum
+    # Its artifact names no Data Docs: they were never built (it named them).
+    assert LAST_RUN[0].data_docs is None
     (run,) = runs(db_url)
     assert (run["status"], run["error"]) == ("succeeded", None)
     assert {"upsert_csv", "validate_with_ge", "snapshot_month"} <= set(run["timings"])
