@@ -185,6 +185,57 @@ def test_lock_wait_timeout_says_another_ingestion_is_running(db_url, months, tmp
     assert ledger(db_url) == []
 
 
+def test_a_run_waiting_for_the_lock_names_the_run_that_holds_it(db_url):
+    """The wait and the timeout name the holder's run (its ledger row: run, month,
+    folder, flow run), not only a backend pid, which nothing else shows an operator; a
+    dead run's row still marked running is not taken for it."""
+    import uuid
+    from datetime import date
+
+    from streamflow import ledger as ledger_rows
+    from streamflow.errors import LockTimeout
+    from streamflow.locking import writer_lock
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        # A run killed before it could record its outcome, before the holder started.
+        conn.execute(
+            "INSERT INTO ingest_runs (as_of, seed_dir, status, started_at) "
+            "VALUES ('2023-12-31', '/seeds/dead', 'running', now() - interval '1 hour')"
+        )
+    flow_run = str(uuid.uuid4())
+    with psycopg.connect(db_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+        holder_pid = holder.execute("SELECT pg_backend_pid()").fetchone()[0]
+        told: list[str] = []
+        with psycopg.connect(db_url, autocommit=True) as waiter:
+            # Before the holder opens its row: only its pid is known.
+            with pytest.raises(LockTimeout) as early, writer_lock(waiter, 0.3):
+                pass
+            run_id = ledger_rows.start_run(
+                holder,
+                as_of=date(2024, 1, 31),
+                seed_dir="/seeds/month_000",
+                status="running",
+                mode="new",
+                fingerprint=None,
+                files=None,
+                flow_run_id=flow_run,
+            )
+            with pytest.raises(LockTimeout) as late, writer_lock(waiter, 0.3, told.append):
+                pass
+
+    assert str(early.value).startswith(
+        f"another ingestion is running (held by backend pid {holder_pid});"
+    )
+    assert "/seeds/dead" not in str(early.value)
+    for message in (str(late.value), told[0]):
+        assert f"(run {run_id}: as_of 2024-01-31 from /seeds/month_000, started " in message
+        assert f" UTC, flow run {flow_run}; backend pid {holder_pid})" in message
+        assert "/seeds/dead" not in message
+    assert told[0].endswith("waiting for it, up to 0.3s (LOCK_WAIT_SECONDS)")
+    assert "waited 0.3s for it (set LOCK_WAIT_SECONDS to wait longer)" in str(late.value)
+
+
 def test_the_early_noop_check_does_not_wait_for_the_lock(db_url, months, monkeypatch):
     """The CLI's look for an unchanged month, before Prefect starts, gives way at once
     to a running ingestion: the flow then waits LOCK_WAIT_SECONDS, once (it waited

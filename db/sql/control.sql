@@ -95,11 +95,23 @@ SELECT pg_try_advisory_lock(%(key)s);
 
 -- name: writer_lock_holder
 -- Who holds it, to name them when the wait is over. Advisory locks are per database:
--- another database's pipeline holds its own.
-SELECT pid
-FROM pg_locks
-WHERE locktype = 'advisory' AND objid = %(key)s AND granted
-  AND database = (SELECT oid FROM pg_database WHERE datname = current_database());
+-- another database's pipeline holds its own. Whether the ledger exists yet: its
+-- running row says which run holds the lock (writer_lock_run).
+SELECT l.pid, a.backend_start, to_regclass('ingest_runs') IS NOT NULL AS has_ledger
+FROM pg_locks AS l
+LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.objid = %(key)s AND l.granted
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database());
+
+-- name: writer_lock_run
+-- The run that holds the lock: the newest running row opened since its holder's
+-- session began. An older running row is a dead run's, which the holder has not yet
+-- marked abandoned; a holder that has not opened its row yet has none.
+SELECT run_id, as_of, seed_dir, started_at, flow_run_id
+FROM ingest_runs
+WHERE status = 'running' AND started_at >= %(since)s
+ORDER BY run_id DESC
+LIMIT 1;
 
 -- name: unlock_writer_lock
 SELECT pg_advisory_unlock(%(key)s);

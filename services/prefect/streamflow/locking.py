@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from datetime import UTC
 
 import psycopg
 
@@ -33,16 +34,14 @@ def writer_lock(
     key = {"key": LOCK_KEY}
     told = False
     while not one_row(conn.execute(q["try_writer_lock"], key))[0]:
-        holder = conn.execute(q["writer_lock_holder"], key).fetchone()
-        who = f" (held by backend pid {holder[0]})" if holder else ""
         if time.monotonic() >= deadline:
             raise LockTimeout(
-                f"another ingestion is running{who}; waited {wait_seconds:g}s for it "
-                "(set LOCK_WAIT_SECONDS to wait longer)"
+                f"another ingestion is running{_holder(conn)}; waited {wait_seconds:g}s "
+                "for it (set LOCK_WAIT_SECONDS to wait longer)"
             )
         if on_wait is not None and not told:
             on_wait(
-                f"another ingestion is running{who}: waiting for it, up to "
+                f"another ingestion is running{_holder(conn)}: waiting for it, up to "
                 f"{wait_seconds:g}s (LOCK_WAIT_SECONDS)"
             )
             told = True
@@ -54,6 +53,28 @@ def writer_lock(
         with suppress(psycopg.Error):
             if not conn.closed:
                 conn.execute(q["unlock_writer_lock"], key)
+
+
+def _holder(conn: psycopg.Connection) -> str:
+    """Who holds the writer lock, in words: its run when its ledger row says so (an
+    operator looks that up in the ledger or the Prefect UI), and its backend pid."""
+    q = queries("control")
+    holder = conn.execute(q["writer_lock_holder"], {"key": LOCK_KEY}).fetchone()
+    if holder is None:  # released between the two queries
+        return ""
+    pid, since, has_ledger = holder
+    run = None
+    if has_ledger and since is not None:  # since: hidden from a role without the rights
+        run = conn.execute(q["writer_lock_run"], {"since": since}).fetchone()
+    if run is None:
+        return f" (held by backend pid {pid})"
+    run_id, as_of, seed_dir, started_at, flow_run_id = run
+    started = started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    flow_run = f", flow run {flow_run_id}" if flow_run_id else ""
+    return (
+        f" (run {run_id}: as_of {as_of.isoformat()} from {seed_dir}, started {started}"
+        f"{flow_run}; backend pid {pid})"
+    )
 
 
 def check_writer_lock(conn: psycopg.Connection, holder_pid: int | None) -> None:
