@@ -839,7 +839,11 @@ def test_ctrl_c_mid_run_stops_the_run_and_its_server_at_once(db_url, bigger_mont
     sent = time.monotonic()
     _, err = proc.communicate(timeout=120)
 
-    assert (proc.returncode, err.strip().splitlines()[-1]) == (130, "ingest interrupted")
+    # The line says what the ledger says: it was "ingest interrupted" alone.
+    assert (proc.returncode, err.strip().splitlines()[-1]) == (
+        130,
+        "ingest interrupted: nothing was published",
+    )
     assert time.monotonic() - sent < 20
     assert _gone_within(servers, 10)
     assert scalar(db_url, "SELECT count(*) FROM ingest_months") == 0
@@ -856,7 +860,10 @@ def test_sigterm_mid_run_stops_the_run_like_ctrl_c(db_url, bigger_month, tmp_pat
     os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
 
-    assert (proc.returncode, err.strip().splitlines()[-1]) == (143, "ingest terminated (SIGTERM)")
+    assert (proc.returncode, err.strip().splitlines()[-1]) == (
+        143,
+        "ingest terminated (SIGTERM): nothing was published",
+    )
     assert _gone_within(servers, 10)
     assert scalar(db_url, "SELECT count(*) FROM ingest_months") == 0
     assert scalar(db_url, "SELECT error FROM ingest_runs ORDER BY run_id DESC LIMIT 1") == (
@@ -867,15 +874,15 @@ def test_sigterm_mid_run_stops_the_run_like_ctrl_c(db_url, bigger_month, tmp_pat
 def _sigterm_ends_it_while_the_reader_waits(
     proc: subprocess.Popen, reader: psycopg.Connection
 ) -> str:
-    """SIGTERM to the CLI: it says so and exits 143 within 20 s, the reader's transaction
-    (and its lock) still open, then let go. Returns the CLI's stderr."""
+    """SIGTERM to the CLI: it exits 143 within 20 s, the reader's transaction (and its
+    lock) still open, then let go. Returns the CLI's stderr."""
     os.kill(proc.pid, signal.SIGTERM)
     sent = time.monotonic()
     try:
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert (proc.returncode, err.strip().splitlines()[-1]) == (143, "ingest terminated (SIGTERM)")
+    assert proc.returncode == 143, err[-3000:]
     assert time.monotonic() - sent < 20
     assert reader.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
     reader.rollback()
@@ -901,6 +908,7 @@ def test_sigterm_stops_a_run_whose_copy_waits_for_a_readers_lock(db_url, bigger_
                 time.sleep(0.05)
 
         err = _sigterm_ends_it_while_the_reader_waits(proc, reader)
+        assert err.strip().splitlines()[-1] == "ingest terminated (SIGTERM): nothing was published"
         # The COPY waiting for the reader, and the files queued behind it, say why they
         # stopped (queued ones said "the month was refused while it was being written").
         assert "users.csv: not staged, the run was stopped" in err, err[-3000:]
@@ -938,9 +946,13 @@ def test_sigterm_after_a_failure_cancels_the_copy_still_waiting(db_url, bigger_m
                 time.sleep(0.05)
             time.sleep(1)  # the run is in its wait for the COPY
 
-        _sigterm_ends_it_while_the_reader_waits(proc, reader)
+        err = _sigterm_ends_it_while_the_reader_waits(proc, reader)
     error = scalar(db_url, "SELECT error FROM ingest_runs ORDER BY run_id DESC LIMIT 1")
     assert error.startswith("users.csv, line 3, column "), error
+    # Why the run had failed, which the stop had hidden behind "ingest terminated".
+    assert err.strip().splitlines()[-1] == (
+        f"ingest terminated (SIGTERM): nothing was published; the run had failed: {error}"
+    )
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
@@ -1059,8 +1071,8 @@ def test_nothing_reaches_the_terminal_after_the_last_line():
 @pytest.mark.parametrize(
     ("signum", "where", "code", "line", "published"),
     [
-        ("SIGTERM", "validation", 143, "ingest terminated (SIGTERM)", False),
-        ("SIGINT", "validation", 130, "ingest interrupted", False),
+        ("SIGTERM", "validation", 143, "ingest terminated (SIGTERM): nothing was published", False),
+        ("SIGINT", "validation", 130, "ingest interrupted: nothing was published", False),
         (
             "SIGTERM",
             "verdict",

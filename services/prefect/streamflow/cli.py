@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from .errors import IngestError, InputError, first_line
-from .interrupts import STOPPED, PublishedThenInterrupted, Terminated
+from .interrupts import STOPPED, PublishedThenInterrupted, StoppedUnpublished, Terminated
 from .settings import check_prefect_settings, prefect_api_url
 from .streams import escape_unencodable
 
@@ -199,8 +199,9 @@ def main(flow: Flow[..., dict], doc: str | None, argv: list[str] | None = None) 
 def _stopped(exc: BaseException) -> BaseException:
     """What a stop during or after the run raises to Warmup.run. After the flow's own
     handling of a stop ended (emptying staging, the lock's release, Prefect's end of the
-    run, printing its line), a published month (runs.LAST_RUN) is said to be in;
-    Prefect's SIGTERM is stopped as on Ctrl-C."""
+    run, printing its line), a published month (runs.LAST_RUN) is said to be in, and a
+    run recorded failed to have published nothing; Prefect's SIGTERM is stopped as on
+    Ctrl-C."""
     from prefect.exceptions import TerminationSignal
 
     from .runs import LAST_RUN
@@ -209,4 +210,9 @@ def _stopped(exc: BaseException) -> BaseException:
         return exc
     if LAST_RUN and LAST_RUN[0].status == "succeeded":
         return PublishedThenInterrupted(exc, docs_built=None)
+    if LAST_RUN and LAST_RUN[0].status == "failed":  # recorded so: its month did not commit
+        run = LAST_RUN[0]
+        return StoppedUnpublished(
+            exc, run.stopped_outcome or f"nothing was published; the run had failed: {run.error}"
+        )
     return Terminated() if isinstance(exc, TerminationSignal) else exc

@@ -48,6 +48,22 @@ class PublishedThenInterrupted(KeyboardInterrupt):
         return line, code
 
 
+class StoppedUnpublished(KeyboardInterrupt):
+    """A signal that stopped a run whose month did not commit, once the run was
+    recorded failed: the CLI's line says what the ledger says ("nothing was
+    published"); "ingest interrupted" alone left people to look it up."""
+
+    def __init__(self, stopped_by: BaseException | None = None, outcome: str = "") -> None:
+        super().__init__()  # no arguments kept: it unpickles (Prefect may store it)
+        self.signum = signal.SIGINT if stopped_by is None else stopped_by_signal(stopped_by)
+        self.outcome = outcome
+
+    def line(self) -> tuple[str, int]:
+        """The CLI's last line and exit code."""
+        line, code = STOPPED.get(self.signum, STOPPED[signal.SIGINT])
+        return f"{line}: {self.outcome}", code
+
+
 def is_stop(exc: BaseException) -> bool:
     """A signal's interrupt: KeyboardInterrupt and its kin, or Prefect's
     TerminationSignal (a BaseException carrying ``signal``; not imported: this module
@@ -60,7 +76,7 @@ def is_stop(exc: BaseException) -> bool:
 def stopped_by_signal(exc: BaseException) -> signal.Signals:
     """The signal behind an interrupt: Terminated is SIGTERM, Prefect's TerminationSignal
     carries its own (``signal``), anything else is SIGINT."""
-    if isinstance(exc, PublishedThenInterrupted):
+    if isinstance(exc, (PublishedThenInterrupted, StoppedUnpublished)):
         return exc.signum
     if isinstance(exc, Terminated):
         return signal.SIGTERM

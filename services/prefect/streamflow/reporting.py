@@ -27,6 +27,9 @@ class RunSummary:
     timings: dict[str, float] = field(default_factory=dict)
     data_docs: str | None = None
     error: str | None = None
+    # A run stopped by a signal before its month committed: what it left, in the
+    # ledger's words ("nothing was published"), for the CLI's last line.
+    stopped_outcome: str | None = None
 
     @property
     def duration(self) -> float:

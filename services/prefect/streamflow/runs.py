@@ -257,12 +257,14 @@ class MonthRun:
             summary.suites = exc.suites
         if interrupts.is_stop(exc):  # words, not repr()
             by_sigterm = interrupts.stopped_by_signal(exc) == signal.SIGTERM
-            summary.error = f"interrupted ({'SIGTERM' if by_sigterm else 'Ctrl-C or SIGINT'}); " + (
+            summary.stopped_outcome = (
                 f"the month had passed validation, but publishing failed: "
                 f"{in_words(publish_error)}; nothing was published"
                 if publish_error is not None
                 else "nothing was published"
             )
+            by = "SIGTERM" if by_sigterm else "Ctrl-C or SIGINT"
+            summary.error = f"interrupted ({by}); {summary.stopped_outcome}"
         else:
             summary.error = in_words(exc)
         # The same one line the CLI prints, for runs started from the UI.
