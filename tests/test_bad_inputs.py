@@ -916,6 +916,36 @@ def test_relative_paths_of_the_connection_resolve_where_the_run_started(
     assert dump(jan_db, DATA_TABLES) == clean_feb
 
 
+@pytest.mark.parametrize("table", ["users", "labels"])
+def test_a_duplicate_in_a_first_month_is_reported_by_validation_alone(
+    db_url, months, run_flow, tmp_path, caplog, table
+):
+    """On an empty database the publisher rebuilds each live key while validation runs,
+    and met the duplicate first: PostgreSQL's "duplicate key value violates unique
+    constraint" led the run's log at ERROR (and the UI's snapshot_month), before the
+    verdict that names the file and its lines. The publisher now waits for that verdict."""
+    month = tmp_path / "month_000"
+    shutil.copytree(months / "month_000", month)
+    path = month / BY_NAME[table].file_name
+    rows = read_rows(path)
+    rows.append(list(rows[10]))
+    write_rows(path, rows)
+
+    rc, out, err = run_flow(db_url, month, AS_OF["month_000"])
+
+    assert rc == 1, out
+    assert err.strip().splitlines()[-1] == (
+        f"ingest failed: validation failed: {path.name}, column user_id: 1 duplicated user_id "
+        f"value(s), e.g. {rows[10][0]} (2 rows: lines 11, 202)"
+    )
+    logged = err + caplog.text
+    # The publisher's end is logged, as for any refused month, without the raw error.
+    assert "NotPublished: validation failed: the month was rolled back" in logged
+    assert "duplicate key value" not in logged and "UniqueViolation" not in logged, logged
+    assert scalar(db_url, "SELECT count(*) FROM users") == 0
+    assert scalar(db_url, "SELECT count(*) FROM ingest_months") == 0
+
+
 def test_duplicate_lines_are_counted_as_an_editor_shows_them(tmp_path):
     """key_lines counts lines through a BOM, CRLF, columns in any order, quoted fields
     (one spanning two lines) and an empty user_id (rows COPY may refuse for other

@@ -209,6 +209,17 @@ def snapshot_month(
         raise NotPublished(
             f"{verdict.reason}: the month was rolled back, nothing published"
         ) from exc
+    except (psycopg.errors.IntegrityError, psycopg.errors.CardinalityViolation) as exc:
+        # The month's own rows broke a key (a user_id twice in a file): validation, still
+        # running, names the file, lines and column, and its verdict decides what the
+        # run says. Failing at once put PostgreSQL's "duplicate key value violates unique
+        # constraint" first in the run's log, at ERROR. The transaction is rolled back
+        # (its locks released) before the wait: validation reads the live tables.
+        if verdict.wait():
+            raise  # validation passed: its checks missed what the key caught
+        raise NotPublished(
+            f"{verdict.reason}: the month was rolled back, nothing published"
+        ) from exc
     get_run_logger().info(
         "month written in %.1fs alongside validation, then %.1fs waiting for its verdict",
         written,
