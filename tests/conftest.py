@@ -48,9 +48,24 @@ for _name in (
 ):
     os.environ.pop(_name, None)
 
+import logging  # noqa: E402
+
+import prefect.main  # noqa: E402, F401  (prefect alone imports lazily: main configures logging)
 import psycopg  # noqa: E402
 import pytest  # noqa: E402
+from prefect.logging.handlers import PrefectConsoleHandler  # noqa: E402
 from psycopg import sql  # noqa: E402
+
+# Prefect configures logging when it is first imported: now, before any test. Imported
+# by a test, it replaced the root logger's handlers, pytest's log capture among them, so
+# that test's caplog saw nothing (7 tests failed when run alone); and its console
+# handler kept that test's stderr, closed after it ("--- Logging error ---" later).
+# The console now writes to sys.stderr as it is at each write: capsys's in a test.
+for _handler in logging.getLogger().handlers:
+    if isinstance(_handler, PrefectConsoleHandler):
+        _handler.setStream(sys.__stderr__)  # its flush; pytest's capture file closes first
+        _handler.console.file = None  # rich then writes to the sys.stderr of the moment
+        _handler.console.stderr = True
 
 REPO = Path(__file__).resolve().parents[1]
 FLOW_DIR = REPO / "services" / "prefect"
