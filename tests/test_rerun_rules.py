@@ -491,15 +491,23 @@ def test_a_dollar_in_the_docs_folder_is_a_dollar(
     assert [p.name for p in tmp_path.iterdir()] == [name]
 
 
-def test_the_run_is_named_after_its_month_as_read(run_flow, db_url, months):
-    """An as_of given with spaces is read trimmed; the UI's run was named with them."""
+def test_the_run_is_named_after_its_month_as_read(run_flow, db_url, months, tmp_path, monkeypatch):
+    """An as_of given with spaces is read trimmed; the UI's run was named with them. The
+    Data Docs name the run the same way: their pages named no month, only a time."""
     from prefect.client.orchestration import get_client
+
+    docs = tmp_path / "docs"
+    monkeypatch.setenv("GX_DOCS_DIR", str(docs))
 
     ok(run_flow(db_url, months / "month_000", f" {JAN} "))
 
     flow_run_id = runs(db_url)[-1]["flow_run_id"]
     with get_client(sync_client=True) as client:
         assert client.read_flow_run(flow_run_id).name == f"ingest-{JAN}"
+    for suite in (f"{t.name}_suite" for t in TABLES):
+        [page] = (docs / "validations" / suite / f"ingest-{JAN}").rglob("*.html")
+        assert f"ingest-{JAN}" in page.read_text()
+    assert (docs / "index.html").read_text().count(f"ingest-{JAN}") >= len(TABLES)
 
 
 def test_data_docs_that_could_not_be_built_are_not_announced(

@@ -142,6 +142,7 @@ class Suites:
         It does not build the Data Docs (``build_docs``): the verdict comes first.
         """
         import great_expectations as gx
+        from great_expectations.core.run_identifier import RunIdentifier
 
         context, site = self.context, self.site
         source = context.data_sources.add_sql(
@@ -185,12 +186,17 @@ class Suites:
                     AS_OF: as_of,
                     USERS_FLOOR: users_floor,
                 }
-            runs = list(checkpoint.run(expectation_parameters=parameters).run_results.values())
+            # Named as the Prefect flow run is: the Data Docs pages said only a time, not
+            # which month they validated.
+            run_id = RunIdentifier(run_name=f"ingest-{as_of.isoformat()}")
+            results = checkpoint.run(expectation_parameters=parameters, run_id=run_id)
+            runs = list(results.run_results.values())
             for i, run in enumerate(runs):
                 if not run.success:
                     runs[i] = definitions[i].run(
                         result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5},
                         expectation_parameters=parameters,
+                        run_id=run_id,
                     )
             outcomes = [_suite_outcome(spec, run) for spec, run in zip(TABLES, runs, strict=True)]
             with engine.connect() as shared:
