@@ -223,6 +223,16 @@ def test_a_run_waiting_for_the_lock_names_the_run_that_holds_it(db_url):
             )
             with pytest.raises(LockTimeout) as late, writer_lock(waiter, 0.3, told.append):
                 pass
+            # The ledger held by DDL (an upgrade's init script holds it to its end): the
+            # lookup gives up at once and leaves the pid; the wait is not a crash, nor
+            # held up. (The waiter's own statement_timeout stops the old lookup's wait.)
+            with psycopg.connect(db_url) as upgrade:
+                upgrade.execute("LOCK TABLE ingest_runs IN ACCESS EXCLUSIVE MODE")
+                waiter.execute("SET statement_timeout = '20s'")
+                started = time.monotonic()
+                with pytest.raises(LockTimeout) as blocked, writer_lock(waiter, 0.3):
+                    pass
+                looked = time.monotonic() - started
 
     assert str(early.value).startswith(
         f"another ingestion is running (held by backend pid {holder_pid});"
@@ -234,6 +244,10 @@ def test_a_run_waiting_for_the_lock_names_the_run_that_holds_it(db_url):
         assert "/seeds/dead" not in message
     assert told[0].endswith("waiting for it, up to 0.3s (LOCK_WAIT_SECONDS)")
     assert "waited 0.3s for it (set LOCK_WAIT_SECONDS to wait longer)" in str(late.value)
+    assert str(blocked.value).startswith(
+        f"another ingestion is running (held by backend pid {holder_pid});"
+    )
+    assert looked < 10, looked
 
 
 def test_the_early_noop_check_does_not_wait_for_the_lock(db_url, months, monkeypatch):

@@ -105,13 +105,21 @@ WHERE l.locktype = 'advisory' AND l.objid = %(key)s AND l.granted
 
 -- name: writer_lock_run
 -- The run that holds the lock: the newest running row opened since its holder's
--- session began. An older running row is a dead run's, which the holder has not yet
--- marked abandoned; a holder that has not opened its row yet has none.
+-- session began (a row opened before is a dead run's, not yet marked abandoned). Not
+-- exact: a run killed after the holder connected, whose row the holder has not yet
+-- marked abandoned (it does so once it has the lock and the schema is checked), passes
+-- too. In a transaction bounded by writer_lock_run_bounds.
 SELECT run_id, as_of, seed_dir, started_at, flow_run_id
 FROM ingest_runs
 WHERE status = 'running' AND started_at >= %(since)s
 ORDER BY run_id DESC
 LIMIT 1;
+
+-- name: writer_lock_run_bounds
+-- The message is a courtesy: its lookup must not wait behind the schema's DDL (an
+-- upgrade holds ingest_runs until its init script ends) nor stall the wait it words.
+SET LOCAL lock_timeout = '1s';
+SET LOCAL statement_timeout = '2s';
 
 -- name: unlock_writer_lock
 SELECT pg_advisory_unlock(%(key)s);

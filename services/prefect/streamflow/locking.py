@@ -11,7 +11,7 @@ from datetime import UTC
 import psycopg
 
 from .db import one_row
-from .errors import LockLost, LockTimeout
+from .errors import LockLost, LockTimeout, one_line
 from .sqlfiles import queries
 
 # One key for the whole pipeline: months are published strictly one at a time.
@@ -23,11 +23,14 @@ def writer_lock(
     conn: psycopg.Connection,
     wait_seconds: float,
     on_wait: Callable[[str], object] | None = None,
+    *,
+    name_holder: bool = True,
 ) -> Iterator[None]:
     """Hold the pipeline's session advisory lock; wait up to ``wait_seconds`` for it.
 
     ``on_wait`` is told once, when the lock is taken: a run waiting up to 10 minutes
-    showed 'Running' with no word in the UI.
+    showed 'Running' with no word in the UI. ``name_holder``: look up who holds it, for
+    the words (a caller that does not show them need not wait for the lookup).
     """
     deadline = time.monotonic() + wait_seconds
     q = queries("control")
@@ -35,8 +38,9 @@ def writer_lock(
     told = False
     while not one_row(conn.execute(q["try_writer_lock"], key))[0]:
         if time.monotonic() >= deadline:
+            who = _holder(conn) if name_holder else ""
             raise LockTimeout(
-                f"another ingestion is running{_holder(conn)}; waited {wait_seconds:g}s "
+                f"another ingestion is running{who}; waited {wait_seconds:g}s "
                 "for it (set LOCK_WAIT_SECONDS to wait longer)"
             )
         if on_wait is not None and not told:
@@ -64,14 +68,18 @@ def _holder(conn: psycopg.Connection) -> str:
         return ""
     pid, since, has_ledger = holder
     run = None
-    if has_ledger and since is not None:  # since: hidden from a role without the rights
-        run = conn.execute(q["writer_lock_run"], {"since": since}).fetchone()
+    if has_ledger and since is not None:  # since: hidden from another login without rights
+        # A ledger it cannot read (an older schema, a right missing, a lock or statement
+        # timeout) leaves the pid: the wait goes on, and its words must not end it.
+        with suppress(psycopg.Error), conn.transaction():
+            conn.execute(q["writer_lock_run_bounds"])
+            run = conn.execute(q["writer_lock_run"], {"since": since}).fetchone()
     if run is None:
         return f" (held by backend pid {pid})"
     run_id, as_of, seed_dir, started_at, flow_run_id = run
     started = started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     flow_run = f", flow run {flow_run_id}" if flow_run_id else ""
-    return (
+    return one_line(
         f" (run {run_id}: as_of {as_of.isoformat()} from {seed_dir}, started {started}"
         f"{flow_run}; backend pid {pid})"
     )

@@ -144,7 +144,7 @@ def unchanged_month(seed_dir: str, as_of: str) -> RunSummary | None:
             return None
         # No waiting here: a busy lock means a run in progress, and the flow waits for
         # it, LOCK_WAIT_SECONDS once, in a run people can see in Prefect.
-        with locking.writer_lock(control, 0):
+        with locking.writer_lock(control, 0, name_holder=False):
             ledger.abandon_stale_runs(control)  # the lock is ours: no run is alive
             prints, fingerprint = fingerprint_files(
                 control, as_of_date, files, summary.timings, remember=True
