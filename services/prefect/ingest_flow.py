@@ -201,6 +201,7 @@ def snapshot_month(
                 )
             lock_still_held()
             conn.commit()
+            verdict.committed = True
     except (Rejected, psycopg.errors.QueryCanceled) as exc:  # the month was refused
         if not verdict.rejected:
             raise
@@ -213,8 +214,9 @@ def snapshot_month(
         # The month's own rows broke a key (a user_id twice in a file): validation, still
         # running, names the file, lines and column, and its verdict decides what the
         # run says. Failing at once put PostgreSQL's "duplicate key value violates unique
-        # constraint" first in the run's log, at ERROR. The transaction is rolled back
-        # (its locks released) before the wait: validation reads the live tables.
+        # constraint" first in the run's log, at ERROR. The transaction is already rolled
+        # back (the connection closed with it): readers of the live tables do not wait
+        # behind its locks (a first load's key drop, the partition DDL) for the verdict.
         if verdict.wait():
             raise  # validation passed: its checks missed what the key caught
         raise NotPublished(

@@ -210,9 +210,6 @@ def _stopped(exc: BaseException) -> BaseException:
         return exc
     if LAST_RUN and LAST_RUN[0].status == "succeeded":
         return PublishedThenInterrupted(exc, docs_built=None)
-    if LAST_RUN and LAST_RUN[0].status == "failed":  # recorded so: its month did not commit
-        run = LAST_RUN[0]
-        return StoppedUnpublished(
-            exc, run.stopped_outcome or f"nothing was published; the run had failed: {run.error}"
-        )
+    if LAST_RUN and LAST_RUN[0].stopped_outcome:  # failed, its month known not to be in
+        return StoppedUnpublished(exc, LAST_RUN[0].stopped_outcome)
     return Terminated() if isinstance(exc, TerminationSignal) else exc

@@ -53,7 +53,9 @@ class StoppedUnpublished(KeyboardInterrupt):
     recorded failed: the CLI's line says what the ledger says ("nothing was
     published"); "ingest interrupted" alone left people to look it up."""
 
-    def __init__(self, stopped_by: BaseException | None = None, outcome: str = "") -> None:
+    def __init__(
+        self, stopped_by: BaseException | None = None, outcome: str = "nothing was published"
+    ) -> None:
         super().__init__()  # no arguments kept: it unpickles (Prefect may store it)
         self.signum = signal.SIGINT if stopped_by is None else stopped_by_signal(stopped_by)
         self.outcome = outcome

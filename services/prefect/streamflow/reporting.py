@@ -27,8 +27,8 @@ class RunSummary:
     timings: dict[str, float] = field(default_factory=dict)
     data_docs: str | None = None
     error: str | None = None
-    # A run stopped by a signal before its month committed: what it left, in the
-    # ledger's words ("nothing was published"), for the CLI's last line.
+    # A failed run whose month did not commit: what it left, in the ledger's words
+    # ("nothing was published"), for the CLI's last line if a signal stops it.
     stopped_outcome: str | None = None
 
     @property

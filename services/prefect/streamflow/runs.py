@@ -267,6 +267,9 @@ class MonthRun:
             summary.error = f"interrupted ({by}); {summary.stopped_outcome}"
         else:
             summary.error = in_words(exc)
+            summary.stopped_outcome = f"nothing was published; the run had failed: {summary.error}"
+        if self.verdict.committed:  # its publisher's COMMIT returned: the month is in
+            summary.stopped_outcome = None
         # The same one line the CLI prints, for runs started from the UI.
         self.log.error("ingest failed: %s", summary.error)
         try:

@@ -33,6 +33,9 @@ class Verdict:
         self.waited_seconds = 0.0
         self.reason = ""
         """Why the month was refused, for the publisher's own failure message."""
+        self.committed = False
+        """Set by the publisher once its COMMIT returned: the month is in, whatever the
+        run's later errors say (the CLI must not say "nothing was published")."""
 
     def accept(self) -> None:
         with self._lock:
