@@ -510,6 +510,24 @@ def test_the_run_is_named_after_its_month_as_read(run_flow, db_url, months, tmp_
     assert (docs / "index.html").read_text().count(f"ingest-{JAN}") >= len(TABLES)
 
 
+def test_the_ledger_records_the_folder_absolute(run_flow, db_url, months, monkeypatch):
+    """A relative seed_dir was recorded as given: 'month_000' in ingest_runs said
+    nothing of where the files were to whoever read it from elsewhere (a deployment's
+    runner works in a folder nobody sees). The run's line keeps the name as given."""
+    monkeypatch.chdir(months)
+
+    line = ok(run_flow(db_url, "month_000", JAN))
+    again = ok(run_flow(db_url, "month_000", JAN))
+
+    assert line.startswith(f"month_000 as_of {JAN}: published"), line
+    assert again.startswith(f"month_000 as_of {JAN}: already published"), again
+    recorded = [(r["status"], r["seed_dir"]) for r in runs(db_url)]
+    assert recorded == [
+        ("succeeded", str(months / "month_000")),
+        ("noop", str(months / "month_000")),
+    ]
+
+
 def test_data_docs_that_could_not_be_built_are_not_announced(
     run_flow, db_url, months, tmp_path, monkeypatch, caplog
 ):

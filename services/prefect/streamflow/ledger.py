@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from datetime import date
 
@@ -84,13 +85,18 @@ def start_run(
     files: list[FileFingerprint] | None,
     flow_run_id: str | None = None,
 ) -> int:
-    """A new ingest_runs row; ``flow_run_id``: the Prefect flow run, when there is one."""
+    """A new ingest_runs row; ``flow_run_id``: the Prefect flow run, when there is one.
+
+    ``seed_dir`` is recorded absolute (not resolved: the name people used stays): a
+    relative one meant nothing to whoever read the ledger from another folder, and a
+    deployment's was relative to a runner's working folder nobody sees.
+    """
     files_json = Jsonb({f.table: f.as_json() for f in files}) if files else None
     cur = conn.execute(
         queries("ledger")["start_run"],
         {
             "as_of": as_of,
-            "seed_dir": seed_dir,
+            "seed_dir": os.path.abspath(seed_dir),
             "status": status,
             "mode": mode,
             "fingerprint": fingerprint,
