@@ -271,6 +271,20 @@ def test_the_gx_process_does_not_outlive_a_failed_staging(
     assert _validation_children() == []
 
 
+def test_warnings_made_errors_in_the_environment_do_not_stop_validation(
+    real_gx_process, run_flow, db_url, months, monkeypatch
+):
+    """PYTHONWARNINGS=error (a developer's shell, a CI's) made a DeprecationWarning of
+    GX's own imports the run's failure: "validation could not run (GX process):
+    DeprecationWarning: module 'sre_constants' is deprecated"."""
+    monkeypatch.setenv("PYTHONWARNINGS", "error")
+
+    rc, out, err = run_flow(db_url, months / "month_000", JAN)
+
+    assert rc == 0, err[-2000:]
+    assert "published live + history" in out
+
+
 def test_a_gx_process_that_cannot_reach_the_database_says_so_in_one_line():
     """GX wraps the database's error in SQLAlchemy's, in its own TestConnectionError: the
     flow's message was that chain's repr, with literal \\n\\t in it. It is now the
