@@ -713,10 +713,14 @@ def generate(seeds: Path, workdir: Path, progress: Callable[[str], None] = print
         fig["digests_before_failure"] = fig_digests(url)
 
         bad = corrupted_copy(m1, workdir / "month_001")
-        # The temp dir's random suffix, masked at the same width (psql aligns columns on it).
-        cli.masks[str(workdir)] = str(
-            workdir.parent / re.sub(r"[^-]+$", lambda m: "X" * len(m.group()), workdir.name)
-        )
+        # The temp dirs' random suffixes, masked at the same width (psql aligns columns on
+        # them): this one, and, run from a commit (--from-commit), the archive's, which
+        # the ledger's absolute seed_dir shows.
+        for tmp in (workdir, REPO.parent):
+            if tmp.name.startswith("streamflow-figures-"):
+                cli.masks[str(tmp)] = str(
+                    tmp.parent / re.sub(r"[^-]+$", lambda m: "X" * len(m.group()), tmp.name)
+                )
         err = step("failing_run", bad, FEB, expect=1)
         fig["failing_run_logs"] = "\n".join(
             log_lines(err, lambda m: m.startswith(("suite usage", "ingest failed")))
