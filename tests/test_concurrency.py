@@ -230,9 +230,13 @@ def test_a_run_waiting_for_the_lock_names_the_run_that_holds_it(db_url):
                 upgrade.execute("LOCK TABLE ingest_runs IN ACCESS EXCLUSIVE MODE")
                 waiter.execute("SET statement_timeout = '20s'")
                 started = time.monotonic()
-                with pytest.raises(LockTimeout) as blocked, writer_lock(waiter, 0.3):
+                with pytest.raises(LockTimeout) as blocked, writer_lock(waiter, 0.3, told.append):
                     pass
                 looked = time.monotonic() - started
+                # The lookups' bounds ended with them: the waiter is as it was.
+                assert waiter.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+                assert waiter.execute("SHOW statement_timeout").fetchone() == ("20s",)
+                assert waiter.execute("SHOW lock_timeout").fetchone() == ("0",)
 
     assert str(early.value).startswith(
         f"another ingestion is running (held by backend pid {holder_pid});"
@@ -247,6 +251,7 @@ def test_a_run_waiting_for_the_lock_names_the_run_that_holds_it(db_url):
     assert str(blocked.value).startswith(
         f"another ingestion is running (held by backend pid {holder_pid});"
     )
+    assert told[1].startswith(f"another ingestion is running (held by backend pid {holder_pid}):")
     assert looked < 10, looked
 
 

@@ -949,6 +949,83 @@ def test_an_interrupt_after_the_verdict_records_the_published_month_whole(
     assert scalar(db_url, "SELECT run_id FROM ingest_months WHERE as_of = %s", (JAN,)) == 1
 
 
+def test_an_interrupt_of_a_refused_run_says_nothing_was_published_and_why(
+    run_flow, db_url, months, monkeypatch
+):
+    """A signal once the run was refused (here while its artifact is published): the
+    CLI's line said only "ingest interrupted", though the refusal is in the ledger."""
+    from streamflow import runs as flow_runs
+    from streamflow.interrupts import StoppedUnpublished
+
+    ok(run_flow(db_url, months / "month_000", JAN))
+    real = flow_runs.publish_artifacts
+
+    def interrupted_if_refused(summary):
+        real(summary)
+        if summary.mode == "refused":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(flow_runs, "publish_artifacts", interrupted_if_refused)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        run_flow(db_url, months / "month_001", JAN)
+
+    assert isinstance(stopped.value, StoppedUnpublished), repr(stopped.value)
+    line, code = stopped.value.line()
+    refusal = runs(db_url)[-1]
+    assert (refusal["mode"], refusal["status"]) == ("refused", "failed")
+    assert (line, code) == (
+        f"ingest interrupted: nothing was published; the run had failed: {refusal['error']}",
+        130,
+    )
+
+
+def test_a_month_committed_before_its_task_failed_is_never_said_unpublished(
+    run_flow, db_url, months, monkeypatch, caplog
+):
+    """The publisher's COMMIT returned, then its task failed (here its next log line),
+    and a Ctrl-C came: the ledger kept the run succeeded, but its error, logged, said
+    "nothing was published", and the CLI's line would have too."""
+    import ingest_flow
+    from streamflow.interrupts import StoppedUnpublished
+    from streamflow.verdict import Verdict
+
+    real_logger = ingest_flow.get_run_logger
+
+    class FailsAfterTheCommit:
+        def __init__(self) -> None:
+            self.logger = real_logger()
+
+        def info(self, message, *args, **kwargs):
+            if message.startswith("month written"):
+                raise RuntimeError("the publishing task could not go on")
+            self.logger.info(message, *args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.logger, name)
+
+    real_accept = Verdict.accept
+
+    def accept_then_interrupt(self):
+        real_accept(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ingest_flow, "get_run_logger", FailsAfterTheCommit)
+    monkeypatch.setattr(Verdict, "accept", accept_then_interrupt)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        run_flow(db_url, months / "month_000", JAN)
+
+    assert not isinstance(stopped.value, StoppedUnpublished)
+    (run,) = runs(db_url)
+    assert run["status"] == "succeeded"
+    assert scalar(db_url, "SELECT run_id FROM ingest_months WHERE as_of = %s", (JAN,)) == 1
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ingest failed")]
+    assert said == [
+        "ingest failed: interrupted (Ctrl-C or SIGINT) once the month was published; its "
+        "publishing task then failed: unexpected RuntimeError: the publishing task could "
+        "not go on"
+    ], said
+
+
 def test_an_interrupt_after_the_verdict_names_why_the_publisher_did_not_commit(
     run_flow, db_url, months, monkeypatch
 ):

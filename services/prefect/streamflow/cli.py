@@ -210,6 +210,8 @@ def _stopped(exc: BaseException) -> BaseException:
         return exc
     if LAST_RUN and LAST_RUN[0].status == "succeeded":
         return PublishedThenInterrupted(exc, docs_built=None)
-    if LAST_RUN and LAST_RUN[0].stopped_outcome:  # failed, its month known not to be in
+    # Failed, and its publisher never returned from a COMMIT (one whose connection
+    # dropped may still have landed: the ledger's row says, whatever the line does).
+    if LAST_RUN and LAST_RUN[0].stopped_outcome:
         return StoppedUnpublished(exc, LAST_RUN[0].stopped_outcome)
     return Terminated() if isinstance(exc, TerminationSignal) else exc

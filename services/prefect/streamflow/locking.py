@@ -37,15 +37,17 @@ def writer_lock(
     key = {"key": LOCK_KEY}
     told = False
     while not one_row(conn.execute(q["try_writer_lock"], key))[0]:
-        if time.monotonic() >= deadline:
-            who = _holder(conn) if name_holder else ""
+        overdue = time.monotonic() >= deadline
+        telling = on_wait is not None and not told
+        who = _holder(conn) if name_holder and (overdue or telling) else ""
+        if overdue:
             raise LockTimeout(
                 f"another ingestion is running{who}; waited {wait_seconds:g}s "
                 "for it (set LOCK_WAIT_SECONDS to wait longer)"
             )
-        if on_wait is not None and not told:
+        if on_wait is not None and telling:
             on_wait(
-                f"another ingestion is running{_holder(conn)}: waiting for it, up to "
+                f"another ingestion is running{who}: waiting for it, up to "
                 f"{wait_seconds:g}s (LOCK_WAIT_SECONDS)"
             )
             told = True
@@ -71,7 +73,9 @@ def _holder(conn: psycopg.Connection) -> str:
     if has_ledger and since is not None:  # since: hidden from another login without rights
         # A ledger it cannot read (an older schema, a right missing, a lock or statement
         # timeout) leaves the pid: the wait goes on, and its words must not end it.
-        with suppress(psycopg.Error), conn.transaction():
+        # Rolled back in any case: the bounds end with it, also on a connection already
+        # in a transaction (a savepoint there: released, its SET LOCAL would outlive it).
+        with suppress(psycopg.Error), conn.transaction(force_rollback=True):
             conn.execute(q["writer_lock_run_bounds"])
             run = conn.execute(q["writer_lock_run"], {"since": since}).fetchone()
     if run is None:

@@ -116,6 +116,7 @@ class MonthRun:
             )
         except (MonthConflict, HistoryIncomplete) as exc:
             summary.mode, summary.status, summary.error = "refused", "failed", str(exc)
+            summary.stopped_outcome = f"nothing was published; the run had failed: {exc}"
             summary.run_id = ledger.record_refusal(
                 self.control,
                 as_of=as_of,
@@ -255,21 +256,31 @@ class MonthRun:
         summary.status = "failed"
         if isinstance(exc, ValidationFailed):  # the artifact's per-table expectation counts
             summary.suites = exc.suites
+        # Its publisher's COMMIT returned, and its task failed after: the month is in
+        # (the ledger's row stays succeeded), and no word may say otherwise.
+        committed = self.verdict.committed
         if interrupts.is_stop(exc):  # words, not repr()
             by_sigterm = interrupts.stopped_by_signal(exc) == signal.SIGTERM
-            summary.stopped_outcome = (
-                f"the month had passed validation, but publishing failed: "
-                f"{in_words(publish_error)}; nothing was published"
-                if publish_error is not None
-                else "nothing was published"
-            )
             by = "SIGTERM" if by_sigterm else "Ctrl-C or SIGINT"
-            summary.error = f"interrupted ({by}); {summary.stopped_outcome}"
+            if committed:
+                summary.error = (
+                    f"interrupted ({by}) once the month was published; its publishing task "
+                    f"then failed: {in_words(publish_error or exc)}"
+                )
+            else:
+                summary.stopped_outcome = (
+                    f"the month had passed validation, but publishing failed: "
+                    f"{in_words(publish_error)}; nothing was published"
+                    if publish_error is not None
+                    else "nothing was published"
+                )
+                summary.error = f"interrupted ({by}); {summary.stopped_outcome}"
         else:
             summary.error = in_words(exc)
-            summary.stopped_outcome = f"nothing was published; the run had failed: {summary.error}"
-        if self.verdict.committed:  # its publisher's COMMIT returned: the month is in
-            summary.stopped_outcome = None
+            if not committed:
+                summary.stopped_outcome = (
+                    f"nothing was published; the run had failed: {summary.error}"
+                )
         # The same one line the CLI prints, for runs started from the UI.
         self.log.error("ingest failed: %s", summary.error)
         try:
