@@ -27,7 +27,23 @@ def raise_terminated(signum: int, frame: object) -> NoReturn:
     raise Terminated
 
 
-class PublishedThenInterrupted(KeyboardInterrupt):
+class StopSaid(KeyboardInterrupt):
+    """A signal's stop with the CLI's words on what the run left (``line``)."""
+
+    def __init__(self, stopped_by: BaseException | None = None) -> None:
+        super().__init__()  # no arguments kept: it unpickles (Prefect may store it)
+        self.signum = signal.SIGINT if stopped_by is None else stopped_by_signal(stopped_by)
+
+    def line(self) -> tuple[str, int]:
+        """The CLI's last line and exit code."""
+        line, code = STOPPED.get(self.signum, STOPPED[signal.SIGINT])
+        return line + self.said(), code
+
+    def said(self) -> str:
+        return ""
+
+
+class PublishedThenInterrupted(StopSaid):
     """A signal that stopped the run once its month had committed: while the run was
     being recorded, or while its Data Docs were being built (``docs_built`` False), or
     later (None: whether they were is not known)."""
@@ -35,20 +51,15 @@ class PublishedThenInterrupted(KeyboardInterrupt):
     def __init__(
         self, stopped_by: BaseException | None = None, docs_built: bool | None = False
     ) -> None:
-        super().__init__()  # no arguments kept: it unpickles (Prefect may store it)
-        self.signum = signal.SIGINT if stopped_by is None else stopped_by_signal(stopped_by)
+        super().__init__(stopped_by)
         self.docs_built = docs_built
 
-    def line(self) -> tuple[str, int]:
-        """The CLI's last line and exit code."""
-        line, code = STOPPED.get(self.signum, STOPPED[signal.SIGINT])
-        line += " once the month was published"
-        if self.docs_built is False:
-            line += " (its Data Docs were not built)"
-        return line, code
+    def said(self) -> str:
+        unbuilt = " (its Data Docs were not built)" if self.docs_built is False else ""
+        return " once the month was published" + unbuilt
 
 
-class StoppedUnpublished(KeyboardInterrupt):
+class StoppedUnpublished(StopSaid):
     """A signal that stopped a run whose month did not commit, once the run was
     recorded failed: the CLI's line says what the ledger says ("nothing was
     published"); "ingest interrupted" alone left people to look it up."""
@@ -56,14 +67,11 @@ class StoppedUnpublished(KeyboardInterrupt):
     def __init__(
         self, stopped_by: BaseException | None = None, outcome: str = "nothing was published"
     ) -> None:
-        super().__init__()  # no arguments kept: it unpickles (Prefect may store it)
-        self.signum = signal.SIGINT if stopped_by is None else stopped_by_signal(stopped_by)
+        super().__init__(stopped_by)
         self.outcome = outcome
 
-    def line(self) -> tuple[str, int]:
-        """The CLI's last line and exit code."""
-        line, code = STOPPED.get(self.signum, STOPPED[signal.SIGINT])
-        return f"{line}: {self.outcome}", code
+    def said(self) -> str:
+        return f": {self.outcome}"
 
 
 def is_stop(exc: BaseException) -> bool:
@@ -78,7 +86,7 @@ def is_stop(exc: BaseException) -> bool:
 def stopped_by_signal(exc: BaseException) -> signal.Signals:
     """The signal behind an interrupt: Terminated is SIGTERM, Prefect's TerminationSignal
     carries its own (``signal``), anything else is SIGINT."""
-    if isinstance(exc, (PublishedThenInterrupted, StoppedUnpublished)):
+    if isinstance(exc, StopSaid):
         return exc.signum
     if isinstance(exc, Terminated):
         return signal.SIGTERM

@@ -41,7 +41,7 @@ from . import validation
 from .embedded import resolve_database_url
 from .errors import IngestError
 from .inputs import complete_run
-from .interrupts import STOPPED, PublishedThenInterrupted, StoppedUnpublished, stopped_by_signal
+from .interrupts import STOPPED, StopSaid, stopped_by_signal
 from .settings import load_settings, prefect_api_url
 
 if TYPE_CHECKING:  # imported by the CLI only after the server is spawned
@@ -278,7 +278,7 @@ class Warmup:
             code = 1
         except SystemExit as exc:  # argparse, after printing its usage line
             code = exc.code if isinstance(exc.code, int) else 1
-        except (PublishedThenInterrupted, StoppedUnpublished) as exc:
+        except StopSaid as exc:
             line, code = exc.line()
             print(line, file=sys.stderr)
         except KeyboardInterrupt as exc:
