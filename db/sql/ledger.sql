@@ -65,6 +65,11 @@ UPDATE ingest_runs
 SET status = 'succeeded', table_stats = %(table_stats)s, error = NULL, finished_at = now()
 WHERE run_id = %(run_id)s;
 
+-- name: published_stats
+-- What the publishing transaction recorded of its month (mark_published), read back
+-- when the publisher's task failed after its COMMIT returned.
+SELECT table_stats FROM ingest_runs WHERE run_id = %(run_id)s AND status = 'succeeded';
+
 -- name: record_month
 INSERT INTO ingest_months AS m (as_of, fingerprint, run_id)
 VALUES (%(as_of)s, %(fingerprint)s, %(run_id)s)

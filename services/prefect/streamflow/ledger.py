@@ -158,6 +158,13 @@ def record_refusal(
     return run_id
 
 
+def published_stats(conn: psycopg.Connection, run_id: int) -> list[dict] | None:
+    """The per-table counts the run's publishing transaction recorded; None if the
+    ledger does not list the run as succeeded."""
+    row = conn.execute(queries("ledger")["published_stats"], {"run_id": run_id}).fetchone()
+    return None if row is None else row[0]
+
+
 def record_month(
     conn: psycopg.Connection,
     as_of: date,

@@ -28,6 +28,7 @@ from .errors import (
     ValidationFailed,
 )
 from .interrupts import PublishedThenInterrupted
+from .publishing import TableStats
 from .reporting import RunSummary, Stopwatch, publish_artifacts
 from .rerun import Mode
 from .verdict import Verdict
@@ -233,13 +234,34 @@ class MonthRun:
         index = None if docs_error else suites.docs_index
         self.summary.data_docs = None if index is None else str(index)
 
+    def published_tables(self) -> list[TableStats]:
+        """The publisher's counts of its month. If its task failed after its COMMIT
+        returned, the month is in all the same: the run said "ingest failed" (exit 1) of
+        a month the ledger listed as succeeded. The counts are then read back from the
+        ledger, where the publishing transaction wrote them."""
+        if self.published is None:
+            raise RuntimeError("the publishing task never started")
+        try:
+            return self.published.result()
+        except Exception as exc:
+            recorded = None
+            if self.verdict.committed:
+                with suppress(psycopg.Error):  # unreadable: the task's own error stands
+                    recorded = ledger.published_stats(self.control, self.run_id)
+            if recorded is None:
+                raise
+            self.log.warning(
+                "the month is published (its COMMIT returned), but its publishing task "
+                "then failed: %s",
+                in_words(exc),
+            )
+            return [TableStats(**t) for t in recorded]
+
     def _publishing_error(self) -> BaseException | None:
         """None once the publisher of an accepted month has committed it (its counts go
         to the summary), else why it did not."""
-        if self.published is None:
-            return RuntimeError("the publishing task never started")
         try:
-            self.summary.tables = self.published.result()
+            self.summary.tables = self.published_tables()
         except Exception as exc:  # its own failure (a lost writer lock): the month did not land
             return exc
         return None
