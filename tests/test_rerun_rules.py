@@ -1000,6 +1000,19 @@ def _publisher_fails_after_its_commit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ingest_flow, "get_run_logger", FailsAfterTheCommit)
 
 
+def _ctrl_c_once_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C the moment validation's verdict accepts the month."""
+    from streamflow.verdict import Verdict
+
+    real_accept = Verdict.accept
+
+    def accept_then_interrupt(self):
+        real_accept(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Verdict, "accept", accept_then_interrupt)
+
+
 @pytest.mark.parametrize("stopped", [False, True], ids=["no signal", "Ctrl-C"])
 def test_a_month_committed_before_its_task_failed_is_a_published_month(
     run_flow, db_url, months, monkeypatch, caplog, stopped
@@ -1009,17 +1022,10 @@ def test_a_month_committed_before_its_task_failed_is_a_published_month(
     after a Ctrl-C the run's logged error said "nothing was published". The run now
     reads its counts back from the ledger and ends as a published month."""
     from streamflow.interrupts import PublishedThenInterrupted
-    from streamflow.verdict import Verdict
 
     _publisher_fails_after_its_commit(monkeypatch)
     if stopped:
-        real_accept = Verdict.accept
-
-        def accept_then_interrupt(self):
-            real_accept(self)
-            raise KeyboardInterrupt
-
-        monkeypatch.setattr(Verdict, "accept", accept_then_interrupt)
+        _ctrl_c_once_accepted(monkeypatch)
         with pytest.raises(KeyboardInterrupt) as interrupt:
             run_flow(db_url, months / "month_000", JAN)
         assert isinstance(interrupt.value, PublishedThenInterrupted), repr(interrupt.value)
@@ -1038,6 +1044,36 @@ def test_a_month_committed_before_its_task_failed_is_a_published_month(
         "unexpected RuntimeError: the publishing task could not go on"
     ) in caplog.text
     assert "nothing was published" not in caplog.text
+
+
+def test_a_committed_month_whose_counts_cannot_be_read_back_is_not_said_unpublished(
+    run_flow, db_url, months, monkeypatch, caplog
+):
+    """As above, with the ledger unreadable when the counts are read back: the run ends
+    failed, but neither its logged error nor the CLI's line says "nothing was
+    published" of the month its COMMIT put in."""
+    from streamflow import ledger as ledger_rows
+    from streamflow.interrupts import StoppedUnpublished
+
+    def unreadable(conn, run_id):
+        raise psycopg.OperationalError("the ledger could not be read")
+
+    _publisher_fails_after_its_commit(monkeypatch)
+    monkeypatch.setattr(ledger_rows, "published_stats", unreadable)
+    _ctrl_c_once_accepted(monkeypatch)
+    with pytest.raises(KeyboardInterrupt) as interrupt:
+        run_flow(db_url, months / "month_000", JAN)
+
+    assert not isinstance(interrupt.value, StoppedUnpublished), repr(interrupt.value)
+    (run,) = runs(db_url)
+    assert run["status"] == "succeeded"
+    assert scalar(db_url, "SELECT run_id FROM ingest_months WHERE as_of = %s", (JAN,)) == 1
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ingest failed")]
+    assert said == [
+        "ingest failed: interrupted (Ctrl-C or SIGINT) once the month was published; its "
+        "publishing task then failed: unexpected RuntimeError: the publishing task could "
+        "not go on"
+    ], said
 
 
 def test_an_interrupt_after_the_verdict_names_why_the_publisher_did_not_commit(

@@ -202,23 +202,24 @@ def snapshot_month(
             lock_still_held()
             conn.commit()
             verdict.committed = True
-    except (Rejected, psycopg.errors.QueryCanceled) as exc:  # the month was refused
+    except (
+        Rejected,
+        psycopg.errors.QueryCanceled,
+        psycopg.errors.IntegrityError,
+        psycopg.errors.CardinalityViolation,
+    ) as exc:
+        if isinstance(exc, (psycopg.errors.IntegrityError, psycopg.errors.CardinalityViolation)):
+            # The month's own rows broke a key (a user_id twice in a file): validation,
+            # still running, names the file, lines and column, and its verdict decides
+            # what the run says. Failing at once put PostgreSQL's "duplicate key value
+            # violates unique constraint" first in the run's log, at ERROR. The
+            # transaction is already rolled back (the connection closed with it): readers
+            # of the live tables do not wait behind its locks for the verdict.
+            verdict.wait()
         if not verdict.rejected:
-            raise
+            raise  # not refused (for a key: validation missed what the key caught)
         # Not the cancel's "canceling statement due to user request", nor "validation
         # failed" when the run failed or was stopped instead.
-        raise NotPublished(
-            f"{verdict.reason}: the month was rolled back, nothing published"
-        ) from exc
-    except (psycopg.errors.IntegrityError, psycopg.errors.CardinalityViolation) as exc:
-        # The month's own rows broke a key (a user_id twice in a file): validation, still
-        # running, names the file, lines and column, and its verdict decides what the
-        # run says. Failing at once put PostgreSQL's "duplicate key value violates unique
-        # constraint" first in the run's log, at ERROR. The transaction is already rolled
-        # back (the connection closed with it): readers of the live tables do not wait
-        # behind its locks (a first load's key drop, the partition DDL) for the verdict.
-        if verdict.wait():
-            raise  # validation passed: its checks missed what the key caught
         raise NotPublished(
             f"{verdict.reason}: the month was rolled back, nothing published"
         ) from exc

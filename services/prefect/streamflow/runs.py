@@ -70,6 +70,11 @@ def published_then_stopped_said(
         raise
 
 
+def _unpublished_because(error: str) -> str:
+    """A failed run's words for the CLI's line should a signal stop it afterwards."""
+    return f"nothing was published; the run had failed: {error}"
+
+
 class _Outcome(TypedDict, total=False):
     """What ``ledger.finish_run`` records of a run, its keywords."""
 
@@ -117,7 +122,7 @@ class MonthRun:
             )
         except (MonthConflict, HistoryIncomplete) as exc:
             summary.mode, summary.status, summary.error = "refused", "failed", str(exc)
-            summary.stopped_outcome = f"nothing was published; the run had failed: {exc}"
+            summary.stopped_outcome = _unpublished_because(summary.error)
             summary.run_id = ledger.record_refusal(
                 self.control,
                 as_of=as_of,
@@ -300,9 +305,7 @@ class MonthRun:
         else:
             summary.error = in_words(exc)
             if not committed:
-                summary.stopped_outcome = (
-                    f"nothing was published; the run had failed: {summary.error}"
-                )
+                summary.stopped_outcome = _unpublished_because(summary.error)
         # The same one line the CLI prints, for runs started from the UI.
         self.log.error("ingest failed: %s", summary.error)
         try:
