@@ -34,7 +34,8 @@ atexit.register(shutil.rmtree, STATE, ignore_errors=True)
 os.environ.setdefault("PREFECT_HOME", str(STATE / "prefect"))
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("GX_DOCS_DIR", str(STATE / "gx_docs"))
+SHARED_DOCS = str(STATE / "gx_docs")
+os.environ.setdefault("GX_DOCS_DIR", SHARED_DOCS)
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # The temporary Prefect server gets 20 s to start by default: too short on a busy box.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -206,8 +207,20 @@ def main_in_process(argv: list[str]) -> int:
     import ingest_flow
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    with (
+        pytest.MonkeyPatch.context() as mp,
+        temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
+    ):
+        mp.setenv("GX_DOCS_DIR", docs_dir_of_a_run())
         return ingest_flow.main(argv)
+
+
+def docs_dir_of_a_run() -> str:
+    """GX_DOCS_DIR as a test set it, else a folder of the run's own. The Data Docs keep
+    every run's results, and their index lists them all: in one folder for the whole
+    session, each run's docs took longer to build than the last's."""
+    docs = os.environ["GX_DOCS_DIR"]
+    return str(STATE / "gx_docs_runs" / str(next(_counter))) if docs == SHARED_DOCS else docs
 
 
 @pytest.fixture

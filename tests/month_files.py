@@ -23,7 +23,15 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import ALL_TABLES, FLOW_DIR, SHARED_SEEDS, STATE, main_in_process, with_database
+from conftest import (
+    ALL_TABLES,
+    FLOW_DIR,
+    SHARED_SEEDS,
+    STATE,
+    docs_dir_of_a_run,
+    main_in_process,
+    with_database,
+)
 from psycopg import sql
 from streamflow.locking import LOCK_KEY
 from streamflow.registry import TABLES
@@ -112,7 +120,9 @@ def with_value(
 def flow_env(url: str, **extra: str) -> dict[str, str]:
     """Environment for a flow subprocess: this interpreter's env, the DB, nothing else steering."""
     env = {k: v for k, v in os.environ.items() if k not in RUN_VARIABLES}
-    env.update(DATABASE_URL=url, PYTHONPATH=str(FLOW_DIR), PYTHONUNBUFFERED="1", **extra)
+    env.update(DATABASE_URL=url, PYTHONPATH=str(FLOW_DIR), PYTHONUNBUFFERED="1")
+    env["GX_DOCS_DIR"] = docs_dir_of_a_run()
+    env.update(extra)
     return env
 
 

@@ -35,6 +35,7 @@ from month_files import (
     write_rows,
 )
 from streamflow.registry import LIVE_TABLES, SNAPSHOT_TABLES, TABLES
+from streamflow.validation import RESULTS_FOLDER
 
 JAN, FEB = AS_OF["month_000"], AS_OF["month_001"]
 _names = itertools.count()
@@ -508,6 +509,34 @@ def test_the_run_is_named_after_its_month_as_read(run_flow, db_url, months, tmp_
         [page] = (docs / "validations" / suite / f"ingest-{JAN}").rglob("*.html")
         assert f"ingest-{JAN}" in page.read_text()
     assert (docs / "index.html").read_text().count(f"ingest-{JAN}") >= len(TABLES)
+
+
+def test_the_data_docs_keep_every_runs_pages_and_list_them(
+    run_flow, db_url, months, tmp_path, monkeypatch
+):
+    """The Data Docs showed the last run alone: GX deleted every earlier run's pages
+    (their results lived in the GX process's memory only), so a refused month's pages,
+    with the rows that failed, were gone once the next run had validated."""
+    docs = tmp_path / "docs"
+    monkeypatch.setenv("GX_DOCS_DIR", str(docs))
+    refused = with_a_negative_payment(changed_copy(months / "month_001", tmp_path / "bad"))
+
+    ok(run_flow(db_url, months / "month_000", JAN))
+    rc, _, err = run_flow(db_url, refused, FEB)
+    assert rc == 1 and "payments_agg_90d.csv" in err, err[-2000:]
+    ok(run_flow(db_url, months / "month_001", FEB))
+
+    index = (docs / "index.html").read_text()
+    for spec in TABLES:
+        suite = docs / "validations" / f"{spec.name}_suite"
+        [january] = (suite / f"ingest-{JAN}").rglob("*.html")
+        february = sorted((suite / f"ingest-{FEB}").rglob("*.html"))
+        assert len(february) == 2, february  # the refused run's, then the published one's
+        for page in (january, *february):
+            assert str(page.relative_to(docs)) in index, page
+    [failed] = sorted((docs / "validations" / "payments_agg_90d_suite").rglob("*.html"))[1:2]
+    assert "-1" in failed.read_text()
+    assert len(list((docs / RESULTS_FOLDER).rglob("*.json"))) == 3 * len(TABLES)
 
 
 def test_the_ledger_records_the_folder_absolute(run_flow, db_url, months, monkeypatch):

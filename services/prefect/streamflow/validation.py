@@ -98,6 +98,10 @@ def _sqlalchemy_url(database_url: str) -> str:
     ).render_as_string(hide_password=False)
 
 
+RESULTS_FOLDER = "results"  # in the docs folder: each validation's result, as JSON
+_RESULTS_STORE = "streamflow_results"
+
+
 class Suites:
     """GX's context and the six suites, built before the database is needed.
 
@@ -115,17 +119,32 @@ class Suites:
         context.variables.progress_bars = {"globally": False}
         self.docs_dir = docs_dir
         self.site = None
+        self._documented: list[Any] = []  # what build_docs renders: this run's pages
         if docs_dir is not None:
             docs_dir.mkdir(parents=True, exist_ok=True)
+            # The results kept on disk beside their pages. In the ephemeral context's
+            # memory, only this run's existed: building the site deleted every earlier
+            # month's pages (GX drops pages whose result its store lacks), so the Data
+            # Docs showed the last run alone, and a refused month's lasted until the next.
+            context.add_store(
+                _RESULTS_STORE,
+                {
+                    "class_name": "ValidationResultsStore",
+                    "store_backend": {
+                        "class_name": "TupleFilesystemStoreBackend",
+                        # As given: a store's config is not read for $NAME variables.
+                        "base_directory": str(docs_dir / RESULTS_FOLDER),
+                    },
+                },
+            )
+            context.validation_results_store_name = _RESULTS_STORE
             context.add_data_docs_site(
                 site_name="streamflow",
                 site_config={
                     "class_name": "SiteBuilder",
                     "store_backend": {
                         "class_name": "TupleFilesystemStoreBackend",
-                        # GX reads $NAME in its config as a variable: a folder with a
-                        # '$' in its path had the docs written elsewhere, or not at all.
-                        "base_directory": str(docs_dir).replace("$", r"\$"),
+                        "base_directory": _gx_path(docs_dir),
                     },
                     "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
                 },
@@ -149,6 +168,9 @@ class Suites:
         """
         import great_expectations as gx
         from great_expectations.core.run_identifier import RunIdentifier
+        from great_expectations.data_context.types.resource_identifiers import (
+            ExpectationSuiteIdentifier,
+        )
 
         context, site = self.context, self.site
         source = context.data_sources.add_sql(
@@ -181,6 +203,7 @@ class Suites:
         # checkpoint's engine, not connections of their own: a login limited to four got
         # "too many connections" instead of why a month failed.
         engine = self._engine = source.get_execution_engine().engine
+        suite_pages = [ExpectationSuiteIdentifier(name=suite.name) for suite in self.suites]
 
         def validate(as_of: date, users_floor: int) -> tuple[list[SuiteOutcome], Path | None]:
             # Each `with` gives the connection back to the pool, which rolls it back: no
@@ -196,6 +219,8 @@ class Suites:
             # which month they validated.
             run_id = RunIdentifier(run_name=f"ingest-{as_of.isoformat()}")
             results = checkpoint.run(expectation_parameters=parameters, run_id=run_id)
+            # A failing table's second run below stores its result under the same key.
+            self._documented = [*results.run_results, *suite_pages]
             runs = list(results.run_results.values())
             for i, run in enumerate(runs):
                 if not run.success:
@@ -212,11 +237,21 @@ class Suites:
         return validate
 
     def build_docs(self) -> None:
-        """The Data Docs site of the validations run so far (none without a docs dir)."""
-        if self.docs_dir is not None:
+        """This run's pages of the Data Docs site, and its index of every run kept (none
+        without a docs dir)."""
+        if self.docs_dir is not None and self._documented:
             # One build for the whole month: GX's UpdateDataDocsAction would rebuild
-            # the site once per validation, recompiling every template each time.
-            self.context.build_data_docs(site_names=["streamflow"])
+            # the site once per validation, recompiling every template each time. Only
+            # this run's pages are rendered: the earlier runs' are on disk already.
+            self.context.build_data_docs(
+                site_names=["streamflow"], resource_identifiers=self._documented
+            )
+
+
+def _gx_path(folder: Path) -> str:
+    # GX reads $NAME in its config as a variable: a folder with a '$' in its path had
+    # the docs written elsewhere, or not at all.
+    return str(folder).replace("$", r"\$")
 
 
 def _staged_rows(conn: psycopg.Connection, spec: TableSpec) -> int:
