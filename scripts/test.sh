@@ -19,7 +19,8 @@ scripts/setup_venv.sh requirements/test.txt
 # Kept when the run fails, for its servers' logs.
 basetemp="$(mktemp -d "${TMPDIR:-/tmp}/streamflow-tests.XXXXXX")"
 status=0
-.venv/bin/python -m pytest -n auto --maxprocesses 4 --dist loadfile --basetemp "$basetemp" "$@" \
+.venv/bin/python -m pytest -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder \
+  --basetemp "$basetemp" "$@" \
   || status=$?
 if [ "$status" -eq 0 ]; then
   rm -rf "$basetemp"
