@@ -231,11 +231,25 @@ def main_in_process(argv: list[str]) -> int:
 
 
 def docs_dir_of_a_run() -> str:
-    """GX_DOCS_DIR as a test set it, else a folder of the run's own. The Data Docs keep
-    every run's results, and their index lists them all: in one folder for the whole
-    session, each run's docs took longer to build than the last's."""
+    """GX_DOCS_DIR as a test set it, else a folder of the run's own, removed when the
+    test ends. The Data Docs keep every run's results, and their index lists them all:
+    in one folder for the whole session, each run's docs took longer to build than the
+    last's; kept, a folder per run (4.6 MB) added up to gigabytes."""
     docs = os.environ["GX_DOCS_DIR"]
-    return str(STATE / "gx_docs_runs" / str(next(_counter))) if docs == SHARED_DOCS else docs
+    if docs != SHARED_DOCS:
+        return docs
+    _RUN_DOCS.append(STATE / "gx_docs_runs" / str(next(_counter)))
+    return str(_RUN_DOCS[-1])
+
+
+_RUN_DOCS: list[Path] = []
+
+
+@pytest.fixture(autouse=True)
+def _run_docs_removed() -> Iterator[None]:
+    yield
+    while _RUN_DOCS:  # the test's flows have ended, and nothing reads their docs
+        shutil.rmtree(_RUN_DOCS.pop(), ignore_errors=True)
 
 
 @pytest.fixture

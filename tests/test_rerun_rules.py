@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import os
 import shutil
@@ -534,8 +535,10 @@ def test_the_data_docs_keep_every_runs_pages_and_list_them(
         assert len(february) == 2, february  # the refused run's, then the published one's
         for page in (january, *february):
             assert str(page.relative_to(docs)) in index, page
-    [failed] = sorted((docs / "validations" / "payments_agg_90d_suite").rglob("*.html"))[1:2]
-    assert "-1" in failed.read_text()
+    kept = sorted((docs / RESULTS_FOLDER / "payments_agg_90d_suite").rglob("*.json"))
+    assert [json.loads(k.read_text())["success"] for k in kept] == [True, False, True]
+    failed = json.loads(kept[1].read_text())["results"]
+    assert [-1] in [r["result"].get("partial_unexpected_list") for r in failed], failed
     assert len(list((docs / RESULTS_FOLDER).rglob("*.json"))) == 3 * len(TABLES)
 
 
@@ -557,12 +560,26 @@ def test_the_ledger_records_the_folder_absolute(run_flow, db_url, months, monkey
     ]
 
 
+@pytest.mark.parametrize(
+    ("blocked", "error"),
+    [
+        ("index.html", "IsADirectoryError"),  # where GX writes its index page
+        # Where GX keeps the users suite's results: written during validation, this
+        # failed the month ("validation could not run (GX process): NotADirectoryError").
+        (f"{RESULTS_FOLDER}/users_suite", "NotADirectoryError"),
+    ],
+)
 def test_data_docs_that_could_not_be_built_are_not_announced(
-    run_flow, db_url, months, tmp_path, monkeypatch, caplog
+    run_flow, db_url, months, tmp_path, monkeypatch, caplog, blocked, error
 ):
-    """The CLI printed "GX Data Docs: <path>" after GX had failed to write them."""
+    """The CLI printed "GX Data Docs: <path>" after GX had failed to write them. A docs
+    folder that cannot be written leaves the docs unbuilt, and the month published."""
     docs = tmp_path / "docs"
-    (docs / "index.html").mkdir(parents=True)  # where GX writes its index page
+    (docs / blocked).parent.mkdir(parents=True)
+    if error == "IsADirectoryError":
+        (docs / blocked).mkdir()
+    else:
+        (docs / blocked).write_text("")
     monkeypatch.setenv("GX_DOCS_DIR", str(docs))
 
     with caplog.at_level(logging.WARNING):
@@ -572,8 +589,9 @@ def test_data_docs_that_could_not_be_built_are_not_announced(
     # Prefect's run logger reaches stderr, or, once a test before configured logging,
     # pytest's capture.
     logged = err + "\n".join(r.getMessage() for r in caplog.records)
-    assert "GX Data Docs not built: IsADirectoryError" in logged, logged[-3000:]
+    assert f"GX Data Docs not built: {error}" in logged, logged[-3000:]
     assert "GX Data Docs" not in out, out
+    assert "published live + history" in out, out
 
 
 def test_same_as_of_other_files_is_refused_without_replace(run_flow, db_url, months, tmp_path):

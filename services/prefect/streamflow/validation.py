@@ -119,25 +119,9 @@ class Suites:
         context.variables.progress_bars = {"globally": False}
         self.docs_dir = docs_dir
         self.site = None
-        self._documented: list[Any] = []  # what build_docs renders: this run's pages
+        self._results: dict[Any, Any] = {}  # this run's, by key: what build_docs keeps
         if docs_dir is not None:
             docs_dir.mkdir(parents=True, exist_ok=True)
-            # The results kept on disk beside their pages. In the ephemeral context's
-            # memory, only this run's existed: building the site deleted every earlier
-            # month's pages (GX drops pages whose result its store lacks), so the Data
-            # Docs showed the last run alone, and a refused month's lasted until the next.
-            context.add_store(
-                _RESULTS_STORE,
-                {
-                    "class_name": "ValidationResultsStore",
-                    "store_backend": {
-                        "class_name": "TupleFilesystemStoreBackend",
-                        # As given: a store's config is not read for $NAME variables.
-                        "base_directory": str(docs_dir / RESULTS_FOLDER),
-                    },
-                },
-            )
-            context.validation_results_store_name = _RESULTS_STORE
             context.add_data_docs_site(
                 site_name="streamflow",
                 site_config={
@@ -168,9 +152,6 @@ class Suites:
         """
         import great_expectations as gx
         from great_expectations.core.run_identifier import RunIdentifier
-        from great_expectations.data_context.types.resource_identifiers import (
-            ExpectationSuiteIdentifier,
-        )
 
         context, site = self.context, self.site
         source = context.data_sources.add_sql(
@@ -203,7 +184,6 @@ class Suites:
         # checkpoint's engine, not connections of their own: a login limited to four got
         # "too many connections" instead of why a month failed.
         engine = self._engine = source.get_execution_engine().engine
-        suite_pages = [ExpectationSuiteIdentifier(name=suite.name) for suite in self.suites]
 
         def validate(as_of: date, users_floor: int) -> tuple[list[SuiteOutcome], Path | None]:
             # Each `with` gives the connection back to the pool, which rolls it back: no
@@ -219,8 +199,7 @@ class Suites:
             # which month they validated.
             run_id = RunIdentifier(run_name=f"ingest-{as_of.isoformat()}")
             results = checkpoint.run(expectation_parameters=parameters, run_id=run_id)
-            # A failing table's second run below stores its result under the same key.
-            self._documented = [*results.run_results, *suite_pages]
+            keys = list(results.run_results)
             runs = list(results.run_results.values())
             for i, run in enumerate(runs):
                 if not run.success:
@@ -229,6 +208,7 @@ class Suites:
                         expectation_parameters=parameters,
                         run_id=run_id,
                     )
+            self._results = dict(zip(keys, runs, strict=True))
             outcomes = [_suite_outcome(spec, run) for spec, run in zip(TABLES, runs, strict=True)]
             with engine.connect() as shared:
                 _add_row_examples(shared.connection.driver_connection, outcomes, as_of)
@@ -239,13 +219,40 @@ class Suites:
     def build_docs(self) -> None:
         """This run's pages of the Data Docs site, and its index of every run kept (none
         without a docs dir)."""
-        if self.docs_dir is not None and self._documented:
-            # One build for the whole month: GX's UpdateDataDocsAction would rebuild
-            # the site once per validation, recompiling every template each time. Only
-            # this run's pages are rendered: the earlier runs' are on disk already.
-            self.context.build_data_docs(
-                site_names=["streamflow"], resource_identifiers=self._documented
-            )
+        if self.docs_dir is None or not self._results:
+            return
+        from great_expectations.data_context.types.resource_identifiers import (
+            ExpectationSuiteIdentifier,
+        )
+
+        # The results kept on disk beside their pages. In the ephemeral context's memory
+        # only this run's existed: building the site deleted every earlier run's pages
+        # (GX drops a page whose result its store lacks), so the Data Docs showed the
+        # last run alone, and a refused month's lasted until the next run. Written here,
+        # after the verdict, not by the checkpoint: a docs folder that cannot be written
+        # leaves the Data Docs unbuilt, not the month unpublished.
+        context = self.context
+        kept = context.add_store(
+            _RESULTS_STORE,
+            {
+                "class_name": "ValidationResultsStore",
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    # As given: a store's config is not read for $NAME variables.
+                    "base_directory": str(self.docs_dir / RESULTS_FOLDER),
+                },
+            },
+        )
+        for key, result in self._results.items():
+            kept.set(key, result)
+        context.validation_results_store_name = _RESULTS_STORE
+        # One build for the whole month: GX's UpdateDataDocsAction would rebuild the site
+        # once per validation, recompiling every template each time. Only this run's
+        # pages are rendered: the earlier runs' are on disk already.
+        suites = [ExpectationSuiteIdentifier(name=suite.name) for suite in self.suites]
+        context.build_data_docs(
+            site_names=["streamflow"], resource_identifiers=[*self._results, *suites]
+        )
 
 
 def _gx_path(folder: Path) -> str:
