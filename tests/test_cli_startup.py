@@ -1058,12 +1058,18 @@ def test_nothing_reaches_the_terminal_after_the_last_line():
     logger = logging.getLogger("EventsWorker.test")
     logger.addHandler(logging.StreamHandler(terminal))
     logger.addHandler(ToTheApi())
+    # It silences every handler of the process: Prefect's console handler stayed silent
+    # for the tests after this one in the same worker (their runs' log lines missing).
+    loggers = [logging.getLogger(), *logging.root.manager.loggerDict.values()]
+    levels = [(h, h.level) for lg in loggers for h in getattr(lg, "handlers", [])]
     try:
         warmup.quiet_terminal()
         logger.warning("Still processing items: 18 items remaining...")
         logger.error("Failed to send 3 events")
     finally:
         logger.handlers.clear()
+        for handler, level in levels:
+            handler.setLevel(level)
     assert terminal.getvalue() == ""
     assert api == ["Still processing items: 18 items remaining...", "Failed to send 3 events"]
 
