@@ -230,6 +230,9 @@ def main_in_process(argv: list[str]) -> int:
         return ingest_flow.main(argv)
 
 
+_RUN_DOCS: list[Path] = []  # this test's per-run docs folders, removed when it ends
+
+
 def docs_dir_of_a_run() -> str:
     """GX_DOCS_DIR as a test set it, else a folder of the run's own, removed when the
     test ends. The Data Docs keep every run's results, and their index lists them all:
@@ -240,9 +243,6 @@ def docs_dir_of_a_run() -> str:
         return docs
     _RUN_DOCS.append(STATE / "gx_docs_runs" / str(next(_counter)))
     return str(_RUN_DOCS[-1])
-
-
-_RUN_DOCS: list[Path] = []
 
 
 @pytest.fixture(autouse=True)

@@ -1060,8 +1060,7 @@ def test_nothing_reaches_the_terminal_after_the_last_line():
     logger.addHandler(ToTheApi())
     # It silences every handler of the process: Prefect's console handler stayed silent
     # for the tests after this one in the same worker (their runs' log lines missing).
-    loggers = [logging.getLogger(), *logging.root.manager.loggerDict.values()]
-    levels = [(h, h.level) for lg in loggers for h in getattr(lg, "handlers", [])]
+    levels = [(h, h.level) for h in warmup.terminal_handlers()]
     try:
         warmup.quiet_terminal()
         logger.warning("Still processing items: 18 items remaining...")

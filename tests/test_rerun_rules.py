@@ -561,25 +561,23 @@ def test_the_ledger_records_the_folder_absolute(run_flow, db_url, months, monkey
 
 
 @pytest.mark.parametrize(
-    ("blocked", "error"),
+    ("blocked", "block", "error"),
     [
-        ("index.html", "IsADirectoryError"),  # where GX writes its index page
-        # Where GX keeps the users suite's results: written during validation, this
-        # failed the month ("validation could not run (GX process): NotADirectoryError").
-        (f"{RESULTS_FOLDER}/users_suite", "NotADirectoryError"),
+        ("index.html", Path.mkdir, "IsADirectoryError"),  # where GX writes its index page
+        # Where GX keeps the users suite's results. Written by the checkpoint, during
+        # validation, this failed the month ("validation could not run (GX process):
+        # NotADirectoryError").
+        (f"{RESULTS_FOLDER}/users_suite", Path.touch, "NotADirectoryError"),
     ],
 )
 def test_data_docs_that_could_not_be_built_are_not_announced(
-    run_flow, db_url, months, tmp_path, monkeypatch, caplog, blocked, error
+    run_flow, db_url, months, tmp_path, monkeypatch, caplog, blocked, block, error
 ):
     """The CLI printed "GX Data Docs: <path>" after GX had failed to write them. A docs
     folder that cannot be written leaves the docs unbuilt, and the month published."""
     docs = tmp_path / "docs"
     (docs / blocked).parent.mkdir(parents=True)
-    if error == "IsADirectoryError":
-        (docs / blocked).mkdir()
-    else:
-        (docs / blocked).write_text("")
+    block(docs / blocked)
     monkeypatch.setenv("GX_DOCS_DIR", str(docs))
 
     with caplog.at_level(logging.WARNING):

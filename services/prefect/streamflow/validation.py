@@ -128,7 +128,9 @@ class Suites:
                     "class_name": "SiteBuilder",
                     "store_backend": {
                         "class_name": "TupleFilesystemStoreBackend",
-                        "base_directory": _gx_path(docs_dir),
+                        # GX reads $NAME in its config as a variable: a folder with a
+                        # '$' in its path had the docs written elsewhere, or not at all.
+                        "base_directory": str(docs_dir).replace("$", r"\$"),
                     },
                     "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
                 },
@@ -253,12 +255,6 @@ class Suites:
         context.build_data_docs(
             site_names=["streamflow"], resource_identifiers=[*self._results, *suites]
         )
-
-
-def _gx_path(folder: Path) -> str:
-    # GX reads $NAME in its config as a variable: a folder with a '$' in its path had
-    # the docs written elsewhere, or not at all.
-    return str(folder).replace("$", r"\$")
 
 
 def _staged_rows(conn: psycopg.Connection, spec: TableSpec) -> int:

@@ -219,15 +219,22 @@ def quiet_terminal() -> None:
     logs meanwhile ("Still processing items: N items remaining...") would come below
     it. The line a person or a script's ``tail -1`` reads must stay last. The run's
     logs still reach the API (its handler is not a stream)."""
+    for handler in terminal_handlers():
+        handler.setLevel(logging.CRITICAL + 1)
+
+
+def terminal_handlers() -> list[logging.Handler]:
+    """Every logging handler of the process that writes to a stream, not a file."""
     loggers = [logging.getLogger()] + [
         lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)
     ]
-    for logger in loggers:
-        for handler in logger.handlers:
-            if isinstance(handler, logging.StreamHandler) and not isinstance(
-                handler, logging.FileHandler
-            ):
-                handler.setLevel(logging.CRITICAL + 1)
+    return [
+        handler
+        for logger in loggers
+        for handler in logger.handlers
+        if isinstance(handler, logging.StreamHandler)
+        and not isinstance(handler, logging.FileHandler)
+    ]
 
 
 class Warmup:
