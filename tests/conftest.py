@@ -92,6 +92,24 @@ _REAL_CHILD_COMMAND = sfvalidation.child_command
 _LONGEST_MODULES = ("test_crash_recovery.py", "test_cli_startup.py", "test_rerun_rules.py")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # As root, pgserver runs PostgreSQL as a 'pgserver' system user that it creates with
+    # useradd when missing. On a fresh machine the xdist workers each created it at once:
+    # the user was made twice (uid 1001, then 1002), one worker's data folder was chowned
+    # to the lost uid, and every test of that worker errored ("initdb: could not access
+    # directory ...: Permission denied"; 2 runs of 3). The controller makes it first.
+    if (
+        hasattr(config, "workerinput")  # an xdist worker: the controller has done it
+        or os.environ.get("TEST_DATABASE_URL")
+        or os.name != "posix"
+        or os.geteuid() != 0
+    ):
+        return
+    from pgserver.utils import ensure_user_exists
+
+    ensure_user_exists("pgserver")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def rank(item: pytest.Item) -> int:
         name = item.path.name
