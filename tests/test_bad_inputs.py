@@ -239,7 +239,12 @@ CORPUS = [
     Bad(
         "negative_aggregate",
         set_cell("support_agg_90d", 7, "ticket_avg_resolution_hrs_90d", "-2.5"),
-        ["support_agg_90d.csv", "column ticket_avg_resolution_hrs_90d", "-2.5", ">= 0"],
+        [
+            "support_agg_90d.csv",
+            "column ticket_avg_resolution_hrs_90d",
+            "e.g. -2.5 (user_id {uid:7} on line 8)",
+        ],
+        expect_user_ids_of={"uid:7": ("support_agg_90d", 7)},
     ),
     Bad(
         "missing_column",
@@ -262,7 +267,7 @@ CORPUS = [
         set_cell("labels", 10, "churn_label", ""),
         [
             "labels.csv, column churn_label: 1 empty value(s); every row needs a churn_label "
-            "(user_id {uid:10})"
+            "(user_id {uid:10} on line 11)"
         ],
         expect_user_ids_of={"uid:10": ("labels", 10)},
     ),
@@ -305,7 +310,7 @@ CORPUS = [
     Bad(
         "user_id_not_in_users",
         edit("labels", _orphan),
-        ["labels.csv", "column user_id", "users.csv", "0000-NOTAUSER"],
+        ["labels.csv", "column user_id", "users.csv", "e.g. 0000-NOTAUSER on line 6"],
     ),
     Bad(
         # The live labels would keep last month's label for that user, and the month's
@@ -344,7 +349,12 @@ CORPUS = [
         # numeric takes it; a float (the feature store, pandas) would read Infinity
         "number_beyond_double",
         set_cell("usage_agg_30d", 26, "watch_hours_30d", "1e400"),
-        ["usage_agg_30d.csv", "watch_hours_30d", "not a finite", "1E+400 (user_id {uid:26})"],
+        [
+            "usage_agg_30d.csv",
+            "watch_hours_30d",
+            "not a finite",
+            "1E+400 (user_id {uid:26} on line 27)",
+        ],
         expect_user_ids_of={"uid:26": ("usage_agg_30d", 26)},
         absent=("None", "below 0", "could not be evaluated", "more failed"),
     ),
@@ -413,7 +423,7 @@ CORPUS = [
             "users.csv",
             "column signup_date",
             "1 date(s) before 1900-01-01 or after the month's as_of 2024-02-29",
-            "2024-03-01 (user_id {uid:12})",
+            "2024-03-01 (user_id {uid:12} on line 13)",
         ],
         expect_user_ids_of={"uid:12": ("users", 12)},
     ),
@@ -423,7 +433,7 @@ CORPUS = [
         [
             "subscriptions.csv",
             "column contract_type",
-            "'Lifetime' (user_id {uid:8})",
+            "'Lifetime' (user_id {uid:8} on line 9)",
             "Month-to-month",
         ],
         expect_user_ids_of={"uid:8": ("subscriptions", 8)},
@@ -970,6 +980,52 @@ def test_duplicate_lines_are_counted_as_an_editor_shows_them(tmp_path):
         key_lines(BY_NAME["labels"], path, {"A": 2, "C": 2})
 
 
+def test_a_failed_value_is_named_by_its_line_only_where_its_user_id_names_one_row(tmp_path):
+    """The shown failure's rows get their file line; not where the file's user_ids are
+    not unique (an id would name two rows), nor for the failures the line only counts
+    (each lookup may read a whole file)."""
+    from streamflow.outcomes import ExpectationOutcome, SuiteOutcome, check, locate_rows
+
+    path = tmp_path / "labels.csv"
+    path.write_bytes(b"user_id,churn_label\nA,true\nB,\nC,\nD,false\n")
+    files = {"labels": path, "support_agg_90d": tmp_path / "support_agg_90d.csv"}
+    files["support_agg_90d"].write_bytes(
+        b"user_id,tickets_90d,ticket_avg_resolution_hrs_90d\nA,-1,1\nB,2,3\n"
+    )
+
+    def failures() -> tuple[ExpectationOutcome, ExpectationOutcome]:
+        empty = ExpectationOutcome(
+            "labels", "expect_column_values_to_not_be_null", "churn_label", False, 2,
+            examples=["NULL", "NULL"], example_user_ids=["B", None, "C"],
+        )  # fmt: skip
+        negative = ExpectationOutcome(
+            "support_agg_90d", "expect_column_values_to_be_between", "tickets_90d", False,
+            1, examples=["-1"], example_user_ids=["A"],
+        )  # fmt: skip
+        return empty, negative
+
+    empty, negative = failures()
+    found = [
+        SuiteOutcome("labels", 6, 1, [empty]),
+        SuiteOutcome("support_agg_90d", 8, 1, [negative]),
+    ]
+    locate_rows(found, files)
+    assert empty.example_lines == [[3], [], [4]]
+    assert negative.example_lines == []  # not the failure the line shows
+    with pytest.raises(Exception, match=r"\(user_id B on line 3, C on line 4\) \(\+1 more"):
+        check(found)
+
+    empty, negative = failures()
+    unique = ExpectationOutcome(
+        "labels", "unique", "user_id", False, 1, examples=["2"], example_user_ids=["A"]
+    )
+    found = [SuiteOutcome("labels", 5, 2, [empty, unique])]
+    locate_rows(found, files)
+    assert empty.example_lines == []
+    with pytest.raises(Exception, match=r"\(user_id B, C\) \(\+1 more"):
+        check(found)
+
+
 def test_duplicate_lines_that_cannot_be_read_leave_the_failure_as_it_was(tmp_path):
     """key_lines failing (a field the csv module refuses, a file gone) must not turn a
     validation failure into another error: the message keeps the ids, without lines."""
@@ -977,7 +1033,7 @@ def test_duplicate_lines_that_cannot_be_read_leave_the_failure_as_it_was(tmp_pat
         ExpectationOutcome,
         SuiteOutcome,
         describe_failure,
-        locate_duplicates,
+        locate_rows,
     )
 
     path = tmp_path / "labels.csv"
@@ -987,9 +1043,9 @@ def test_duplicate_lines_that_cannot_be_read_leave_the_failure_as_it_was(tmp_pat
     )
     outcomes = [SuiteOutcome("labels", 5, 1, [unique])]
 
-    locate_duplicates(outcomes, {"labels": path})
+    locate_rows(outcomes, {"labels": path})
     assert unique.example_lines == []
-    locate_duplicates(outcomes, {"labels": tmp_path / "gone.csv"})
+    locate_rows(outcomes, {"labels": tmp_path / "gone.csv"})
     assert unique.example_lines == []
     assert describe_failure(unique).endswith("e.g. A (2 rows)")
 
@@ -1185,12 +1241,12 @@ def test_a_fully_quoted_crlf_export_is_staged(db_url, tmp_path):
 def test_duplicate_lines_are_not_named_unless_every_copy_is_found(tmp_path):
     """COPY counted three rows of A, the csv module finds two: "A (3 rows: lines 2, 3)"
     would name lines that are not all of them; no lines are named then."""
-    from streamflow.outcomes import ExpectationOutcome, SuiteOutcome, locate_duplicates
+    from streamflow.outcomes import ExpectationOutcome, SuiteOutcome, locate_rows
 
     path = tmp_path / "labels.csv"
     path.write_bytes(b"user_id,churn_label\nA,true\nA,false\n")
     unique = ExpectationOutcome(
         "labels", "unique", "user_id", False, 1, examples=["3"], example_user_ids=["A"]
     )
-    locate_duplicates([SuiteOutcome("labels", 5, 1, [unique])], {"labels": path})
+    locate_rows([SuiteOutcome("labels", 5, 1, [unique])], {"labels": path})
     assert unique.example_lines == [[]]

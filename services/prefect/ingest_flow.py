@@ -144,7 +144,7 @@ def validate_with_ge(
     """
     found, site = suites.run(as_of, before.floor)
     before.judge(found)
-    outcomes.locate_duplicates(found, files)
+    outcomes.locate_rows(found, files)
     logger = get_run_logger()
     for suite in found:
         logger.info("suite %s: %d passed, %d failed", suite.table, suite.passed, suite.failed)

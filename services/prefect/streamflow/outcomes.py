@@ -42,7 +42,8 @@ class ExpectationOutcome:
     """Values as written in a file: 'Lifetime' quoted, -2.5 or NaN bare."""
     example_user_ids: list[Any] = field(default_factory=list)
     example_lines: list[list[int]] = field(default_factory=list)
-    """For duplicated user_ids: the file lines of each example, in its order."""
+    """The file lines of each example user_id, in its order: every copy of a duplicated
+    one; the one row of a failed value check (``locate_rows``). Empty: not looked up."""
     detail: str = ""
     error: str = ""
     """GX could not evaluate the expectation (its exception's first line)."""
@@ -52,7 +53,7 @@ class ExpectationOutcome:
     def as_dict(self) -> dict:
         d = asdict(self)
         d["example_user_ids"] = [_jsonable(v) for v in self.example_user_ids]
-        if not self.example_lines:  # only duplicates have them: keep the ledger's JSON short
+        if not self.example_lines:  # few failures have them: keep the ledger's JSON short
             del d["example_lines"]
         if not self.error:
             del d["error"]
@@ -112,7 +113,7 @@ def describe_failure(o: ExpectationOutcome) -> str:
     where = spec.file_name + (f", column {o.column}" if o.column else "")
     n = o.unexpected_count
     eg_values = ", ".join(dict.fromkeys(o.examples))  # each example once
-    eg_ids = ", ".join(shown_id(v) for v in o.example_user_ids if v is not None)
+    eg_ids = _named_rows(o)
     rows = f" (user_id {eg_ids})" if eg_ids else ""
     if o.error:
         return f"{where}: {o.expectation} could not be evaluated: {o.error}"
@@ -185,26 +186,77 @@ def describe_failure(o: ExpectationOutcome) -> str:
     return f"{where}: {what}"
 
 
-def locate_duplicates(outcomes: list[SuiteOutcome], files: dict[str, Path]) -> None:
-    """Add the file lines of each duplicated user_id shown as an example."""
+def _named_rows(o: ExpectationOutcome) -> str:
+    """The example user_ids, each with its file line when it is known: 'A on line 3, B'."""
+    lines = o.example_lines or [[] for _ in o.example_user_ids]
+    return ", ".join(
+        shown_id(uid) + (f" on line {at[0]}" if len(at) == 1 else "")
+        for uid, at in zip(o.example_user_ids, lines, strict=False)
+        if uid is not None
+    )
+
+
+# Checks whose examples are rows of the failing file, named by their user_id.
+_ROW_CHECKS = frozenset(
+    {
+        "expect_column_values_to_be_between",
+        "expect_column_values_to_not_be_null",
+        "expect_column_values_to_be_in_set",
+        Check.NOT_NUMBERS,
+        Check.DATE_RANGE,
+        Check.ORPHANS,
+    }
+)
+
+
+def locate_rows(outcomes: list[SuiteOutcome], files: dict[str, Path]) -> None:
+    """Add the file lines of the rows a failure names: each copy of every duplicated
+    user_id shown as an example, and the rows of the failure the run's line shows.
+
+    Staging keeps no line numbers, so the file is read again (loading.key_lines): at
+    1M rows, up to ~1.5-1.9 s for a row at the end of the file. The value checks' rows
+    are looked up for the shown failure only, and only in a file whose user_ids are
+    unique, where an id names one row.
+    """
     from .loading import key_lines
+
+    def lines_of(e: ExpectationOutcome, copies: dict[str, int]) -> None:
+        try:  # the lines are a help: nothing here may hide the failure itself
+            at = key_lines(BY_NAME[e.table], files[e.table], copies)
+        except Exception:
+            return
+        # Python's csv module may read an odd row otherwise than COPY did: lines are
+        # trusted only when every copy was found.
+        e.example_lines = [
+            at[str(uid)] if uid is not None and len(at[str(uid)]) == copies[str(uid)] else []
+            for uid in e.example_user_ids
+        ]
 
     for e in (e for s in outcomes for e in s.expectations):
         if e.expectation == Check.UNIQUE and not e.success and e.example_user_ids:
-            try:  # the lines are a help: nothing here may hide the failure itself
-                # examples hold each id's number of rows, from the duplicates query
+            try:  # examples hold each id's number of rows, from the duplicates query
                 pairs = zip(e.example_user_ids, e.examples, strict=True)
-                copies = {str(i): int(c) for i, c in pairs}
-                at = key_lines(BY_NAME[e.table], files[e.table], copies)
-            except Exception:
+                lines_of(e, {str(i): int(c) for i, c in pairs})
+            except (TypeError, ValueError):
                 continue
-            e.example_lines = [at[i] if len(at[i]) == n else [] for i, n in copies.items()]
+    shown = _shown_failures(outcomes)[:1]
+    for e in shown:
+        unique_keys = not any(
+            x.expectation == Check.UNIQUE and not x.success
+            for s in outcomes
+            if s.table == e.table
+            for x in s.expectations
+        )
+        ids = [str(uid) for uid in e.example_user_ids if uid is not None]
+        if e.expectation in _ROW_CHECKS and unique_keys and ids:
+            lines_of(e, dict.fromkeys(ids, 1))
 
 
 _NO_ROWS = "expect_table_row_count_to_be_between"  # at least one row
 
 
-def check(outcomes: list[SuiteOutcome]) -> None:
+def _shown_failures(outcomes: list[SuiteOutcome]) -> list[ExpectationOutcome]:
+    """The failures the run names, the first of them in its line."""
     failed = [e for s in outcomes for e in s.expectations if not e.success]
     # A file with no rows fails its other checks too ("unique", "missing users"): they
     # only repeat that, and would hide where the other broken files are. With no users
@@ -219,7 +271,11 @@ def check(outcomes: list[SuiteOutcome]) -> None:
     # GX raises on values it cannot hold (1e400 as a float); the SQL check of the same
     # column says what the value is, so that failure is the one to show.
     explained = {(e.table, e.column) for e in failures if not e.error and e.column}
-    failures = [e for e in failures if not (e.error and (e.table, e.column) in explained)]
+    return [e for e in failures if not (e.error and (e.table, e.column) in explained)]
+
+
+def check(outcomes: list[SuiteOutcome]) -> None:
+    failures = _shown_failures(outcomes)
     if failures:
         first = describe_failure(failures[0])
         # The line names one failure; say where the others are, so that a month with
