@@ -284,7 +284,7 @@ CORPUS = [
         # Published, it would be a second user in every table: live and snapshots.
         "user_id_padded_with_a_space",
         _user_everywhere_as(14, lambda uid: " " + uid),
-        ["users.csv", "column user_id", "1 value(s) with a space", "' {uid:14}'"],
+        ["users.csv", "column user_id", "1 value(s) with a space", "' {uid:14}' on line 15;"],
         expect_user_ids_of={"uid:14": ("users", 14)},
         absent=("more failed",),
     ),
@@ -297,6 +297,7 @@ CORPUS = [
             "column user_id",
             "1 value(s) with a space, control, invisible or private-use",
             "\\u200e",
+            "' on line 16;",
         ],
         absent=("more failed",),
     ),
@@ -304,7 +305,7 @@ CORPUS = [
         # pandas' read_csv reads NA as missing: the training jobs would lose that key.
         "user_id_read_as_missing",
         _user_everywhere_as(16, lambda uid: "NA"),
-        ["users.csv", "column user_id", "or a word read as missing", "e.g. 'NA'"],
+        ["users.csv", "column user_id", "or a word read as missing", "e.g. 'NA' on line 17;"],
         absent=("more failed",),
     ),
     Bad(
@@ -368,7 +369,12 @@ CORPUS = [
     Bad(
         "user_id_too_long",
         _user_everywhere_as(27, lambda uid: uid + "X" * 3990),
-        ["users.csv", "column user_id", "longer than 64 characters", "(4000 characters)"],
+        [
+            "users.csv",
+            "column user_id",
+            "longer than 64 characters",
+            "(4000 characters)",
+        ],
         absent=("X" * 100,),  # the line shows the start of the id, not all of it
     ),
     Bad(

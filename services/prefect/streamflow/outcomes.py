@@ -150,10 +150,9 @@ def describe_failure(o: ExpectationOutcome) -> str:
         case Check.KEY_SPELLING:
             what = (
                 f"{n} value(s) with a space, control, invisible or private-use character, or "
-                f"a word read as missing (NA, NULL, None, nan), e.g. {eg_values}; a user_id is "
-                "matched "
-                "exactly, so each would be another user, and pandas' read_csv reads those "
-                "words as no user_id at all"
+                f"a word read as missing (NA, NULL, None, nan), e.g. {_keys_on_lines(o)}; "
+                "a user_id is matched exactly, so each would be another user, and pandas' "
+                "read_csv reads those words as no user_id at all"
             )
         case Check.DATE_RANGE:
             what = (
@@ -186,6 +185,18 @@ def describe_failure(o: ExpectationOutcome) -> str:
     return f"{where}: {what}"
 
 
+def _keys_on_lines(o: ExpectationOutcome) -> str:
+    """A key check's examples (the user_ids themselves, shown), each with its file line
+    when it is known: an invisible character is not found by searching the file."""
+    lines = o.example_lines or [[] for _ in o.examples]
+    return ", ".join(
+        dict.fromkeys(
+            value + (f" on line {at[0]}" if len(at) == 1 else "")
+            for value, at in zip(o.examples, lines, strict=False)
+        )
+    )
+
+
 def _named_rows(o: ExpectationOutcome) -> str:
     """The example user_ids, each with its file line when it is known: 'A on line 3, B'."""
     lines = o.example_lines or [[] for _ in o.example_user_ids]
@@ -196,7 +207,8 @@ def _named_rows(o: ExpectationOutcome) -> str:
     )
 
 
-# Checks whose examples are rows of the failing file, named by their user_id.
+# Checks whose examples are rows of the failing file, named by their user_id (the key
+# checks' examples are the user_ids themselves).
 _ROW_CHECKS = frozenset(
     {
         "expect_column_values_to_be_between",
@@ -205,6 +217,7 @@ _ROW_CHECKS = frozenset(
         Check.NOT_NUMBERS,
         Check.DATE_RANGE,
         Check.ORPHANS,
+        Check.KEY_SPELLING,  # not KEY_LENGTH: GX's own check gives no user_ids
     }
 )
 
