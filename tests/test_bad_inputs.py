@@ -32,6 +32,7 @@ from month_files import (
 )
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from streamflow import validation
+from streamflow.errors import ValidationFailed
 from streamflow.registry import BY_NAME, KEY, PARENT, TABLES
 from streamflow.validation import SuitesProcess
 
@@ -375,7 +376,7 @@ CORPUS = [
             "longer than 64 characters",
             "(4000 characters)",
         ],
-        absent=("X" * 100,),  # the line shows the start of the id, not all of it
+        absent=("X" * 100, " on line"),  # the start of the id, not all of it; GX gives no row
     ),
     Bad(
         "bad_boolean",
@@ -986,6 +987,31 @@ def test_duplicate_lines_are_counted_as_an_editor_shows_them(tmp_path):
         key_lines(BY_NAME["labels"], path, {"A": 2, "C": 2})
 
 
+def test_no_line_is_named_past_a_quote_copy_may_have_read_otherwise(db_url, tmp_path):
+    """A quote ending an unquoted value (A",) passes the staging guard; COPY takes it for
+    the start of a quoted section and reads the next lines into that value, where the
+    csv module keeps the quote. Line 3 (X,true) is no row for COPY: the empty label is
+    X's row on line 6, and naming line 3 would send a person to the wrong row."""
+    from streamflow import loading
+    from streamflow.outcomes import ExpectationOutcome, SuiteOutcome, check, locate_rows
+
+    path = tmp_path / "labels.csv"
+    path.write_bytes(b'user_id,churn_label\nA",true\nX,true\nB",false\nC,true\nX,\n')
+    with psycopg.connect(db_url) as conn:
+        loading.stage_file(conn, BY_NAME["labels"], path)
+        staged = conn.execute("SELECT user_id, churn_label FROM staging.labels").fetchall()
+    assert ("X", None) in staged and ("X", True) not in staged, staged  # COPY's reading
+    empty = ExpectationOutcome(
+        "labels", "expect_column_values_to_not_be_null", "churn_label", False, 1,
+        examples=["NULL"], example_user_ids=["X"],
+    )  # fmt: skip
+    found = [SuiteOutcome("labels", 6, 1, [empty])]
+    locate_rows(found, {"labels": path})
+    assert empty.example_lines == [[]]
+    with pytest.raises(ValidationFailed, match=r"every row needs a churn_label \(user_id X\)$"):
+        check(found)
+
+
 def test_a_failed_value_is_named_by_its_line_only_where_its_user_id_names_one_row(tmp_path):
     """The shown failure's rows get their file line; not where the file's user_ids are
     not unique (an id would name two rows), nor for the failures the line only counts
@@ -1018,7 +1044,7 @@ def test_a_failed_value_is_named_by_its_line_only_where_its_user_id_names_one_ro
     locate_rows(found, files)
     assert empty.example_lines == [[3], [], [4]]
     assert negative.example_lines == []  # not the failure the line shows
-    with pytest.raises(Exception, match=r"\(user_id B on line 3, C on line 4\) \(\+1 more"):
+    with pytest.raises(ValidationFailed, match=r"\(user_id B on line 3, C on line 4\) \(\+1"):
         check(found)
 
     empty, negative = failures()
@@ -1028,7 +1054,7 @@ def test_a_failed_value_is_named_by_its_line_only_where_its_user_id_names_one_ro
     found = [SuiteOutcome("labels", 5, 2, [empty, unique])]
     locate_rows(found, files)
     assert empty.example_lines == []
-    with pytest.raises(Exception, match=r"\(user_id B, C\) \(\+1 more"):
+    with pytest.raises(ValidationFailed, match=r"\(user_id B, C\) \(\+1 more"):
         check(found)
 
 

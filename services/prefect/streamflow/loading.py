@@ -318,8 +318,13 @@ def key_lines(spec: TableSpec, path: Path, copies: Mapping[str, int]) -> dict[st
 
     Staging keeps no line numbers; a duplicated user_id is named by the lines that
     hold it, so the file is read again, only when validation found one, and only
-    until every copy is found. Python's csv module may read an odd row otherwise
-    than COPY did: the caller trusts the lines only if it finds every copy.
+    until every copy is found (a failed value check's rows too, by their user_id).
+    Python's csv module may read an odd row otherwise than COPY did: the caller trusts
+    the lines only if it finds every copy, and the search ends at the first row that
+    holds a quote. A quote ending an unquoted value (``A",true``) passes the staging
+    guard and opens a quoted section for COPY, which reads the next lines into that
+    value, where the csv module keeps the quote: every later row would be named by a
+    line COPY never read as that row.
     """
     header, offset = read_header(spec, path)
     column = header.index(KEY)
@@ -335,6 +340,8 @@ def key_lines(spec: TableSpec, path: Path, copies: Mapping[str, int]) -> dict[st
             # ends one at a CR alone inside quotes; COPY's "line N" counts rows instead).
             start = end + 1
             end = start + sum(field.count("\n") for field in row)
+            if any('"' in field for field in row):  # COPY may have read it otherwise
+                break
             key = row[column] if len(row) > column else None
             if key in found:
                 found[key].append(start)
