@@ -873,6 +873,47 @@ def test_a_connection_lost_after_the_commit_does_not_fail_a_published_month(
     assert cut and {"upsert_csv", "validate_with_ge", "snapshot_month"} <= set(run["timings"])
 
 
+def test_a_retry_after_a_commit_whose_answer_was_lost_keeps_the_months_counts(
+    run_flow, db_url, months, monkeypatch
+):
+    """The publisher's COMMIT reached the server, then its connection went before the
+    answer: Prefect retried snapshot_month, which published the month again over itself
+    and recorded its counts as nothing changed (+0 ~0, no history rows), in the ledger
+    and on the run's line. The retry finds its run published and keeps the commit's."""
+    from streamflow import ledger
+
+    real_record, real_commit = ledger.record_month, psycopg.Connection.commit
+    publisher: list[psycopg.Connection] = []
+    lost: list[int] = []
+
+    def record(conn, *args, **kwargs):
+        publisher.append(conn)
+        return real_record(conn, *args, **kwargs)
+
+    def commit(self):
+        real_commit(self)
+        if self in publisher and not lost:
+            lost.append(self.info.backend_pid)
+            raise psycopg.OperationalError(
+                "consuming input failed: server closed the connection unexpectedly"
+            )
+
+    monkeypatch.setattr(ledger, "record_month", record)
+    monkeypatch.setattr(psycopg.Connection, "commit", commit)
+    rc, out, err = run_flow(db_url, months / "month_000", JAN)
+    monkeypatch.undo()
+
+    assert rc == 0 and lost, err[-2000:]
+    (run,) = runs(db_url)
+    users = scalar(db_url, "SELECT count(*) FROM users")
+    assert run["status"] == "succeeded"
+    for t in run["table_stats"]:
+        assert (t["inserted"], t["updated"]) == (users, 0), t
+        assert t["snapshot_table"] is None or t["snapshot_inserted"] == users, t
+    assert f"users +{users} ~0" in out, out
+    assert "an earlier attempt's COMMIT reached the database" in err, err[-2000:]
+
+
 def test_the_clis_noop_look_marks_runs_killed_before_it_abandoned(db_url, months, monkeypatch):
     """The CLI answers an unchanged month before the flow starts (rerun.unchanged_month,
     under the writer lock): a 'running' row left by a killed run stayed 'running' past

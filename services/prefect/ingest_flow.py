@@ -184,6 +184,18 @@ def snapshot_month(
             # cancel that lands between two statements of one table is lost to it.
             # (A short timeout: an interrupt must not wait on a server that does not answer.)
             verdict.on_reject(lambda: conn.cancel_safe(timeout=2))
+            # A retry after a COMMIT that reached the server but whose answer was lost
+            # with the connection: published again over itself, the month recorded its
+            # counts as nothing changed (+0 ~0, no history rows).
+            retried = prefect.runtime.task_run.run_count > 1
+            if retried and (recorded := ledger.published_stats(conn, run_id)) is not None:
+                conn.rollback()
+                verdict.committed = True
+                get_run_logger().warning(
+                    "the month is published: an earlier attempt's COMMIT reached the "
+                    "database before its connection was lost"
+                )
+                return [publishing.TableStats(**t) for t in recorded]
 
             def lock_still_held() -> None:
                 locking.check_writer_lock(conn, lock_holder)
