@@ -658,6 +658,17 @@ CORPUS = [
         ["usage_agg_30d.csv, line 3, column watch_hours_30d", '"1\\n2024-01-01 INFO'],
     ),
     Bad(
+        # PostgreSQL's COPY takes a line holding only \. for the end of the data: the rows
+        # after it (here a user_id twice, a date after the as_of, words that are no
+        # booleans) were dropped unread and the month published.
+        "end_of_data_marker_before_bad_rows",
+        write_bytes(
+            "users",
+            lambda d: d + b"\\.\n" + d.split(b"\n")[10].split(b",")[0] + b",2099-12-31,x,y,z,w\n",
+        ),
+        ["users.csv, line 202: a line holding only \\., which PostgreSQL's COPY takes"],
+    ),
+    Bad(
         "first_line_of_another_file",
         replace_line("users", 1, b"db_password=Hunter2Secret"),
         ["users.csv: the first line is not a users.csv header", "none of its 1 field(s)"],
@@ -1080,6 +1091,37 @@ def test_duplicate_lines_that_cannot_be_read_leave_the_failure_as_it_was(tmp_pat
     locate_rows(outcomes, {"labels": tmp_path / "gone.csv"})
     assert unique.example_lines == []
     assert describe_failure(unique).endswith("e.g. A (2 rows)")
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 7, 1 << 20])
+def test_an_end_of_data_line_is_refused_wherever_the_reads_split_the_file(
+    db_url, tmp_path, monkeypatch, size
+):
+    """A line holding only \\. outside a quoted value is COPY's end-of-data marker: the
+    rows after it were dropped without an error. It is refused on its line (LF, CRLF,
+    first row, last line without its end), whatever the reads' size; inside a quoted
+    value it is data, which COPY stages as written."""
+    from streamflow import loading
+    from streamflow.errors import InputError
+
+    monkeypatch.setattr(loading, "CHUNK_BYTES", size)
+    spec, path = BY_NAME["labels"], tmp_path / "labels.csv"
+    refused = [
+        (b"user_id,churn_label\nA,true\n\\.\nB,false\n", 3),
+        (b"user_id,churn_label\r\nA,true\r\n\\.\r\nB,false\r\n", 3),
+        (b"user_id,churn_label\n\\.\nB,false\n", 2),
+        (b"user_id,churn_label\nA,true\n\\.", 3),
+        (b'user_id,churn_label\n"A\n\\.\nB",true\n\\.\nC,true\n', 5),
+    ]
+    with psycopg.connect(db_url) as conn:
+        for data, line in refused:
+            path.write_bytes(data)
+            with pytest.raises(InputError, match=rf"labels\.csv, line {line}: a line holding"):
+                loading.stage_file(conn, spec, path)
+        path.write_bytes(b'user_id,churn_label\n"A\n\\.\nB",true\nC,true\n')
+        assert loading.stage_file(conn, spec, path).rows == 2
+        staged = conn.execute("SELECT user_id FROM staging.labels ORDER BY 1").fetchall()
+        assert staged == [("A\n\\.\nB",), ("C",)]
 
 
 def test_a_stray_quote_is_found_wherever_the_reads_split_the_file(db_url, tmp_path, monkeypatch):
