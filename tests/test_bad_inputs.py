@@ -666,7 +666,7 @@ CORPUS = [
             "users",
             lambda d: d + b"\\.\n" + d.split(b"\n")[10].split(b",")[0] + b",2099-12-31,x,y,z,w\n",
         ),
-        ["users.csv, line 202: a line holding only \\., which PostgreSQL's COPY takes"],
+        ["users.csv, line 202: a line holding only \\., which PostgreSQL takes for the end"],
     ),
     Bad(
         "first_line_of_another_file",

@@ -296,8 +296,8 @@ def _refuse_end_marker(
         if quotes % 2 == 0:
             line = _line_at(path, chunk_at + marker.start() + 1 - len(before))
             raise InputError(
-                f"{path.name}, line {line}: a line holding only \\., which PostgreSQL's COPY "
-                "takes for the end of the data: the rows after it would be dropped unread; "
+                f"{path.name}, line {line}: a line holding only \\., which PostgreSQL takes "
+                "for the end of the data: the rows after it would be dropped unread; "
                 "expected a row, or the file to end there"
             )
 
