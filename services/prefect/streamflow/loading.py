@@ -277,24 +277,24 @@ def _line_at(path: Path, offset: int) -> int:
 
 
 def _refuse_end_marker(
-    path: Path, before: bytes, chunk: bytes, quotes: int, chunk_at: int, last: bool
+    path: Path, tail: bytes, chunk: bytes, quotes: int, chunk_at: int, last: bool
 ) -> None:
     """InputError naming the first line of ``chunk`` (read at ``chunk_at``) that holds
-    only \\. outside a quoted value; ``before``: the bytes read just before it (up to
+    only \\. outside a quoted value; ``tail``: the bytes read just before it (up to
     _END_CARRY); ``quotes``: the rows' quotes before the chunk (their parity tells
     inside from outside a quoted value). Inside one, \\. is data, as COPY reads it."""
-    if b"\\" not in chunk and b"\\" not in before:  # one memchr: ~2 ms for 60 MB of rows
+    if b"\\" not in chunk and b"\\" not in tail:  # one memchr: ~2 ms for 60 MB of rows
         return
-    data = before + chunk + (b"\n" if last else b"")
-    quotes -= before.count(b'"')
+    data = tail + chunk + (b"\n" if last else b"")
+    quotes -= tail.count(b'"')
     counted = 0
     for marker in _END_MARKER.finditer(data):
-        if marker.end() <= len(before):  # searched with the previous chunk
+        if marker.end() <= len(tail):  # searched with the previous chunk
             continue
         quotes += data.count(b'"', counted, marker.start())
         counted = marker.start()
         if quotes % 2 == 0:
-            line = _line_at(path, chunk_at + marker.start() + 1 - len(before))
+            line = _line_at(path, chunk_at + marker.start() + 1 - len(tail))
             raise InputError(
                 f"{path.name}, line {line}: a line holding only \\., which PostgreSQL takes "
                 "for the end of the data: the rows after it would be dropped unread; "

@@ -185,15 +185,17 @@ def describe_failure(o: ExpectationOutcome) -> str:
     return f"{where}: {what}"
 
 
+def _on_line(at: list[int]) -> str:
+    """' on line N' for an example found on one line; nothing when it was not found."""
+    return f" on line {at[0]}" if len(at) == 1 else ""
+
+
 def _keys_on_lines(o: ExpectationOutcome) -> str:
     """A key check's examples (the user_ids themselves, shown), each with its file line
     when it is known: an invisible character is not found by searching the file."""
     lines = o.example_lines or [[] for _ in o.examples]
     return ", ".join(
-        dict.fromkeys(
-            value + (f" on line {at[0]}" if len(at) == 1 else "")
-            for value, at in zip(o.examples, lines, strict=False)
-        )
+        dict.fromkeys(v + _on_line(at) for v, at in zip(o.examples, lines, strict=False))
     )
 
 
@@ -201,7 +203,7 @@ def _named_rows(o: ExpectationOutcome) -> str:
     """The example user_ids, each with its file line when it is known: 'A on line 3, B'."""
     lines = o.example_lines or [[] for _ in o.example_user_ids]
     return ", ".join(
-        shown_id(uid) + (f" on line {at[0]}" if len(at) == 1 else "")
+        shown_id(uid) + _on_line(at)
         for uid, at in zip(o.example_user_ids, lines, strict=False)
         if uid is not None
     )
