@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import itertools
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -998,29 +999,32 @@ def test_duplicate_lines_are_counted_as_an_editor_shows_them(tmp_path):
         key_lines(BY_NAME["labels"], path, {"A": 2, "C": 2})
 
 
-def test_no_line_is_named_past_a_quote_copy_may_have_read_otherwise(db_url, tmp_path):
-    """A quote ending an unquoted value (A",) passes the staging guard; COPY takes it for
-    the start of a quoted section and reads the next lines into that value, where the
-    csv module keeps the quote. Line 3 (X,true) is no row for COPY: the empty label is
-    X's row on line 6, and naming line 3 would send a person to the wrong row."""
+def test_a_quote_ending_an_unquoted_value_is_refused_on_its_line(db_url, tmp_path):
+    """A quote ending an unquoted value (A",) used to pass the staging guard: COPY took
+    it for the start of a quoted section and read the next lines into that value, where
+    the csv module keeps the quote, so a line named for a later row was a line COPY never
+    read as that row; and A"" was staged as A. Both are refused on their line, nothing of
+    the file staged. key_lines still stops at a row holding a quote (it may be called
+    for a file staging never judged)."""
     from streamflow import loading
-    from streamflow.outcomes import ExpectationOutcome, SuiteOutcome, check, locate_rows
+    from streamflow.errors import InputError
 
     path = tmp_path / "labels.csv"
-    path.write_bytes(b'user_id,churn_label\nA",true\nX,true\nB",false\nC,true\nX,\n')
     with psycopg.connect(db_url) as conn:
+        path.write_bytes(b"user_id,churn_label\nA,true\n")
         loading.stage_file(conn, BY_NAME["labels"], path)
-        staged = conn.execute("SELECT user_id, churn_label FROM staging.labels").fetchall()
-    assert ("X", None) in staged and ("X", True) not in staged, staged  # COPY's reading
-    empty = ExpectationOutcome(
-        "labels", "expect_column_values_to_not_be_null", "churn_label", False, 1,
-        examples=["NULL"], example_user_ids=["X"],
-    )  # fmt: skip
-    found = [SuiteOutcome("labels", 6, 1, [empty])]
-    locate_rows(found, {"labels": path})
-    assert empty.example_lines == [[]]
-    with pytest.raises(ValidationFailed, match=r"every row needs a churn_label \(user_id X\)$"):
-        check(found)
+        for data, value in [
+            (b'user_id,churn_label\nB,true\nA",true\nX,true\nB",false\nC,true\nX,\n', 'A"'),
+            (b'user_id,churn_label\nB,true\nA"",true\n', 'A""'),
+            (b'user_id,churn_label\nB,true\n"A,"B,true\n', '"B'),
+        ]:
+            path.write_bytes(data)
+            shown = re.escape(f"line 3: a quote inside a value ({value!r})")
+            with pytest.raises(InputError, match=rf"labels\.csv, {shown}"):
+                loading.stage_file(conn, BY_NAME["labels"], path)
+            assert conn.execute("SELECT user_id FROM staging.labels").fetchall() == [("A",)]
+    path.write_bytes(b'user_id,churn_label\nA",true\nX,true\nB",false\nC,true\nX,\n')
+    assert loading.key_lines(BY_NAME["labels"], path, {"X": 1}) == {"X": []}
 
 
 def test_a_failed_value_is_named_by_its_line_only_where_its_user_id_names_one_row(tmp_path):
@@ -1213,6 +1217,54 @@ def test_chunked_quote_search_agrees_with_one_read_of_the_file(db_url, tmp_path,
             whole = verdict(conn, 1 << 20)
             for size in rng.sample(range(1, 900), 5):
                 assert verdict(conn, size) == whole, (size, path.read_bytes())
+
+
+def test_a_staged_file_is_what_the_csv_module_reads_and_rfc_files_are_staged(
+    db_url, tmp_path, monkeypatch
+):
+    """Seeded random files of letters, commas, line ends and quote runs, every value
+    quoted or not, read in chunks of random size: whatever the guard lets COPY stage is
+    what Python's csv module (strict) reads, value for value; and every file the csv
+    module writes (minimal quoting or all quoted, values holding quotes, commas, CR and
+    LF) is staged as written. The guard judges by COPY's reading, not by a pattern."""
+    import random
+
+    from streamflow import loading
+    from streamflow.errors import InputError
+
+    spec, rng = BY_NAME["labels"], random.Random(20261207)
+    path = tmp_path / "labels.csv"
+    pieces = (b"a", b"B", b",", b"\n", b'"', b'""', b'"""', b"x1")
+    judged = staged = 0
+    with psycopg.connect(db_url) as conn:
+        for _ in range(400):
+            values = []
+            for _ in range(rng.randint(1, 5)):
+                value = b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 6)))
+                values.append(b'"' + value + b'"' if rng.random() < 0.5 else value)
+            path.write_bytes(b"user_id,churn_label\n" + b",true\n".join(values) + b",true\n")
+            monkeypatch.setattr(loading, "CHUNK_BYTES", rng.randint(1, 40))
+            try:
+                loading.stage_file(conn, spec, path)
+            except InputError:
+                continue  # refused: by the guard, or by COPY (a comma makes three columns)
+            judged += 1
+            with path.open(newline="") as f:
+                read = [tuple(row) for row in csv.reader(f, strict=True)][1:]
+            got = conn.execute("SELECT user_id, churn_label::text FROM staging.labels")
+            assert sorted(got.fetchall()) == sorted(read), path.read_bytes()
+        texts = ["a", 'a"b', '"', '""a', "a,b", "a\nb", "a\r\nb", 'x",', ' "q" ', "plain"]
+        for quoting in (csv.QUOTE_MINIMAL, csv.QUOTE_ALL):
+            for _ in range(20):
+                rows = [[rng.choice(texts) + str(i), "true"] for i in range(rng.randint(1, 8))]
+                with path.open("w", newline="") as f:
+                    csv.writer(f, quoting=quoting).writerows([["user_id", "churn_label"], *rows])
+                monkeypatch.setattr(loading, "CHUNK_BYTES", rng.randint(1, 40))
+                assert loading.stage_file(conn, spec, path).rows == len(rows)
+                got = conn.execute("SELECT user_id FROM staging.labels").fetchall()
+                assert sorted(got) == sorted((row[0],) for row in rows), path.read_bytes()
+                staged += 1
+    assert judged >= 30 and staged == 40, judged  # random files reach COPY, not only refusals
 
 
 @pytest.mark.parametrize(

@@ -26,19 +26,13 @@ from .copy_errors import explain_copy_error
 from .errors import InputError, clipped, first_few, unreadable
 from .fingerprints import is_hashed_file
 from .locking import check_writer_lock
+from .quoting import QuoteGuard, line_at
 from .registry import KEY, MAX_HEADER_BYTES, TABLES, TableSpec
 from .sqlfiles import ident_list, queries, query, staged
 
 CHUNK_BYTES = 1 << 20
 _BOM = b"\xef\xbb\xbf"
 _BLANK = b" \t\r\n"
-# A run of quotes between two characters of a value. Outside a quoted value, COPY takes
-# any quote for the start or end of a quoted section and drops it (Fib"er opt"ic is
-# read Fiber optic, 1""2 as 12) where other CSV readers keep it; inside one, only an
-# even run is quotes (each doubled). Inside or not is the parity of the quotes before
-# the run. Searched only in chunks that hold a quote.
-_QUOTE_RUN = re.compile(rb'(?<=[^,\r\n"])"+(?=[^,\r\n"])')
-_QUOTE_CONTEXT = 256  # bytes before a run cut by a read, searched again with the next chunk
 # A line holding only \. is COPY's end-of-data marker (PostgreSQL 16, unquoted): the
 # rows after it were dropped unread, without an error, and a bad file published.
 _END_MARKER = re.compile(rb"\n\\\.\r?\n")
@@ -187,23 +181,14 @@ def stage_file(
             with path.open("rb") as f, cur.copy(copy) as cp:
                 left = _data_end(f, offset) - offset
                 f.seek(offset)
-                # quotes: how many the rows hold before ``at``; carry: the end of what
-                # was searched, starting at file offset carry_at (see _quote_carry)
-                at, quotes, carry, carry_at = offset, 0, b"", offset
+                quotes, at = QuoteGuard(path, offset), offset
                 tail = b"\n"  # the header's line end: row 1 starts a line
                 while left > 0 and (chunk := f.read(min(CHUNK_BYTES, left))):
                     last = len(chunk) == left  # a last row without its line end is one too
-                    _refuse_end_marker(path, tail, chunk, quotes, at, last)
+                    # Both raise inside the COPY, which abandons it.
+                    _refuse_end_marker(path, tail, chunk, quotes.inside, at, last)
+                    quotes.feed(chunk)
                     tail = (tail + chunk)[-_END_CARRY:]
-                    if b'"' in chunk or b'"' in carry:  # inside the COPY: raising abandons it
-                        data = carry + chunk
-                        before = quotes - carry.count(b'"')
-                        _refuse_stray_quote(path, data, before, carry_at, len(carry), at)
-                        quotes += chunk.count(b'"')
-                        carry, carry_at = _quote_carry(data, carry_at, len(carry), at)
-                    else:
-                        carry = (carry + chunk[-_QUOTE_CONTEXT:])[-_QUOTE_CONTEXT:]
-                        carry_at = at + len(chunk) - len(carry)
                     cp.write(chunk)
                     left -= len(chunk)
                     at += len(chunk)
@@ -236,57 +221,17 @@ def _roll_back(conn: psycopg.Connection) -> None:
         conn.rollback()
 
 
-def _refuse_stray_quote(
-    path: Path, data: bytes, quotes_before: int, carry_at: int, carried: int, chunk_at: int
-) -> None:
-    """InputError naming the line of the first stray quote run in ``data``, if there is one.
-
-    ``data`` is a carry (``carried`` bytes, the first at file offset ``carry_at``) then
-    a chunk read at ``chunk_at``; ``quotes_before``: the rows' quotes before ``data``,
-    counted as in ``data`` (only their parity matters).
-    """
-    found, seen, counted = None, quotes_before, 0
-    for run in _QUOTE_RUN.finditer(data):
-        seen += data.count(b'"', counted, run.start())
-        counted = run.start()
-        if seen % 2 == 0 or (run.end() - run.start()) % 2:  # outside a quoted value, or odd
-            found = run
-            break
-    if found is None:
-        return
-    begin = max(data.rfind(b",", 0, found.start()), data.rfind(b"\n", 0, found.start())) + 1
-    ends = [i for i in (data.find(b",", found.end()), data.find(b"\n", found.end())) if i >= 0]
-    value = data[begin : min(ends, default=len(data))].decode("utf-8", "replace").rstrip("\r")
-    where = found.start()
-    line = _line_at(path, carry_at + where if where < carried else chunk_at + where - carried)
-    raise InputError(
-        f"{path.name}, line {line}: a quote inside a value ({clipped(value)!r}); expected "
-        'a value holding quotes to be quoted whole, each quote doubled ("a""b"): '
-        "PostgreSQL would read this one otherwise than other CSV readers"
-    )
-
-
-def _line_at(path: Path, offset: int) -> int:
-    """The file line (LF counted, as editors do) that byte ``offset`` is on."""
-    line, left = 1, offset
-    with path.open("rb") as f:
-        while left > 0 and (chunk := f.read(min(CHUNK_BYTES, left))):
-            line += chunk.count(b"\n")
-            left -= len(chunk)
-    return line
-
-
 def _refuse_end_marker(
-    path: Path, tail: bytes, chunk: bytes, quotes: int, chunk_at: int, last: bool
+    path: Path, tail: bytes, chunk: bytes, inside: bool, chunk_at: int, last: bool
 ) -> None:
     """InputError naming the first line of ``chunk`` (read at ``chunk_at``) that holds
     only \\. outside a quoted value; ``tail``: the bytes read just before it (up to
-    _END_CARRY); ``quotes``: the rows' quotes before the chunk (their parity tells
-    inside from outside a quoted value). Inside one, \\. is data, as COPY reads it."""
+    _END_CARRY); ``inside``: whether the rows before the chunk end inside a quoted
+    value. Inside one, \\. is data, as COPY reads it."""
     if b"\\" not in chunk and b"\\" not in tail:  # one memchr: ~2 ms for 60 MB of rows
         return
     data = tail + chunk + (b"\n" if last else b"")
-    quotes -= tail.count(b'"')
+    quotes = int(inside) - tail.count(b'"')  # only its parity counts
     counted = 0
     for marker in _END_MARKER.finditer(data):
         if marker.end() <= len(tail):  # searched with the previous chunk
@@ -294,36 +239,12 @@ def _refuse_end_marker(
         quotes += data.count(b'"', counted, marker.start())
         counted = marker.start()
         if quotes % 2 == 0:
-            line = _line_at(path, chunk_at + marker.start() + 1 - len(tail))
+            line = line_at(path, chunk_at + marker.start() + 1 - len(tail))
             raise InputError(
                 f"{path.name}, line {line}: a line holding only \\., which PostgreSQL takes "
                 "for the end of the data: the rows after it would be dropped unread; "
                 "expected a row, or the file to end there"
             )
-
-
-def _quote_carry(data: bytes, carry_at: int, carried: int, chunk_at: int) -> tuple[bytes, int]:
-    """What of ``data`` (laid out as in ``_refuse_stray_quote``) the next search needs,
-    and the file offset of its first byte.
-
-    A run that ends ``data`` is not judged yet (the byte after it is unread): it is kept
-    whole with the byte before it, and some context for the message. A run longer than
-    the context is kept as two or three quotes, of its parity: what a quote means
-    depends only on the parity of the quotes before it, and the run's start (the offset
-    reported) does not move. So that the carry stays contiguous bytes of the file up to
-    its run, its context comes from the chunk alone when the run starts in the chunk
-    (the carry before it may hold a shortened run).
-    """
-    body = data.rstrip(b'"')
-    run = len(data) - len(body)
-    keep = run if run <= _QUOTE_CONTEXT else 2 + run % 2
-    if len(body) > carried:
-        start = max(len(body) - _QUOTE_CONTEXT, carried)
-        at = chunk_at + start - carried
-    else:  # the run goes on from the carry's: ``body`` ends where that run starts
-        start = max(len(body) - _QUOTE_CONTEXT, 0)
-        at = carry_at + start
-    return body[start:] + b'"' * keep, at
 
 
 def _data_end(f: BinaryIO, start: int) -> int:
@@ -361,10 +282,9 @@ def key_lines(spec: TableSpec, path: Path, copies: Mapping[str, int]) -> dict[st
     until every copy is found (a failed value check's rows too, by their user_id).
     Python's csv module may read an odd row otherwise than COPY did: the caller trusts
     the lines only if it finds every copy, and the search ends at the first row that
-    holds a quote. A quote ending an unquoted value (``A",true``) passes the staging
-    guard and opens a quoted section for COPY, which reads the next lines into that
-    value, where the csv module keeps the quote: every later row would be named by a
-    line COPY never read as that row.
+    holds a quote: the file it reads may not be one staging judged (the QuoteGuard
+    refuses the quotes COPY reads otherwise), and past such a quote every row would be
+    named by a line COPY never read as that row.
     """
     header, offset = read_header(spec, path)
     column = header.index(KEY)
