@@ -1027,6 +1027,22 @@ def test_a_quote_ending_an_unquoted_value_is_refused_on_its_line(db_url, tmp_pat
     assert loading.key_lines(BY_NAME["labels"], path, {"X": 1}) == {"X": []}
 
 
+def test_a_header_whose_quote_is_left_open_is_refused(tmp_path):
+    """The header was read by a lenient csv reader: user_id,"churn_label passed as the
+    two names, and COPY, sent the rows only, started them inside that quoted value
+    (",x" was staged as a user_id). A header COPY would read otherwise is refused."""
+    from streamflow.errors import InputError
+    from streamflow.loading import read_header
+
+    path = tmp_path / "labels.csv"
+    for header in (b'user_id,"churn_label', b'"user_"id,churn_label'):
+        path.write_bytes(header + b'\n",x",true\nb,false\n')
+        with pytest.raises(InputError, match=r"^labels\.csv: header line is not CSV \("):
+            read_header(BY_NAME["labels"], path)
+    path.write_bytes(b'"user_id","churn_label"\nb,false\n')
+    assert read_header(BY_NAME["labels"], path) == (["user_id", "churn_label"], 24)
+
+
 def test_a_failed_value_is_named_by_its_line_only_where_its_user_id_names_one_row(tmp_path):
     """The shown failure's rows get their file line; not where the file's user_ids are
     not unique (an id would name two rows), nor for the failures the line only counts
@@ -1115,6 +1131,12 @@ def test_an_end_of_data_line_is_refused_wherever_the_reads_split_the_file(
         (b"user_id,churn_label\r\nA,true\r\n\\.\r\nB,false\r\n", 3),
         (b"user_id,churn_label\n\\.\nB,false\n", 2),
         (b"user_id,churn_label\nA,true\n\\.", 3),
+        # Row 1's line end sets COPY's style: \.+CR ended the data there, whatever came
+        # after (0 rows staged); so did \.+CR between rows in CR line ends (lines are
+        # counted by LF, as the header's: the rows are all on line 2).
+        (b"user_id,churn_label\n\\.\rA,true\nB,false\n", 2),
+        (b"user_id,churn_label\r\n\\.\rA,true\r\nB,false\r\n", 2),
+        (b"user_id,churn_label\nA,true\r\\.\rB,false\r", 2),
         (b'user_id,churn_label\n"A\n\\.\nB",true\n\\.\nC,true\n', 5),
     ]
     with psycopg.connect(db_url) as conn:

@@ -34,8 +34,9 @@ CHUNK_BYTES = 1 << 20
 _BOM = b"\xef\xbb\xbf"
 _BLANK = b" \t\r\n"
 # A line holding only \. is COPY's end-of-data marker (PostgreSQL 16, unquoted): the
-# rows after it were dropped unread, without an error, and a bad file published.
-_END_MARKER = re.compile(rb"\n\\\.\r?\n")
+# rows after it were dropped unread, without an error, and a bad file published. Its
+# line may end in CR: rows in CR line ends, or row 1, before COPY knows their style.
+_END_MARKER = re.compile(rb"[\r\n]\\\.[\r\n]")
 _END_CARRY = 4  # bytes of the previous read searched again: a marker line cut by a read
 
 
@@ -80,7 +81,8 @@ def read_header(spec: TableSpec, path: Path) -> tuple[list[str], int]:
     except UnicodeDecodeError as exc:
         raise InputError(f"{path.name}: header line is not UTF-8 text ({exc.reason})") from exc
     try:
-        header = next(csv.reader([text]))
+        # strict: a quote left open would have the rows start inside a quoted value
+        header = next(csv.reader([text], strict=True))
     except csv.Error as exc:
         raise InputError(
             f"{path.name}: header line is not CSV ({exc}); expected {expected}"

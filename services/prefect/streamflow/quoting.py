@@ -112,7 +112,7 @@ def _line_and_value(path: Path, offset: int) -> tuple[int, str]:
         f.seek(skip)
         near = f.read(offset - skip + _SHOWN)
     at = offset - skip
-    begin = max(near.rfind(b",", 0, at), near.rfind(b"\n", 0, at)) + 1
-    ends = [i for i in (near.find(b",", at + 1), near.find(b"\n", at + 1)) if i >= 0]
+    begin = max(near.rfind(edge, 0, at) for edge in (b",", b"\n", b"\r")) + 1
+    ends = [i for edge in (b",", b"\n", b"\r") if (i := near.find(edge, at + 1)) >= 0]
     value = near[begin : min(ends, default=len(near))].decode("utf-8", "replace")
-    return line_at(path, offset), value.rstrip("\r")
+    return line_at(path, offset), value
