@@ -50,7 +50,7 @@ class QuoteGuard:
             return
         if self._closer is not None:
             if chunk[:1] not in _EDGES:
-                self._refuse(self._closer)
+                self._refuse(self._closer, closing=True)
             self._closer = None
         if b'"' in chunk:
             self._judge(self._before + chunk)
@@ -63,7 +63,7 @@ class QuoteGuard:
         if self.inside:
             closer = data.index(b'"', start)
             if closer + 1 < len(data) and data[closer + 1 : closer + 2] not in _EDGES:
-                self._refuse(self._offset(closer))
+                self._refuse(self._offset(closer), closing=True)
             start = closer + 1
         end = _WELL_PLACED.match(data, start).end()  # type: ignore[union-attr]
         opener = data.find(b'"', end)
@@ -73,20 +73,20 @@ class QuoteGuard:
                 self._closer = self._offset(len(data) - 1)
             return
         if data[opener - 1 : opener] not in _EDGES:
-            self._refuse(self._offset(opener))
+            self._refuse(self._offset(opener), closing=False)
         closer = data.find(b'"', opener + 1)
         if closer < 0:
             self.inside = True  # the section goes on in the next chunk
             return
         # The match stopped before a well-placed opener, so at its closer, whose next
         # byte is read (the end of ``data`` would have matched).
-        self._refuse(self._offset(closer))
+        self._refuse(self._offset(closer), closing=True)
 
     def _offset(self, index: int) -> int:
         return self._at + index - 1
 
-    def _refuse(self, offset: int) -> None:
-        line, value = _line_and_value(self.path, offset)
+    def _refuse(self, offset: int, closing: bool) -> None:
+        line, value = _line_and_value(self.path, offset, closing)
         raise InputError(
             f"{self.path.name}, line {line}: a quote inside a value ({clipped(value)!r}); "
             'expected a value holding quotes to be quoted whole, each quote doubled ("a""b"): '
@@ -104,15 +104,21 @@ def line_at(path: Path, offset: int) -> int:
     return line
 
 
-def _line_and_value(path: Path, offset: int) -> tuple[int, str]:
-    """The line of byte ``offset``, and the bytes around it up to a comma or line end on
-    each side: the value as a reader that keeps stray quotes shows it."""
+def _line_and_value(path: Path, offset: int, closing: bool) -> tuple[int, str]:
+    """The line of the quote at byte ``offset``, and its value as a reader that keeps
+    stray quotes shows it: from the quote that opened it, when ``closing`` (back past
+    its doubled quotes), else from the comma or line end before it, up to the comma or
+    line end after the quote."""
     skip = max(offset - _SHOWN, 0)
     with path.open("rb") as f:
         f.seek(skip)
         near = f.read(offset - skip + _SHOWN)
-    at = offset - skip
-    begin = max(near.rfind(edge, 0, at) for edge in (b",", b"\n", b"\r")) + 1
+    at = begin = offset - skip
+    if closing:  # the quotes before it pair up as open, close: "a""b" is one value
+        while (begin := near.rfind(b'"', 0, begin)) > 0 and near[begin - 1] == ord('"'):
+            begin -= 1
+    if begin <= 0 or not closing:  # an opener, or one too far back to be shown
+        begin = max(near.rfind(edge, 0, at) for edge in (b",", b"\n", b"\r")) + 1
     ends = [i for edge in (b",", b"\n", b"\r") if (i := near.find(edge, at + 1)) >= 0]
     value = near[begin : min(ends, default=len(near))].decode("utf-8", "replace")
     return line_at(path, offset), value
