@@ -7,6 +7,10 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
+# The image's packages first, hash-checked (services/prefect/requirements.lock): tests
+# and local runs use the versions the image ships; the sets below add their tools.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes \
+  -r services/prefect/requirements.lock
 for req in "$@"; do
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$req"
 done

@@ -31,6 +31,7 @@ ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILE = ROOT / "services" / "prefect" / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 RUNTIME_REQUIREMENTS = ROOT / "services" / "prefect" / "requirements.txt"
+RUNTIME_LOCK = ROOT / "services" / "prefect" / "requirements.lock"
 INIT_DIR = ROOT / "db" / "init"
 INIT_SCRIPTS = [INIT_DIR / "000_prefect_db.sh", INIT_DIR / "002_ingest_login.sh"]
 # Every script the postgres container runs: the init scripts and its entrypoint.
@@ -368,6 +369,49 @@ def test_prefect_image_matches_requirements_pin():
     assert image == f"prefecthq/prefect:{_prefect_pin()}-python3.11"
 
 
+def _locked() -> dict[str, tuple[str, list[str]]]:
+    """The lock's packages: canonical name -> (version, sha256 hashes)."""
+    text = RUNTIME_LOCK.read_text(encoding="utf-8")
+    assert not re.search(r"^\s*--(index-url|extra-index-url|find-links|trusted-host)", text, re.M)
+    locked = {}
+    for block in re.split(r"\n(?=\S)", text.strip()):
+        if block.startswith("#"):
+            continue
+        pin = re.match(r"([A-Za-z0-9._-]+)==(\S+) \\\n", block)
+        assert pin, f"not a hashed == pin in requirements.lock: {block[:80]!r}"
+        name = re.sub(r"[-_.]+", "-", pin.group(1)).lower()
+        locked[name] = (pin.group(2), re.findall(r"--hash=sha256:([0-9a-f]{64})", block))
+    return locked
+
+
+def test_the_lock_pins_every_package_with_hashes_and_agrees_with_requirements():
+    """The image installs requirements.lock with --require-hashes: every package, direct
+    or not, at one version with its files' sha256. A pin changed in requirements.txt
+    without scripts/lock.sh would build an image of the old version."""
+    locked = _locked()
+    assert len(locked) > 50 and all(hashes for _, hashes in locked.values())
+    for line in RUNTIME_REQUIREMENTS.read_text(encoding="utf-8").splitlines():
+        if pin := re.match(r"([A-Za-z0-9._-]+)(?:\[[^]]*\])?==(\S+)", line.strip()):
+            name = re.sub(r"[-_.]+", "-", pin.group(1)).lower()
+            assert locked.get(name, ("absent",))[0] == pin.group(2), name
+
+
+def test_the_tests_run_on_the_versions_the_image_installs():
+    """setup_venv.sh installs the lock first; a test tool that needed another version
+    of a shared package would have moved it, and the suite would test other code."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    moved = {}
+    for name, (pinned, _) in _locked().items():
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            installed = "absent"
+        if installed != pinned:
+            moved[name] = (pinned, installed)
+    assert moved == {}, "packages whose installed version is not the lock's"
+
+
 def test_published_ports_are_loopback_only():
     for name, service in _services().items():
         for port in service.get("ports", []):
@@ -573,7 +617,7 @@ def test_dockerfile_structure():
     env_text = " ".join(rest for kw, rest in instr if kw == "ENV")
     assert "PYTHONDONTWRITEBYTECODE=1" in env_text and "PYTHONUNBUFFERED=1" in env_text
     runs = " ".join(rest for kw, rest in instr if kw == "RUN")
-    assert re.search(r"pip install --no-cache-dir -r \S*requirements\.txt", runs)
+    assert re.search(r"pip install --no-cache-dir --require-hashes -r \S*requirements\.lock", runs)
     copies = [rest for kw, rest in instr if kw == "COPY"]
     assert any(c.startswith("services/prefect/ ") for c in copies)
     assert any(c.startswith("db/ ") for c in copies)
