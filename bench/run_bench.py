@@ -19,8 +19,9 @@ RSS is the process's own high-water mark (VmHWM), PostgreSQL's backends apart.
 
 The N-user month pair comes from streamflow.seeds and is cached in bench/out/.
 Each run writes bench/results/users_<N>.json; --out is regenerated from all of them.
-Needs: pip install -r services/prefect/requirements.txt -r requirements/embedded.txt
-       -r requirements/bench.txt && pip install --no-deps -e .
+Needs: pip install --require-hashes -r services/prefect/requirements.lock (the image's
+       packages) && pip install -r requirements/embedded.txt -r requirements/bench.txt
+       && pip install --no-deps -e .
 """
 
 from __future__ import annotations
