@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv at the repo root (once) and install a requirement set into it.
+# Create .venv at the repo root (once) and install into it the image's packages
+# (services/prefect/requirements.lock, hash-checked), then the requirement sets given.
 # usage: scripts/setup_venv.sh requirements/test.txt
 set -euo pipefail
 cd "$(dirname "$0")/.."

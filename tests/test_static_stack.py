@@ -369,11 +369,12 @@ def test_prefect_image_matches_requirements_pin():
     assert image == f"prefecthq/prefect:{_prefect_pin()}-python3.11"
 
 
-def _locked() -> dict[str, tuple[str, list[str]]]:
-    """The lock's packages: canonical name -> (version, sha256 hashes)."""
+def _locked() -> tuple[dict[str, tuple[str, list[str]]], set[str]]:
+    """The lock's packages (canonical name -> version, sha256 hashes), and the names it
+    says come from requirements.txt."""
     text = RUNTIME_LOCK.read_text(encoding="utf-8")
     assert not re.search(r"^\s*--(index-url|extra-index-url|find-links|trusted-host)", text, re.M)
-    locked = {}
+    locked, direct = {}, set()
     for block in re.split(r"\n(?=\S)", text.strip()):
         if block.startswith("#"):
             continue
@@ -381,19 +382,23 @@ def _locked() -> dict[str, tuple[str, list[str]]]:
         assert pin, f"not a hashed == pin in requirements.lock: {block[:80]!r}"
         name = re.sub(r"[-_.]+", "-", pin.group(1)).lower()
         locked[name] = (pin.group(2), re.findall(r"--hash=sha256:([0-9a-f]{64})", block))
-    return locked
+        if "via -r services/prefect/requirements.txt" in block:
+            direct.add(name)
+    return locked, direct
 
 
 def test_the_lock_pins_every_package_with_hashes_and_agrees_with_requirements():
     """The image installs requirements.lock with --require-hashes: every package, direct
     or not, at one version with its files' sha256. A pin changed in requirements.txt
     without scripts/lock.sh would build an image of the old version."""
-    locked = _locked()
+    locked, direct = _locked()
     assert len(locked) > 50 and all(hashes for _, hashes in locked.values())
+    pins = {}
     for line in RUNTIME_REQUIREMENTS.read_text(encoding="utf-8").splitlines():
         if pin := re.match(r"([A-Za-z0-9._-]+)(?:\[[^]]*\])?==(\S+)", line.strip()):
-            name = re.sub(r"[-_.]+", "-", pin.group(1)).lower()
-            assert locked.get(name, ("absent",))[0] == pin.group(2), name
+            pins[re.sub(r"[-_.]+", "-", pin.group(1)).lower()] = pin.group(2)
+    assert {name: locked.get(name, ("absent",))[0] for name in pins} == pins
+    assert direct == set(pins), "the lock's direct packages are not requirements.txt's"
 
 
 def test_the_tests_run_on_the_versions_the_image_installs():
@@ -402,7 +407,7 @@ def test_the_tests_run_on_the_versions_the_image_installs():
     from importlib.metadata import PackageNotFoundError, version
 
     moved = {}
-    for name, (pinned, _) in _locked().items():
+    for name, (pinned, _) in _locked()[0].items():
         try:
             installed = version(name)
         except PackageNotFoundError:
@@ -691,7 +696,11 @@ def test_dockerignore_keeps_env_files_out_at_any_depth():
     ]
     for secret in (".env", ".env.local", "services/prefect/.env", "services/prefect/.env.prod"):
         assert _dockerignored(secret, patterns), f"{secret} would be in the build context"
-    for needed in ("services/prefect/ingest_flow.py", "db/init/001_schema.sql"):
+    for needed in (
+        "services/prefect/ingest_flow.py",
+        "services/prefect/requirements.lock",
+        "db/init/001_schema.sql",
+    ):
         assert not _dockerignored(needed, patterns), f"{needed} must reach the image"
 
 

@@ -183,13 +183,13 @@ def stage_file(
             with path.open("rb") as f, cur.copy(copy) as cp:
                 left = _data_end(f, offset) - offset
                 f.seek(offset)
-                quotes, at = QuoteGuard(path, offset), offset
+                guard, at = QuoteGuard(path, offset), offset
                 tail = b"\n"  # the header's line end: row 1 starts a line
                 while left > 0 and (chunk := f.read(min(CHUNK_BYTES, left))):
                     last = len(chunk) == left  # a last row without its line end is one too
                     # Both raise inside the COPY, which abandons it.
-                    _refuse_end_marker(path, tail, chunk, quotes.inside, at, last)
-                    quotes.feed(chunk)
+                    _refuse_end_marker(path, tail, chunk, guard.inside, at, last)
+                    guard.feed(chunk)
                     tail = (tail + chunk)[-_END_CARRY:]
                     cp.write(chunk)
                     left -= len(chunk)

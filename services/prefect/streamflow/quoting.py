@@ -117,7 +117,7 @@ def _line_and_value(path: Path, offset: int, closing: bool) -> tuple[int, str]:
     if closing:  # the quotes before it pair up as open, close: "a""b" is one value
         while (begin := near.rfind(b'"', 0, begin)) > 0 and near[begin - 1] == ord('"'):
             begin -= 1
-    if begin <= 0 or not closing:  # an opener, or one too far back to be shown
+    if begin < 0 or not closing:  # an opener, or one too far back to be shown
         begin = max(near.rfind(edge, 0, at) for edge in (b",", b"\n", b"\r")) + 1
     ends = [i for edge in (b",", b"\n", b"\r") if (i := near.find(edge, at + 1)) >= 0]
     value = near[begin : min(ends, default=len(near))].decode("utf-8", "replace")
