@@ -134,7 +134,8 @@ def test_negative_watch_hours_fails_and_changes_nothing(run_flow, db_url, shared
     rc, _, err = run_flow(db_url, shared_seeds / "month_000", "2024-01-31")
     assert rc == 0, err
     bad = tmp_path / "month_001"
-    shutil.copytree(shared_seeds / "month_001", bad)
+    # The lab's files may be read-only (they are here): the copies must not be.
+    shutil.copytree(shared_seeds / "month_001", bad, copy_function=shutil.copyfile)
     path = bad / "usage_agg_30d.csv"
     lines = path.read_text().splitlines(keepends=True)
     fields = lines[100].split(",")

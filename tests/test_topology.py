@@ -556,8 +556,12 @@ def stack(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Itera
             time.perf_counter() - started
         )
 
+        # Prefect's runner keeps its storage in $TMPDIR/runner_storage, one folder for
+        # every user of the machine: made by another (root's runs), it refused this one.
+        (tmp / "runner-tmp").mkdir()
         runner_env = clean_env(
             tmp / "home-runner",
+            TMPDIR=str(tmp / "runner-tmp"),
             PREFECT_API_URL=api_url,
             PREFECT_LOGGING_LEVEL="INFO",  # the container's default; conftest lowers it
             GX_DOCS_DIR=str(tmp / "gx_docs"),
@@ -707,7 +711,7 @@ def good_run(stack: Stack, month_000: Path) -> Triggered:
 @pytest.fixture(scope="module")
 def bad_month(month_000: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     bad = tmp_path_factory.mktemp("bad") / "month_000"
-    shutil.copytree(month_000, bad)
+    shutil.copytree(month_000, bad, copy_function=shutil.copyfile)  # the lab's may be read-only
     path = bad / "usage_agg_30d.csv"
     lines = path.read_text().splitlines(keepends=True)
     header = lines[0].rstrip("\r\n").split(",")
