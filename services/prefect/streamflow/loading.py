@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import re
 from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
@@ -26,18 +25,13 @@ from .copy_errors import explain_copy_error
 from .errors import InputError, clipped, first_few, unreadable
 from .fingerprints import is_hashed_file
 from .locking import check_writer_lock
-from .quoting import QuoteGuard, line_at
+from .quoting import QuoteGuard
 from .registry import KEY, MAX_HEADER_BYTES, TABLES, TableSpec
 from .sqlfiles import ident_list, queries, query, staged
 
 CHUNK_BYTES = 1 << 20
 _BOM = b"\xef\xbb\xbf"
 _BLANK = b" \t\r\n"
-# A line holding only \. is COPY's end-of-data marker (PostgreSQL 16, unquoted): the
-# rows after it were dropped unread, without an error, and a bad file published. Its
-# line may end in CR: rows in CR line ends, or row 1, before COPY knows their style.
-_END_MARKER = re.compile(rb"[\r\n]\\\.[\r\n]")
-_END_CARRY = 4  # bytes of the previous read searched again: a marker line cut by a read
 
 
 @dataclass(frozen=True)
@@ -183,17 +177,11 @@ def stage_file(
             with path.open("rb") as f, cur.copy(copy) as cp:
                 left = _data_end(f, offset) - offset
                 f.seek(offset)
-                guard, at = QuoteGuard(path, offset), offset
-                tail = b"\n"  # the header's line end: row 1 starts a line
+                guard = QuoteGuard(path, offset)
                 while left > 0 and (chunk := f.read(min(CHUNK_BYTES, left))):
-                    last = len(chunk) == left  # a last row without its line end is one too
-                    # Both raise inside the COPY, which abandons it.
-                    _refuse_end_marker(path, tail, chunk, guard.inside, at, last)
-                    guard.feed(chunk)
-                    tail = (tail + chunk)[-_END_CARRY:]
+                    guard.feed(chunk, last=len(chunk) == left)  # raising abandons the COPY
                     cp.write(chunk)
                     left -= len(chunk)
-                    at += len(chunk)
                 # Inside the COPY: raising here abandons it.
                 if hashed is not None and not is_hashed_file(hashed, os.fstat(f.fileno())):
                     raise InputError(
@@ -221,32 +209,6 @@ def _roll_back(conn: psycopg.Connection) -> None:
     undid it already, and must not hide the file's error behind "connection lost"."""
     with suppress(psycopg.OperationalError):
         conn.rollback()
-
-
-def _refuse_end_marker(
-    path: Path, tail: bytes, chunk: bytes, inside: bool, chunk_at: int, last: bool
-) -> None:
-    """InputError naming the first line of ``chunk`` (read at ``chunk_at``) that holds
-    only \\. outside a quoted value; ``tail``: the bytes read just before it (up to
-    _END_CARRY); ``inside``: whether the rows before the chunk end inside a quoted
-    value. Inside one, \\. is data, as COPY reads it."""
-    if b"\\" not in chunk and b"\\" not in tail:  # one memchr: ~2 ms for 60 MB of rows
-        return
-    data = tail + chunk + (b"\n" if last else b"")
-    quotes = int(inside) - tail.count(b'"')  # only its parity counts
-    counted = 0
-    for marker in _END_MARKER.finditer(data):
-        if marker.end() <= len(tail):  # searched with the previous chunk
-            continue
-        quotes += data.count(b'"', counted, marker.start())
-        counted = marker.start()
-        if quotes % 2 == 0:
-            line = line_at(path, chunk_at + marker.start() + 1 - len(tail))
-            raise InputError(
-                f"{path.name}, line {line}: a line holding only \\., which PostgreSQL takes "
-                "for the end of the data: the rows after it would be dropped unread; "
-                "expected a row, or the file to end there"
-            )
 
 
 def _data_end(f: BinaryIO, start: int) -> int:
