@@ -222,6 +222,17 @@ def _orphan(rows: list[list[str]]) -> None:
     rows[5][0] = "0000-NOTAUSER"
 
 
+def _long_watch_hours(line: bytes) -> bytes:
+    """watch_hours_30d as 1 written with 140,000 leading zeros: a number COPY takes."""
+    fields = line.split(b",")
+    fields[1] = b"0" * 140_000 + b"1"
+    return b",".join(fields)
+
+
+def _dup_over_another(rows: list[list[str]]) -> None:
+    rows[150][0] = rows[3][0]
+
+
 def _drop_user(rows: list[list[str]]) -> None:
     del rows[9]
 
@@ -234,6 +245,10 @@ def _long_row(rows: list[list[str]]) -> None:
     rows[16] = [*rows[16], "7"]
 
 
+USAGE_FIELDS = (
+    "(expected 6 values a row, as the header: user_id,watch_hours_30d,avg_session_mins_7d,"
+    "unique_devices_30d,skips_7d,rebuffer_events_7d)"
+)
 SQL_HEADER = 'user_id"); DROP TABLE users; --'
 FORGED = "2024-01-01 INFO | Flow run 'x' - Finished in state Completed()"
 
@@ -324,6 +339,18 @@ CORPUS = [
         expect_user_ids_of={"uid:9": ("labels", 9)},
     ),
     Bad(
+        # A user twice and another left out: the row count stays that of users.csv, and
+        # only the duplicate was named; fixed, the month was refused again for the other.
+        "duplicate_hiding_a_missing_user",
+        edit("labels", _dup_over_another),
+        [
+            "labels.csv: 200 row(s) for the 200 of users.csv, a user_id on several rows; "
+            "expected one row per user, none for 1 user(s) of users.csv, e.g. {uid:150}",
+            "(+1 more failed expectation(s), in labels.csv)",
+        ],
+        expect_user_ids_of={"uid:150": ("users", 150)},
+    ),
+    Bad(
         "empty_user_id",
         set_cell("payments_agg_90d", 12, "user_id", ""),
         ["payments_agg_90d.csv", "line 13", "user_id", "empty"],
@@ -377,7 +404,13 @@ CORPUS = [
             "longer than 64 characters",
             "(4000 characters)",
         ],
-        absent=("X" * 100, " on line"),  # the start of the id, not all of it; GX gives no row
+        absent=("X" * 100,),  # the start of the id, not all of it
+    ),
+    Bad(
+        # The id's line: GX's examples of this check are the ids, whole (it was left out).
+        "user_id_too_long_named_by_its_line",
+        _user_everywhere_as(27, lambda uid: uid + "X" * 90),
+        ["users.csv, column user_id", "(100 characters)' on line 28; a user_id is a short code"],
     ),
     Bad(
         "bad_boolean",
@@ -449,28 +482,56 @@ CORPUS = [
     Bad(
         "row_missing_a_field",
         edit("usage_agg_30d", _short_row),
-        ["usage_agg_30d.csv", "line 16", "rebuffer_events_7d"],
+        ["usage_agg_30d.csv", "line 16", "rebuffer_events_7d", USAGE_FIELDS],
     ),
     Bad(
         "row_with_extra_field",
         edit("usage_agg_30d", _long_row),
-        ["usage_agg_30d.csv", "line 17", "extra data"],
+        ["usage_agg_30d.csv", "line 17", "extra data", USAGE_FIELDS],
+    ),
+    Bad(
+        # A value holding a quote (written "D""SL", read D"SL by COPY and the csv module
+        # alike): the line lookup stopped at such a row, and no line was named.
+        "value_holding_a_quote_outside_the_set",
+        set_cell("subscriptions", 4, "net_service", 'D"SL'),
+        ["subscriptions.csv, column net_service", "e.g. 'D\"SL' (user_id {uid:4} on line 5)"],
+        expect_user_ids_of={"uid:4": ("subscriptions", 4)},
+    ),
+    Bad(
+        "negative_after_a_value_holding_a_quote",
+        lambda month: (
+            set_cell("usage_agg_30d", 40, "skips_7d", "-1")(month),
+            _user_everywhere_as(3, lambda uid: uid + '"B')(month),  # written "…""B"
+        ),
+        ["usage_agg_30d.csv, column skips_7d", "(user_id {uid:40} on line 41)"],
+        expect_user_ids_of={"uid:40": ("usage_agg_30d", 40)},
+    ),
+    Bad(
+        # PostgreSQL takes values up to 1 GB; the csv module stopped at 131,072
+        # characters, and the lines after such a value were not named.
+        "negative_after_a_long_value",
+        lambda month: (
+            set_cell("usage_agg_30d", 40, "skips_7d", "-1")(month),
+            edit_line("usage_agg_30d", 6, _long_watch_hours)(month),
+        ),
+        ["usage_agg_30d.csv, column skips_7d", "(user_id {uid:40} on line 41)"],
+        expect_user_ids_of={"uid:40": ("usage_agg_30d", 40)},
     ),
     Bad(
         "not_utf8",
         replace_line("users", 50, b"\xff\xfe-BAD,2022-01-01,Male,False,False,False"),
-        ["users.csv", "line 50", "UTF8"],
+        ["users.csv, line 50, column user_id:", "UTF8"],
     ),
     Bad(
         "nul_byte",
         edit_line("labels", 9, lambda b: b.replace(b",", b"\x00,")),
-        ["labels.csv", "line 9", "a NUL byte (0x00)"],
+        ["labels.csv, line 9, column user_id: a NUL byte (0x00)"],
         absent=("UTF-8",),
     ),
     Bad(
         "latin1_data_row",
         latin1_cell("users", 30, "user_gender", "Fémale"),
-        ["users.csv", "line 30", "0xe9", "(the file must be UTF-8 text)"],
+        ["users.csv, line 30, column user_gender:", "0xe9", "(the file must be UTF-8 text)"],
     ),
     Bad(
         "blank_line_in_the_middle",
@@ -990,13 +1051,14 @@ def test_duplicate_lines_are_counted_as_an_editor_shows_them(tmp_path):
         b'"fal\rse",\r\n'  # a CR alone inside quotes ends no line (the csv module's did)
         b"true,B\r\n"
         + b"true,"
-        + b"x" * 200_000  # past the csv module's field size limit
+        + b"x" * 200_000  # past the csv module's default field size limit
         + b"\r\n"
     )
-    # Reading stops once every copy is found, before the oversized line 8.
     assert key_lines(BY_NAME["labels"], path, {"A": 2, "B": 2}) == {"A": [2, 5], "B": [3, 7]}
-    with pytest.raises(csv.Error):  # a key without its second copy: read to the end
-        key_lines(BY_NAME["labels"], path, {"A": 2, "C": 2})
+    # A key without its second copy: read to the end, through a value COPY takes.
+    assert key_lines(BY_NAME["labels"], path, {"A": 2, "C": 2}) == {"A": [2, 5], "C": []}
+    assert key_lines(BY_NAME["labels"], path, {"x" * 200_000: 1}) == {"x" * 200_000: [8]}
+    assert csv.field_size_limit() == 131_072  # the process-wide limit is given back
 
 
 def test_a_quote_ending_an_unquoted_value_is_refused_on_its_line(db_url, tmp_path):
@@ -1089,9 +1151,11 @@ def test_a_failed_value_is_named_by_its_line_only_where_its_user_id_names_one_ro
         check(found)
 
 
-def test_duplicate_lines_that_cannot_be_read_leave_the_failure_as_it_was(tmp_path):
-    """key_lines failing (a field the csv module refuses, a file gone) must not turn a
-    validation failure into another error: the message keeps the ids, without lines."""
+def test_duplicate_lines_that_cannot_be_read_leave_the_failure_as_it_was(tmp_path, monkeypatch):
+    """key_lines failing (a value over its limit, a quote the csv module refuses: a file
+    changed since staging, a file gone) must not turn a validation failure into another
+    error: the message keeps the ids, without lines."""
+    from streamflow import file_lines
     from streamflow.outcomes import (
         ExpectationOutcome,
         SuiteOutcome,
@@ -1099,6 +1163,7 @@ def test_duplicate_lines_that_cannot_be_read_leave_the_failure_as_it_was(tmp_pat
         locate_rows,
     )
 
+    monkeypatch.setattr(file_lines, "FIELD_LIMIT", 100_000)
     path = tmp_path / "labels.csv"
     path.write_bytes(b"user_id,churn_label\nA,true\nA," + b"x" * 200_000 + b"\n")
     unique = ExpectationOutcome(
@@ -1107,7 +1172,13 @@ def test_duplicate_lines_that_cannot_be_read_leave_the_failure_as_it_was(tmp_pat
     outcomes = [SuiteOutcome("labels", 5, 1, [unique])]
 
     locate_rows(outcomes, {"labels": path})
-    assert unique.example_lines == []
+    assert unique.example_lines == [[]]  # one copy found of two: none named
+    assert describe_failure(unique).endswith("e.g. A (2 rows)")
+    for data in (b'B,"x"y\n', b'B,x"\n'):  # the csv module's refusal, then the guard's
+        path.write_bytes(b"user_id,churn_label\nA,true\n" + data + b"A,false\n")
+        locate_rows(outcomes, {"labels": path})
+        assert unique.example_lines == [[]]
+    unique.example_lines = []
     locate_rows(outcomes, {"labels": tmp_path / "gone.csv"})
     assert unique.example_lines == []
     assert describe_failure(unique).endswith("e.g. A (2 rows)")

@@ -6,16 +6,20 @@ server's language. The files are read again to say it, on the error path only.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import psycopg
 
 from .errors import clipped_quotes
+from .file_lines import undecodable_column
 from .registry import MAX_HEADER_BYTES, TableSpec
 
 # COPY's words for a file whose lines do not all end alike (a CR or LF where the
 # first line's ending says the line goes on).
 _LINE_END_ERRORS = ("unquoted carriage return found in data", "unquoted newline found in data")
+# COPY's words for a row with more or fewer values than the header has columns.
+_FIELD_COUNT_ERRORS = ("extra data after last expected column", "missing data for column")
 # What COPY says of a blank line: one empty field where the table has several, or,
 # in a file whose rows end in LF (CRLF), a line that is only CRLF (LF).
 _BLANK_LINE_ERRORS = ("missing data for column", *_LINE_END_ERRORS)
@@ -30,12 +34,18 @@ _NUMBER_ALONE = re.compile(_ALONE.format(r"(\d+)"))
 
 
 def explain_copy_error(
-    spec: TableSpec, file: str, exc: psycopg.Error, path: Path | None = None
+    spec: TableSpec,
+    file: str,
+    exc: psycopg.Error,
+    path: Path | None = None,
+    header: Sequence[str] = (),
 ) -> str:
     """Turn PostgreSQL's COPY error into: file, line, column, value, expected type.
 
-    ``path`` (the file) is read only to tell a blank line from a short row, when
-    PostgreSQL's error does not show the line.
+    ``path`` (the file) is read again only on this error path: to name a row by its
+    first line, to tell a blank line from a short row when PostgreSQL's error does not
+    show the line, and to find the column holding a byte that is not UTF-8 text.
+    ``header``: the file's columns, in its order.
     """
     diag = exc.diag
     primary = clipped_quotes((diag.message_primary or str(exc)).strip())
@@ -49,6 +59,7 @@ def explain_copy_error(
             )
     where = file
     expected = ""
+    line = None
     if context is not None:
         copy_line, column, shown = context
         line = _row_line(path, copy_line)
@@ -69,7 +80,13 @@ def explain_copy_error(
                 "a CR or LF without being quoted (expected one kind of line end throughout, "
                 "and a line end inside a value quoted)"
             )
+        elif header and primary.startswith(_FIELD_COUNT_ERRORS):
+            expected = f" (expected {len(header)} values a row, as the header: {','.join(header)})"
     if isinstance(exc, psycopg.errors.CharacterNotInRepertoire):
+        # The encoding is checked before the row is split in values: COPY names no column.
+        if path is not None and line is not None and ", column" not in where:
+            column = undecodable_column(path, line, list(header))
+            where += f", column {column}" if column else ""
         if primary.endswith(": 0x00"):  # valid UTF-8, but no PostgreSQL text holds it
             return f"{where}: a NUL byte (0x00), which no text value can hold"
         return f"{where}: {primary} (the file must be UTF-8 text)"

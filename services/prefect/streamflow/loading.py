@@ -10,7 +10,6 @@ conversion, and an empty cell stays NULL.
 from __future__ import annotations
 
 import csv
-import io
 import os
 from collections.abc import Callable, Mapping
 from contextlib import suppress
@@ -23,6 +22,7 @@ from psycopg import sql
 
 from .copy_errors import explain_copy_error
 from .errors import InputError, clipped, first_few, unreadable
+from .file_lines import rows_with_lines
 from .fingerprints import is_hashed_file
 from .locking import check_writer_lock
 from .quoting import QuoteGuard
@@ -194,7 +194,7 @@ def stage_file(
         conn.commit()
     except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:  # NOT NULL on user_id
         _roll_back(conn)
-        raise InputError(explain_copy_error(spec, path.name, exc, path)) from exc
+        raise InputError(explain_copy_error(spec, path.name, exc, path, columns)) from exc
     except OSError as exc:  # the COPY was abandoned: nothing of the file is staged
         _roll_back(conn)
         raise unreadable(path, exc) from exc
@@ -241,31 +241,18 @@ def _data_end(f: BinaryIO, start: int) -> int:
 def key_lines(spec: TableSpec, path: Path, copies: Mapping[str, int]) -> dict[str, list[int]]:
     """The file lines (the header is line 1) whose user_id is one of ``copies``' keys.
 
-    Staging keeps no line numbers; a duplicated user_id is named by the lines that
-    hold it, so the file is read again, only when validation found one, and only
-    until every copy is found (a failed value check's rows too, by their user_id).
-    Python's csv module may read an odd row otherwise than COPY did: the caller trusts
-    the lines only if it finds every copy, and the search ends at the first row that
-    holds a quote: the file it reads may not be one staging judged (the QuoteGuard
-    refuses the quotes COPY reads otherwise), and past such a quote every row would be
-    named by a line COPY never read as that row.
+    A duplicated user_id is named by the lines that hold it, so the file is read again,
+    only when validation found one, and only until every copy is found (a failed value
+    check's rows too, by their user_id). The file may have changed since it was staged,
+    or hold a value too long to read again: the caller trusts the lines only if it finds
+    every copy, and the search ends at a row the csv module refuses.
     """
-    header, offset = read_header(spec, path)
+    header, _ = read_header(spec, path)
     column = header.index(KEY)
     found: dict[str, list[int]] = {k: [] for k in copies}
     left = sum(copies.values())
-    with path.open("rb") as raw:
-        raw.seek(offset)  # past the header (and its BOM), as COPY was sent the file
-        reader = csv.reader(io.TextIOWrapper(raw, encoding="utf-8", newline=""))
-        end = 1
-        for row in reader:
-            # A quoted field may span lines: a row is named by the line it starts on.
-            # Lines are counted by their LF, as editors do (the csv module's line_num also
-            # ends one at a CR alone inside quotes; COPY's "line N" counts rows instead).
-            start = end + 1
-            end = start + sum(field.count("\n") for field in row)
-            if any('"' in field for field in row):  # COPY may have read it otherwise
-                break
+    with suppress(csv.Error, InputError, UnicodeDecodeError), rows_with_lines(path) as rows:
+        for start, row in rows:
             key = row[column] if len(row) > column else None
             if key in found:
                 found[key].append(start)
