@@ -335,8 +335,13 @@ CORPUS = [
         # history would lack it: each file lists every user of users.csv.
         "user_missing_from_a_file",
         edit("labels", _drop_user),
-        ["labels.csv", "199 row(s) for the 200 of users.csv", "none for 1 user(s)", "{uid:9}"],
-        expect_user_ids_of={"uid:9": ("labels", 9)},
+        [
+            "labels.csv",
+            "199 row(s) for the 200 of users.csv",
+            "none for 1 user(s)",
+            "e.g. {uid:9} on line 10 (users.csv's lines)",
+        ],
+        expect_user_ids_of={"uid:9": ("users", 9)},
     ),
     Bad(
         # A user twice and another left out: the row count stays that of users.csv, and
@@ -345,7 +350,8 @@ CORPUS = [
         edit("labels", _dup_over_another),
         [
             "labels.csv: 200 row(s) for the 200 of users.csv, a user_id on several rows; "
-            "expected one row per user, none for 1 user(s) of users.csv, e.g. {uid:150}",
+            "expected one row per user, none for 1 user(s) of users.csv, e.g. {uid:150} on "
+            "line 151 (users.csv's lines)",
             "(+1 more failed expectation(s), in labels.csv)",
         ],
         expect_user_ids_of={"uid:150": ("users", 150)},

@@ -180,6 +180,7 @@ def describe_failure(o: ExpectationOutcome) -> str:
             what = f"{o.detail}; expected one row per user"
             if n:
                 what += f", none for {n} user(s) of {PARENT.file_name}, e.g. {eg_ids}"
+                what += f" ({PARENT.file_name}'s lines)" if any(o.example_lines) else ""
         case _:
             what = f"{o.expectation} failed {o.detail}".strip()
     return f"{where}: {what}"
@@ -236,9 +237,10 @@ def locate_rows(outcomes: list[SuiteOutcome], files: dict[str, Path]) -> None:
     """
     from .loading import key_lines
 
-    def lines_of(e: ExpectationOutcome, copies: dict[str, int]) -> None:
+    def lines_of(e: ExpectationOutcome, copies: dict[str, int], table: str = "") -> None:
+        table = table or e.table
         try:  # the lines are a help: nothing here may hide the failure itself
-            at = key_lines(BY_NAME[e.table], files[e.table], copies)
+            at = key_lines(BY_NAME[table], files[table], copies)
         except Exception:
             return
         # Python's csv module may read an odd row otherwise than COPY did: lines are
@@ -257,15 +259,17 @@ def locate_rows(outcomes: list[SuiteOutcome], files: dict[str, Path]) -> None:
                 continue
     shown = _shown_failures(outcomes)[:1]
     for e in shown:
+        # The users a file leaves out are rows of users.csv: named by their line there.
+        table = PARENT.name if e.expectation == Check.MISSING_USERS else e.table
         unique_keys = not any(
             x.expectation == Check.UNIQUE and not x.success
             for s in outcomes
-            if s.table == e.table
+            if s.table == table
             for x in s.expectations
         )
         ids = [str(uid) for uid in e.example_user_ids if uid is not None]
-        if e.expectation in _ROW_CHECKS and unique_keys and ids:
-            lines_of(e, dict.fromkeys(ids, 1))
+        if (e.expectation in _ROW_CHECKS or table != e.table) and unique_keys and ids:
+            lines_of(e, dict.fromkeys(ids, 1), table)
 
 
 _NO_ROWS = "expect_table_row_count_to_be_between"  # at least one row
