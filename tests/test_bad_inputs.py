@@ -326,9 +326,17 @@ CORPUS = [
         absent=("more failed",),
     ),
     Bad(
+        # In the place of a user of users.csv, whom the file then leaves out: the row
+        # count stays that of users.csv, and only the orphan was named.
         "user_id_not_in_users",
         edit("labels", _orphan),
-        ["labels.csv", "column user_id", "users.csv", "e.g. 0000-NOTAUSER on line 6"],
+        [
+            "labels.csv",
+            "column user_id",
+            "users.csv",
+            "e.g. 0000-NOTAUSER on line 6",
+            "(+1 more failed expectation(s), in labels.csv)",
+        ],
     ),
     Bad(
         # The live labels would keep last month's label for that user, and the month's
@@ -349,7 +357,7 @@ CORPUS = [
         "duplicate_hiding_a_missing_user",
         edit("labels", _dup_over_another),
         [
-            "labels.csv: 200 row(s) for the 200 of users.csv, a user_id on several rows; "
+            "labels.csv: 200 row(s) for the 200 of users.csv, some of them a user twice; "
             "expected one row per user, none for 1 user(s) of users.csv, e.g. {uid:150} on "
             "line 151 (users.csv's lines)",
             "(+1 more failed expectation(s), in labels.csv)",
@@ -1188,6 +1196,47 @@ def test_duplicate_lines_that_cannot_be_read_leave_the_failure_as_it_was(tmp_pat
     locate_rows(outcomes, {"labels": tmp_path / "gone.csv"})
     assert unique.example_lines == []
     assert describe_failure(unique).endswith("e.g. A (2 rows)")
+
+
+def test_the_csv_limit_is_given_back_when_the_last_reader_is_done(tmp_path):
+    """Staging's two threads may read two files again at once: the first done gave the
+    process its old limit back while the other still read (a long value then ended that
+    reading), and the last done left 16M behind."""
+    from streamflow import file_lines
+
+    path = tmp_path / "labels.csv"
+    path.write_bytes(b"user_id,churn_label\nA,true\n")
+    first, second = file_lines.rows_with_lines(path), file_lines.rows_with_lines(path)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert csv.field_size_limit() == file_lines.FIELD_LIMIT
+    second.__exit__(None, None, None)
+    assert csv.field_size_limit() == 131_072
+
+
+def test_a_file_read_again_is_judged_at_its_end_once(tmp_path, monkeypatch):
+    """The end of the file (a last line without its line end, a \\. there) is judged once,
+    where the reads find no more: judged at the size taken on opening, every read of a
+    file grown since was taken for its end (a row starting \\.5 read as an end marker)."""
+    from streamflow import file_lines, quoting
+
+    fed: list[tuple[int, bool]] = []
+
+    class Recording(quoting.QuoteGuard):
+        def feed(self, chunk: bytes, last: bool = False) -> None:
+            fed.append((len(chunk), last))
+            super().feed(chunk, last)
+
+    monkeypatch.setattr(file_lines, "QuoteGuard", Recording)
+    path = tmp_path / "labels.csv"
+    path.write_bytes(b"user_id,churn_label\n" + b"".join(b"U%05d,true\n" % i for i in range(5000)))
+    with file_lines.rows_with_lines(path) as rows:
+        with path.open("ab") as grown:
+            grown.write(b"".join(b"V%05d,true\n" % i for i in range(5000)))
+        assert sum(1 for _ in rows) == 10_000
+    assert [last for _, last in fed] == [False] * (len(fed) - 1) + [True]
+    assert fed[-1][0] == 0
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 7, 1 << 20])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
-import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 FIELD_LIMIT = 16 << 20
 
 NumberedRow = tuple[int, list[str]]
-_READ_BYTES = 1 << 20
 
 
 @contextmanager
@@ -44,40 +43,54 @@ def rows_with_lines(path: Path, *, undecodable: bool = False) -> Iterator[Iterat
     Raises csv.Error at a row the csv module refuses, InputError at a quote COPY reads
     otherwise, UnicodeDecodeError, OSError.
     """
-    # The csv module's limit is process-wide: raised only while this reads.
-    limit = csv.field_size_limit(FIELD_LIMIT)
+    with _field_limit_raised(), path.open("rb") as f:
+        f.readline(MAX_HEADER_BYTES + 1)  # the header, as loading.read_header took it
+        text = io.TextIOWrapper(
+            io.BufferedReader(_Guarded(f, QuoteGuard(path, f.tell()))),
+            encoding="utf-8",
+            errors="surrogateescape" if undecodable else "strict",
+            newline="",
+        )
+        yield _numbered(csv.reader(text, strict=True))
+
+
+# The csv module's limit is process-wide, and staging's threads may read two files at
+# once: raised while any of them reads, given back when the last one is done.
+_readers = 0
+_readers_lock = threading.Lock()
+_default_limit = 0
+
+
+@contextmanager
+def _field_limit_raised() -> Iterator[None]:
+    global _readers, _default_limit
+    with _readers_lock:
+        if _readers == 0:
+            _default_limit = csv.field_size_limit(FIELD_LIMIT)
+        _readers += 1
     try:
-        with path.open("rb") as f:
-            f.readline(MAX_HEADER_BYTES + 1)  # the header, as loading.read_header took it
-            text = io.TextIOWrapper(
-                io.BufferedReader(
-                    _Guarded(f, QuoteGuard(path, f.tell()), os.fstat(f.fileno()).st_size),
-                    buffer_size=_READ_BYTES,  # the guard's pace, as in staging
-                ),
-                encoding="utf-8",
-                errors="surrogateescape" if undecodable else "strict",
-                newline="",
-            )
-            yield _numbered(csv.reader(text, strict=True))
+        yield
     finally:
-        csv.field_size_limit(limit)
+        with _readers_lock:
+            _readers -= 1
+            if _readers == 0:
+                csv.field_size_limit(_default_limit)
 
 
 class _Guarded(io.RawIOBase):
-    """A file's bytes, each read judged by a QuoteGuard first, as staging judges them."""
+    """A file's bytes, each read judged by a QuoteGuard first, as staging judges them;
+    its end (its last line without a line end, a \\. there) once the file has no more."""
 
-    def __init__(self, f: io.BufferedReader, guard: QuoteGuard, size: int) -> None:
-        self._f, self._guard, self._left = f, guard, size - f.tell()
-        self._ended = False
+    def __init__(self, f: io.BufferedReader, guard: QuoteGuard) -> None:
+        self._f, self._guard, self._ended = f, guard, False
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: WriteableBuffer) -> int:
         n = self._f.readinto(buffer)
-        self._left -= n
-        if n or not self._ended:  # the end is judged once (a file may end before size)
-            self._ended = self._left <= 0 or n == 0
+        if n or not self._ended:
+            self._ended = n == 0
             self._guard.feed(bytes(memoryview(buffer)[:n]), last=self._ended)
         return n
 

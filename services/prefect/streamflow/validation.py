@@ -427,19 +427,26 @@ _ROW_CHECKS = {
 }
 
 
+_UNLIKE_USERS: dict[str, str] = {
+    Check.UNIQUE: "a user twice",
+    Check.ORPHANS: f"not in {PARENT.file_name}",
+}
+
+
 def _add_row_examples(conn: psycopg.Connection, outcomes: list[SuiteOutcome], as_of: date) -> None:
     """GX's SUMMARY format counts unexpected rows without showing any: fetch a few."""
     # A file's row count says no user of users.csv is missing only while its user_ids
-    # are unique: one user twice and another left out keeps the count. Then the exact
-    # query decides (a duplicate hid the missing user until the rerun that fixed it).
-    repeated = {
-        e.table
+    # are users.csv's, once each: a user twice, or a user_id users.csv lacks, in the
+    # place of a user left out keeps the count. Then the exact query decides (only the
+    # duplicate or the orphan was named, and the rerun that fixed it was refused again).
+    unlike = {
+        e.table: e.expectation
         for s in outcomes
         for e in s.expectations
-        if e.expectation == Check.UNIQUE and not e.success
+        if e.expectation in (Check.UNIQUE, Check.ORPHANS) and not e.success
     }
     for e in (e for s in outcomes for e in s.expectations):
-        if e.expectation == Check.MISSING_USERS and e.success and e.table in repeated:
+        if e.expectation == Check.MISSING_USERS and e.success and e.table in unlike:
             e.success = False
     failed = [
         e
@@ -486,8 +493,8 @@ def _add_row_examples(conn: psycopg.Connection, outcomes: list[SuiteOutcome], as
             rows_here = _staged_rows(conn, BY_NAME[e.table])
             users = _staged_rows(conn, PARENT)
             e.detail = f"{rows_here} row(s) for the {users} of {PARENT.file_name}"
-            if e.table in repeated:
-                e.detail += f", a {KEY} on several rows"
+            if e.table in unlike:
+                e.detail += f", some of them {_UNLIKE_USERS[unlike[e.table]]}"
     for s in outcomes:
         s.failed = sum(not e.success for e in s.expectations)
         s.passed = len(s.expectations) - s.failed
