@@ -383,6 +383,7 @@ CORPUS = [
         "nan_number",
         set_cell("usage_agg_30d", 24, "watch_hours_30d", "NaN"),
         ["usage_agg_30d.csv", "watch_hours_30d", "NaN"],
+        absent=("above 720", "more failed"),  # NaN sorts above every number
     ),
     Bad(
         "infinite_number",
@@ -401,6 +402,26 @@ CORPUS = [
         ],
         expect_user_ids_of={"uid:26": ("usage_agg_30d", 26)},
         absent=("None", "below 0", "could not be evaluated", "more failed"),
+    ),
+    Bad(
+        # 30 days hold 720 hours: a month exported in minutes is above it for most users.
+        "watch_hours_in_minutes",
+        set_cell("usage_agg_30d", 12, "watch_hours_30d", "3061.5"),
+        [
+            "usage_agg_30d.csv, column watch_hours_30d: 1 value(s) above 720, the hours in "
+            "30 days, e.g. 3061.5 (user_id {uid:12} on line 13); an export in another unit"
+        ],
+        expect_user_ids_of={"uid:12": ("usage_agg_30d", 12)},
+        absent=("more failed",),
+    ),
+    Bad(
+        "session_longer_than_its_week",
+        set_cell("usage_agg_30d", 14, "avg_session_mins_7d", "10080.01"),
+        [
+            "usage_agg_30d.csv, column avg_session_mins_7d: 1 value(s) above 10080, the "
+            "minutes in 7 days, e.g. 10080.01 (user_id {uid:14} on line 15)"
+        ],
+        expect_user_ids_of={"uid:14": ("usage_agg_30d", 14)},
     ),
     Bad(
         # numeric holds it, a float cannot (it would be 0): GX's ">= 0" fails on it, and
@@ -796,6 +817,24 @@ def test_bad_month_is_refused_and_changes_nothing(case: Bad, months, jan_db, run
     assert dump(jan_db) == before
     assert scalar(jan_db, "SELECT to_regclass('public.users') IS NOT NULL") is True
     assert scalar(jan_db, "SELECT count(*) FROM users") == 200
+
+
+def test_figures_at_their_ceiling_are_published(months, jan_db, run_flow, tmp_path):
+    """720 hours in 30 days and 10,080 minutes in 7 days are the most a window holds:
+    published."""
+    month = tmp_path / "month_001"
+    shutil.copytree(months / "month_001", month)
+    set_cell("usage_agg_30d", 5, "watch_hours_30d", "720")(month)
+    set_cell("usage_agg_30d", 5, "avg_session_mins_7d", "10080.000")(month)
+    uid = read_rows(month / "usage_agg_30d.csv")[5][0]
+    rc, out, err = run_flow(jan_db, month, AS_OF["month_001"])
+    assert rc == 0, err[-3000:]
+    assert scalar(
+        jan_db,
+        "SELECT watch_hours_30d = 720 AND avg_session_mins_7d = 10080 FROM usage_agg_30d"
+        " WHERE user_id = %s",
+        (uid,),
+    )
 
 
 # ---------------------------------------------------------------- same month, other shape

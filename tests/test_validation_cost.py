@@ -222,9 +222,12 @@ def _literal(word: str) -> str:
 
 def test_every_file_has_a_row_for_every_user_of_users_csv(db_url, months):
     """A file that misses a user is refused, and so is a row for a user who is only in
-    the live table: each file of a month lists the users of its users.csv."""
+    the live table: each file of a month lists the users of its users.csv. That row took
+    the place of a user of users.csv in labels: the user it replaced is missing too (the
+    row count, users.csv's, hid it)."""
     month = months / "month_000"
-    gone = min(row[0] for row in read_rows(month / "users.csv")[1:])  # "C" order, as SQL's
+    ids = [row[0] for row in read_rows(month / "users.csv")[1:]]
+    gone, replaced = min(ids), max(ids)  # "C" order, as SQL's
     _, failed = _failures(
         db_url,
         month,
@@ -235,7 +238,11 @@ def test_every_file_has_a_row_for_every_user_of_users_csv(db_url, months):
         "WHERE user_id = (SELECT max(user_id) FROM staging.labels)",
     )
 
-    assert set(failed) == {("payments_agg_90d", "missing_users"), ("labels", "orphans")}
+    assert set(failed) == {
+        ("payments_agg_90d", "missing_users"),
+        ("labels", "orphans"),
+        ("labels", "missing_users"),
+    }
     users = sum(1 for _ in (months / "month_000" / "users.csv").open()) - 1
     missing = failed["payments_agg_90d", "missing_users"]
     assert (missing.unexpected_count, missing.example_user_ids) == (1, [gone])
@@ -244,6 +251,11 @@ def test_every_file_has_a_row_for_every_user_of_users_csv(db_url, months):
         f"row per user, none for 1 user(s) of users.csv, e.g. {gone}"
     )
     assert failed["labels", "orphans"].example_user_ids == ["live-only"]
+    assert failed["labels", "missing_users"].example_user_ids == [replaced]
+    assert describe_failure(failed["labels", "missing_users"]).startswith(
+        f"labels.csv: {users} row(s) for the {users} of users.csv, some of them not in "
+        "users.csv; expected one row per user, none for 1 user(s)"
+    )
 
 
 def _validation_children() -> list[int]:

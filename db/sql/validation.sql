@@ -32,6 +32,13 @@ SELECT d.user_id, d.copies FROM (
 SELECT b.user_id, b.{column} FROM (SELECT user_id, {column} FROM {batch}) AS b
 WHERE abs(b.{column}) > 1.7976931348623157e308
 
+-- name: above_ceiling
+-- A figure above what its window holds (watch hours in 30 days above 720): an export
+-- in another unit (minutes), or summed over another window. {column} and its {bound}
+-- are the registry's. NaN and Infinity sort above every number: not_numbers names them.
+SELECT b.user_id, b.{column} FROM (SELECT user_id, {column} FROM {batch}) AS b
+WHERE b.{column} > {bound} AND b.{column} <= 1.7976931348623157e308
+
 -- name: negatives
 -- The rows behind a failed ">= 0" expectation, to name them in the error.
 SELECT b.user_id, b.{column} FROM (SELECT user_id, {column} FROM {batch}) AS b

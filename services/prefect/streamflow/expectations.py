@@ -115,6 +115,14 @@ def build_suite(spec: TableSpec) -> gx.ExpectationSuite:
                     meta={"check": Check.NOT_NUMBERS, "column": col.name},
                 )
             )
+        if col.at_most is not None:
+            suite.add_expectation(
+                counted_rows_expectation()(
+                    unexpected_rows_query=rows_query("above_ceiling", col.name, col.at_most),
+                    description=f"{col.name} at most {col.at_most}, {col.at_most_is}",
+                    meta={"check": Check.CEILING, "column": col.name},
+                )
+            )
         if col.value_set:
             suite.add_expectation(
                 gxe.ExpectColumnValuesToBeInSet(column=col.name, value_set=list(col.value_set))
@@ -207,13 +215,18 @@ def empty_columns_query(columns: list[str]) -> str:
     return sql.SQL(text).format(batch=sql.SQL("{batch}"), filled=filled).as_string()
 
 
-def rows_query(name: str, column: str | None = None) -> str:
-    """A query of db/sql/validation.sql for GX, ``{column}`` filled from the registry.
+def rows_query(name: str, column: str | None = None, bound: int | None = None) -> str:
+    """A query of db/sql/validation.sql for GX, ``{column}`` and ``{bound}`` filled from
+    the registry (GX runs the text as it is: no parameters).
 
     ``{batch}`` is left in place: GX substitutes the validated table for it.
     """
     text = queries("validation")[name]
     if column is None:
         return text
-    filled = sql.SQL(text).format(batch=sql.SQL("{batch}"), column=sql.Identifier(column))
+    filled = sql.SQL(text).format(
+        batch=sql.SQL("{batch}"),
+        column=sql.Identifier(column),
+        **({} if bound is None else {"bound": sql.Literal(int(bound))}),
+    )
     return filled.as_string()

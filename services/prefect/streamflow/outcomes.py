@@ -23,6 +23,7 @@ class Check(StrEnum):
     KEY_SPELLING = "key_spelling"
     KEY_LENGTH = "key_length"
     NOT_NUMBERS = "not_numbers"
+    CEILING = "ceiling"
     DATE_RANGE = "date_range"
     ALL_EMPTY = "all_empty"
     ORPHANS = "orphans"
@@ -135,6 +136,13 @@ def describe_failure(o: ExpectationOutcome) -> str:
                 f"{n} value(s) that are not a finite number (NaN, Infinity, or beyond "
                 f"1.8e308, which no float holds), e.g. {eg_values}{rows}"
             )
+        case Check.CEILING:
+            assert o.column is not None  # the check is a column's
+            col = spec.column(o.column)
+            what = (
+                f"{n} value(s) above {col.at_most}, {col.at_most_is}, e.g. {eg_values}{rows}; "
+                "an export in another unit, or over another window?"
+            )
         case "expect_column_values_to_be_in_set":
             assert o.column is not None  # GX's column expectations name their column
             allowed = "/".join(spec.column(o.column).value_set or ())
@@ -218,6 +226,7 @@ _ROW_CHECKS = frozenset(
         "expect_column_values_to_not_be_null",
         "expect_column_values_to_be_in_set",
         Check.NOT_NUMBERS,
+        Check.CEILING,
         Check.DATE_RANGE,
         Check.ORPHANS,
         Check.KEY_SPELLING,

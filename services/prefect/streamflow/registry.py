@@ -18,6 +18,10 @@ class Column:
     """PostgreSQL type: the staging column's, named when a value does not convert; a
     numeric column also gets the finite-number check."""
     non_negative: bool = False
+    at_most: int | None = None
+    """A bound no real value passes, ``at_most_is`` saying why (the hours in 30 days):
+    above it the export is in another unit (minutes) or over another window."""
+    at_most_is: str = ""
     value_set: tuple[str, ...] | None = None
     required: bool = False
     """An empty cell is refused (the key, and the label a model is trained on)."""
@@ -71,8 +75,8 @@ _contracts = ("Month-to-month", "One year", "Two year")
 _net_services = ("DSL", "Fiber optic", "No")
 
 
-def _nn(name: str, pg_type: str) -> Column:
-    return Column(name, pg_type, non_negative=True)
+def _nn(name: str, pg_type: str, at_most: int | None = None, at_most_is: str = "") -> Column:
+    return Column(name, pg_type, non_negative=True, at_most=at_most, at_most_is=at_most_is)
 
 
 # Parents first: users (PARENT) is the table the five others are keyed to; the live
@@ -116,8 +120,8 @@ TABLES: tuple[TableSpec, ...] = (
         "usage_agg_30d",
         (
             _key,
-            _nn("watch_hours_30d", "numeric"),
-            _nn("avg_session_mins_7d", "numeric"),
+            _nn("watch_hours_30d", "numeric", 30 * 24, "the hours in 30 days"),
+            _nn("avg_session_mins_7d", "numeric", 7 * 24 * 60, "the minutes in 7 days"),
             _nn("unique_devices_30d", "integer"),
             _nn("skips_7d", "integer"),
             _nn("rebuffer_events_7d", "integer"),
