@@ -63,6 +63,8 @@ KINDS = (
     ("validate: GX counts of unexpected values", r"UnexpectedCountSubquery|^SELECT sum\(CASE"),
     # Before the NaN rule: the spelling check's word list holds 'NaN'.
     ("validate: user_id spelling (since key_spelling)", r"user_id ~ E?'\[\\+x01"),
+    # Before the NaN rule: above_ceiling's upper end is the same float bound.
+    ("validate: figures above their ceiling (since above_ceiling)", r"> \d+ AND \S+ <= 1\."),
     ("validate: NaN/Infinity/beyond-float rows", r"'NaN'|e308"),
     ("validate: padded user_id (3e89e02 to 033d379)", r"ascii\(right\(\w*\.?user_id"),
     ("validate: orphan rows (anti-join)", r"unexpected_row_count|^SELECT o\.user_id FROM"),

@@ -70,9 +70,12 @@ def test_a_passing_month_costs_one_query_per_sql_check(db_url, months, statement
     # its last line around the column's name, which is filled in quoted
     number_marker = queries("validation")["not_numbers"].splitlines()[-1].strip().split("{column}")
     empty_marker = queries("validation")["empty_columns"].splitlines()[-1].split("{batch}")[0]
+    ceiling_marker = queries("validation")["above_ceiling"].splitlines()[-1].split("{column}")[-1]
     runs = Counter(
         "empty_columns"
         if empty_marker in q
+        else "above_ceiling"
+        if ceiling_marker in q
         else "orphans"
         if orphan_marker in q
         else "not_numbers"
@@ -85,6 +88,7 @@ def test_a_passing_month_costs_one_query_per_sql_check(db_url, months, statement
     assert runs["orphans"] == len(TABLES) - 1  # once per child table, a count
     assert runs["not_numbers"] == NUMERIC_COLUMNS
     assert runs["key_spelling"] == 1  # users.csv only
+    assert runs["above_ceiling"] == sum(c.at_most is not None for t in TABLES for c in t.columns)
     # one scan per table with columns that may be empty (labels has none)
     assert runs["empty_columns"] == sum(any(not c.required for c in t.columns) for t in TABLES)
     assert not [q for q in statements if "unexpected_values" in q]  # no example hunting
