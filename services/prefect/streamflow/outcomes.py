@@ -231,6 +231,7 @@ _ROW_CHECKS = frozenset(
         Check.ORPHANS,
         Check.KEY_SPELLING,
         Check.KEY_LENGTH,  # its examples are the user_ids (validation._suite_outcome)
+        Check.MISSING_USERS,  # rows of users.csv, the users the file leaves out
     }
 )
 
@@ -240,20 +241,19 @@ def locate_rows(outcomes: list[SuiteOutcome], files: dict[str, Path]) -> None:
     user_id shown as an example, and the rows of the failure the run's line shows.
 
     Staging keeps no line numbers, so the file is read again (loading.key_lines): at
-    1M rows, up to ~1.5-1.9 s for a row at the end of the file. The value checks' rows
+    1M rows, up to ~1.6-1.7 s for a row at the end of the file. The value checks' rows
     are looked up for the shown failure only, and only in a file whose user_ids are
     unique, where an id names one row.
     """
     from .loading import key_lines
 
-    def lines_of(e: ExpectationOutcome, copies: dict[str, int], table: str = "") -> None:
-        table = table or e.table
+    def lines_of(e: ExpectationOutcome, copies: dict[str, int], table: str) -> None:
         try:  # the lines are a help: nothing here may hide the failure itself
             at = key_lines(BY_NAME[table], files[table], copies)
         except Exception:
             return
-        # Python's csv module may read an odd row otherwise than COPY did: lines are
-        # trusted only when every copy was found.
+        # The file may have changed since it was staged: lines are trusted only when
+        # every copy was found.
         e.example_lines = [
             at[str(uid)] if uid is not None and len(at[str(uid)]) == copies[str(uid)] else []
             for uid in e.example_user_ids
@@ -263,12 +263,11 @@ def locate_rows(outcomes: list[SuiteOutcome], files: dict[str, Path]) -> None:
         if e.expectation == Check.UNIQUE and not e.success and e.example_user_ids:
             try:  # examples hold each id's number of rows, from the duplicates query
                 pairs = zip(e.example_user_ids, e.examples, strict=True)
-                lines_of(e, {str(i): int(c) for i, c in pairs})
+                lines_of(e, {str(i): int(c) for i, c in pairs}, e.table)
             except (TypeError, ValueError):
                 continue
     shown = _shown_failures(outcomes)[:1]
     for e in shown:
-        # The users a file leaves out are rows of users.csv: named by their line there.
         table = PARENT.name if e.expectation == Check.MISSING_USERS else e.table
         unique_keys = not any(
             x.expectation == Check.UNIQUE and not x.success
@@ -277,7 +276,7 @@ def locate_rows(outcomes: list[SuiteOutcome], files: dict[str, Path]) -> None:
             for x in s.expectations
         )
         ids = [str(uid) for uid in e.example_user_ids if uid is not None]
-        if (e.expectation in _ROW_CHECKS or table != e.table) and unique_keys and ids:
+        if e.expectation in _ROW_CHECKS and unique_keys and ids:
             lines_of(e, dict.fromkeys(ids, 1), table)
 
 

@@ -513,7 +513,7 @@ def _suite_outcome(spec: TableSpec, run: ExpectationSuiteValidationResult) -> Su
             row.get(KEY) if isinstance(row, dict) else row
             for row in (res.get("partial_unexpected_index_list") or [])[:5]
         ]
-        if meta.get("check") == Check.KEY_LENGTH:  # its values are the user_ids, whole
+        if not ids and kwargs.get("column") == KEY:  # its values are the user_ids, whole
             ids = list((res.get("partial_unexpected_list") or [])[:5])
         count = res.get("unexpected_count")
         if cfg.type == COUNTED_ROWS:  # the SQL checks: their count is the observed value
