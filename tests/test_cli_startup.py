@@ -188,6 +188,13 @@ def test_a_failed_month_is_recorded_failed_and_leaves_nothing_behind(db_url, mon
     # Prefect still logs each failure, in the UI and on the terminal, without the
     # stack of an error whose message says what is wrong.
     assert any(m.startswith("Task run failed with exception: ValidationFailed(") for m in logs)
+    # The reason in full once in the run's records (the failed task), once in the
+    # flow's own line, and last on its own; Prefect's later records of it point above
+    # (it was written five times on the terminal, six with the last line).
+    reason = "column watch_hours_30d: 1 value(s) below 0"
+    assert proc.stderr.count(reason) == 3, proc.stderr[-3000:]
+    assert sum(reason in m for m in logs) == 2, [m for m in logs if reason in m]
+    assert "Encountered exception during execution: ValidationFailed('(see above)')" in logs
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not any("Traceback" in m for m in logs), [m for m in logs if "Traceback" in m][:1]
     assert _processes_with(f"PREFECT_HOME={home}") == {}
@@ -731,6 +738,44 @@ def test_only_errors_that_explain_themselves_lose_their_traceback():
     assert "ValidationFailed('validation failed: labels.csv …')" in explained.getMessage()
     assert bug.exc_info is not None and isinstance(bug.exc_info[1], RuntimeError)
     assert "Traceback" in logging.Formatter().format(bug)
+
+
+def test_a_reason_is_written_once_per_flow_run():
+    """Prefect's engines repeat a failure in each record of it: the first keeps the
+    reason, the engines' later records of that run point above, our own lines and
+    another run's records keep theirs."""
+    import logging
+
+    from streamflow.errors import MonthConflict, SaidOnce
+
+    said = SaidOnce()
+    reason = "2024-01-31 is already published from different files (users.csv's 'x')"
+
+    def record(run: str, module: str, msg: str, *args: object, exc=None) -> str:
+        rec = logging.makeLogRecord(
+            {"msg": msg, "args": args, "module": module, "flow_run_id": run}
+        )
+        rec.exc_info = (type(exc), exc, None) if exc else None
+        assert said.filter(rec)
+        return rec.getMessage()
+
+    exc = MonthConflict(reason)
+    assert record("a", "runs", "ingest failed: %s", reason) == f"ingest failed: {reason}"
+    first = record("a", "flow_engine", "Encountered exception during execution: %r", exc, exc=exc)
+    assert first == f"Encountered exception during execution: {exc!r}"
+    assert '"' in repr(exc)  # the reason's quote made repr choose the other one
+    again = record("a", "flow_engine", "Encountered exception during execution: %r", exc, exc=exc)
+    assert again == 'Encountered exception during execution: MonthConflict("(see above)")'
+    finished = f"Finished in state Failed('Flow run encountered an exception: {reason}')"
+    assert record("a", "flow_engine", finished) == (
+        "Finished in state Failed('Flow run encountered an exception: (see above)')"
+    )
+    assert record("a", "runs", "ingest failed: %s", reason) == f"ingest failed: {reason}"
+    assert record("b", "flow_engine", finished) == finished  # another run: not said there
+    # A bug's message is no reason for people: it stays wherever it is repeated.
+    bug = RuntimeError("a bug")
+    record("a", "task_engine", "Task run failed with exception: %r", bug, exc=bug)
+    assert record("a", "flow_engine", "%r", bug) == "RuntimeError('a bug')"
 
 
 def test_as_of_may_be_tomorrow_for_a_zone_ahead_of_this_machine():

@@ -59,7 +59,7 @@ from streamflow import (
     validation,
 )
 from streamflow.embedded import resolve_database_url
-from streamflow.errors import NotPublished, WithoutTraceback
+from streamflow.errors import NotPublished, SaidOnce, WithoutTraceback
 from streamflow.inputs import check_run
 from streamflow.registry import BY_NAME
 from streamflow.reporting import RunSummary, Stopwatch, publish_artifacts
@@ -70,7 +70,10 @@ from streamflow.verdict import Rejected, Verdict
 
 # A failed month is reported in one line; Prefect's run loggers (terminal and UI) would
 # add the traceback of each failed task and of the flow: ~90 lines for one bad value.
+# Each failure's reason is written once, not in each of Prefect's records of it.
+_said_once = SaidOnce(explained=diagnosis.explain_failure)
 for _run_logger in ("prefect.flow_runs", "prefect.task_runs"):
+    logging.getLogger(_run_logger).addFilter(_said_once)  # first: it reads the traceback
     logging.getLogger(_run_logger).addFilter(WithoutTraceback(explained=diagnosis.explain_failure))
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,13 +75,55 @@ class WithoutTraceback(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and (
-            isinstance(exc, IngestError)
-            or (self._explained is not None and self._explained(exc) is not None)
-        ):
+        if exc is not None and _for_people(exc, self._explained):
             record.exc_info = None
             record.exc_text = None
         return True
+
+
+class SaidOnce(logging.Filter):
+    """Writes the reason of a failure in full once per flow run; Prefect's later records
+    of the same failure get ``(see above)`` in its place.
+
+    Prefect repeats an error in each record it makes of it (the task failed, the task
+    finished Failed, the flow caught it, the flow finished Failed): one bad value was
+    printed five times, each up to a line long. The first record keeps it, in the
+    terminal and in the UI, which shows a flow run's records in one list.
+    """
+
+    _RUNS_KEPT = 64  # a served process runs many flows: forget the oldest
+    _ENGINES = frozenset({"task_engine", "flow_engine"})  # Prefect's modules that log them
+
+    def __init__(self, explained: Callable[[BaseException], object] | None = None) -> None:
+        super().__init__()
+        self._explained = explained
+        self._said: OrderedDict[object, list[str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        run = getattr(record, "flow_run_id", None)
+        with self._lock:
+            said = self._said.get(run, [])
+            if said and record.module in self._ENGINES:  # our own lines keep their words
+                message = record.getMessage()
+                shortened = message
+                for reason in said:
+                    for written in (reason, repr(reason)[1:-1]):
+                        shortened = shortened.replace(written, "(see above)")
+                if shortened != message:
+                    record.msg, record.args = shortened, ()
+                    return True
+            if exc is not None and _for_people(exc, self._explained) and str(exc):
+                self._said[run] = [*said, str(exc)]
+                self._said.move_to_end(run)
+                while len(self._said) > self._RUNS_KEPT:
+                    self._said.popitem(last=False)
+        return True
+
+
+def _for_people(exc: BaseException, explained: Callable[[BaseException], object] | None) -> bool:
+    return isinstance(exc, IngestError) or (explained is not None and explained(exc) is not None)
 
 
 class InputError(IngestError):
