@@ -819,6 +819,63 @@ def test_bad_month_is_refused_and_changes_nothing(case: Bad, months, jan_db, run
     assert scalar(jan_db, "SELECT count(*) FROM users") == 200
 
 
+def test_each_failure_after_the_first_is_logged_with_its_line(months, jan_db, run_flow, tmp_path):
+    """The run's line names one failure and counts the others; the log names each of
+    them, with its line in the file (they were only in the Data Docs, and a user a file
+    left out had its line only when it was the first failure)."""
+    month = tmp_path / "month_001"
+    shutil.copytree(months / "month_001", month)
+    left_out = read_rows(month / "labels.csv")[5][0]
+    users = [row[0] for row in read_rows(month / "users.csv")]
+    negative = read_rows(month / "usage_agg_30d.csv")[20][0]
+    edit("labels", _orphan)(month)  # 0000-NOTAUSER in place of the user of line 6
+    set_cell("usage_agg_30d", 20, "watch_hours_30d", "-2")(month)
+    before = dump(jan_db)
+
+    rc, out, err = run_flow(jan_db, month, AS_OF["month_001"])
+
+    assert rc == 1, out
+    assert err.strip().splitlines()[-1] == (
+        "ingest failed: validation failed: usage_agg_30d.csv, column watch_hours_30d: 1 "
+        f"value(s) below 0, expected >= 0, e.g. -2 (user_id {negative} on line 21) (+2 more "
+        "failed expectation(s), in labels.csv)"
+    )
+    assert (
+        "failed expectation 2 of 3: labels.csv, column user_id: 1 row(s) whose user_id is not "
+        "in users.csv, e.g. 0000-NOTAUSER on line 6\n"
+    ) in err, err[-3000:]
+    assert (
+        "failed expectation 3 of 3: labels.csv: 200 row(s) for the 200 of users.csv, some of "
+        "them not in users.csv; expected one row per user, none for 1 user(s) of users.csv, "
+        f"e.g. {left_out} on line {users.index(left_out) + 1} (users.csv's lines)\n"
+    ) in err, err[-3000:]
+    assert dump(jan_db) == before
+
+
+def test_a_month_wrong_everywhere_lists_twenty_failures_and_counts_the_rest():
+    from streamflow.outcomes import LISTED, ExpectationOutcome, SuiteOutcome, further_failures
+
+    failures = [
+        ExpectationOutcome(
+            "usage_agg_30d",
+            "expect_column_values_to_not_be_null",
+            f"column_{i}",
+            success=False,
+            unexpected_count=i,
+        )
+        for i in range(1, 26)
+    ]
+    lines = further_failures([SuiteOutcome("usage_agg_30d", 0, 25, failures)])
+    assert LISTED == 20
+    assert lines[0] == (
+        "failed expectation 2 of 25: usage_agg_30d.csv, column column_2: 2 empty value(s); "
+        "every row needs a column_2"
+    )
+    assert lines[18].startswith("failed expectation 20 of 25: ")
+    assert lines[19:] == ["+5 more failed expectation(s): see the GX Data Docs"]
+    assert further_failures([SuiteOutcome("usage_agg_30d", 0, 1, failures[:1])]) == []
+
+
 def test_figures_at_their_ceiling_are_published(months, jan_db, run_flow, tmp_path):
     """720 hours in 30 days and 10,080 minutes in 7 days are the most a window holds:
     published."""

@@ -153,6 +153,8 @@ def validate_with_ge(
         logger.info("suite %s: %d passed, %d failed", suite.table, suite.passed, suite.failed)
     if site:
         logger.info("GX Data Docs: %s", site)
+    for failure in outcomes.further_failures(found):  # the raised line names the first
+        logger.error(failure)
     outcomes.check(found)
     return found
 

@@ -238,36 +238,40 @@ _ROW_CHECKS = frozenset(
 
 def locate_rows(outcomes: list[SuiteOutcome], files: dict[str, Path]) -> None:
     """Add the file lines of the rows a failure names: each copy of every duplicated
-    user_id shown as an example, and the rows of the failure the run's line shows.
+    user_id shown as an example, and the rows of the failures the run lists (its line
+    and the log's, up to LISTED).
 
     Staging keeps no line numbers, so the file is read again (loading.key_lines): at
-    1M rows, up to ~1.6-1.7 s for a row at the end of the file. The value checks' rows
-    are looked up for the shown failure only, and only in a file whose user_ids are
-    unique, where an id names one row.
+    1M rows, up to ~1.6-1.7 s for a row at the end of the file, once per file for all
+    the listed failures' rows. Only in a file whose user_ids are unique, where an id
+    names one row.
     """
     from .loading import key_lines
 
-    def lines_of(e: ExpectationOutcome, copies: dict[str, int], table: str) -> None:
+    def lines_of(named: list[ExpectationOutcome], copies: dict[str, int], table: str) -> None:
         try:  # the lines are a help: nothing here may hide the failure itself
             at = key_lines(BY_NAME[table], files[table], copies)
         except Exception:
             return
         # The file may have changed since it was staged: lines are trusted only when
         # every copy was found.
-        e.example_lines = [
-            at[str(uid)] if uid is not None and len(at[str(uid)]) == copies[str(uid)] else []
-            for uid in e.example_user_ids
-        ]
+        for e in named:
+            e.example_lines = [
+                at[str(uid)] if uid is not None and len(at[str(uid)]) == copies[str(uid)] else []
+                for uid in e.example_user_ids
+            ]
 
     for e in (e for s in outcomes for e in s.expectations):
         if e.expectation == Check.UNIQUE and not e.success and e.example_user_ids:
             try:  # examples hold each id's number of rows, from the duplicates query
                 pairs = zip(e.example_user_ids, e.examples, strict=True)
-                lines_of(e, {str(i): int(c) for i, c in pairs}, e.table)
+                lines_of([e], {str(i): int(c) for i, c in pairs}, e.table)
             except (TypeError, ValueError):
                 continue
-    shown = _shown_failures(outcomes)[:1]
-    for e in shown:
+    # The rows of the failures the run names (its line, and the log's line for each
+    # further one), in one read of each file.
+    wanted: dict[str, list[ExpectationOutcome]] = {}
+    for e in _shown_failures(outcomes)[:LISTED]:
         table = PARENT.name if e.expectation == Check.MISSING_USERS else e.table
         unique_keys = not any(
             x.expectation == Check.UNIQUE and not x.success
@@ -275,9 +279,14 @@ def locate_rows(outcomes: list[SuiteOutcome], files: dict[str, Path]) -> None:
             if s.table == table
             for x in s.expectations
         )
-        ids = [str(uid) for uid in e.example_user_ids if uid is not None]
-        if e.expectation in _ROW_CHECKS and unique_keys and ids:
-            lines_of(e, dict.fromkeys(ids, 1), table)
+        if e.expectation in _ROW_CHECKS and unique_keys and any(_ids(e)):
+            wanted.setdefault(table, []).append(e)
+    for table, named in wanted.items():
+        lines_of(named, {uid: 1 for e in named for uid in _ids(e)}, table)
+
+
+def _ids(e: ExpectationOutcome) -> list[str]:
+    return [str(uid) for uid in e.example_user_ids if uid is not None]
 
 
 _NO_ROWS = "expect_table_row_count_to_be_between"  # at least one row
@@ -300,6 +309,26 @@ def _shown_failures(outcomes: list[SuiteOutcome]) -> list[ExpectationOutcome]:
     # column says what the value is, so that failure is the one to show.
     explained = {(e.table, e.column) for e in failures if not e.error and e.column}
     return [e for e in failures if not (e.error and (e.table, e.column) in explained)]
+
+
+LISTED = 20
+"""The failures a refused month names one by one (its line, and the log's lines): a
+month wrong everywhere has ~90; the rest are counted, and all are in the Data Docs."""
+
+
+def further_failures(outcomes: list[SuiteOutcome]) -> list[str]:
+    """A line for each failure after the one the run's line names: that line only
+    counts them, and a person should not need the Data Docs to see what they are."""
+    failures = _shown_failures(outcomes)
+    listed = failures[:LISTED]
+    lines = [
+        f"failed expectation {i} of {len(failures)}: {describe_failure(f)}"
+        for i, f in enumerate(listed[1:], start=2)
+    ]
+    if len(failures) > len(listed):
+        more = len(failures) - len(listed)
+        lines.append(f"+{more} more failed expectation(s): see the GX Data Docs")
+    return lines
 
 
 def check(outcomes: list[SuiteOutcome]) -> None:
