@@ -322,12 +322,17 @@ def test_the_clis_server_has_time_for_a_first_start_unless_prefect_says_otherwis
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
-        ("no folder", "ingest failed: seed_dir '{month}' is not a directory"),
-        ("no folder, --replace", "ingest failed: seed_dir '{month}' is not a directory"),
+        ("no folder", "ingest failed: seed_dir '{month}' does not exist"),
+        ("no folder, --replace", "ingest failed: seed_dir '{month}' does not exist"),
         (
             "relative folder",  # a deployment's working folder is the image's WORKDIR
-            "ingest failed: seed_dir 'no/such/month_000' is not a directory (from the working "
+            "ingest failed: seed_dir 'no/such/month_000' does not exist (from the working "
             "folder {cwd})",
+        ),
+        (
+            "a file for the folder",
+            "ingest failed: seed_dir '{month}' is a file; expected the month's folder, which "
+            "holds the six files",
         ),
         ("missing file", "ingest failed: {month}: missing file labels.csv (a month folder holds"),
         ("bad as_of", "ingest failed: as_of '2024-02-30' is not a valid date; expected YYYY-MM-DD"),
@@ -397,6 +402,8 @@ def test_bad_inputs_are_answered_before_prefect_starts(db_url, months, tmp_path,
         extra = ["--replace"]
     elif case == "relative folder":
         month = Path("no/such/month_000")
+    elif case == "a file for the folder":
+        month = months / "month_000" / "users.csv"
     python, *script = flow_command(month, as_of, *extra)
     full_env = flow_env(db_url, PREFECT_HOME=str(home))
     full_env.update(env)
@@ -415,6 +422,21 @@ def test_bad_inputs_are_answered_before_prefect_starts(db_url, months, tmp_path,
     assert not home.exists() or not any(home.iterdir())
     assert scalar(db_url, "SELECT count(*) FROM ingest_runs") == 0
     assert _processes_with(f"PREFECT_HOME={home}") == {}
+
+
+@pytest.mark.parametrize("seed_dir", ["", "  "])
+def test_an_empty_seed_dir_is_refused_not_read_as_the_working_folder(seed_dir, tmp_path):
+    """A deployment run can send seed_dir="" (the CLI says "set SEED_DIR"): it was read as
+    the runner's working folder, and refused as a folder missing the six files."""
+    from streamflow.errors import InputError
+    from streamflow.inputs import check_run
+    from streamflow.settings import load_settings
+
+    with pytest.raises(InputError) as err:
+        check_run(seed_dir, JAN, load_settings())
+    assert str(err.value) == (
+        f"seed_dir {seed_dir!r} is empty; expected the month's folder, e.g. /data/seeds/month_000"
+    )
 
 
 def test_help_is_the_full_help_and_starts_nothing(db_url, months, tmp_path):

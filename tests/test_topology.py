@@ -863,6 +863,30 @@ def test_failing_month_is_recorded_failed_with_the_human_line(
     assert status == "failed" and HUMAN_ERROR in error
 
 
+def test_a_parameter_the_flow_does_not_take_is_refused_by_name(
+    stack: Stack, good_run: Triggered, month_000: Path
+):
+    """A run sent with a misspelt parameter (the API, the UI's JSON editor) was created,
+    then ended Crashed before the flow began, with no log line: the reason was only on
+    the runner's console. The served deployment's schema names its parameters: the
+    server refuses the run and says which name, as Prefect's CLI does."""
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    with stack.client() as client:
+        deployment = client.read_deployment_by_name(DEPLOYMENT)
+        runs_before = len(client.read_flow_runs())
+        with pytest.raises(PrefectHTTPStatusError) as refused:
+            client.create_flow_run_from_deployment(
+                deployment.id,
+                parameters={"seed_dir": str(month_000), "as_of": "2024-03-31", "replce": True},
+            )
+        runs_after = len(client.read_flow_runs())
+
+    assert refused.value.response.status_code == 409
+    assert "Additional properties are not allowed ('replce' was unexpected)" in str(refused.value)
+    assert runs_after == runs_before
+
+
 def find_chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
         if path := shutil.which(name):

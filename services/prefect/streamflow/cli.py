@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from .errors import IngestError, InputError, first_line
 from .interrupts import STOPPED, PublishedThenInterrupted, StoppedUnpublished, Terminated
@@ -19,10 +19,34 @@ from .streams import escape_unencodable
 
 if TYPE_CHECKING:
     from prefect import Flow
+    from prefect.deployments.runner import RunnerDeployment
 
     from .warmup import Warmup
 
 _RUN_FLAGS = ("--seed-dir", "--as-of", "--replace", "--allow-gap", "--allow-drop")
+
+
+def closed_deployment(flow: Flow, name: str) -> RunnerDeployment:
+    """The flow's deployment, whose parameters the Prefect server checks before it
+    creates a run: their names too, not only their types.
+
+    Prefect's schema lets other names through. A run sent with one (``replce``, from
+    the API or the UI's JSON editor) was created, then ended Crashed before the flow
+    started, with no log line: the reason was only on the runner's console. Closed,
+    the server refuses it and names it, as Prefect's CLI already does.
+    """
+    from prefect.utilities.callables import ParameterSchema
+
+    class Closed(ParameterSchema):
+        additionalProperties: bool = False  # JSON Schema's own spelling
+
+    # Called outside an event loop, to_deployment returns the deployment, not a coroutine.
+    deployment = cast("RunnerDeployment", flow.to_deployment(name=name))
+    schema = deployment._parameter_openapi_schema  # what Prefect made of the signature
+    deployment._parameter_openapi_schema = Closed(
+        **schema.model_dump(exclude_unset=True), additionalProperties=False
+    )
+    return deployment
 
 
 def before_prefect(argv: list[str]) -> Warmup:
@@ -142,7 +166,9 @@ def main(flow: Flow[..., dict], doc: str | None, argv: list[str] | None = None) 
                 f"serve takes no {', '.join(given)}: a deployment run gets seed_dir, as_of, "
                 "replace, allow_gap and allow_drop as its parameters"
             )
-        flow.serve(name=DEPLOYMENT_NAME)
+        from prefect import serve
+
+        serve(closed_deployment(flow, DEPLOYMENT_NAME), name=DEPLOYMENT_NAME)
         return 0
     missing = [
         f"{env} (or {flag})"

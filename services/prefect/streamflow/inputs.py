@@ -73,9 +73,15 @@ def month_files(seed_dir: Path) -> dict[str, Path]:
     text_path(str(seed_dir))
     if not seed_dir.is_dir():
         # A relative path is the runner's working folder's: a deployment's is the image's
-        # WORKDIR (/app), not where the months are mounted.
+        # WORKDIR (/app), not where the months are mounted. Nor is ~ anyone's home there.
         where = "" if seed_dir.is_absolute() else f" (from the working folder {os.getcwd()})"
-        raise InputError(f"seed_dir {str(seed_dir)!r} is not a directory{where}")
+        if not seed_dir.exists():
+            what = "does not exist"
+        elif seed_dir.is_file():  # e.g. the month's users.csv given for its folder
+            what = "is a file; expected the month's folder, which holds the six files"
+        else:
+            what = "is not a directory"
+        raise InputError(f"seed_dir {str(seed_dir)!r} {what}{where}")
     files = expected_files(seed_dir)
     for path in files.values():
         if path.exists() and not path.is_file():  # a folder, a device: "missing" would mislead
@@ -107,6 +113,11 @@ def docs_dir_ready(docs_dir: Path) -> Path:
 def check_run(seed_dir: str, as_of: str, settings: Settings) -> tuple[date, dict[str, Path]]:
     """A run's as_of and month files, once everything it needs from outside is there."""
     as_of_date = parse_as_of(as_of)
+    if not seed_dir.strip():  # Path("") is the working folder: its files are no month's
+        raise InputError(
+            f"seed_dir {seed_dir!r} is empty; expected the month's folder, "
+            "e.g. /data/seeds/month_000"
+        )
     files = month_files(Path(seed_dir))
     docs_dir_ready(settings.gx_docs_dir)
     return as_of_date, files
