@@ -798,6 +798,12 @@ def test_a_reason_is_written_once_per_flow_run():
     bug = RuntimeError("a bug")
     record("a", "task_engine", "Task run failed with exception: %r", bug, exc=bug)
     assert record("a", "flow_engine", "%r", bug) == "RuntimeError('a bug')"
+    # A record whose words cannot be formed is left to the handlers, as without the
+    # filter: an error raised from a filter would reach Prefect's engine.
+    broken = logging.makeLogRecord(
+        {"msg": "%d tasks", "args": ("x",), "module": "flow_engine", "flow_run_id": "a"}
+    )
+    assert said.filter(broken) and broken.msg == "%d tasks"
 
 
 def test_as_of_may_be_tomorrow_for_a_zone_ahead_of_this_machine():

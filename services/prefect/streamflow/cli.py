@@ -7,6 +7,7 @@ GX and the API server started, before the flow module pays for that import.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -18,6 +19,8 @@ from .settings import check_prefect_settings, prefect_api_url
 from .streams import escape_unencodable
 
 if TYPE_CHECKING:
+    from uuid import UUID
+
     from prefect import Flow
     from prefect.deployments.runner import RunnerDeployment
 
@@ -47,6 +50,32 @@ def closed_deployment(flow: Flow, name: str) -> RunnerDeployment:
         **schema.model_dump(exclude_unset=True), additionalProperties=False
     )
     return deployment
+
+
+def serve_closed(flow: Flow, name: str) -> None:
+    """``flow.serve(name=name)`` with the deployment's parameter schema closed.
+
+    Built as Flow.serve builds it (prefect/flows.py, Runner.add_flow): the runner starts
+    each run from this flow object, in a child process. ``prefect.serve(deployment)``
+    would start them by importing the entrypoint again (``python -m prefect.engine``),
+    another path than the one measured and tested.
+    """
+    import asyncio
+
+    from prefect.exceptions import TerminationSignal
+    from prefect.runner import Runner
+
+    runner = Runner(name=name, pause_on_shutdown=True)
+    deployment_id = cast("UUID", runner.add_deployment(closed_deployment(flow, name)))
+    runner._deployment_registry.register_flow(deployment_id, flow)  # as add_flow does
+    print(
+        f"Your flow {flow.name!r} is being served and polling for scheduled runs; "
+        f"to trigger a run: prefect deployment run '{flow.name}/{name}' "
+        "--param seed_dir=... --param as_of=YYYY-MM-DD",
+        flush=True,
+    )
+    with contextlib.suppress(KeyboardInterrupt, TerminationSignal):  # the runner's stop
+        asyncio.run(runner.start())
 
 
 def before_prefect(argv: list[str]) -> Warmup:
@@ -166,9 +195,7 @@ def main(flow: Flow[..., dict], doc: str | None, argv: list[str] | None = None) 
                 f"serve takes no {', '.join(given)}: a deployment run gets seed_dir, as_of, "
                 "replace, allow_gap and allow_drop as its parameters"
             )
-        from prefect import serve
-
-        serve(closed_deployment(flow, DEPLOYMENT_NAME), name=DEPLOYMENT_NAME)
+        serve_closed(flow, DEPLOYMENT_NAME)
         return 0
     missing = [
         f"{env} (or {flag})"

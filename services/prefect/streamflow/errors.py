@@ -91,7 +91,7 @@ class SaidOnce(logging.Filter):
     terminal and in the UI, which shows a flow run's records in one list.
     """
 
-    _RUNS_KEPT = 64  # a served process runs many flows: forget the oldest
+    _RUNS_KEPT = 64  # a bound, should one process run many flows
     _ENGINES = frozenset({"task_engine", "flow_engine"})  # Prefect's modules that log them
 
     def __init__(self, explained: Callable[[BaseException], object] | None = None) -> None:
@@ -101,25 +101,34 @@ class SaidOnce(logging.Filter):
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # A filter's error is not caught by logging (a handler's is): it would raise in
+        # Prefect's engine, mid state change. The words are formed outside the lock.
+        try:
+            self._shorten(record)
+        except Exception:
+            pass
+        return True
+
+    def _shorten(self, record: logging.LogRecord) -> None:
         exc = record.exc_info[1] if record.exc_info else None
         run = getattr(record, "flow_run_id", None)
+        reason = str(exc) if exc is not None and _for_people(exc, self._explained) else ""
         with self._lock:
-            said = self._said.get(run, [])
-            if said and record.module in self._ENGINES:  # our own lines keep their words
-                message = record.getMessage()
-                shortened = message
-                for reason in said:
-                    for written in (reason, repr(reason)[1:-1]):
-                        shortened = shortened.replace(written, "(see above)")
-                if shortened != message:
-                    record.msg, record.args = shortened, ()
-                    return True
-            if exc is not None and _for_people(exc, self._explained) and str(exc):
-                self._said[run] = [*said, str(exc)]
+            said = list(self._said.get(run, []))
+            if reason and reason not in said:
+                self._said[run] = [*said, reason]
                 self._said.move_to_end(run)
                 while len(self._said) > self._RUNS_KEPT:
                     self._said.popitem(last=False)
-        return True
+        if record.module not in self._ENGINES:  # our own lines keep their words
+            return
+        message = record.getMessage()
+        shortened = message
+        for earlier in said:  # this record's own reason, if new, stays whole
+            for written in (earlier, repr(earlier)[1:-1]):
+                shortened = shortened.replace(written, "(see above)")
+        if shortened != message:
+            record.msg, record.args = shortened, ()
 
 
 def _for_people(exc: BaseException, explained: Callable[[BaseException], object] | None) -> bool:
