@@ -3,7 +3,7 @@
 # [tool.mypy]), then pytest on a throwaway real PostgreSQL that the run starts.
 # Test modules run in parallel, one module per worker (its module-scoped servers and
 # months are built once), one worker per core up to 4: on 2 cores the suite is CPU
-# bound (578 tests: 14.7 min of pytest in the fresh-clone CI of 2026-12-07, 23:00;
+# bound (595 tests: 15.1 min of pytest in the fresh-clone CI of 2026-12-08, 04:19;
 # tests/gx_forkserver.py saves ~3 min of GX imports).
 # Extra arguments go to pytest (e.g. scripts/test.sh -m "not slow", or -n 0 for one
 # process).
