@@ -887,6 +887,31 @@ def test_a_parameter_the_flow_does_not_take_is_refused_by_name(
     assert runs_after == runs_before
 
 
+def test_served_runs_start_from_the_flow_in_memory(stack: Stack, monkeypatch):
+    """serve registers its flow with the runner, as Flow.serve does: a run starts from
+    that flow object in a child process, not by importing the entrypoint again
+    (``prefect.serve(deployment)`` would, another path than the one measured here)."""
+    import ingest_flow
+    from prefect.runner import Runner
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from streamflow import cli
+
+    seen: dict[str, object] = {}
+
+    async def started(self, *args, **kwargs) -> None:  # the runner as it would start
+        [deployment_id] = self._deployment_registry.get_deployment_ids()
+        seen["flow"] = self._deployment_registry.get_flow(deployment_id)
+
+    monkeypatch.setattr(Runner, "start", started)
+    with temporary_settings(updates={PREFECT_API_URL: stack.api_url}):
+        cli.serve_closed(ingest_flow.ingest_month, "in-memory-probe")
+    with stack.client() as client:
+        probe = client.read_deployment_by_name(f"{FLOW_NAME}/in-memory-probe")
+        client.delete_deployment(probe.id)
+
+    assert seen["flow"] is ingest_flow.ingest_month
+
+
 def find_chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
         if path := shutil.which(name):

@@ -46,6 +46,7 @@ def closed_deployment(flow: Flow, name: str) -> RunnerDeployment:
     # Called outside an event loop, to_deployment returns the deployment, not a coroutine.
     deployment = cast("RunnerDeployment", flow.to_deployment(name=name))
     schema = deployment._parameter_openapi_schema  # what Prefect made of the signature
+    # Given, not left to its default: Prefect sends the fields that were set only.
     deployment._parameter_openapi_schema = Closed(
         **schema.model_dump(exclude_unset=True), additionalProperties=False
     )

@@ -270,16 +270,16 @@ def locate_rows(outcomes: list[SuiteOutcome], files: dict[str, Path]) -> None:
                 continue
     # The rows of the failures the run names (its line, and the log's line for each
     # further one), in one read of each file.
+    duplicated = {
+        s.table
+        for s in outcomes
+        for x in s.expectations
+        if x.expectation == Check.UNIQUE and not x.success
+    }
     wanted: dict[str, list[ExpectationOutcome]] = {}
     for e in _shown_failures(outcomes)[:LISTED]:
         table = PARENT.name if e.expectation == Check.MISSING_USERS else e.table
-        unique_keys = not any(
-            x.expectation == Check.UNIQUE and not x.success
-            for s in outcomes
-            if s.table == table
-            for x in s.expectations
-        )
-        if e.expectation in _ROW_CHECKS and unique_keys and any(_ids(e)):
+        if e.expectation in _ROW_CHECKS and table not in duplicated and any(_ids(e)):
             wanted.setdefault(table, []).append(e)
     for table, named in wanted.items():
         lines_of(named, {uid: 1 for e in named for uid in _ids(e)}, table)
